@@ -1,0 +1,77 @@
+"""The composition root: `Agent.run()` = startup -> serve -> shutdown.
+
+startup: load and warm models -> bind the listener -> health SERVING -> ready.
+shutdown (SIGTERM/SIGINT; a second signal exits at once): health NOT_SERVING, not ready ->
+`server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) -> close executors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from grpc_health.v1 import health, health_pb2
+
+from edge_agent.api.server import bind, build_server
+from edge_agent.api.servicer import InferenceServicer
+from edge_agent.observability.logging import get_logger
+from edge_agent.repository.registry import ModelRegistry
+from edge_agent.settings import Settings
+
+log = get_logger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = ModelRegistry(settings)
+        self.servicer = InferenceServicer(self.registry)
+        self.health = health.aio.HealthServicer()
+        self._stop = asyncio.Event()
+        self.port: int | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        server = build_server(self.servicer, self.health, self.settings.max_message_bytes)
+        try:
+            log.info("agent.starting", model_repository=str(self.settings.model_repository))
+            # Loading builds ORT sessions (slow, CPU-bound): keep the event loop free meanwhile.
+            await asyncio.to_thread(self.registry.load_all)
+            self.port = bind(server, self.settings.grpc_address)
+            await server.start()
+            await self._publish_health()
+            self.servicer.ready = True
+            host = self.settings.grpc_address.rpartition(":")[0]
+            log.info("agent.started", grpc_address=f"{host}:{self.port}", port=self.port, pid=os.getpid())
+            await self._stop.wait()
+        finally:
+            await self._shutdown(server)
+
+    def _on_signal(self) -> None:
+        if self._stop.is_set():
+            log.warning("agent.forced_exit")
+            os._exit(1)
+        log.info("agent.stopping")
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _publish_health(self) -> None:
+        for entry in self.registry.entries():
+            status = SERVING if entry.ready_versions() else NOT_SERVING
+            await self.health.set(entry.name, status)
+        await self.health.set("", SERVING)
+
+    async def _shutdown(self, server: object) -> None:
+        self.servicer.ready = False
+        await self.health.enter_graceful_shutdown()
+        await server.stop(self.settings.shutdown_grace_seconds)  # type: ignore[attr-defined]
+        await asyncio.to_thread(self.registry.close)
+        log.info("agent.stopped")

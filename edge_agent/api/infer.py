@@ -1,0 +1,76 @@
+"""ModelInferRequest -> feeds, and outputs -> ModelInferResponse, for one model version."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent.api.tensors import check_shape, decode_raw, decode_typed, encode
+from edge_agent.errors import InvalidArgument
+from edge_agent.repository.registry import ModelVersion
+
+
+def decode_request(
+    request: pb.ModelInferRequest, model: ModelVersion
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Checked input arrays by name, and the output names to compute."""
+    raw = request.raw_input_contents
+    if raw and any(t.HasField("contents") for t in request.inputs):
+        raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
+        )
+    feeds: dict[str, np.ndarray] = {}
+    batch_sizes: set[int] = set()
+    for index, tensor in enumerate(request.inputs):
+        spec = model.inputs.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"unknown input '{tensor.name}' for model '{model.name}' "
+                f"(inputs: {sorted(model.inputs)})"
+            )
+        if tensor.name in feeds:
+            raise InvalidArgument(f"input '{tensor.name}' is given twice")
+        if tensor.datatype != spec.datatype:
+            raise InvalidArgument(
+                f"input '{tensor.name}': datatype {tensor.datatype!r}, the model expects "
+                f"{spec.datatype}"
+            )
+        shape = list(tensor.shape)
+        check_shape(tensor.name, shape, spec.dims, model.max_batch_size)
+        if raw:
+            feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+        elif tensor.HasField("contents"):
+            feeds[tensor.name] = decode_typed(tensor.name, tensor.datatype, shape, tensor.contents)
+        else:
+            raise InvalidArgument(f"input '{tensor.name}' has no data")
+        if model.max_batch_size > 0:
+            batch_sizes.add(shape[0])
+    missing = sorted(n for n, s in model.inputs.items() if n not in feeds and not s.optional)
+    if missing:
+        raise InvalidArgument(f"missing inputs {missing} for model '{model.name}'")
+    if len(batch_sizes) > 1:
+        raise InvalidArgument(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
+    outputs = [o.name for o in request.outputs] or list(model.outputs)
+    for name in outputs:
+        if name not in model.outputs:
+            raise InvalidArgument(
+                f"unknown output '{name}' for model '{model.name}' (outputs: {sorted(model.outputs)})"
+            )
+    if len(set(outputs)) != len(outputs):
+        raise InvalidArgument("an output is requested twice")
+    return feeds, outputs
+
+
+def encode_response(
+    request: pb.ModelInferRequest, model: ModelVersion, names: list[str], arrays: list[np.ndarray]
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=model.name, model_version=str(model.version), id=request.id
+    )
+    for name, array in zip(names, arrays, strict=True):
+        datatype, shape, data = encode(array)
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(data)
+    return response

@@ -1,0 +1,157 @@
+"""GRPCInferenceService: thin handlers over the registry. Every handler maps errors through
+api/status.py; a malformed request gets INVALID_ARGUMENT and touches nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+import edge_agent
+from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
+from edge_agent.api.infer import decode_request, encode_response
+from edge_agent.api.status import to_status
+from edge_agent.errors import EdgeAgentError, ExecutionError, InvalidArgument
+from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
+
+# What ServerMetadata advertises: only what is implemented (perf_analyzer acts on this list).
+EXTENSIONS = ("model_configuration",)
+ACTIVE_PROVIDER_PARAMETER = "edge_agent.active_provider"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _handler(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
+    async def wrapped(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, message = to_status(exc, rpc=fn.__name__, model=getattr(request, "name", None)
+                                      or getattr(request, "model_name", None))
+            await context.abort(code, message)
+            raise AssertionError("unreachable: abort raises") from exc
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+        self.ready = False  # set by the agent once startup is complete, cleared on shutdown
+
+    @_handler
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_handler
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    @_handler
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        ready = self.ready and self._registry.is_ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    @_handler
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="edge-agent", version=edge_agent.__version__, extensions=EXTENSIONS
+        )
+
+    @_handler
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        model = self._registry.get(request.name, request.version)
+        entry = self._registry.entry(request.name)
+        batch = [-1] if model.max_batch_size > 0 else []
+        response = pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(m.version) for m in entry.ready_versions()],
+            platform=model.config.platform,
+        )
+        for spec in model.inputs.values():
+            response.inputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
+        for spec in model.outputs.values():
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
+        return response
+
+    @_handler
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        model = self._registry.get(request.name, request.version)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(model.config)
+        # The provider actually obtained, which may differ from what was asked (CPU fallback).
+        response.config.parameters[ACTIVE_PROVIDER_PARAMETER].string_value = model.provider
+        return response
+
+    @_handler
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # A failed request answers with error_message and the stream goes on (Triton's semantics).
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _, message = to_status(exc, rpc="ModelStreamInfer", model=request.model_name)
+                yield pb.ModelStreamInferResponse(
+                    error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+                )
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name is empty")
+        model = self._registry.get(request.model_name, request.model_version)
+        feeds, outputs = decode_request(request, model)
+        loop = asyncio.get_running_loop()
+        try:
+            arrays = await loop.run_in_executor(model.executor, model.run, feeds, outputs)
+        except EdgeAgentError:
+            raise
+        except Exception as exc:
+            raise _translate_ort_error(exc, model.name) from exc
+        return encode_response(request, model, outputs, arrays)
+
+    @_handler
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for entry in self._registry.entries():
+            if entry.error:
+                if not request.ready:
+                    response.models.add(name=entry.name, state=UNAVAILABLE, reason=entry.error)
+                continue
+            for version, state in sorted(entry.versions.items()):
+                if request.ready and state.state != READY:
+                    continue
+                response.models.add(
+                    name=entry.name, version=str(version), state=state.state, reason=state.reason
+                )
+        return response
+
+
+def _translate_ort_error(exc: Exception, model: str) -> EdgeAgentError:
+    # ORT's pybind exceptions live in onnxruntime.capi.onnxruntime_pybind11_state.
+    if type(exc).__name__ in ("InvalidArgument", "InvalidProtobuf"):
+        return InvalidArgument(f"model '{model}' rejected the inputs: {exc}")
+    return ExecutionError(f"model '{model}' failed to run: {exc}")

@@ -1,0 +1,94 @@
+"""The `edge-agent` command: `serve` runs the daemon, `infer` calls one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the inference daemon")
+    serve.add_argument("--config", type=Path, help="TOML settings file (also EDGE_AGENT_CONFIG)")
+    serve.add_argument("--model-repository", help="model repository directory (default: shipped models/)")
+    serve.add_argument("--grpc-address", help="HOST:PORT for gRPC (default 0.0.0.0:8001)")
+    serve.add_argument("--metrics-address", help="HOST:PORT for metrics (default 0.0.0.0:8002)")
+    serve.add_argument("--log-level", help="debug|info|warning|error|critical")
+    serve.add_argument("--log-format", help="auto|json|console")
+    serve.add_argument("--execution-providers", help="comma-separated, e.g. cuda,cpu")
+    serve.add_argument(
+        "--strict-provider", action="store_const", const=True, default=None,
+        help="refuse to serve a model on CPU when CUDA was asked for",
+    )
+    serve.add_argument("--max-message-bytes", help="gRPC message size limit, both ways")
+
+    infer = commands.add_parser("infer", help="send one inference request to an agent")
+    infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
+    infer.add_argument("--model", required=True)
+    infer.add_argument("--version", default="")
+    infer.add_argument(
+        "--input", action="append", default=[], metavar="NAME=FILE.npy", required=True,
+        help="an input tensor from a .npy file; repeat for each input",
+    )
+    infer.add_argument("--output", action="append", default=[], metavar="NAME",
+                       help="request only these outputs (default: all)")
+    infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
+    infer.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    from edge_agent.client import run_infer
+
+    return run_infer(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edge_agent.settings import load_settings
+
+    flags = {
+        "model_repository": args.model_repository,
+        "grpc_address": args.grpc_address,
+        "metrics_address": args.metrics_address,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+        "execution_providers": args.execution_providers,
+        "strict_provider": args.strict_provider,
+        "max_message_bytes": args.max_message_bytes,
+    }
+    try:
+        settings = load_settings(args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"edge-agent: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from edge_agent.agent import Agent
+    from edge_agent.observability.logging import configure_logging, get_logger
+
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(Agent(settings).run())
+    except ConfigError as exc:  # e.g. the listener cannot bind
+        get_logger("edge_agent").error("agent.start_failed", error=str(exc))
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

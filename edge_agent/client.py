@@ -1,0 +1,90 @@
+"""`edge-agent infer`: one request to an agent, outputs summarised on stdout.
+
+Errors are one line on stderr with the gRPC status, and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
+from edge_agent.api.tensors import decode_raw, encode
+from edge_agent.errors import InvalidArgument
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def _load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
+    inputs: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"--input {spec!r}: expected NAME=FILE.npy")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--input {name}: cannot read {file}: {exc}") from exc
+    return inputs
+
+
+def build_request(
+    model: str, version: str, inputs: dict[str, np.ndarray], outputs: list[str]
+) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in inputs.items():
+        datatype, shape, data = encode(array)
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        request.raw_input_contents.append(data)
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def summarise(array: np.ndarray) -> str:
+    if array.size == 0:
+        return "empty"
+    if array.dtype == object:
+        return f"first={array.reshape(-1)[0]!r}"
+    if array.dtype.kind == "b":
+        return f"true={int(array.sum())}/{array.size}"
+    parts = [f"min={array.min():.6g}", f"max={array.max():.6g}", f"mean={array.mean():.6g}"]
+    if array.ndim >= 1 and array.shape[-1] > 1 and array.dtype.kind == "f":
+        parts.append(f"argmax={np.argmax(array, axis=-1).reshape(-1)[:8].tolist()}")
+    elif array.size <= 8:
+        parts.append(f"values={array.reshape(-1).tolist()}")
+    return " ".join(parts)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    try:
+        inputs = _load_inputs(args.input)
+        request = build_request(args.model, args.version, inputs, args.output)
+    except (ValueError, InvalidArgument) as exc:
+        print(f"edge-agent infer: {exc}", file=sys.stderr)
+        return 2
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    with grpc.insecure_channel(args.url, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            response = stub.ModelInfer(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"edge-agent infer: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"model {response.model_name} version {response.model_version}")
+    for tensor, data in zip(response.outputs, response.raw_output_contents, strict=True):
+        array = decode_raw(tensor.name, tensor.datatype, list(tensor.shape), data)
+        print(f"{tensor.name}  {tensor.datatype}  {list(tensor.shape)}  {summarise(array)}")
+        if args.output_dir is not None:
+            out_dir = Path(args.output_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            np.save(out_dir / f"{tensor.name}.npy", array)
+    return 0

@@ -1,0 +1,52 @@
+"""The one exception tree of edge-agent; api/status.py is the one place that puts it on the wire.
+
+    EdgeAgentError                  INTERNAL (never shown as-is to a client)
+    ├── InvalidArgument             INVALID_ARGUMENT: the request itself is wrong
+    ├── NotFound                    NOT_FOUND: no such model or version
+    ├── Unavailable                 UNAVAILABLE: exists but cannot serve now (retryable)
+    ├── ExecutionError              INTERNAL: ONNX Runtime failed on a request that passed checks
+    ├── ModelLoadError              a model version could not be loaded (kept as its reason)
+    └── ConfigError                 the daemon's own configuration is invalid (exit code 78)
+
+Foreign exceptions are translated at the boundary where they occur into the most specific class
+here (``raise ... from exc``); anything else reaching the API becomes INTERNAL with a generic
+message and a logged traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EdgeAgentError(Exception):
+    """Base of every error edge-agent raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(EdgeAgentError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(EdgeAgentError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Unavailable(EdgeAgentError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ExecutionError(EdgeAgentError):
+    """ONNX Runtime failed while running a request that passed our checks; its message is kept."""
+
+
+class ModelLoadError(EdgeAgentError):
+    """A model version failed to load; the message is the reason shown in RepositoryIndex."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ConfigError(EdgeAgentError):
+    """Invalid daemon configuration: reported at start with a clear message and exit code 78."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

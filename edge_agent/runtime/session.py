@@ -1,0 +1,147 @@
+"""ONNX Runtime sessions: providers, options, the honest CPU fallback, warmup.
+
+`onnxruntime-gpu` lists CUDA in `get_available_providers()` even where no GPU works, and a session
+asked for CUDA falls back to CPU silently. So after every session is built we read
+`get_providers()`, log `runtime.provider_fallback` with the best reason we can determine, and in
+strict mode refuse the model instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edge_agent.errors import ModelLoadError
+from edge_agent.observability.logging import get_logger
+
+log = get_logger(__name__)
+
+_GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_SHORT_NAMES = {v: k for k, v in _ORT_NAMES.items()}
+_NVIDIA_DEVICE = Path("/dev/nvidiactl")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """Everything that shapes one model's sessions (agent defaults merged with its config)."""
+
+    providers: tuple[str, ...] = ("cuda", "cpu")
+    strict: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"
+    cuda_device_id: int = 0
+    cuda_gpu_mem_limit: int = 0
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
+
+
+@dataclasses.dataclass
+class LoadedSession:
+    session: ort.InferenceSession
+    provider: str  # the first active provider: "cuda" or "cpu"
+    fallback_reason: str | None  # why CUDA was asked for and not obtained
+
+
+def cuda_unavailable_reason() -> str:
+    """Our best explanation of a CUDA fallback; ORT's own error goes to stderr only."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+    if not _NVIDIA_DEVICE.exists():
+        return f"no NVIDIA GPU on this machine ({_NVIDIA_DEVICE} is missing)"
+    return (
+        "the CUDA provider failed to initialise: CUDA 13 / cuDNN 9 libraries missing? "
+        "(pip install 'onnxruntime-gpu[cuda,cudnn]'); ONNX Runtime's own error is on stderr"
+    )
+
+
+_preload_once = threading.Lock()
+_preloaded = False
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels where a GPU exists (onnxruntime-gpu >= 1.21).
+
+    preload_dlls prints to stdout, which carries our JSON log lines, so its chatter is captured
+    and logged as one event instead.
+    """
+    global _preloaded
+    with _preload_once:
+        if _preloaded or not _NVIDIA_DEVICE.exists() or not hasattr(ort, "preload_dlls"):
+            return
+        _preloaded = True
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):
+            ort.preload_dlls()
+        if captured.getvalue().strip():
+            log.info("runtime.cuda_preload", output=captured.getvalue().strip())
+
+
+def _provider_list(opts: RuntimeOptions) -> list[str | tuple[str, dict[str, str]]]:
+    providers: list[str | tuple[str, dict[str, str]]] = []
+    for name in opts.providers:
+        if name == "cuda":
+            cuda = {
+                "device_id": str(opts.cuda_device_id),
+                # EXHAUSTIVE (ORT's default) makes each new input shape take seconds.
+                "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
+                "arena_extend_strategy": opts.cuda_arena_extend_strategy,
+            }
+            if opts.cuda_gpu_mem_limit:
+                cuda["gpu_mem_limit"] = str(opts.cuda_gpu_mem_limit)
+            providers.append(("CUDAExecutionProvider", cuda))
+        else:
+            providers.append(_ORT_NAMES[name])
+    return providers
+
+
+def create_session(model_path: Path, opts: RuntimeOptions) -> LoadedSession:
+    """Build a session on the requested providers; raise ModelLoadError if it cannot serve."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.graph_optimization_level = _GRAPH_LEVELS[opts.graph_optimization_level]
+    if "cuda" in opts.providers:
+        _preload_cuda_libraries()
+    try:
+        session = ort.InferenceSession(str(model_path), so, providers=_provider_list(opts))
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
+        raise ModelLoadError(f"onnxruntime could not load {model_path.name}: {exc}") from exc
+    active = [_SHORT_NAMES.get(p, p) for p in session.get_providers()]
+    reason = None
+    if "cuda" in opts.providers and "cuda" not in active:
+        reason = cuda_unavailable_reason()
+        if opts.strict:
+            raise ModelLoadError(f"strict provider mode: CUDA was asked for and not obtained: {reason}")
+    return LoadedSession(session=session, provider=active[0], fallback_reason=reason)
+
+
+def warmup_feeds(
+    inputs: Mapping[str, tuple[str, list[int]]], batch: int = 1
+) -> dict[str, np.ndarray]:
+    """Zero-filled inputs (empty strings for BYTES); variable dims become 1, batch dim `batch`.
+
+    `inputs` maps name -> (numpy dtype str, full shape with -1 for variable dims).
+    """
+    feeds: dict[str, Any] = {}
+    for name, (dtype, shape) in inputs.items():
+        concrete = [batch if i == 0 and d == -1 else (1 if d < 0 else d) for i, d in enumerate(shape)]
+        if dtype == "object":
+            feeds[name] = np.full(concrete, "", dtype=object)
+        else:
+            feeds[name] = np.zeros(concrete, dtype=dtype)
+    return feeds

@@ -1,0 +1,173 @@
+"""The daemon's settings: one flat, documented tree, from defaults < TOML file < env < flags.
+
+Every setting is a field of `Settings`. In the TOML file (``--config``) it is a top-level key of the
+same name; in the environment it is ``EDGE_AGENT_<NAME>`` (upper case; lists comma-separated);
+command-line flags override both. `load_settings` validates everything at once and raises
+`ConfigError` with a message naming the source and the key, so a bad config fails at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "json", "console")
+PROVIDERS = ("cuda", "cpu")
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+CUDNN_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+
+
+def default_model_repository() -> Path:
+    """The shipped `models/`: the checkout's when running from one, else the wheel's copy."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "models"
+    if checkout.is_dir() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    return package / "_shipped_models"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model_repository: Path = dataclasses.field(default_factory=default_model_repository)
+    grpc_address: str = "0.0.0.0:8001"
+    # Reserved for the Prometheus endpoint (next milestone); validated already.
+    metrics_address: str = "0.0.0.0:8002"
+    log_level: str = "info"
+    log_format: str = "auto"  # auto: console on a TTY, JSON otherwise (journald)
+    # gRPC's 4 MiB default silently breaks image-sized tensors; both directions.
+    max_message_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+
+    # Runtime defaults; a model's config.pbtxt parameters and instance_group override them.
+    execution_providers: tuple[str, ...] = ("cuda", "cpu")
+    strict_provider: bool = False  # refuse to serve a model on CPU when CUDA was asked for
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default
+    inter_op_threads: int = 0
+    graph_optimization_level: str = "all"
+    cuda_device_id: int = 0
+    cuda_gpu_mem_limit: int = 0  # bytes, 0 = no limit
+    cudnn_conv_algo_search: str = "HEURISTIC"
+    cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
+    # max_batch_size given to a model without config.pbtxt whose first dimension is dynamic.
+    default_max_batch_size: int = 32
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def parse_address(value: str, key: str = "address") -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) -> (host, port); raises ConfigError."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT with a port 0-65535, got {value!r}")
+    return host, int(port_text)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a TOML value or an env/flag string into the field's type, or raise ConfigError."""
+    where = f"{source}: {name}"
+    annotation = str(_FIELDS[name].type)
+    try:
+        if annotation == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {value!r}")
+        if annotation == "int":
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(value)
+        if annotation == "float":
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        if annotation == "Path":
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"expected a path, got {value!r}")
+            return Path(value).expanduser()
+        if annotation == "tuple[str, ...]":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise ValueError(f"expected a list of strings, got {value!r}")
+            return tuple(i.strip().lower() for i in items if i.strip())
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        return value
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _check(settings: Settings) -> None:
+    parse_address(settings.grpc_address, "grpc_address")
+    parse_address(settings.metrics_address, "metrics_address")
+    choices = {
+        "log_level": LOG_LEVELS,
+        "log_format": LOG_FORMATS,
+        "graph_optimization_level": GRAPH_LEVELS,
+        "cudnn_conv_algo_search": CUDNN_SEARCH,
+        "cuda_arena_extend_strategy": ARENA_STRATEGIES,
+    }
+    for key, allowed in choices.items():
+        if getattr(settings, key) not in allowed:
+            raise ConfigError(f"{key}: {getattr(settings, key)!r} is not one of {list(allowed)}")
+    if not settings.execution_providers:
+        raise ConfigError("execution_providers: at least one provider is required")
+    for provider in settings.execution_providers:
+        if provider not in PROVIDERS:
+            raise ConfigError(f"execution_providers: unknown provider {provider!r}, use {PROVIDERS}")
+    for key in ("max_message_bytes", "default_max_batch_size"):
+        if getattr(settings, key) < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
+    for key in ("intra_op_threads", "inter_op_threads", "cuda_device_id", "cuda_gpu_mem_limit"):
+        if getattr(settings, key) < 0:
+            raise ConfigError(f"{key}: must not be negative, got {getattr(settings, key)}")
+    if settings.shutdown_grace_seconds < 0:
+        raise ConfigError("shutdown_grace_seconds: must not be negative")
+    if not settings.model_repository.is_dir():
+        raise ConfigError(f"model_repository: {settings.model_repository} is not a directory")
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge defaults < config file < environment < flags (None values in flags are ignored)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(env[ENV_PREFIX + "CONFIG"])
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: invalid TOML: {exc}") from exc
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
+            values[key] = _coerce(key, value, f"config file {config_file}")
+    for name in _FIELDS:
+        env_key = ENV_PREFIX + name.upper()
+        if env_key in env:
+            values[name] = _coerce(name, env[env_key], f"environment {env_key}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value, f"flag --{name.replace('_', '-')}")
+    settings = Settings(**values)
+    _check(settings)
+    return settings
