@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent._proto import grpc_service_pb2 as pb
-from edge_agent.api.tensors import check_shape, decode_raw, decode_typed, encode
+from edge_agent.api.tensors import bytes_to_text, check_shape, decode_raw, decode_typed, encode
 from edge_agent.errors import InvalidArgument
 from edge_agent.repository.registry import ModelVersion
 
@@ -45,6 +45,8 @@ def decode_request(
             feeds[tensor.name] = decode_typed(tensor.name, tensor.datatype, shape, tensor.contents)
         else:
             raise InvalidArgument(f"input '{tensor.name}' has no data")
+        if spec.datatype == "BYTES":
+            feeds[tensor.name] = bytes_to_text(tensor.name, feeds[tensor.name])
         if model.max_batch_size > 0:
             batch_sizes.add(shape[0])
     missing = sorted(n for n, s in model.inputs.items() if n not in feeds and not s.optional)

@@ -232,3 +232,19 @@ def check_shape(name: str, shape: Sequence[int], dims: Sequence[int], max_batch_
 
 def _show(dims: Sequence[int | str]) -> str:
     return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def bytes_to_text(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES elements -> str for ONNX Runtime, whose Python API takes string tensors as text
+    (it would turn a `bytes` object into its repr). Elements that are not UTF-8 are refused."""
+    out = np.empty(array.shape, dtype=object)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        try:
+            flat_out[i] = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(
+                f"input '{name}': BYTES element {i} is not UTF-8 text, which ONNX Runtime's string "
+                "tensors require"
+            ) from None
+    return out

@@ -1,0 +1,155 @@
+"""Fixtures: model repositories built by the tests, and the real daemon in a subprocess.
+
+The daemon runs as `python -m edge_agent serve` on port 0 and is driven with stock tritonclient.
+It must be a separate process anyway: our generated stubs and tritonclient's both register the
+`inference.*` protobuf names, which one process cannot hold twice (edge_agent/_proto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+import modelgen
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 90
+
+
+class Daemon:
+    """`edge-agent serve` in a subprocess; its JSON log lines are parsed as they arrive."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, address: bool = True):
+        command = [sys.executable, "-m", "edge_agent", "serve", "--log-format", "json", *args]
+        if address:
+            command += ["--grpc-address", "127.0.0.1:0"]
+        self.events: list[dict[str, Any]] = []
+        self.stderr: list[str] = []
+        self._started = threading.Event()
+        self.proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = {"event": "unparsed", "line": line}
+            self.events.append(event)
+            if event.get("event") == "agent.started":
+                self._started.set()
+        self._started.set()  # the process ended: wake any waiter
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def wait_started(self) -> Daemon:
+        if not self._started.wait(START_TIMEOUT_S) or self.port is None:
+            self.stop()
+            raise AssertionError(
+                f"daemon did not start (rc={self.proc.returncode}):\n"
+                + "".join(self.stderr[-30:])
+                + "\n".join(map(str, self.events[-30:]))
+            )
+        return self
+
+    @property
+    def port(self) -> int | None:
+        started = self.named("agent.started")
+        return int(started[0]["port"]) if started else None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e.get("event") == event]
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Any]:
+    daemons: list[Daemon] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, address: bool = True) -> Daemon:
+        daemon = Daemon(list(args), env, address)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def build_repository(repo: Path) -> Path:
+    """The shared test repository: working models beside broken ones."""
+    modelgen.copy_shipped(repo)
+    modelgen.echo_all_types(repo / "alltypes" / "1" / "model.onnx")
+    modelgen.add_fixed(repo / "fixed" / "1" / "model.onnx")
+    modelgen.add_fixed(repo / "fixed" / "2" / "model.onnx")  # default policy: latest 1 -> v2 only
+    modelgen.echo(repo / "echo" / "1" / "model.onnx")
+    modelgen.echo(repo / "echo" / "2" / "model.onnx")
+    (repo / "echo" / "config.pbtxt").write_text("version_policy: { all: {} }\n")
+    modelgen.echo(repo / "int8" / "1" / "model.onnx", onnx.TensorProto.INT8)
+    modelgen.echo(repo / "text" / "1" / "model.onnx", onnx.TensorProto.STRING)
+    modelgen.matmul_external(repo / "external" / "1")
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    evil = modelgen.matmul_external(repo / "evil" / "1")
+    modelgen.set_external_location(evil, "../../external/1/weights.bin")
+    mismatch = repo / "mismatch"
+    modelgen.add_fixed(mismatch / "1" / "model.onnx")
+    (mismatch / "config.pbtxt").write_text(
+        'name: "mismatch"\ninput [ { name: "x", data_type: TYPE_INT32, dims: [2, 3] } ]\n'
+    )
+    return repo
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path) -> Iterator[Daemon]:
+    """One daemon for the read-only tests, serving the shared repository."""
+    daemon = Daemon(["--model-repository", str(repository)]).wait_started()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture
+def client(server: Daemon) -> Iterator[Any]:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.url) as c:
+        yield c

@@ -1,0 +1,113 @@
+"""Small ONNX models written by the tests (onnx.helper), and repository layouts around them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "models"
+
+# Protocol datatype -> (ONNX element type, numpy dtype) for the all-types echo model.
+ALL_TYPES = {
+    "BOOL": (TensorProto.BOOL, np.bool_),
+    "UINT8": (TensorProto.UINT8, np.uint8),
+    "UINT16": (TensorProto.UINT16, np.uint16),
+    "UINT32": (TensorProto.UINT32, np.uint32),
+    "UINT64": (TensorProto.UINT64, np.uint64),
+    "INT8": (TensorProto.INT8, np.int8),
+    "INT16": (TensorProto.INT16, np.int16),
+    "INT32": (TensorProto.INT32, np.int32),
+    "INT64": (TensorProto.INT64, np.int64),
+    "FP16": (TensorProto.FLOAT16, np.float16),
+    "FP32": (TensorProto.FLOAT, np.float32),
+    "FP64": (TensorProto.DOUBLE, np.float64),
+    "BYTES": (TensorProto.STRING, np.object_),
+}
+
+
+def _save(model: onnx.ModelProto, path: Path, **kwargs: object) -> Path:
+    model.ir_version = 8
+    model.opset_import[0].version = 17
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path), **kwargs)  # type: ignore[arg-type]
+    return path
+
+
+def echo_all_types(path: Path) -> Path:
+    """in_<T> -> out_<T> (Identity) for every datatype, shapes [batch, n]."""
+    inputs, outputs, nodes = [], [], []
+    for name, (elem, _) in ALL_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", elem, ["batch", "n"]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", elem, ["batch", "n"]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    return _save(helper.make_model(helper.make_graph(nodes, "alltypes", inputs, outputs)), path)
+
+
+def add_fixed(path: Path) -> Path:
+    """y = x + 1 on a fixed [2, 3] FP32 tensor: a model that cannot batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.ones((2, 3), np.float32), "one")],
+    )
+    return _save(helper.make_model(graph), path)
+
+
+def echo(path: Path, elem: int = TensorProto.FLOAT) -> Path:
+    """y = Identity(x), [batch, n] of one element type (FP32 by default)."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "echo",
+        [helper.make_tensor_value_info("x", elem, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", elem, ["batch", "n"])],
+    )
+    return _save(helper.make_model(graph), path)
+
+
+def matmul_external(version_dir: Path, location: str = "weights.bin") -> Path:
+    """y = x @ W with W (4x4) stored as external data in `location`."""
+    weights = np.arange(16, dtype=np.float32).reshape(4, 4)
+    init = numpy_helper.from_array(weights, "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [init],
+    )
+    model = helper.make_model(graph)
+    return _save(
+        model,
+        version_dir / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
+
+
+def set_external_location(model_path: Path, location: str, **fields: str) -> None:
+    """Rewrite the external-data entry of every external tensor (to craft hostile models)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            entries.update(location=location, **fields)
+            del tensor.external_data[:]
+            for key, value in entries.items():
+                tensor.external_data.add(key=key, value=value)
+    onnx.save(model, str(model_path))
+
+
+def copy_shipped(repo: Path, name: str = "digits") -> Path:
+    target = repo / name
+    shutil.copytree(SHIPPED / name, target)
+    return target

@@ -1,0 +1,150 @@
+"""Settings precedence (file < env < flag), start-up errors, and the `infer` CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import modelgen
+from edge_agent.errors import ConfigError
+from edge_agent.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+def test_precedence_file_env_flag(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('log_level = "debug"\ngrpc_address = "127.0.0.1:1"\nintra_op_threads = 3\n')
+    env = {"EDGE_AGENT_GRPC_ADDRESS": "127.0.0.1:2", "EDGE_AGENT_LOG_LEVEL": "warning"}
+    settings = load_settings(config, env, {"log_level": "error", "grpc_address": None})
+    assert settings.intra_op_threads == 3  # file only
+    assert settings.grpc_address == "127.0.0.1:2"  # env beats file; an absent flag changes nothing
+    assert settings.log_level == "error"  # flag beats env
+
+
+def test_defaults() -> None:
+    settings = load_settings(None, {}, {})
+    assert settings == Settings()
+    assert settings.grpc_address == "0.0.0.0:8001"
+    assert settings.metrics_address == "0.0.0.0:8002"
+    assert settings.max_message_bytes == 64 * 1024 * 1024
+    assert (settings.model_repository / "digits" / "config.pbtxt").is_file()
+
+
+def test_env_types_and_config_path(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("strict_provider = false\n")
+    env = {
+        "EDGE_AGENT_CONFIG": str(config),
+        "EDGE_AGENT_STRICT_PROVIDER": "true",
+        "EDGE_AGENT_EXECUTION_PROVIDERS": "cpu",
+        "EDGE_AGENT_MAX_MESSAGE_BYTES": "1024",
+    }
+    settings = load_settings(None, env, {})
+    assert settings.strict_provider is True
+    assert settings.execution_providers == ("cpu",)
+    assert settings.max_message_bytes == 1024
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("nonsense = 1\n", {}, "unknown setting 'nonsense'"),
+        ("log_level = \n", {}, "invalid TOML"),
+        ('log_level = "loud"\n', {}, "log_level: 'loud' is not one of"),
+        ("", {"EDGE_AGENT_GRPC_ADDRESS": "nowhere"}, "grpc_address: expected HOST:PORT"),
+        ("", {"EDGE_AGENT_GRPC_ADDRESS": "h:70000"}, "port 0-65535"),
+        ("", {"EDGE_AGENT_INTRA_OP_THREADS": "many"}, "environment EDGE_AGENT_INTRA_OP_THREADS"),
+        ("", {"EDGE_AGENT_EXECUTION_PROVIDERS": "tpu"}, "unknown provider 'tpu'"),
+        ('model_repository = "/no/such/dir"\n', {}, "is not a directory"),
+        ("max_message_bytes = 0\n", {}, "at least 1"),
+        ("strict_provider = 3\n", {}, "expected true or false"),
+    ],
+)
+def test_invalid_settings(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, env, {})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_settings(tmp_path / "absent.toml", {}, {})
+
+
+def test_invalid_config_exits_78_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('log_level = "loud"\n')
+    result = cli("serve", "--config", str(config))
+    assert result.returncode == 78
+    assert "invalid configuration" in result.stderr and "log_level" in result.stderr
+
+
+def test_unbindable_address_exits_78(start_daemon: Any, server: Any) -> None:
+    taken = start_daemon("--grpc-address", server.url, address=False)
+    assert taken.proc.wait(60) == 78
+    assert any("cannot listen" in line for line in taken.stderr)
+
+
+def test_daemon_precedence_end_to_end(start_daemon: Any, tmp_path: Path) -> None:
+    file_repo, env_repo = tmp_path / "from-file", tmp_path / "from-env"
+    file_repo.mkdir()
+    modelgen.copy_shipped(env_repo)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'model_repository = "{file_repo}"\nlog_level = "warning"\n')
+    daemon = start_daemon(
+        "--config", str(config), "--log-level", "info",
+        env={"EDGE_AGENT_MODEL_REPOSITORY": str(env_repo), "EDGE_AGENT_LOG_LEVEL": "error"},
+    ).wait_started()
+    # env beat the file for the repository; the flag beat env for the level (info events appear).
+    assert daemon.named("agent.starting")[0]["model_repository"] == str(env_repo)
+    assert daemon.named("model.loaded")[0]["model"] == "digits"
+
+
+def test_infer_cli_classifies_a_digit(server: Any, tmp_path: Path) -> None:
+    result = cli(
+        "infer", "--url", server.url, "--model", "digits",
+        "--input", "input=models/digits/sample.npy", "--output-dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "model digits version 1"
+    assert any(line.startswith("label  INT64  [1]") and "values=[7]" in line for line in lines)
+    assert any(line.startswith("probabilities  FP32  [1, 10]") for line in lines)
+    assert np.load(tmp_path / "label.npy").tolist() == [7]
+    assert np.load(tmp_path / "probabilities.npy").shape == (1, 10)
+
+
+def test_infer_cli_reports_errors_on_one_line(server: Any, tmp_path: Path) -> None:
+    result = cli("infer", "--url", server.url, "--model", "nope",
+                 "--input", "input=models/digits/sample.npy")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "edge-agent infer: NOT_FOUND: unknown model 'nope'"
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((1, 63), np.float32))
+    result = cli("infer", "--url", server.url, "--model", "digits", "--input", f"input={wrong}")
+    assert result.returncode == 1
+    assert result.stderr.startswith("edge-agent infer: INVALID_ARGUMENT: input 'input'")
+
+    result = cli("infer", "--url", server.url, "--model", "digits", "--input", "input=/no/file.npy")
+    assert result.returncode == 2
+    assert "cannot read /no/file.npy" in result.stderr
+
+    result = cli("infer", "--url", "127.0.0.1:1", "--model", "digits", "--timeout", "5",
+                 "--input", "input=models/digits/sample.npy")
+    assert result.returncode == 1
+    assert result.stderr.startswith("edge-agent infer: UNAVAILABLE")
