@@ -48,7 +48,9 @@ class Agent:
             await self._publish_health()
             self.servicer.ready = True
             host = self.settings.grpc_address.rpartition(":")[0]
-            log.info("agent.started", grpc_address=f"{host}:{self.port}", port=self.port, pid=os.getpid())
+            log.info(
+                "agent.started", grpc_address=f"{host}:{self.port}", port=self.port, pid=os.getpid()
+            )
             await self._stop.wait()
         finally:
             await self._shutdown(server)

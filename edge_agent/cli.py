@@ -22,14 +22,19 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the inference daemon")
     serve.add_argument("--config", type=Path, help="TOML settings file (also EDGE_AGENT_CONFIG)")
-    serve.add_argument("--model-repository", help="model repository directory (default: shipped models/)")
+    serve.add_argument(
+        "--model-repository", help="model repository directory (default: shipped models/)"
+    )
     serve.add_argument("--grpc-address", help="HOST:PORT for gRPC (default 0.0.0.0:8001)")
     serve.add_argument("--metrics-address", help="HOST:PORT for metrics (default 0.0.0.0:8002)")
     serve.add_argument("--log-level", help="debug|info|warning|error|critical")
     serve.add_argument("--log-format", help="auto|json|console")
     serve.add_argument("--execution-providers", help="comma-separated, e.g. cuda,cpu")
     serve.add_argument(
-        "--strict-provider", action="store_const", const=True, default=None,
+        "--strict-provider",
+        action="store_const",
+        const=True,
+        default=None,
         help="refuse to serve a model on CPU when CUDA was asked for",
     )
     serve.add_argument("--max-message-bytes", help="gRPC message size limit, both ways")
@@ -39,11 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--model", required=True)
     infer.add_argument("--version", default="")
     infer.add_argument(
-        "--input", action="append", default=[], metavar="NAME=FILE.npy", required=True,
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        required=True,
         help="an input tensor from a .npy file; repeat for each input",
     )
-    infer.add_argument("--output", action="append", default=[], metavar="NAME",
-                       help="request only these outputs (default: all)")
+    infer.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="request only these outputs (default: all)",
+    )
     infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     return parser

@@ -87,7 +87,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return False
             raise ValueError(f"expected true or false, got {value!r}")
         if annotation == "int":
-            if isinstance(value, bool) or isinstance(value, float):
+            if isinstance(value, bool | float):
                 raise ValueError(f"expected an integer, got {value!r}")
             return int(value)
         if annotation == "float":
@@ -127,7 +127,9 @@ def _check(settings: Settings) -> None:
         raise ConfigError("execution_providers: at least one provider is required")
     for provider in settings.execution_providers:
         if provider not in PROVIDERS:
-            raise ConfigError(f"execution_providers: unknown provider {provider!r}, use {PROVIDERS}")
+            raise ConfigError(
+                f"execution_providers: unknown provider {provider!r}, use {PROVIDERS}"
+            )
     for key in ("max_message_bytes", "default_max_batch_size"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")

@@ -89,8 +89,10 @@ def main() -> None:
     (OUT / "config.pbtxt").write_text(CONFIG)
     np.savez(OUT / "validation.npz", input=x_val, labels=y_val)
     np.save(OUT / "sample.npy", x_val[:1])
-    print(f"validation accuracy {accuracy:.4f} on {len(y_val)} held-out digits; "
-          f"sample.npy is a {int(y_val[0])}")
+    print(
+        f"validation accuracy {accuracy:.4f} on {len(y_val)} held-out digits; "
+        f"sample.npy is a {int(y_val[0])}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def digits_request(shape: list[int], data: bytes, datatype: str = "FP32") -> tpb
 
 @pytest.fixture
 def stub(server: Any) -> Any:
-    """A raw gRPC stub (tritonclient's own protobuf classes) for requests tritonclient won't build."""
+    """A raw stub (tritonclient's own protobuf classes) for requests tritonclient won't build."""
     with grpc.insecure_channel(server.url) as channel:
         yield tpb_grpc.GRPCInferenceServiceStub(channel)
 
@@ -62,7 +62,11 @@ ONE = np.zeros((1, 64), np.float32).tobytes()
         (digits_request([65, 64], ONE * 65), "INVALID_ARGUMENT", "outside 1..64"),
         (digits_request([0, 64], b""), "INVALID_ARGUMENT", "outside 1..64"),
         (digits_request([64], ONE), "INVALID_ARGUMENT", "model expects 2"),
-        (tpb.ModelInferRequest(model_name="digits"), "INVALID_ARGUMENT", "missing inputs ['input']"),
+        (
+            tpb.ModelInferRequest(model_name="digits"),
+            "INVALID_ARGUMENT",
+            "missing inputs ['input']",
+        ),
     ],
 )
 def test_rejected_with_clear_status(stub: Any, request_: Any, code: str, message: str) -> None:
@@ -129,7 +133,9 @@ def test_typed_contents_checked(stub: Any, fill: Any, message: str) -> None:
 
 def test_typed_integer_out_of_range(stub: Any) -> None:
     request = tpb.ModelInferRequest(model_name="int8")
-    request.inputs.add(name="x", datatype="INT8", shape=[1, 2]).contents.int_contents.extend([1, 300])
+    request.inputs.add(name="x", datatype="INT8", shape=[1, 2]).contents.int_contents.extend(
+        [1, 300]
+    )
     error = call(stub, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'x': a value is out of range for INT8" in error.details()
@@ -137,7 +143,9 @@ def test_typed_integer_out_of_range(stub: Any) -> None:
 
 def test_fp16_cannot_travel_typed(stub: Any) -> None:
     request = tpb.ModelInferRequest(model_name="alltypes")
-    request.inputs.add(name="in_FP16", datatype="FP16", shape=[1, 1]).contents.fp32_contents.append(1)
+    request.inputs.add(name="in_FP16", datatype="FP16", shape=[1, 1]).contents.fp32_contents.append(
+        1
+    )
     error = call(stub, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "FP16 data must be sent raw" in error.details()

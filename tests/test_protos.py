@@ -36,20 +36,27 @@ print(json.dumps({"fields": fields, "methods": methods}))
 
 
 def dump(*modules: str) -> dict[str, list[list[object]]]:
-    out = subprocess.run([sys.executable, "-c", DUMP, *modules], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", DUMP, *modules], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def test_committed_stubs_match_protos(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "scripts/generate_protos.py", str(tmp_path)], check=True,
-                   cwd=ROOT)
-    generated = sorted(p.relative_to(tmp_path / "edge_agent" / "_proto")
-                       for p in (tmp_path / "edge_agent" / "_proto").glob("*_pb2*"))
+    subprocess.run(
+        [sys.executable, "scripts/generate_protos.py", str(tmp_path)], check=True, cwd=ROOT
+    )
+    generated = sorted(
+        p.relative_to(tmp_path / "edge_agent" / "_proto")
+        for p in (tmp_path / "edge_agent" / "_proto").glob("*_pb2*")
+    )
     committed = sorted(p.relative_to(STUBS) for p in STUBS.glob("*_pb2*"))
     assert generated == committed
-    stale = [str(p) for p in generated
-             if not filecmp.cmp(tmp_path / "edge_agent" / "_proto" / p, STUBS / p, shallow=False)]
+    stale = [
+        str(p)
+        for p in generated
+        if not filecmp.cmp(tmp_path / "edge_agent" / "_proto" / p, STUBS / p, shallow=False)
+    ]
     assert not stale, f"regenerate with: python scripts/generate_protos.py ({stale})"
 
 

@@ -22,8 +22,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def index(client: Any) -> dict[tuple[str, str], tuple[str, str]]:
     return {
-        (m.name, m.version): (m.state, m.reason)
-        for m in client.get_model_repository_index().models
+        (m.name, m.version): (m.state, m.reason) for m in client.get_model_repository_index().models
     }
 
 
@@ -61,7 +60,9 @@ def test_failed_model_answers_unavailable(client: Any) -> None:
 
 
 def test_load_failures_are_logged(server: Any) -> None:
-    failed = {(e["model"], e.get("version")): e["reason"] for e in server.named("model.load_failed")}
+    failed = {
+        (e["model"], e.get("version")): e["reason"] for e in server.named("model.load_failed")
+    }
     assert "not a readable ONNX model" in failed[("broken", 1)]
     assert "not a plain file name" in failed[("evil", 1)]
     loaded = {e["model"]: e for e in server.named("model.loaded")}

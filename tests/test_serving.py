@@ -44,7 +44,9 @@ def test_model_metadata(client: Any) -> None:
     assert meta.name == "digits"
     assert list(meta.versions) == ["1"]
     assert meta.platform == "onnxruntime_onnx"
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 64])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("input", "FP32", [-1, 64])
+    ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probabilities", "FP32", [-1, 10]),
         ("label", "INT64", [-1]),
@@ -81,7 +83,9 @@ def test_infer_matches_in_process_onnxruntime(client: Any, batch_size: int) -> N
     data = np.load(DIGITS / "validation.npz")["input"][:batch_size]
     result = infer_digits(client, data)
     expected = reference(DIGITS / "1" / "model.onnx", {"input": data})
-    np.testing.assert_allclose(result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6
+    )
     np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
     assert result.get_response().model_version == "1"
 
@@ -180,7 +184,12 @@ def test_stream_infer_answers_each_request_and_survives_errors(server: Any) -> N
         answers = [results.get(timeout=30) for _ in range(5)]
         client.stop_stream()
     oks = {r.get_response().id: r.as_numpy("label")[0] for r, e in answers if e is None}
-    assert oks == {"ok-0": expected[0], "ok-1": expected[1], "ok-2": expected[2], "after": expected[0]}
+    assert oks == {
+        "ok-0": expected[0],
+        "ok-1": expected[1],
+        "ok-2": expected[2],
+        "after": expected[0],
+    }
     errors = [e for _, e in answers if e is not None]
     assert len(errors) == 1
     assert isinstance(errors[0], InferenceServerException)

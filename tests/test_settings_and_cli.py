@@ -20,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edge_agent", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -106,7 +110,10 @@ def test_daemon_precedence_end_to_end(start_daemon: Any, tmp_path: Path) -> None
     config = tmp_path / "agent.toml"
     config.write_text(f'model_repository = "{file_repo}"\nlog_level = "warning"\n')
     daemon = start_daemon(
-        "--config", str(config), "--log-level", "info",
+        "--config",
+        str(config),
+        "--log-level",
+        "info",
         env={"EDGE_AGENT_MODEL_REPOSITORY": str(env_repo), "EDGE_AGENT_LOG_LEVEL": "error"},
     ).wait_started()
     # env beat the file for the repository; the flag beat env for the level (info events appear).
@@ -116,8 +123,15 @@ def test_daemon_precedence_end_to_end(start_daemon: Any, tmp_path: Path) -> None
 
 def test_infer_cli_classifies_a_digit(server: Any, tmp_path: Path) -> None:
     result = cli(
-        "infer", "--url", server.url, "--model", "digits",
-        "--input", "input=models/digits/sample.npy", "--output-dir", str(tmp_path),
+        "infer",
+        "--url",
+        server.url,
+        "--model",
+        "digits",
+        "--input",
+        "input=models/digits/sample.npy",
+        "--output-dir",
+        str(tmp_path),
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -129,8 +143,9 @@ def test_infer_cli_classifies_a_digit(server: Any, tmp_path: Path) -> None:
 
 
 def test_infer_cli_reports_errors_on_one_line(server: Any, tmp_path: Path) -> None:
-    result = cli("infer", "--url", server.url, "--model", "nope",
-                 "--input", "input=models/digits/sample.npy")
+    result = cli(
+        "infer", "--url", server.url, "--model", "nope", "--input", "input=models/digits/sample.npy"
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == "edge-agent infer: NOT_FOUND: unknown model 'nope'"
 
@@ -144,7 +159,16 @@ def test_infer_cli_reports_errors_on_one_line(server: Any, tmp_path: Path) -> No
     assert result.returncode == 2
     assert "cannot read /no/file.npy" in result.stderr
 
-    result = cli("infer", "--url", "127.0.0.1:1", "--model", "digits", "--timeout", "5",
-                 "--input", "input=models/digits/sample.npy")
+    result = cli(
+        "infer",
+        "--url",
+        "127.0.0.1:1",
+        "--model",
+        "digits",
+        "--timeout",
+        "5",
+        "--input",
+        "input=models/digits/sample.npy",
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("edge-agent infer: UNAVAILABLE")

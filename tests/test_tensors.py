@@ -79,7 +79,9 @@ def test_typed_contents() -> None:
         ([2, -3], [2, -1], 0, "negative"),
     ],
 )
-def test_check_shape(shape: list[int], dims: list[int], max_batch: int, message: str | None) -> None:
+def test_check_shape(
+    shape: list[int], dims: list[int], max_batch: int, message: str | None
+) -> None:
     if message is None:
         check_shape("t", shape, dims, max_batch)
     else:

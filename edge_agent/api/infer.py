@@ -58,7 +58,8 @@ def decode_request(
     for name in outputs:
         if name not in model.outputs:
             raise InvalidArgument(
-                f"unknown output '{name}' for model '{model.name}' (outputs: {sorted(model.outputs)})"
+                f"unknown output '{name}' for model '{model.name}' "
+                f"(outputs: {sorted(model.outputs)})"
             )
     if len(set(outputs)) != len(outputs):
         raise InvalidArgument("an output is requested twice")

@@ -39,7 +39,7 @@ def build_server(
 def bind(server: grpc.aio.Server, address: str) -> int:
     """Bind the listener; returns the port (the real one when asked for port 0)."""
     try:
-        port = server.add_insecure_port(address)
+        port = int(server.add_insecure_port(address))
     except RuntimeError as exc:
         raise ConfigError(f"grpc_address: cannot listen on {address}: {exc}") from exc
     if port == 0:

@@ -34,8 +34,11 @@ def _handler(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, message = to_status(exc, rpc=fn.__name__, model=getattr(request, "name", None)
-                                      or getattr(request, "model_name", None))
+            code, message = to_status(
+                exc,
+                rpc=fn.__name__,
+                model=getattr(request, "name", None) or getattr(request, "model_name", None),
+            )
             await context.abort(code, message)
             raise AssertionError("unreachable: abort raises") from exc
 
@@ -43,21 +46,27 @@ def _handler(
     return wrapped
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated
     def __init__(self, registry: ModelRegistry) -> None:
         self._registry = registry
         self.ready = False  # set by the agent once startup is complete, cleared on shutdown
 
     @_handler
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @_handler
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.ready)
 
     @_handler
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
         ready = self.ready and self._registry.is_ready(request.name, request.version)
         return pb.ModelReadyResponse(ready=ready)
 
@@ -88,7 +97,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @_handler
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
         model = self._registry.get(request.name, request.version)
         response = pb.ModelConfigResponse()
         response.config.CopyFrom(model.config)
@@ -97,7 +108,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @_handler
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
         return await self._infer(request)
 
     async def ModelStreamInfer(

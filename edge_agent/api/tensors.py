@@ -162,7 +162,9 @@ def decode_typed(
         raise InvalidArgument(f"input '{name}': {datatype} data must be sent raw, not in contents")
     for other in set(CONTENTS_FIELDS.values()) - {field}:
         if len(getattr(contents, other)):
-            raise InvalidArgument(f"input '{name}': {datatype} data belongs in {field}, not {other}")
+            raise InvalidArgument(
+                f"input '{name}': {datatype} data belongs in {field}, not {other}"
+            )
     values = getattr(contents, field)
     count = element_count(name, shape)
     if len(values) != count:
@@ -211,7 +213,7 @@ def check_shape(name: str, shape: Sequence[int], dims: Sequence[int], max_batch_
     """A request's shape against the model's dims (batch dimension excluded when batching)."""
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
-    expected = ["batch", *dims] if max_batch_size > 0 else list(dims)
+    expected: list[int | str] = ["batch", *dims] if max_batch_size > 0 else list(dims)
     if len(shape) != len(expected):
         raise InvalidArgument(
             f"input '{name}': shape {list(shape)} has {len(shape)} dimensions, the model expects "
@@ -220,8 +222,7 @@ def check_shape(name: str, shape: Sequence[int], dims: Sequence[int], max_batch_
     body = shape[1:] if max_batch_size > 0 else shape
     if max_batch_size > 0 and not 1 <= shape[0] <= max_batch_size:
         raise InvalidArgument(
-            f"input '{name}': batch size {shape[0]} is outside 1..{max_batch_size} "
-            "(max_batch_size)"
+            f"input '{name}': batch size {shape[0]} is outside 1..{max_batch_size} (max_batch_size)"
         )
     for got, want in zip(body, dims, strict=True):
         if want != -1 and got != want:

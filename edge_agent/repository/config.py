@@ -92,7 +92,9 @@ def _refuse_unsupported(config: mc.ModelConfig) -> None:
             raise ModelLoadError(f"instance_group count must not be negative, got {group.count}")
 
 
-def select_versions(config: mc.ModelConfig, available: Sequence[int]) -> tuple[list[int], list[int]]:
+def select_versions(
+    config: mc.ModelConfig, available: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """Apply the version policy: (versions to serve, specific versions asked for but absent)."""
     policy = config.version_policy
     choice = policy.WhichOneof("policy_choice")
@@ -208,7 +210,7 @@ def tensor_specs(config: mc.ModelConfig) -> tuple[dict[str, TensorSpec], dict[st
 
 
 def instance_count(config: mc.ModelConfig) -> int:
-    return max(sum(g.count for g in config.instance_group), 1)
+    return max(sum(int(g.count) for g in config.instance_group), 1)
 
 
 def _param(config: mc.ModelConfig, key: str) -> str | None:

@@ -120,8 +120,12 @@ class ModelRegistry:
             entry.versions[version] = VersionState(
                 version, UNAVAILABLE, "version_policy names this version; its directory is missing"
             )
-            log.error("model.load_failed", model=entry.name, version=version,
-                      reason=entry.versions[version].reason)
+            log.error(
+                "model.load_failed",
+                model=entry.name,
+                version=version,
+                reason=entry.versions[version].reason,
+            )
         for version in chosen:
             state = entry.versions[version] = VersionState(version, LOADING)
             started = time.monotonic()

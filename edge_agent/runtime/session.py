@@ -126,7 +126,9 @@ def create_session(model_path: Path, opts: RuntimeOptions) -> LoadedSession:
     if "cuda" in opts.providers and "cuda" not in active:
         reason = cuda_unavailable_reason()
         if opts.strict:
-            raise ModelLoadError(f"strict provider mode: CUDA was asked for and not obtained: {reason}")
+            raise ModelLoadError(
+                f"strict provider mode: CUDA was asked for and not obtained: {reason}"
+            )
     return LoadedSession(session=session, provider=active[0], fallback_reason=reason)
 
 
@@ -139,7 +141,9 @@ def warmup_feeds(
     """
     feeds: dict[str, Any] = {}
     for name, (dtype, shape) in inputs.items():
-        concrete = [batch if i == 0 and d == -1 else (1 if d < 0 else d) for i, d in enumerate(shape)]
+        concrete = [
+            batch if i == 0 and d == -1 else (1 if d < 0 else d) for i, d in enumerate(shape)
+        ]
         if dtype == "object":
             feeds[name] = np.full(concrete, "", dtype=object)
         else:
