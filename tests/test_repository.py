@@ -110,6 +110,10 @@ def test_repository_of_only_failures_still_starts(start_daemon: Any, tmp_path: A
     daemon = start_daemon("--model-repository", str(tmp_path)).wait_started()
     with grpcclient.InferenceServerClient(daemon.url) as client:
         models = index(client)
+        assert client.is_server_ready()
+        with pytest.raises(InferenceServerException, match="failed to load: config.pbtxt") as info:
+            client.get_model_metadata("badconfig", "1")
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
     assert models[("bad", "1")][0] == "UNAVAILABLE"
     assert "no version directories" in models[("noversions", "")][1]
     assert "config.pbtxt is invalid" in models[("badconfig", "")][1]

@@ -38,6 +38,7 @@ def _handler(
                 exc,
                 rpc=fn.__name__,
                 model=getattr(request, "name", None) or getattr(request, "model_name", None),
+                request_id=getattr(request, "id", None) or None,
             )
             await context.abort(code, message)
             raise AssertionError("unreachable: abort raises") from exc
@@ -123,7 +124,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                _, message = to_status(exc, rpc="ModelStreamInfer", model=request.model_name)
+                _, message = to_status(
+                    exc,
+                    rpc="ModelStreamInfer",
+                    model=request.model_name,
+                    request_id=request.id or None,
+                )
                 yield pb.ModelStreamInferResponse(
                     error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
                 )

@@ -208,6 +208,8 @@ class ModelRegistry:
         entry = self._models.get(name)
         if entry is None:
             raise NotFound(f"unknown model '{name}'")
+        if entry.error:
+            raise Unavailable(f"model '{name}' failed to load: {entry.error}")
         if version:
             if not version.isdigit() or int(version) not in entry.versions:
                 raise NotFound(f"model '{name}' has no version '{version}'")
