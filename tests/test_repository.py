@@ -111,7 +111,8 @@ def test_repository_of_only_failures_still_starts(start_daemon: Any, tmp_path: A
     with grpcclient.InferenceServerClient(daemon.url) as client:
         models = index(client)
         assert client.is_server_ready()
-        with pytest.raises(InferenceServerException, match="failed to load: config.pbtxt") as info:
+        failed = r"failed to load: config\.pbtxt"
+        with pytest.raises(InferenceServerException, match=failed) as info:
             client.get_model_metadata("badconfig", "1")
         assert info.value.status() == "StatusCode.UNAVAILABLE"
     assert models[("bad", "1")][0] == "UNAVAILABLE"
