@@ -195,3 +195,22 @@ def test_daemon_still_serves_after_bad_requests(stub: Any, client: Any) -> None:
     tensor = grpcclient.InferInput("input", [1, 64], "FP32")
     tensor.set_data_from_numpy(np.load("models/digits/sample.npy"))
     assert client.infer("digits", [tensor]).as_numpy("label").tolist() == [7]
+
+
+def test_malformed_protobuf_is_invalid_argument(server: Any) -> None:
+    with grpc.insecure_channel(server.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            infer(b"\xff\xff\xff\xff not a protobuf", timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed ModelInferRequest" in info.value.details()
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        good = tpb.ModelInferRequest(model_name="digits", id="good")
+        good.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        good.raw_input_contents.append(ONE)
+        answers = [
+            tpb.ModelStreamInferResponse.FromString(raw)
+            for raw in stream(iter([b"\xff\xff\xff", good.SerializeToString()]), timeout=30)
+        ]
+    assert "malformed ModelInferRequest" in answers[0].error_message
+    assert answers[1].error_message == "" and answers[1].infer_response.id == "good"

@@ -2,14 +2,56 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_agent._proto import grpc_service_pb2 as pb
-from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
-from edge_agent.api.servicer import InferenceServicer
+from edge_agent.api.servicer import InferenceServicer, Malformed
 from edge_agent.errors import ConfigError
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """A deserializer that never raises: gRPC would answer a parse error with UNKNOWN and log a
+    traceback; the handler turns `Malformed` into INVALID_ARGUMENT instead."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Malformed(f"malformed {message_class.DESCRIPTOR.name}: {exc}")
+
+    return parse
+
+
+def add_inference_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
+    """What the generated add_..._to_server does, with lenient deserializers."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request, response = (
+            getattr(pb, method.input_type.name),
+            getattr(pb, method.output_type.name),
+        )
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if method.client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(request),
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 def build_server(
@@ -23,11 +65,11 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_inference_service(server, servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
-            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            SERVICE.full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

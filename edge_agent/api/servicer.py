@@ -21,6 +21,14 @@ from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
 EXTENSIONS = ("model_configuration",)
 ACTIVE_PROVIDER_PARAMETER = "edge_agent.active_provider"
 
+
+class Malformed:
+    """Stands in for a request whose bytes did not parse (see api/server.py)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -30,6 +38,8 @@ def _handler(
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]:
     async def wrapped(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.reason)
             return await fn(self, request, context)
         except asyncio.CancelledError:
             raise
@@ -119,6 +129,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # A failed request answers with error_message and the stream goes on (Triton's semantics).
         async for request in request_iterator:
+            if isinstance(request, Malformed):
+                _, message = to_status(InvalidArgument(request.reason), rpc="ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message=message)
+                continue
             try:
                 response = await self._infer(request)
             except asyncio.CancelledError:
