@@ -1,8 +1,9 @@
 """The composition root: `Agent.run()` = startup -> serve -> shutdown.
 
-startup: load and warm models -> bind the listener -> health SERVING -> ready.
+startup: load and warm models -> bind the gRPC and metrics listeners -> health SERVING -> ready.
 shutdown (SIGTERM/SIGINT; a second signal exits at once): health NOT_SERVING, not ready ->
-`server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) -> close executors.
+`server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) -> schedulers finish what they
+admitted and stop their threads -> metrics listener closes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2
 from edge_agent.api.server import bind, build_server
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.observability.logging import get_logger
+from edge_agent.observability.metrics import MetricsServer
 from edge_agent.repository.registry import ModelRegistry
 from edge_agent.settings import Settings
 
@@ -32,7 +34,9 @@ class Agent:
         self.servicer = InferenceServicer(self.registry)
         self.health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
+        self.metrics = MetricsServer(settings.metrics_address, self.registry.versions)
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -44,6 +48,7 @@ class Agent:
             # Loading builds ORT sessions (slow, CPU-bound): keep the event loop free meanwhile.
             await asyncio.to_thread(self.registry.load_all)
             self.port = bind(server, self.settings.grpc_address)
+            self.metrics_port = self.metrics.start()
             await server.start()
             await self._publish_health()
             self.servicer.ready = True
@@ -75,5 +80,6 @@ class Agent:
         self.servicer.ready = False
         await self.health.enter_graceful_shutdown()
         await server.stop(self.settings.shutdown_grace_seconds)  # type: ignore[attr-defined]
-        await asyncio.to_thread(self.registry.close)
+        await self.registry.close()
+        self.metrics.stop()
         log.info("agent.stopped")

@@ -4,6 +4,8 @@
     ├── InvalidArgument             INVALID_ARGUMENT: the request itself is wrong
     ├── NotFound                    NOT_FOUND: no such model or version
     ├── Unavailable                 UNAVAILABLE: exists but cannot serve now (retryable)
+    │   └── QueueFull               UNAVAILABLE: the model's bounded queue is full (retry later)
+    ├── DeadlineExceeded            DEADLINE_EXCEEDED: its deadline passed before it ran
     ├── ExecutionError              INTERNAL: ONNX Runtime failed on a request that passed checks
     ├── ModelLoadError              a model version could not be loaded (kept as its reason)
     └── ConfigError                 the daemon's own configuration is invalid (exit code 78)
@@ -34,6 +36,17 @@ class NotFound(EdgeAgentError):
 
 class Unavailable(EdgeAgentError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class QueueFull(Unavailable):
+    """Admission refused: the queue of the request's priority level is full."""
+
+
+class DeadlineExceeded(EdgeAgentError):
+    """The request's deadline (gRPC, `timeout` parameter or queue policy) passed in the queue;
+    it was not executed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ExecutionError(EdgeAgentError):

@@ -39,7 +39,7 @@ def default_model_repository() -> Path:
 class Settings:
     model_repository: Path = dataclasses.field(default_factory=default_model_repository)
     grpc_address: str = "0.0.0.0:8001"
-    # Reserved for the Prometheus endpoint (next milestone); validated already.
+    # Prometheus /metrics (Triton's metrics port).
     metrics_address: str = "0.0.0.0:8002"
     log_level: str = "info"
     log_format: str = "auto"  # auto: console on a TTY, JSON otherwise (journald)
@@ -59,6 +59,9 @@ class Settings:
     cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
     # max_batch_size given to a model without config.pbtxt whose first dimension is dynamic.
     default_max_batch_size: int = 32
+    # Queue bound for a model whose queue policy says max_queue_size 0 (Triton: unbounded; here
+    # nothing waits on an unbounded queue).
+    default_max_queue_size: int = 1024
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -130,7 +133,7 @@ def _check(settings: Settings) -> None:
             raise ConfigError(
                 f"execution_providers: unknown provider {provider!r}, use {PROVIDERS}"
             )
-    for key in ("max_message_bytes", "default_max_batch_size"):
+    for key in ("max_message_bytes", "default_max_batch_size", "default_max_queue_size"):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
     for key in ("intra_op_threads", "inter_op_threads", "cuda_device_id", "cuda_gpu_mem_limit"):

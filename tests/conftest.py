@@ -31,7 +31,7 @@ class Daemon:
     def __init__(self, args: list[str], env: dict[str, str] | None = None, address: bool = True):
         command = [sys.executable, "-m", "edge_agent", "serve", "--log-format", "json", *args]
         if address:
-            command += ["--grpc-address", "127.0.0.1:0"]
+            command += ["--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"]
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self._started = threading.Event()
@@ -77,6 +77,10 @@ class Daemon:
     def port(self) -> int | None:
         started = self.named("agent.started")
         return int(started[0]["port"]) if started else None
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.named('agent.started')[0]['metrics_port']}/metrics"
 
     @property
     def url(self) -> str:

@@ -66,6 +66,37 @@ def decode_request(
     return feeds, outputs
 
 
+def request_parameters(request: pb.ModelInferRequest) -> tuple[int, float | None]:
+    """(priority, timeout in seconds or None) from Triton's request parameters. tritonclient
+    sends priority as uint64_param and timeout (microseconds) as int64_param."""
+    priority, timeout = 0, None
+    if "priority" in request.parameters:
+        value = _integer(request.parameters["priority"], "priority")
+        if value < 0:
+            raise InvalidArgument(f"priority must not be negative, got {value}")
+        priority = value
+    if "timeout" in request.parameters:
+        micros = _integer(request.parameters["timeout"], "timeout")
+        if micros < 0:
+            raise InvalidArgument(f"timeout must not be negative, got {micros}")
+        timeout = micros / 1e6 if micros else None
+    return priority, timeout
+
+
+def _integer(parameter: pb.InferParameter, name: str) -> int:
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"parameter '{name}' must be an integer, got {kind or 'nothing'}")
+    return int(getattr(parameter, kind))
+
+
+def batch_rows(feeds: dict[str, np.ndarray], model: ModelVersion) -> int:
+    """Rows a request adds to a batch: its batch dimension, or 1 for a model that cannot batch."""
+    if model.max_batch_size == 0 or not feeds:
+        return 1
+    return int(next(iter(feeds.values())).shape[0])
+
+
 def encode_response(
     request: pb.ModelInferRequest, model: ModelVersion, names: list[str], arrays: list[np.ndarray]
 ) -> pb.ModelInferResponse:

@@ -4,6 +4,8 @@ api/status.py; a malformed request gets INVALID_ARGUMENT and touches nothing els
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -12,13 +14,22 @@ import grpc
 import edge_agent
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
-from edge_agent.api.infer import decode_request, encode_response
+from edge_agent.api.infer import batch_rows, decode_request, encode_response, request_parameters
+from edge_agent.api.statistics import fill_statistics
 from edge_agent.api.status import to_status
-from edge_agent.errors import EdgeAgentError, ExecutionError, InvalidArgument
+from edge_agent.errors import (
+    DeadlineExceeded,
+    EdgeAgentError,
+    ExecutionError,
+    InvalidArgument,
+    QueueFull,
+    Unavailable,
+)
 from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
+from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
 
 # What ServerMetadata advertises: only what is implemented (perf_analyzer acts on this list).
-EXTENSIONS = ("model_configuration",)
+EXTENSIONS = ("model_configuration", "statistics", "schedule_policy")
 ACTIVE_PROVIDER_PARAMETER = "edge_agent.active_provider"
 
 
@@ -150,19 +161,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None = None
+    ) -> pb.ModelInferResponse:
+        started = time.monotonic_ns()
         if not request.model_name:
             raise InvalidArgument("model_name is empty")
         model = self._registry.get(request.model_name, request.model_version)
-        feeds, outputs = decode_request(request, model)
-        loop = asyncio.get_running_loop()
         try:
-            arrays = await loop.run_in_executor(model.executor, model.run, feeds, outputs)
-        except EdgeAgentError:
+            feeds, outputs = decode_request(request, model)
+            priority, timeout = request_parameters(request)
+            loop = asyncio.get_running_loop()
+            deadlines = [loop.time() + t for t in (time_remaining, timeout) if t is not None]
+            response: pb.ModelInferResponse = await model.scheduler.infer(
+                feeds,
+                outputs,
+                batch_rows(feeds, model),
+                functools.partial(encode_response, request, model, outputs),
+                priority=priority,
+                deadline=min(deadlines, default=None),
+            )
+        except asyncio.CancelledError:
+            model.stats.record_failure(time.monotonic_ns() - started, CANCELED, "cancelled")
             raise
         except Exception as exc:
-            raise _translate_ort_error(exc, model.name) from exc
-        return encode_response(request, model, outputs, arrays)
+            reason, cause = _failure_kind(exc)
+            model.stats.record_failure(time.monotonic_ns() - started, reason, cause)
+            raise
+        model.stats.record_success(time.monotonic_ns() - started)
+        return response
+
+    @_handler
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            entry = self._registry.entry(request.name)
+            if request.version:
+                models = [self._registry.get(request.name, request.version)]
+            else:
+                models = entry.ready_versions()
+        else:
+            models = self._registry.versions()
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            fill_statistics(response.model_stats.add(), model.name, model.version, model.stats)
+        return response
 
     @_handler
     async def RepositoryIndex(
@@ -183,8 +227,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         return response
 
 
-def _translate_ort_error(exc: Exception, model: str) -> EdgeAgentError:
-    # ORT's pybind exceptions live in onnxruntime.capi.onnxruntime_pybind11_state.
-    if type(exc).__name__ in ("InvalidArgument", "InvalidProtobuf"):
-        return InvalidArgument(f"model '{model}' rejected the inputs: {exc}")
-    return ExecutionError(f"model '{model}' failed to run: {exc}")
+def _failure_kind(exc: BaseException) -> tuple[str, str | None]:
+    """(Triton's failure reason, our rejection cause or None) for the metrics."""
+    if isinstance(exc, QueueFull):
+        return REJECTED, "queue_full"
+    if isinstance(exc, DeadlineExceeded):
+        return REJECTED, "deadline"
+    if isinstance(exc, Unavailable):
+        return REJECTED, "unavailable"
+    if isinstance(exc, ExecutionError) or not isinstance(exc, EdgeAgentError):
+        return BACKEND, None
+    return OTHER, None

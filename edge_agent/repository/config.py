@@ -4,6 +4,7 @@ the runtime options. Triton's ModelConfig is the one schema (protobuf text forma
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from edge_agent._proto import model_config_pb2 as mc
 from edge_agent.api.tensors import ORT_TYPES, config_type_name, protocol_datatype
 from edge_agent.errors import ModelLoadError
 from edge_agent.runtime.session import RuntimeOptions
+from edge_agent.scheduling.policy import QueuePolicy, SchedulerPolicy
 from edge_agent.settings import CUDNN_SEARCH, GRAPH_LEVELS, PROVIDERS, Settings
 
 PLATFORM = "onnxruntime_onnx"
@@ -133,8 +135,11 @@ def complete_config(
             raise ModelLoadError(f"tensor '{tensor.name}' has unsupported type {tensor.type}")
     batchable = all(t.shape and t.shape[0] is None for t in [*graph_inputs, *graph_outputs])
     if not max_batch_size_given and not config.input and batchable:
-        # Triton's autocomplete: a dynamic first dimension everywhere means the model batches.
+        # Triton's autocomplete: a dynamic first dimension everywhere means the model batches,
+        # and dynamically so unless the config chose a scheduler.
         done.max_batch_size = default_max_batch_size
+        if done.WhichOneof("scheduling_choice") is None:
+            done.dynamic_batching.SetInParent()
     if done.max_batch_size > 0 and not batchable:
         raise ModelLoadError(
             f"max_batch_size is {done.max_batch_size}, but not every input and output of the graph "
@@ -213,6 +218,53 @@ def instance_count(config: mc.ModelConfig) -> int:
     return max(sum(int(g.count) for g in config.instance_group), 1)
 
 
+def scheduler_policy(config: mc.ModelConfig, settings: Settings) -> SchedulerPolicy:
+    """Triton's dynamic_batching / queue policy / instance_group fields as a SchedulerPolicy."""
+    batching = config.dynamic_batching
+    dynamic = config.HasField("dynamic_batching") and config.max_batch_size > 0
+    preferred = tuple(batching.preferred_batch_size)
+    if any(not 0 < size <= config.max_batch_size for size in preferred):
+        raise ModelLoadError(
+            f"preferred_batch_size {list(preferred)} must lie in 1..{config.max_batch_size}"
+        )
+
+    def queue(policy: mc.ModelQueuePolicy) -> QueuePolicy:
+        timeout = policy.default_timeout_microseconds
+        return QueuePolicy(
+            max_queue_size=policy.max_queue_size or settings.default_max_queue_size,
+            default_timeout_s=timeout / 1e6 if timeout else None,
+            reject_on_timeout=policy.timeout_action == mc.ModelQueuePolicy.REJECT,
+        )
+
+    default = queue(batching.default_queue_policy)
+    count = batching.priority_levels
+    levels: tuple[QueuePolicy, ...]
+    if count == 0:
+        levels, default_level = (default,), 0
+    else:
+        if not 1 <= batching.default_priority_level <= count:
+            raise ModelLoadError(
+                f"default_priority_level must lie in 1..{count} (priority_levels), "
+                f"got {batching.default_priority_level}"
+            )
+        levels = tuple(
+            queue(batching.priority_queue_policy[level])
+            if level in batching.priority_queue_policy
+            else default
+            for level in range(1, count + 1)
+        )
+        default_level = batching.default_priority_level - 1
+    return SchedulerPolicy(
+        max_batch_size=config.max_batch_size,
+        dynamic_batching=dynamic,
+        max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
+        preferred_batch_sizes=preferred,
+        levels=levels,
+        default_level=default_level,
+        instances=instance_count(config),
+    )
+
+
 def _param(config: mc.ModelConfig, key: str) -> str | None:
     return config.parameters[key].string_value if key in config.parameters else None
 
@@ -236,6 +288,11 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
         cuda_arena_extend_strategy=settings.cuda_arena_extend_strategy,
     )
     changes: dict[str, object] = {}
+    instances = instance_count(config)
+    if settings.intra_op_threads == 0 and instances > 1:
+        # Keep executions x intra-op threads within the cores: concurrent runs on one CPU
+        # session would otherwise each spin a thread per core and fight for them.
+        changes["intra_op_threads"] = max(1, (os.cpu_count() or 1) // instances)
     kinds = {g.kind for g in config.instance_group}
     if kinds == {mc.ModelInstanceGroup.KIND_CPU}:
         changes["providers"] = ("cpu",)

@@ -4,10 +4,11 @@ reason and never stops the others."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from edge_agent.errors import EdgeAgentError, ModelLoadError, NotFound, Unavaila
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
 from edge_agent.runtime.external_data import validate_external_data
-from edge_agent.runtime.session import LoadedSession, create_session, warmup_feeds
+from edge_agent.runtime.session import (
+    LoadedSession,
+    create_session,
+    translate_run_error,
+    warmup_feeds,
+)
+from edge_agent.scheduling.policy import SchedulerPolicy
+from edge_agent.scheduling.scheduler import Scheduler
+from edge_agent.scheduling.stats import ModelStats
 from edge_agent.settings import Settings
 
 log = get_logger(__name__)
@@ -27,33 +36,50 @@ log = get_logger(__name__)
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
 
-@dataclasses.dataclass
 class ModelVersion:
-    """One loaded version: its completed config, its session and its execution threads."""
+    """One loaded version: its completed config, its sessions, its scheduler and statistics."""
 
-    name: str
-    version: int
-    config: mc.ModelConfig
-    inputs: dict[str, cfg.TensorSpec]
-    outputs: dict[str, cfg.TensorSpec]
-    loaded: LoadedSession
-    # Bounded pool: at most `instance_count` concurrent session.run calls (they release the GIL).
-    executor: ThreadPoolExecutor
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: mc.ModelConfig,
+        sessions: list[LoadedSession],
+        policy: SchedulerPolicy,
+    ) -> None:
+        self.name, self.version, self.config = name, version, config
+        self.inputs, self.outputs = cfg.tensor_specs(config)
+        self.sessions = sessions
+        # On CUDA each instance has its own session (one stream each); on CPU the instances
+        # share one session, whose run() is thread-safe. A free instance always finds a session:
+        # the scheduler never runs more executions than instances.
+        self._free_sessions: queue.SimpleQueue[LoadedSession] = queue.SimpleQueue()
+        for i in range(policy.instances):
+            self._free_sessions.put(sessions[i % len(sessions)])
+        self.stats = ModelStats()
+        self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
 
     @property
     def max_batch_size(self) -> int:
-        return self.config.max_batch_size
+        return int(self.config.max_batch_size)
 
     @property
     def provider(self) -> str:
-        return self.loaded.provider
+        return self.sessions[0].provider
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        result: list[np.ndarray] = self.loaded.session.run(outputs, feeds)
+        """One execution on a free instance's session; ORT's errors become ours."""
+        loaded = self._free_sessions.get()
+        try:
+            result: list[np.ndarray] = loaded.session.run(outputs, feeds)
+        except Exception as exc:
+            raise translate_run_error(exc, self.name) from exc
+        finally:
+            self._free_sessions.put(loaded)
         return result
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
+    async def close(self) -> None:
+        await self.scheduler.close()
 
 
 @dataclasses.dataclass
@@ -177,13 +203,14 @@ class ModelRegistry:
             self._settings.default_max_batch_size,
             batch_given,
         )
-        inputs, outputs = cfg.tensor_specs(complete)
-        self._warm(session, complete, inputs)
-        count = cfg.instance_count(complete)
-        executor = ThreadPoolExecutor(
-            max_workers=count, thread_name_prefix=f"infer-{model_dir.name}-{version}"
-        )
-        return ModelVersion(model_dir.name, version, complete, inputs, outputs, loaded, executor)
+        policy = cfg.scheduler_policy(complete, self._settings)
+        sessions = [loaded]
+        if loaded.provider == "cuda":
+            sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
+        inputs, _ = cfg.tensor_specs(complete)
+        for extra in sessions:
+            self._warm(extra.session, complete, inputs)
+        return ModelVersion(model_dir.name, version, complete, sessions, policy)
 
     @staticmethod
     def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]) -> None:
@@ -244,11 +271,18 @@ class ModelRegistry:
         with self._lock:
             return sorted(self._models.values(), key=lambda e: e.name)
 
-    def close(self) -> None:
-        for entry in self.entries():
-            for state in entry.versions.values():
-                if state.model is not None:
-                    state.model.close()
+    def versions(self) -> list[ModelVersion]:
+        """Every loaded version, for statistics and metrics."""
+        return [
+            s.model
+            for entry in self.entries()
+            for _, s in sorted(entry.versions.items())
+            if s.model is not None
+        ]
+
+    async def close(self) -> None:
+        """Let every scheduler finish what it admitted, then stop its threads."""
+        await asyncio.gather(*(model.close() for model in self.versions()))
 
 
 def _shape(shape: Any) -> tuple[int | None, ...]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.errors import ModelLoadError
+from edge_agent.errors import EdgeAgentError, ExecutionError, InvalidArgument, ModelLoadError
 from edge_agent.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -149,3 +149,10 @@ def warmup_feeds(
         else:
             feeds[name] = np.zeros(concrete, dtype=dtype)
     return feeds
+
+
+def translate_run_error(exc: Exception, model: str) -> EdgeAgentError:
+    """ORT's pybind exceptions (onnxruntime.capi.onnxruntime_pybind11_state) -> ours."""
+    if type(exc).__name__ in ("InvalidArgument", "InvalidProtobuf"):
+        return InvalidArgument(f"model '{model}' rejected the inputs: {exc}")
+    return ExecutionError(f"model '{model}' failed to run: {exc}")

@@ -1,0 +1,137 @@
+"""Prometheus metrics on --metrics-address (/metrics), drawn at scrape time from the same
+ModelStats that the ModelStatistics RPC reports, so the two never disagree.
+
+Triton's names and labels (model, version): its counters carry no `_total` suffix, which
+prometheus-client's Counter would add, so the families are built here as plain Metric objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CollectorRegistry, Metric
+
+from edge_agent.errors import ConfigError
+from edge_agent.scheduling.stats import ModelStats
+from edge_agent.settings import parse_address
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Served(Protocol):
+    """What a collector needs of a loaded model version."""
+
+    name: str
+    version: int
+    stats: ModelStats
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def scheduler(self) -> Any: ...
+
+
+def _family(name: str, doc: str, kind: str) -> Metric:
+    return Metric(name, doc, kind)
+
+
+class AgentCollector:
+    def __init__(self, versions: Callable[[], Iterable[Served]]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterator[Metric]:
+        counters = {
+            "nv_inference_request_success": "Successful inference requests",
+            "nv_inference_request_failure": "Failed inference requests, by reason",
+            "nv_inference_count": "Inferences performed (batch rows)",
+            "nv_inference_exec_count": "Model executions (batches)",
+            "nv_inference_request_duration_us": "Cumulative request duration, microseconds",
+            "nv_inference_queue_duration_us": "Cumulative time requests waited, microseconds",
+            "nv_inference_compute_input_duration_us": "Cumulative input preparation, microseconds",
+            "nv_inference_compute_infer_duration_us": "Cumulative model execution, microseconds",
+            "nv_inference_compute_output_duration_us": "Cumulative output handling, microseconds",
+            "edge_agent_rejected_requests": "Requests refused or dropped unexecuted, by cause",
+        }
+        families = {name: _family(name, doc, "counter") for name, doc in counters.items()}
+        pending = _family(
+            "nv_inference_pending_request_count", "Requests waiting in the queue", "gauge"
+        )
+        provider = _family(
+            "edge_agent_execution_provider",
+            "1 for the execution provider a model version actually runs on",
+            "gauge",
+        )
+        batch_size = _family("edge_agent_batch_size", "Rows per model execution", "histogram")
+        for model in self._versions():
+            labels = {"model": model.name, "version": str(model.version)}
+            s = model.stats.snapshot()
+            success_ns = s.success.ns
+
+            def add(
+                name: str, value: float, extra: dict[str, str] | None = None, base: Any = labels
+            ) -> None:
+                families[name].add_sample(name, {**base, **(extra or {})}, value)
+
+            add("nv_inference_request_success", s.success.count)
+            for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+                add("nv_inference_request_failure", s.failures.get(reason, 0), {"reason": reason})
+            add("nv_inference_count", s.inference_count)
+            add("nv_inference_exec_count", s.execution_count)
+            add("nv_inference_request_duration_us", (success_ns + s.fail.ns) // 1000)
+            add("nv_inference_queue_duration_us", s.queue.ns // 1000)
+            add("nv_inference_compute_input_duration_us", s.compute_input.ns // 1000)
+            add("nv_inference_compute_infer_duration_us", s.compute_infer.ns // 1000)
+            add("nv_inference_compute_output_duration_us", s.compute_output.ns // 1000)
+            for cause in ("queue_full", "deadline", "cancelled", "unavailable"):
+                add("edge_agent_rejected_requests", s.rejections.get(cause, 0), {"cause": cause})
+            pending.add_sample(
+                "nv_inference_pending_request_count", labels, model.scheduler.pending()
+            )
+            provider.add_sample(
+                "edge_agent_execution_provider", {**labels, "provider": model.provider}, 1
+            )
+            cumulative = 0
+            counts = {size: b.compute_infer.count for size, b in s.batches.items()}
+            for bound in BATCH_BUCKETS:
+                cumulative = sum(c for size, c in counts.items() if size <= bound)
+                batch_size.add_sample(
+                    "edge_agent_batch_size_bucket", {**labels, "le": str(bound)}, cumulative
+                )
+            total = sum(counts.values())
+            batch_size.add_sample("edge_agent_batch_size_bucket", {**labels, "le": "+Inf"}, total)
+            batch_size.add_sample("edge_agent_batch_size_count", labels, total)
+            batch_size.add_sample(
+                "edge_agent_batch_size_sum", labels, sum(size * c for size, c in counts.items())
+            )
+        yield from families.values()
+        yield pending
+        yield provider
+        yield batch_size
+
+
+class MetricsServer:
+    """The /metrics endpoint on its own thread (prometheus-client's HTTP server)."""
+
+    def __init__(self, address: str, versions: Callable[[], Iterable[Served]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(versions))
+        self._address = address
+        self._server: Any = None
+        self.port: int | None = None
+
+    def start(self) -> int:
+        host, port = parse_address(self._address, "metrics_address")
+        try:
+            self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"metrics_address: cannot listen on {self._address}: {exc}") from exc
+        self.port = int(self._server.server_address[1])
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -1,0 +1,289 @@
+"""The per-version scheduler: bounded priority queues -> a dynamic batcher -> a bounded pool of
+execution threads (the concurrency limiter).
+
+Everything but the execution itself runs on the event loop, so the queues need no locks. The
+batcher forms a batch only when an instance is free: while all instances are busy, requests pile
+up and the next batch takes as many as fit (batching under load even with no queue delay).
+`session.run` releases the GIL, so the execution threads run in parallel with the loop.
+
+Admission is explicit: a full queue answers QueueFull at once; a request whose deadline passes
+while it waits is answered DeadlineExceeded and never executed; a cancelled request leaves the
+queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import DeadlineExceeded, QueueFull, Unavailable
+from edge_agent.observability.logging import get_logger
+from edge_agent.scheduling.batching import collate, shape_key, split, union_outputs
+from edge_agent.scheduling.policy import SchedulerPolicy
+from edge_agent.scheduling.stats import ModelStats
+
+log = get_logger(__name__)
+
+# (feeds, output names) -> one array per output name. Runs on an execution thread.
+Execute = Callable[[dict[str, np.ndarray], list[str]], Sequence[np.ndarray]]
+# A request's own outputs -> its result (e.g. the encoded response). Runs on the execution thread.
+Finish = Callable[[list[np.ndarray]], Any]
+
+QUEUED, TAKEN = "queued", "taken"
+
+
+@dataclasses.dataclass(eq=False)  # identity equality: deque.remove finds this very request
+class Pending:
+    feeds: dict[str, np.ndarray]
+    outputs: list[str]
+    rows: int
+    key: Hashable
+    finish: Finish
+    future: asyncio.Future[Any]
+    level: int
+    enqueued_ns: int  # time.monotonic_ns(), for the queue statistics
+    enqueued_at: float  # loop.time(), for the queue delay
+    deadline: float | None  # loop.time() after which it must not run
+    state: str = QUEUED
+    timer: asyncio.TimerHandle | None = None
+
+
+class Scheduler:
+    def __init__(
+        self, label: str, policy: SchedulerPolicy, execute: Execute, stats: ModelStats
+    ) -> None:
+        self.label = label  # "model/version", for messages
+        self.policy = policy
+        self._execute_fn = execute
+        self._stats = stats
+        self._queues: list[collections.deque[Pending]] = [
+            collections.deque() for _ in policy.levels
+        ]
+        self._pool = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"exec-{label}")
+        self._free = policy.instances
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._idle: asyncio.Event | None = None
+
+    # -- callers ---------------------------------------------------------------------------------
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self._queues)
+
+    async def infer(
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: list[str],
+        rows: int,
+        finish: Finish,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> Any:
+        """Queue one request and wait for its result. `deadline` is in loop.time() seconds."""
+        loop = self._start(asyncio.get_running_loop())
+        if self._closing:
+            raise Unavailable(f"model {self.label} is shutting down")
+        level = self.policy.level_of(priority)
+        queue, queue_policy = self._queues[level], self.policy.levels[level]
+        if len(queue) >= queue_policy.max_queue_size:
+            raise QueueFull(
+                f"model {self.label}: queue full ({queue_policy.max_queue_size} requests waiting"
+                + (f" at priority {level + 1}" if len(self._queues) > 1 else "")
+                + "); retry later"
+            )
+        if queue_policy.default_timeout_s is not None and queue_policy.reject_on_timeout:
+            policy_deadline = loop.time() + queue_policy.default_timeout_s
+            deadline = policy_deadline if deadline is None else min(deadline, policy_deadline)
+        if deadline is not None and deadline <= loop.time():
+            raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        request = Pending(
+            feeds,
+            outputs,
+            rows,
+            shape_key(feeds),
+            finish,
+            loop.create_future(),
+            level,
+            time.monotonic_ns(),
+            loop.time(),
+            deadline,
+        )
+        if deadline is not None:
+            request.timer = loop.call_at(deadline, self._expire, request)
+        queue.append(request)
+        self._signal()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller went away (client cancel, gRPC deadline): leave the queue.
+            self._withdraw(request)
+            raise
+
+    async def close(self) -> None:
+        """Refuse new requests, let queued and running ones finish, stop the threads."""
+        self._closing = True
+        if self._loop is not None and self._idle is not None:
+            while self.pending() or self._free < self.policy.instances:
+                self._idle.clear()
+                await self._idle.wait()
+        if self._task is not None:
+            self._task.cancel()
+        self._pool.shutdown(wait=True)
+
+    # -- the batcher (event loop) ----------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+        if self._task is None:
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._idle = asyncio.Event()
+            self._task = loop.create_task(self._run(), name=f"batcher-{self.label}")
+        return loop
+
+    def _signal(self) -> None:
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None and self._loop is not None
+        while True:
+            while self._free == 0 or not self.pending():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = await self._collect()
+            if not batch:
+                continue
+            self._free -= 1
+            done = self._loop.run_in_executor(self._pool, self._execute, batch)
+            done.add_done_callback(self._release)
+
+    def _release(self, _: object) -> None:
+        self._free += 1
+        self._signal()
+        if self._idle is not None and not self.pending() and self._free == self.policy.instances:
+            self._idle.set()
+
+    def _take(self, level: int) -> Pending:
+        request = self._queues[level].popleft()
+        request.state = TAKEN
+        if request.timer is not None:
+            request.timer.cancel()
+        return request
+
+    async def _collect(self) -> list[Pending]:
+        """Highest priority first, FIFO within a level; then, with dynamic batching, every
+        following request of the same shapes that fits, waiting up to the queue delay."""
+        assert self._loop is not None and self._wakeup is not None
+        first_level = next(i for i, q in enumerate(self._queues) if q)
+        first = self._take(first_level)
+        batch, rows = [first], first.rows
+        if self.policy.dynamic_batching:
+            limit = self.policy.max_batch_size
+            # The delay counts from the oldest request's arrival, like Triton's.
+            wait_until = first.enqueued_at + self.policy.max_queue_delay_s
+            while True:
+                rows = self._take_compatible(batch, rows, first.key, limit)
+                if rows >= limit or rows in self.policy.preferred_batch_sizes:
+                    break
+                remaining = wait_until - self._loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+        return self._admit(batch)
+
+    def _take_compatible(self, batch: list[Pending], rows: int, key: Hashable, limit: int) -> int:
+        # In queue order; stops at the first request that differs or does not fit, so no request
+        # is overtaken within its level.
+        for level, queue in enumerate(self._queues):
+            while queue and queue[0].key == key and rows + queue[0].rows <= limit:
+                request = self._take(level)
+                batch.append(request)
+                rows += request.rows
+            if queue:
+                break
+        return rows
+
+    def _admit(self, batch: list[Pending]) -> list[Pending]:
+        """Drop what was cancelled meanwhile; fail what expired: neither is executed."""
+        assert self._loop is not None
+        now, now_ns = self._loop.time(), time.monotonic_ns()
+        admitted = []
+        for request in batch:
+            if request.future.done():
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                request.future.set_exception(self._expired())
+                continue
+            self._stats.record_queue(now_ns - request.enqueued_ns)
+            admitted.append(request)
+        return admitted
+
+    def _expired(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"model {self.label}: the deadline passed while queued")
+
+    def _expire(self, request: Pending) -> None:
+        if request.state == QUEUED and not request.future.done():
+            self._queues[request.level].remove(request)
+            request.future.set_exception(self._expired())
+
+    def _withdraw(self, request: Pending) -> None:
+        if request.state == QUEUED:
+            self._queues[request.level].remove(request)
+            request.state = TAKEN
+            if request.timer is not None:
+                request.timer.cancel()
+
+    # -- execution (a pool thread) ---------------------------------------------------------------
+
+    def _execute(self, batch: list[Pending]) -> None:
+        assert self._loop is not None
+        try:
+            started = time.perf_counter_ns()
+            feeds = collate([r.feeds for r in batch])
+            names = union_outputs([r.outputs for r in batch])
+            collated = time.perf_counter_ns()
+            results = dict(zip(names, self._execute_fn(feeds, names), strict=True))
+            ran = time.perf_counter_ns()
+            if len(batch) == 1:
+                parts = [[results[name] for name in batch[0].outputs]]
+            else:
+                parts = split(results, [r.rows for r in batch], [r.outputs for r in batch])
+            values: list[tuple[bool, Any]] = []
+            for part, request in zip(parts, batch, strict=True):
+                try:
+                    values.append((True, request.finish(part)))
+                except Exception as exc:
+                    values.append((False, exc))
+            finished = time.perf_counter_ns()
+            self._stats.record_execution(
+                sum(r.rows for r in batch),
+                len(batch),
+                collated - started,
+                ran - collated,
+                finished - ran,
+            )
+        except Exception as exc:  # the execute function translates ORT's errors into ours
+            values = [(False, exc)] * len(batch)
+        self._loop.call_soon_threadsafe(_resolve, batch, values)
+
+
+def _resolve(batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
+    for request, (ok, value) in zip(batch, values, strict=True):
+        if request.future.done():  # cancelled while running
+            continue
+        if ok:
+            request.future.set_result(value)
+        else:
+            request.future.set_exception(value)

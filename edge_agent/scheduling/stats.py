@@ -1,0 +1,92 @@
+"""Per-version statistics: the one source of the ModelStatistics RPC and the Prometheus metrics.
+
+Durations are nanoseconds from time.monotonic_ns / perf_counter_ns. Updated from the event loop
+and the execution threads, so every update takes the lock (a few additions: cheap)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import threading
+import time
+
+
+@dataclasses.dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclasses.dataclass
+class BatchStats:
+    compute_input: Duration = dataclasses.field(default_factory=Duration)
+    compute_infer: Duration = dataclasses.field(default_factory=Duration)
+    compute_output: Duration = dataclasses.field(default_factory=Duration)
+
+
+# Triton's failure reasons for nv_inference_request_failure.
+REJECTED, CANCELED, BACKEND, OTHER = "REJECTED", "CANCELED", "BACKEND", "OTHER"
+
+
+class ModelStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        self.batches: dict[int, BatchStats] = {}
+        self.failures: collections.Counter[str] = collections.Counter()  # by Triton reason
+        self.rejections: collections.Counter[str] = collections.Counter()  # by our cause
+
+    def record_execution(
+        self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """One batch ran: each of its requests is charged the batch's compute time (Triton's
+        convention, so ns / count is the compute time a request saw)."""
+        with self._lock:
+            self.inference_count += rows
+            self.execution_count += 1
+            self.last_inference_ms = time.time_ns() // 1_000_000
+            self.compute_input.add(input_ns * requests, requests)
+            self.compute_infer.add(infer_ns * requests, requests)
+            self.compute_output.add(output_ns * requests, requests)
+            batch = self.batches.setdefault(rows, BatchStats())
+            batch.compute_input.add(input_ns)
+            batch.compute_infer.add(infer_ns)
+            batch.compute_output.add(output_ns)
+
+    def record_queue(self, ns: int) -> None:
+        with self._lock:
+            self.queue.add(ns)
+
+    def record_success(self, ns: int) -> None:
+        with self._lock:
+            self.success.add(ns)
+
+    def record_failure(self, ns: int, reason: str, cause: str | None = None) -> None:
+        """A failed request; `cause` (queue_full, deadline, cancelled, draining) also counts it
+        as a rejection."""
+        with self._lock:
+            self.fail.add(ns)
+            self.failures[reason] += 1
+            if cause is not None:
+                self.rejections[cause] += 1
+
+    def snapshot(self) -> ModelStats:
+        """A consistent copy for a reader (RPC or scrape)."""
+        with self._lock:
+            state = copy.deepcopy({k: v for k, v in vars(self).items() if k != "_lock"})
+        snap = ModelStats()
+        vars(snap).update(state)
+        return snap
