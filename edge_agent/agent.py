@@ -54,7 +54,11 @@ class Agent:
             self.servicer.ready = True
             host = self.settings.grpc_address.rpartition(":")[0]
             log.info(
-                "agent.started", grpc_address=f"{host}:{self.port}", port=self.port, pid=os.getpid()
+                "agent.started",
+                grpc_address=f"{host}:{self.port}",
+                port=self.port,
+                metrics_port=self.metrics_port,
+                pid=os.getpid(),
             )
             await self._stop.wait()
         finally:

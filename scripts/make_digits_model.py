@@ -36,6 +36,11 @@ output [
   { name: "label", data_type: TYPE_INT64, dims: [ ] }
 ]
 instance_group [ { count: 1, kind: KIND_AUTO } ]
+# Batch concurrent requests: no added delay, so a batch forms from whatever queued while the
+# instance was busy; a bounded queue answers UNAVAILABLE at once when full.
+dynamic_batching {
+  default_queue_policy { max_queue_size: 256 }
+}
 """
 
 

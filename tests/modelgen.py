@@ -111,3 +111,22 @@ def copy_shipped(repo: Path, name: str = "digits") -> Path:
     target = repo / name
     shutil.copytree(SHIPPED / name, target)
     return target
+
+
+def slow(path: Path, rows: int = 4096, depth: int = 16) -> Path:
+    """y[1, 512] from x[1, 512]: x is expanded to `rows` rows and pushed through `depth` 512x512
+    matmuls, so one execution takes long enough for requests to queue behind it."""
+    weight = numpy_helper.from_array(np.full((512, 512), 1.0 / 512, np.float32), "w")
+    shape = numpy_helper.from_array(np.array([rows, 512], np.int64), "shape")
+    nodes = [helper.make_node("Expand", ["x", "shape"], ["h0"])]
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"h{depth}"], ["y"], axes=[0], keepdims=1))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
+        [weight, shape],
+    )
+    return _save(helper.make_model(graph), path)

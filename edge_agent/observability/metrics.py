@@ -1,8 +1,10 @@
 """Prometheus metrics on --metrics-address (/metrics), drawn at scrape time from the same
 ModelStats that the ModelStatistics RPC reports, so the two never disagree.
 
-Triton's names and labels (model, version): its counters carry no `_total` suffix, which
-prometheus-client's Counter would add, so the families are built here as plain Metric objects.
+Triton's names and labels (model, version). Triton's counters carry no `_total` suffix, and
+prometheus-client writes every `counter` family with one, so Triton's cumulative series are
+exposed as `untyped` under their exact names (rate() works on them all the same); our own
+counters follow the client's convention (`edge_agent_..._total`).
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ class AgentCollector:
             "nv_inference_compute_input_duration_us": "Cumulative input preparation, microseconds",
             "nv_inference_compute_infer_duration_us": "Cumulative model execution, microseconds",
             "nv_inference_compute_output_duration_us": "Cumulative output handling, microseconds",
-            "edge_agent_rejected_requests": "Requests refused or dropped unexecuted, by cause",
         }
-        families = {name: _family(name, doc, "counter") for name, doc in counters.items()}
+        families = {name: _family(name, doc, "unknown") for name, doc in counters.items()}
+        families["edge_agent_rejected_requests"] = _family(
+            "edge_agent_rejected_requests",
+            "Requests refused or dropped unexecuted, by cause",
+            "counter",
+        )
         pending = _family(
             "nv_inference_pending_request_count", "Requests waiting in the queue", "gauge"
         )
@@ -86,7 +92,11 @@ class AgentCollector:
             add("nv_inference_compute_infer_duration_us", s.compute_infer.ns // 1000)
             add("nv_inference_compute_output_duration_us", s.compute_output.ns // 1000)
             for cause in ("queue_full", "deadline", "cancelled", "unavailable"):
-                add("edge_agent_rejected_requests", s.rejections.get(cause, 0), {"cause": cause})
+                families["edge_agent_rejected_requests"].add_sample(
+                    "edge_agent_rejected_requests_total",
+                    {**labels, "cause": cause},
+                    s.rejections.get(cause, 0),
+                )
             pending.add_sample(
                 "nv_inference_pending_request_count", labels, model.scheduler.pending()
             )

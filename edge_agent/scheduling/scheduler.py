@@ -18,7 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -188,12 +188,12 @@ class Scheduler:
         first = self._take(first_level)
         batch, rows = [first], first.rows
         if self.policy.dynamic_batching:
-            limit = self.policy.max_batch_size
             # The delay counts from the oldest request's arrival, like Triton's.
             wait_until = first.enqueued_at + self.policy.max_queue_delay_s
             while True:
-                rows = self._take_compatible(batch, rows, first.key, limit)
-                if rows >= limit or rows in self.policy.preferred_batch_sizes:
+                target = self._target_rows(rows, first.key)
+                rows = self._take_compatible(batch, rows, first.key, target)
+                if rows >= self.policy.max_batch_size or rows in self.policy.preferred_batch_sizes:
                     break
                 remaining = wait_until - self._loop.time()
                 if remaining <= 0:
@@ -202,6 +202,27 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
         return self._admit(batch)
+
+    def _compatible(self) -> Iterator[tuple[int, Pending]]:
+        """The queued requests in service order: by level, FIFO within one."""
+        for level, queue in enumerate(self._queues):
+            for request in queue:
+                yield level, request
+
+    def _target_rows(self, rows: int, key: Hashable) -> int:
+        """How many rows to take now: the largest preferred batch size the queue can fill, else
+        max_batch_size. Only the compatible prefix of the queue counts (see _take_compatible)."""
+        preferred = self.policy.preferred_batch_sizes
+        limit = self.policy.max_batch_size
+        if not preferred:
+            return limit
+        reachable = rows
+        for _, request in self._compatible():
+            if request.key != key or reachable + request.rows > limit:
+                break
+            reachable += request.rows
+        fitting = [size for size in preferred if rows < size <= reachable]
+        return max(fitting) if fitting else limit
 
     def _take_compatible(self, batch: list[Pending], rows: int, key: Hashable, limit: int) -> int:
         # In queue order; stops at the first request that differs or does not fit, so no request
