@@ -132,7 +132,7 @@ def test_full_queue_answers_unavailable_at_once(client: Any, daemon: Daemon) -> 
     assert metrics(daemon)[cause] == len(refused)
 
 
-def test_client_deadline_is_answered_and_counted(client: Any, daemon: Daemon) -> None:
+def test_client_deadline_is_answered(client: Any) -> None:
     answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
     for _ in range(3):
         client.async_infer(
@@ -142,10 +142,9 @@ def test_client_deadline_is_answered_and_counted(client: Any, daemon: Daemon) ->
         client.infer("slowwait", [slow_input()], client_timeout=0.05)
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     assert all(e is None for _, e in (answers.get(timeout=120) for _ in range(3)))
-    m = metrics(daemon)
-    label = 'edge_agent_rejected_requests_total{cause="%s",model="slowwait",version="1"}'
-    assert m[label % "deadline"] + m[label % "cancelled"] >= 1
     client.infer("slowwait", [slow_input()])  # and the model still serves
+    # (Whether the server saw the abandoned call at all depends on timing, so its counters are
+    # asserted where that is deterministic: tests/test_scheduler.py.)
 
 
 def test_priority_parameter(client: Any) -> None:

@@ -265,6 +265,18 @@ def scheduler_policy(config: mc.ModelConfig, settings: Settings) -> SchedulerPol
     )
 
 
+def inline_execution(config: mc.ModelConfig) -> bool | None:
+    """The `execution_inline` parameter: true / false, or None for auto (decided by warmup)."""
+    value = (_param(config, "execution_inline") or "auto").strip().lower()
+    if value == "auto":
+        return None
+    if value in ("true", "false"):
+        return value == "true"
+    raise ModelLoadError(
+        f"config.pbtxt parameters: execution_inline {value!r}: auto, true or false"
+    )
+
+
 def _param(config: mc.ModelConfig, key: str) -> str | None:
     return config.parameters[key].string_value if key in config.parameters else None
 

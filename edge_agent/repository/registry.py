@@ -35,6 +35,9 @@ log = get_logger(__name__)
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
+# A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline).
+INLINE_BUDGET_S = 200e-6
+
 
 class ModelVersion:
     """One loaded version: its completed config, its sessions, its scheduler and statistics."""
@@ -173,6 +176,7 @@ class ModelRegistry:
                 provider=state.model.provider,
                 max_batch_size=state.model.max_batch_size,
                 instances=cfg.instance_count(state.model.config),
+                inline=state.model.scheduler.policy.inline,
                 seconds=round(time.monotonic() - started, 3),
             )
 
@@ -208,25 +212,40 @@ class ModelRegistry:
         if loaded.provider == "cuda":
             sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
         inputs, _ = cfg.tensor_specs(complete)
+        largest = 0.0
         for extra in sessions:
-            self._warm(extra.session, complete, inputs)
+            largest = self._warm(extra.session, complete, inputs)
+        inline = cfg.inline_execution(complete)
+        if inline is None:
+            inline = largest <= INLINE_BUDGET_S
+        policy = dataclasses.replace(policy, inline=inline)
         return ModelVersion(model_dir.name, version, complete, sessions, policy)
 
     @staticmethod
-    def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]) -> None:
-        """One inference before READY, so the first client does not pay for lazy init."""
-        batch = [-1] if config.max_batch_size > 0 else []
-        feeds = warmup_feeds(
-            {
-                name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])
-                for name, spec in inputs.items()
-                if not spec.optional
-            }
-        )
-        try:
-            session.run(None, feeds)
-        except Exception as exc:
-            raise ModelLoadError(f"warmup inference failed: {exc}") from exc
+    def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]) -> float:
+        """Inferences at batch 1 and at max_batch_size before READY, so no client pays for lazy
+        initialisation; returns the best time of the largest batch, seconds."""
+        sizes = [1, config.max_batch_size] if config.max_batch_size > 1 else [1]
+        best = float("inf")
+        for size in sizes:
+            batch = [-1] if config.max_batch_size > 0 else []
+            feeds = warmup_feeds(
+                {
+                    name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])
+                    for name, spec in inputs.items()
+                    if not spec.optional
+                },
+                batch=size,
+            )
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                try:
+                    session.run(None, feeds)
+                except Exception as exc:
+                    raise ModelLoadError(f"warmup inference failed: {exc}") from exc
+                best = min(best, time.perf_counter() - started)
+        return best
 
     # -- serving --------------------------------------------------------------------------------
 

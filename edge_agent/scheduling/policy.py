@@ -26,6 +26,10 @@ class SchedulerPolicy:
     levels: tuple[QueuePolicy, ...] = (QueuePolicy(max_queue_size=1024),)
     default_level: int = 0
     instances: int = 1
+    # Run executions on the event loop instead of execution threads. For a model whose run takes
+    # a few microseconds the two thread handoffs per batch cost more than the run itself; the
+    # registry turns this on when warmup shows the largest batch runs within INLINE_BUDGET_S.
+    inline: bool = False
 
     def level_of(self, priority: int) -> int:
         """Queue index for a request's `priority` parameter (0 = the default level). Without

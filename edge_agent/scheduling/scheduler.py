@@ -17,9 +17,10 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import queue
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,10 @@ class Scheduler:
         self._queues: list[collections.deque[Pending]] = [
             collections.deque() for _ in policy.levels
         ]
-        self._pool = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"exec-{label}")
+        # Execution threads, started with the batcher; fed batches through a queue, each answers
+        # with one call_soon_threadsafe (cheaper than run_in_executor's chained futures).
+        self._jobs: queue.SimpleQueue[list[Pending] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._free = policy.instances
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -94,8 +98,8 @@ class Scheduler:
         if self._closing:
             raise Unavailable(f"model {self.label} is shutting down")
         level = self.policy.level_of(priority)
-        queue, queue_policy = self._queues[level], self.policy.levels[level]
-        if len(queue) >= queue_policy.max_queue_size:
+        waiting, queue_policy = self._queues[level], self.policy.levels[level]
+        if len(waiting) >= queue_policy.max_queue_size:
             raise QueueFull(
                 f"model {self.label}: queue full ({queue_policy.max_queue_size} requests waiting"
                 + (f" at priority {level + 1}" if len(self._queues) > 1 else "")
@@ -120,7 +124,7 @@ class Scheduler:
         )
         if deadline is not None:
             request.timer = loop.call_at(deadline, self._expire, request)
-        queue.append(request)
+        waiting.append(request)
         self._signal()
         try:
             return await request.future
@@ -138,7 +142,10 @@ class Scheduler:
                 await self._idle.wait()
         if self._task is not None:
             self._task.cancel()
-        self._pool.shutdown(wait=True)
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
 
     # -- the batcher (event loop) ----------------------------------------------------------------
 
@@ -148,6 +155,13 @@ class Scheduler:
             self._wakeup = asyncio.Event()
             self._idle = asyncio.Event()
             self._task = loop.create_task(self._run(), name=f"batcher-{self.label}")
+            if not self.policy.inline:
+                for i in range(self.policy.instances):
+                    thread = threading.Thread(
+                        target=self._work, name=f"exec-{self.label}-{i}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
         return loop
 
     def _signal(self) -> None:
@@ -164,10 +178,23 @@ class Scheduler:
             if not batch:
                 continue
             self._free -= 1
-            done = self._loop.run_in_executor(self._pool, self._execute, batch)
-            done.add_done_callback(self._release)
+            if self.policy.inline:
+                # Cheaper than any thread handoff (see SchedulerPolicy.inline); then let the
+                # handlers whose futures just resolved run before the next batch.
+                self._complete(batch, self._compute(batch))
+                await asyncio.sleep(0)
+            else:
+                self._jobs.put(batch)
 
-    def _release(self, _: object) -> None:
+    def _complete(self, batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
+        """On the loop: answer each request of an executed batch and free its instance."""
+        for request, (ok, value) in zip(batch, values, strict=True):
+            if request.future.done():  # cancelled while running
+                continue
+            if ok:
+                request.future.set_result(value)
+            else:
+                request.future.set_exception(value)
         self._free += 1
         self._signal()
         if self._idle is not None and not self.pending() and self._free == self.policy.instances:
@@ -205,8 +232,8 @@ class Scheduler:
 
     def _compatible(self) -> Iterator[tuple[int, Pending]]:
         """The queued requests in service order: by level, FIFO within one."""
-        for level, queue in enumerate(self._queues):
-            for request in queue:
+        for level, waiting in enumerate(self._queues):
+            for request in waiting:
                 yield level, request
 
     def _target_rows(self, rows: int, key: Hashable) -> int:
@@ -227,12 +254,12 @@ class Scheduler:
     def _take_compatible(self, batch: list[Pending], rows: int, key: Hashable, limit: int) -> int:
         # In queue order; stops at the first request that differs or does not fit, so no request
         # is overtaken within its level.
-        for level, queue in enumerate(self._queues):
-            while queue and queue[0].key == key and rows + queue[0].rows <= limit:
+        for level, waiting in enumerate(self._queues):
+            while waiting and waiting[0].key == key and rows + waiting[0].rows <= limit:
                 request = self._take(level)
                 batch.append(request)
                 rows += request.rows
-            if queue:
+            if waiting:
                 break
         return rows
 
@@ -268,8 +295,13 @@ class Scheduler:
 
     # -- execution (a pool thread) ---------------------------------------------------------------
 
-    def _execute(self, batch: list[Pending]) -> None:
+    def _work(self) -> None:
         assert self._loop is not None
+        while (batch := self._jobs.get()) is not None:
+            self._loop.call_soon_threadsafe(self._complete, batch, self._compute(batch))
+
+    def _compute(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
+        """Collate, run, split, finish: on an execution thread (or inline on the loop)."""
         try:
             started = time.perf_counter_ns()
             feeds = collate([r.feeds for r in batch])
@@ -297,14 +329,4 @@ class Scheduler:
             )
         except Exception as exc:  # the execute function translates ORT's errors into ours
             values = [(False, exc)] * len(batch)
-        self._loop.call_soon_threadsafe(_resolve, batch, values)
-
-
-def _resolve(batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
-    for request, (ok, value) in zip(batch, values, strict=True):
-        if request.future.done():  # cancelled while running
-            continue
-        if ok:
-            request.future.set_result(value)
-        else:
-            request.future.set_exception(value)
+        return values

@@ -1,0 +1,335 @@
+"""The benchmark: the daemon against its limits and against the naive design, in one run.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--out FILE.json]
+
+For each model (the shipped `digits`, where the RPC dominates; a wide MLP 784-4096-4096-10,
+where batching pays; a small CNN, which gains little from batching on a CPU), at batch-1
+requests and concurrency 1, 4, 16, 64, with Triton's perf_analyzer as the client:
+
+  daemon        edge-agent with dynamic batching (1 instance, no queue delay)
+  daemon-nobatch edge-agent, dynamic batching off (one request per execution, same limiter)
+  naive         sync grpcio + thread pool, one session.run per request
+                (benchmarks/baseline_servers.py)
+  nowork        the same protocol answering a canned response: the RPC limit R (sync and aio;
+                the better is R)
+  in-process    ONNX Runtime in this process at each batch size: the compute limit C
+
+L = 1 / (1/R + 1/C) is the combined limit. Then an overload run: offered load far above capacity
+against max_queue_size 8 (benchmarks/loadgen.py), with the daemon's memory before and after.
+Everything runs on this machine's cores, clients included: ratios are the point, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import models  # noqa: E402
+
+PERF_ANALYZER = ROOT.parent / "shared" / "tools" / "perf_analyzer"
+PYTHON = sys.executable
+CONFIG = """max_batch_size: 64
+instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+{batching}
+"""
+BATCHING = "dynamic_batching { default_queue_policy { max_queue_size: %d } }"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(0.5)
+                return
+        time.sleep(0.2)
+    raise RuntimeError("server did not come up")
+
+
+class Server:
+    def __init__(self, command: list[str], port: int) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
+        )
+        wait_port(port, self.proc)
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def daemon(repo: Path) -> Server:
+    port = free_port()
+    return Server(
+        [
+            PYTHON,
+            "-m",
+            "edge_agent",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--grpc-address",
+            f"127.0.0.1:{port}",
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--execution-providers",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        port,
+    )
+
+
+def baseline(mode: str, model: Path) -> Server:
+    port = free_port()
+    return Server(
+        [PYTHON, str(ROOT / "benchmarks" / "baseline_servers.py"), mode, str(model), str(port)],
+        port,
+    )
+
+
+def perf_analyzer(port: int, concurrency: int, quick: bool) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".csv") as out:
+        command = [
+            str(PERF_ANALYZER),
+            "-m",
+            "model",
+            "-u",
+            f"127.0.0.1:{port}",
+            "-i",
+            "grpc",
+            "--concurrency-range",
+            str(concurrency),
+            "-f",
+            out.name,
+            "--measurement-interval",
+            "1500" if quick else "3000",
+            "--max-trials",
+            "4" if quick else "8",
+            "-s",
+            "25",
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0 and not Path(out.name).read_text().strip():
+            raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
+        row = next(csv.DictReader(io.StringIO(Path(out.name).read_text())))
+    return {
+        "throughput": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }
+
+
+def in_process(model: Path, input_shape: tuple[int, ...], quick: bool) -> dict[str, Any]:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    rng = np.random.default_rng(0)
+    best: dict[str, Any] = {"batch": 1, "samples_per_s": 0.0}
+    by_batch = {}
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+        session.run(None, {name: x})
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < (0.7 if quick else 2.0):
+            session.run(None, {name: x})
+            runs += 1
+        rate = runs * batch / (time.perf_counter() - started)
+        by_batch[batch] = round(rate, 1)
+        if rate > best["samples_per_s"]:
+            best = {"batch": batch, "samples_per_s": rate}
+    x = rng.standard_normal((1, *input_shape)).astype(np.float32)
+    latencies = []
+    for _ in range(300 if quick else 2000):
+        started = time.perf_counter()
+        session.run(None, {name: x})
+        latencies.append(time.perf_counter() - started)
+    ms = np.array(latencies) * 1000
+    return {
+        "by_batch": by_batch,
+        "best": best,
+        "batch1_p50_ms": float(np.percentile(ms, 50)),
+        "batch1_p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def build(work: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    built = {
+        "digits": (ROOT / "models" / "digits" / "1" / "model.onnx", (64,)),
+        "wide_mlp": (models.wide_mlp(work / "wide_mlp.onnx"), (784,)),
+        "small_cnn": (models.small_cnn(work / "small_cnn.onnx"), (1, 28, 28)),
+    }
+    return built
+
+
+def repository(work: Path, name: str, model: Path, batching: str) -> Path:
+    repo = work / f"repo-{name}-{'batch' if batching else 'nobatch'}"
+    (repo / "model" / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy(model, repo / "model" / "1" / "model.onnx")
+    (repo / "model" / "config.pbtxt").write_text(CONFIG.format(batching=batching))
+    return repo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter windows, for a smoke run")
+    parser.add_argument("--models", default="digits,wide_mlp,small_cnn")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
+        "onnxruntime": ort.__version__,
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name, (model, shape) in build(work).items():
+            if name not in args.models.split(","):
+                continue
+            print(f"== {name}", file=sys.stderr, flush=True)
+            entry: dict[str, Any] = {"in_process": in_process(model, shape, args.quick)}
+            systems = {
+                "daemon": lambda m=model, n=name: daemon(repository(work, n, m, BATCHING % 1024)),
+                "daemon-nobatch": lambda m=model, n=name: daemon(repository(work, n, m, "")),
+                "naive": lambda m=model: baseline("naive", m),
+                "nowork": lambda m=model: baseline("nowork", m),
+                "nowork-aio": lambda m=model: baseline("nowork-aio", m),
+            }
+            for system, start in systems.items():
+                server = start()
+                try:
+                    entry[system] = {}
+                    for c in levels:
+                        print(f"   {system} c={c}", file=sys.stderr, flush=True)
+                        entry[system][str(c)] = perf_analyzer(server.port, c, args.quick)
+                finally:
+                    server.stop()
+            results["models"][name] = entry
+        results["overload"] = overload(work, args.quick)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+def overload(work: Path, quick: bool) -> dict[str, Any]:
+    repo = repository(
+        work, "overload", ROOT / "models" / "digits" / "1" / "model.onnx", BATCHING % 8
+    )
+    server = daemon(repo)
+    try:
+        seconds = 5 if quick else 15
+        command = [
+            PYTHON,
+            str(ROOT / "benchmarks" / "loadgen.py"),
+            f"127.0.0.1:{server.port}",
+            "model",
+            "input",
+            "64",
+            "256",
+            str(seconds),
+        ]
+        rss_before = server.rss_mib()
+        runs = []
+        for _ in range(2):
+            out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+            runs.append(json.loads(out.stdout))
+            runs[-1]["rss_after_mib"] = server.rss_mib()
+        return {"max_queue_size": 8, "rss_before_mib": rss_before, "runs": runs}
+    finally:
+        server.stop()
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"Run {results['date']} on {results['machine']}, onnxruntime {results['onnxruntime']}",
+        "",
+    ]
+    for name, entry in results["models"].items():
+        ip = entry["in_process"]
+        c_limit = ip["best"]["samples_per_s"]
+        lines += [
+            f"### {name}",
+            "",
+            f"In-process ONNX Runtime: {ip['by_batch']} samples/s by batch size; best "
+            f"{c_limit:,.0f}/s at batch {ip['best']['batch']}; batch 1 p50 "
+            f"{ip['batch1_p50_ms']:.3f} ms, p99 {ip['batch1_p99_ms']:.3f} ms.",
+            "",
+            "| concurrency | daemon | daemon, batching off | naive | no-work sync | "
+            "no-work aio | L | daemon / L | daemon / naive | daemon / no-work | "
+            "batching on / off |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for c in entry["daemon"]:
+            d, nb, nv = entry["daemon"][c], entry["daemon-nobatch"][c], entry["naive"][c]
+            rs, ra = entry["nowork"][c], entry["nowork-aio"][c]
+            r = max(rs["throughput"], ra["throughput"])
+            limit = 1 / (1 / r + 1 / c_limit)
+
+            def cell(x: dict[str, float]) -> str:
+                return f"{x['throughput']:,.0f}/s ({x['p50_ms']:.2f} / {x['p99_ms']:.2f} ms)"
+
+            lines.append(
+                f"| {c} | {cell(d)} | {cell(nb)} | {cell(nv)} | {cell(rs)} | {cell(ra)} | "
+                f"{limit:,.0f}/s | {d['throughput'] / limit:.2f} | "
+                f"{d['throughput'] / nv['throughput']:.2f} | {d['throughput'] / r:.2f} | "
+                f"{d['throughput'] / nb['throughput']:.2f} |"
+            )
+        lines.append("")
+    o = results["overload"]
+    lines += [
+        "### Overload (digits, max_queue_size 8, 256 requests in flight)",
+        "",
+        f"RSS before: {o['rss_before_mib']:.0f} MiB",
+        "",
+    ]
+    for i, run in enumerate(o["runs"], 1):
+        lines.append(
+            f"- run {i}: {run['codes']}; admitted {run['admitted_per_s']:,.0f}/s "
+            f"(p50 {run['admitted']['p50_ms']:.2f} ms, p99 {run['admitted']['p99_ms']:.2f} ms); "
+            f"rejected {run['rejected_per_s']:,.0f}/s (p50 {run['rejected']['p50_ms']:.2f} ms, "
+            f"p99 {run['rejected']['p99_ms']:.2f} ms); RSS after {run['rss_after_mib']:.0f} MiB"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
