@@ -51,7 +51,10 @@ CONFIG = """max_batch_size: 64
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]
 {batching}
 """
-BATCHING = "dynamic_batching { default_queue_policy { max_queue_size: %d } }"
+BATCHING = (
+    "dynamic_batching { max_queue_delay_microseconds: 2000 "
+    "default_queue_policy { max_queue_size: %d } }"
+)
 
 
 def free_port() -> int:
@@ -142,15 +145,20 @@ def perf_analyzer(port: int, concurrency: int, quick: bool) -> dict[str, float]:
             out.name,
             "--measurement-interval",
             "1500" if quick else "3000",
+            # This machine is shared and small: accept 25% window-to-window spread.
+            "--stability-percentage",
+            "25",
             "--max-trials",
-            "4" if quick else "8",
+            "6" if quick else "10",
             "-s",
             "25",
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0 and not Path(out.name).read_text().strip():
-            raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
-        row = next(csv.DictReader(io.StringIO(Path(out.name).read_text())))
+        text = Path(out.name).read_text().strip()
+        if not text:
+            print(f"   no stable measurement: {result.stdout[-300:]}", file=sys.stderr)
+            return {"throughput": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
+        row = next(csv.DictReader(io.StringIO(text)))
     return {
         "throughput": float(row["Inferences/Second"]),
         "p50_ms": float(row["p50 latency"]) / 1000,
