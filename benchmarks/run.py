@@ -51,9 +51,12 @@ CONFIG = """max_batch_size: 64
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]
 {batching}
 """
+# Triton's default: no queue delay (a batch is whatever queued while the instance was busy).
+# DELAY_US=2000 in the environment reruns it with a 2 ms delay, for the trade-off table.
 BATCHING = (
-    "dynamic_batching { max_queue_delay_microseconds: 2000 "
-    "default_queue_policy { max_queue_size: %d } }"
+    "dynamic_batching { max_queue_delay_microseconds: "
+    + os.environ.get("DELAY_US", "0")
+    + " default_queue_policy { max_queue_size: %d } }"
 )
 
 
@@ -331,7 +334,8 @@ def report(results: dict[str, Any]) -> str:
     ]
     for i, run in enumerate(o["runs"], 1):
         lines.append(
-            f"- run {i}: {run['codes']}; admitted {run['admitted_per_s']:,.0f}/s "
+            f"- run {i}, {run['offered_concurrency']} in flight: {run['codes']}; "
+            f"admitted {run['admitted_per_s']:,.0f}/s "
             f"(p50 {run['admitted']['p50_ms']:.2f} ms, p99 {run['admitted']['p99_ms']:.2f} ms); "
             f"rejected {run['rejected_per_s']:,.0f}/s (p50 {run['rejected']['p50_ms']:.2f} ms, "
             f"p99 {run['rejected']['p99_ms']:.2f} ms); RSS after {run['rss_after_mib']:.0f} MiB"

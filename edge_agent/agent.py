@@ -42,7 +42,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
-        server = build_server(self.servicer, self.health, self.settings.max_message_bytes)
+        server = build_server(
+            self.servicer,
+            self.health,
+            self.settings.max_message_bytes,
+            self.settings.max_concurrent_rpcs,
+        )
         try:
             log.info("agent.starting", model_repository=str(self.settings.model_repository))
             # Loading builds ORT sessions (slow, CPU-bound): keep the event loop free meanwhile.

@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse to serve a model on CPU when CUDA was asked for",
     )
     serve.add_argument("--max-message-bytes", help="gRPC message size limit, both ways")
+    serve.add_argument("--max-concurrent-rpcs", help="RPCs in progress at once (default 512)")
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
@@ -84,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         "execution_providers": args.execution_providers,
         "strict_provider": args.strict_provider,
         "max_message_bytes": args.max_message_bytes,
+        "max_concurrent_rpcs": args.max_concurrent_rpcs,
     }
     try:
         settings = load_settings(args.config, flags=flags)

@@ -46,6 +46,10 @@ class Settings:
     # gRPC's 4 MiB default silently breaks image-sized tensors; both directions.
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
+    # RPCs in progress at once, all models together; past it gRPC answers RESOURCE_EXHAUSTED
+    # before any of our code runs. Under overload the backlog otherwise waits inside gRPC, ahead
+    # of the per-model queues, where no queue bound or deadline check can see it.
+    max_concurrent_rpcs: int = 512
 
     # Runtime defaults; a model's config.pbtxt parameters and instance_group override them.
     execution_providers: tuple[str, ...] = ("cuda", "cpu")
@@ -133,7 +137,12 @@ def _check(settings: Settings) -> None:
             raise ConfigError(
                 f"execution_providers: unknown provider {provider!r}, use {PROVIDERS}"
             )
-    for key in ("max_message_bytes", "default_max_batch_size", "default_max_queue_size"):
+    for key in (
+        "max_message_bytes",
+        "default_max_batch_size",
+        "default_max_queue_size",
+        "max_concurrent_rpcs",
+    ):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
     for key in ("intra_op_threads", "inter_op_threads", "cuda_device_id", "cuda_gpu_mem_limit"):

@@ -55,15 +55,19 @@ def add_inference_service(server: grpc.aio.Server, servicer: InferenceServicer) 
 
 
 def build_server(
-    servicer: InferenceServicer, health_servicer: health.aio.HealthServicer, max_message_bytes: int
+    servicer: InferenceServicer,
+    health_servicer: health.aio.HealthServicer,
+    max_message_bytes: int,
+    max_concurrent_rpcs: int,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # gRPC sets SO_REUSEPORT by default: a second agent would silently share the port.
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     add_inference_service(server, servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
