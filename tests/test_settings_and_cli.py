@@ -55,8 +55,10 @@ def test_env_types_and_config_path(tmp_path: Path) -> None:
         "EDGE_AGENT_STRICT_PROVIDER": "true",
         "EDGE_AGENT_EXECUTION_PROVIDERS": "cpu",
         "EDGE_AGENT_MAX_MESSAGE_BYTES": "1024",
+        "EDGE_AGENT_MAX_CONCURRENT_RPCS": "8",
     }
     settings = load_settings(None, env, {})
+    assert settings.max_concurrent_rpcs == 8
     assert settings.strict_provider is True
     assert settings.execution_providers == ("cpu",)
     assert settings.max_message_bytes == 1024
@@ -74,6 +76,7 @@ def test_env_types_and_config_path(tmp_path: Path) -> None:
         ("", {"EDGE_AGENT_EXECUTION_PROVIDERS": "tpu"}, "unknown provider 'tpu'"),
         ('model_repository = "/no/such/dir"\n', {}, "is not a directory"),
         ("max_message_bytes = 0\n", {}, "at least 1"),
+        ("max_concurrent_rpcs = 0\n", {}, "max_concurrent_rpcs: must be at least 1"),
         ("strict_provider = 3\n", {}, "expected true or false"),
     ],
 )
