@@ -76,9 +76,6 @@ class Agent:
         log.info("agent.stopping")
         self._stop.set()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     async def _publish_health(self) -> None:
         for entry in self.registry.entries():
             status = SERVING if entry.ready_versions() else NOT_SERVING

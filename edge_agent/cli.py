@@ -11,8 +11,6 @@ from pathlib import Path
 from edge_agent.errors import ConfigError
 
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
 
 

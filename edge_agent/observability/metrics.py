@@ -36,8 +36,9 @@ class Served(Protocol):
     def scheduler(self) -> Any: ...
 
 
-def _family(name: str, doc: str, kind: str) -> Metric:
-    return Metric(name, doc, kind)
+def _add(family: Metric, labels: dict[str, str], value: float, **extra: str) -> None:
+    """One sample named after its family (Triton's series carry no suffix)."""
+    family.add_sample(family.name, {**labels, **extra}, value)
 
 
 class AgentCollector:
@@ -56,54 +57,43 @@ class AgentCollector:
             "nv_inference_compute_infer_duration_us": "Cumulative model execution, microseconds",
             "nv_inference_compute_output_duration_us": "Cumulative output handling, microseconds",
         }
-        families = {name: _family(name, doc, "unknown") for name, doc in counters.items()}
-        families["edge_agent_rejected_requests"] = _family(
+        families = {name: Metric(name, doc, "unknown") for name, doc in counters.items()}
+        families["edge_agent_rejected_requests"] = Metric(
             "edge_agent_rejected_requests",
             "Requests refused or dropped unexecuted, by cause",
             "counter",
         )
-        pending = _family(
+        pending = Metric(
             "nv_inference_pending_request_count", "Requests waiting in the queue", "gauge"
         )
-        provider = _family(
+        provider = Metric(
             "edge_agent_execution_provider",
             "1 for the execution provider a model version actually runs on",
             "gauge",
         )
-        batch_size = _family("edge_agent_batch_size", "Rows per model execution", "histogram")
+        batch_size = Metric("edge_agent_batch_size", "Rows per model execution", "histogram")
         for model in self._versions():
             labels = {"model": model.name, "version": str(model.version)}
             s = model.stats.snapshot()
-            success_ns = s.success.ns
-
-            def add(
-                name: str, value: float, extra: dict[str, str] | None = None, base: Any = labels
-            ) -> None:
-                families[name].add_sample(name, {**base, **(extra or {})}, value)
-
-            add("nv_inference_request_success", s.success.count)
+            f = families
+            _add(f["nv_inference_request_success"], labels, s.success.count)
             for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
-                add("nv_inference_request_failure", s.failures.get(reason, 0), {"reason": reason})
-            add("nv_inference_count", s.inference_count)
-            add("nv_inference_exec_count", s.execution_count)
-            add("nv_inference_request_duration_us", (success_ns + s.fail.ns) // 1000)
-            add("nv_inference_queue_duration_us", s.queue.ns // 1000)
-            add("nv_inference_compute_input_duration_us", s.compute_input.ns // 1000)
-            add("nv_inference_compute_infer_duration_us", s.compute_infer.ns // 1000)
-            add("nv_inference_compute_output_duration_us", s.compute_output.ns // 1000)
+                _add(f["nv_inference_request_failure"], labels, s.failures[reason], reason=reason)
+            _add(f["nv_inference_count"], labels, s.inference_count)
+            _add(f["nv_inference_exec_count"], labels, s.execution_count)
+            _add(f["nv_inference_request_duration_us"], labels, (s.success.ns + s.fail.ns) // 1000)
+            _add(f["nv_inference_queue_duration_us"], labels, s.queue.ns // 1000)
+            _add(f["nv_inference_compute_input_duration_us"], labels, s.compute_input.ns // 1000)
+            _add(f["nv_inference_compute_infer_duration_us"], labels, s.compute_infer.ns // 1000)
+            _add(f["nv_inference_compute_output_duration_us"], labels, s.compute_output.ns // 1000)
             for cause in ("queue_full", "deadline", "cancelled", "unavailable"):
                 families["edge_agent_rejected_requests"].add_sample(
                     "edge_agent_rejected_requests_total",
                     {**labels, "cause": cause},
                     s.rejections.get(cause, 0),
                 )
-            pending.add_sample(
-                "nv_inference_pending_request_count", labels, model.scheduler.pending()
-            )
-            provider.add_sample(
-                "edge_agent_execution_provider", {**labels, "provider": model.provider}, 1
-            )
-            cumulative = 0
+            _add(pending, labels, model.scheduler.pending())
+            _add(provider, labels, 1, provider=model.provider)
             counts = {size: b.compute_infer.count for size, b in s.batches.items()}
             for bound in BATCH_BUCKETS:
                 cumulative = sum(c for size, c in counts.items() if size <= bound)

@@ -226,9 +226,9 @@ class ModelRegistry:
         """Inferences at batch 1 and at max_batch_size before READY, so no client pays for lazy
         initialisation; returns the best time of the largest batch, seconds."""
         sizes = [1, config.max_batch_size] if config.max_batch_size > 1 else [1]
+        batch = [-1] if config.max_batch_size > 0 else []
         best = float("inf")
         for size in sizes:
-            batch = [-1] if config.max_batch_size > 0 else []
             feeds = warmup_feeds(
                 {
                     name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])

@@ -246,7 +246,7 @@ class Scheduler:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
         return self._admit(batch)
 
-    def _compatible(self) -> Iterator[tuple[int, Pending]]:
+    def _queued(self) -> Iterator[tuple[int, Pending]]:
         """The queued requests in service order: by level, FIFO within one."""
         for level, waiting in enumerate(self._queues):
             for request in waiting:
@@ -260,7 +260,7 @@ class Scheduler:
         if not preferred:
             return limit
         reachable = rows
-        for _, request in self._compatible():
+        for _, request in self._queued():
             if request.key != key or reachable + request.rows > limit:
                 break
             reachable += request.rows
