@@ -133,10 +133,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        import os
-
-        if os.environ.get("EA_CANNED"):
-            return pb.ModelInferResponse(model_name="digits")
         return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
