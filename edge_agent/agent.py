@@ -1,9 +1,10 @@
 """The composition root: `Agent.run()` = startup -> serve -> shutdown.
 
-startup: load and warm models -> bind the gRPC and metrics listeners -> health SERVING -> ready.
-shutdown (SIGTERM/SIGINT; a second signal exits at once): health NOT_SERVING, not ready ->
-`server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) -> schedulers finish what they
-admitted and stop their threads -> metrics listener closes.
+startup: load and warm models (by model control mode) -> bind the gRPC and metrics listeners ->
+health SERVING -> ready; in poll mode the repository poll starts with the loads.
+shutdown (SIGTERM/SIGINT; a second signal exits at once): health NOT_SERVING, not ready -> stop
+polling -> `server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) -> schedulers
+finish what they admitted and stop their threads -> metrics listener closes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from edge_agent.api.server import bind, build_server
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.observability.logging import get_logger
 from edge_agent.observability.metrics import MetricsServer
-from edge_agent.repository.registry import ModelRegistry
+from edge_agent.repository.lifecycle import ModelManager
+from edge_agent.repository.registry import READY, ModelRegistry
 from edge_agent.settings import Settings
 
 log = get_logger(__name__)
@@ -30,11 +32,15 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = ModelRegistry(settings)
-        self.servicer = InferenceServicer(self.registry)
+        self.registry = ModelRegistry()
+        self.manager = ModelManager(settings, self.registry)
+        self.servicer = InferenceServicer(self.registry, self.manager)
         self.health = health.aio.HealthServicer()
+        self.manager.on_change(self._publish_health)
         self._stop = asyncio.Event()
-        self.metrics = MetricsServer(settings.metrics_address, self.registry.versions)
+        self.metrics = MetricsServer(
+            settings.metrics_address, self.registry.versions, self.registry.entries
+        )
         self.port: int | None = None
         self.metrics_port: int | None = None
 
@@ -50,13 +56,13 @@ class Agent:
         )
         try:
             log.info("agent.starting", model_repository=str(self.settings.model_repository))
-            # Loading builds ORT sessions (slow, CPU-bound): keep the event loop free meanwhile.
-            await asyncio.to_thread(self.registry.load_all)
+            # Sessions are built on the loader thread: the event loop stays free meanwhile.
+            await self.manager.start()
             self.port = bind(server, self.settings.grpc_address)
             self.metrics_port = self.metrics.start()
             await server.start()
-            await self._publish_health()
             self.servicer.ready = True
+            await self._publish_health()
             host = self.settings.grpc_address.rpartition(":")[0]
             log.info(
                 "agent.started",
@@ -77,14 +83,23 @@ class Agent:
         self._stop.set()
 
     async def _publish_health(self) -> None:
+        """grpc.health.v1 entries: "" (the agent), "<model>" (any version serves) and
+        "<model>/<version>" (that version serves; a failed load shows here as NOT_SERVING)."""
+        if self._stop.is_set():
+            return
         for entry in self.registry.entries():
             status = SERVING if entry.ready_versions() else NOT_SERVING
             await self.health.set(entry.name, status)
-        await self.health.set("", SERVING)
+            for state in entry.states():
+                status = SERVING if state.state == READY else NOT_SERVING
+                await self.health.set(f"{entry.name}/{state.version}", status)
+        if self.servicer.ready:
+            await self.health.set("", SERVING)
 
     async def _shutdown(self, server: object) -> None:
         self.servicer.ready = False
         await self.health.enter_graceful_shutdown()
+        await self.manager.stop()
         await server.stop(self.settings.shutdown_grace_seconds)  # type: ignore[attr-defined]
         await self.registry.close()
         self.metrics.stop()

@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-message-bytes", help="gRPC message size limit, both ways")
     serve.add_argument("--max-concurrent-rpcs", help="RPCs in progress at once (default 512)")
+    serve.add_argument("--model-control-mode", help="none|poll|explicit (default none)")
+    serve.add_argument("--repository-poll-secs", help="poll mode: seconds between scans (15)")
+    serve.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="explicit mode: load this model at start ('*' = all); repeatable",
+    )
+    serve.add_argument("--swap-policy", help="overlap|drain_first (default overlap)")
+    serve.add_argument("--state-dir", help="directory for state kept across restarts")
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
@@ -84,6 +94,11 @@ def _serve(args: argparse.Namespace) -> int:
         "strict_provider": args.strict_provider,
         "max_message_bytes": args.max_message_bytes,
         "max_concurrent_rpcs": args.max_concurrent_rpcs,
+        "model_control_mode": args.model_control_mode,
+        "repository_poll_secs": args.repository_poll_secs,
+        "load_model": args.load_model,
+        "swap_policy": args.swap_policy,
+        "state_dir": args.state_dir,
     }
     try:
         settings = load_settings(args.config, flags=flags)

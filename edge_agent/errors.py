@@ -5,6 +5,7 @@
     ├── NotFound                    NOT_FOUND: no such model or version
     ├── Unavailable                 UNAVAILABLE: exists but cannot serve now (retryable)
     │   └── QueueFull               UNAVAILABLE: the model's bounded queue is full (retry later)
+    ├── FailedPrecondition          FAILED_PRECONDITION: valid, but not in the current state
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: its deadline passed before it ran
     ├── ExecutionError              INTERNAL: ONNX Runtime failed on a request that passed checks
     ├── ModelLoadError              a model version could not be loaded (kept as its reason)
@@ -40,6 +41,13 @@ class Unavailable(EdgeAgentError):
 
 class QueueFull(Unavailable):
     """Admission refused: the queue of the request's priority level is full."""
+
+
+class FailedPrecondition(EdgeAgentError):
+    """The request is well-formed but the system's state refuses it (e.g. nothing to roll back
+    to)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class DeadlineExceeded(EdgeAgentError):

@@ -24,6 +24,8 @@ PROVIDERS = ("cuda", "cpu")
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 CUDNN_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+CONTROL_MODES = ("none", "poll", "explicit")
+SWAP_POLICIES = ("overlap", "drain_first")
 
 
 def default_model_repository() -> Path:
@@ -50,6 +52,19 @@ class Settings:
     # before any of our code runs. Under overload the backlog otherwise waits inside gRPC, ahead
     # of the per-model queues, where no queue bound or deadline check can see it.
     max_concurrent_rpcs: int = 512
+
+    # Model lifecycle (Triton's meanings): none = load every model at start and never change;
+    # poll = also rescan the repository every repository_poll_secs; explicit = load only
+    # load_model at start ("*" = all), then what RepositoryModelLoad / Unload ask.
+    model_control_mode: str = "none"
+    repository_poll_secs: float = 15.0
+    load_model: tuple[str, ...] = ()
+    # How a new version replaces the serving one: overlap (both loaded briefly, no pause) or
+    # drain_first (for devices that cannot hold two copies: requests wait while it swaps).
+    # A model's config.pbtxt parameter swap_policy overrides it.
+    swap_policy: str = "overlap"
+    # Where the agent keeps state across restarts (rollbacks); unset = nothing persisted.
+    state_dir: Path | None = None
 
     # Runtime defaults; a model's config.pbtxt parameters and instance_group override them.
     execution_providers: tuple[str, ...] = ("cuda", "cpu")
@@ -101,7 +116,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(f"expected a number, got {value!r}")
             return float(value)
-        if annotation == "Path":
+        if annotation in ("Path", "Path | None"):
             if not isinstance(value, str) or not value:
                 raise ValueError(f"expected a path, got {value!r}")
             return Path(value).expanduser()
@@ -109,7 +124,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
                 raise ValueError(f"expected a list of strings, got {value!r}")
-            return tuple(i.strip().lower() for i in items if i.strip())
+            cleaned = tuple(i.strip() for i in items if i.strip())
+            return tuple(i.lower() for i in cleaned) if name == "execution_providers" else cleaned
         if not isinstance(value, str):
             raise ValueError(f"expected a string, got {value!r}")
         return value
@@ -126,6 +142,8 @@ def _check(settings: Settings) -> None:
         "graph_optimization_level": GRAPH_LEVELS,
         "cudnn_conv_algo_search": CUDNN_SEARCH,
         "cuda_arena_extend_strategy": ARENA_STRATEGIES,
+        "model_control_mode": CONTROL_MODES,
+        "swap_policy": SWAP_POLICIES,
     }
     for key, allowed in choices.items():
         if getattr(settings, key) not in allowed:
@@ -148,6 +166,12 @@ def _check(settings: Settings) -> None:
     for key in ("intra_op_threads", "inter_op_threads", "cuda_device_id", "cuda_gpu_mem_limit"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key}: must not be negative, got {getattr(settings, key)}")
+    if settings.repository_poll_secs <= 0:
+        raise ConfigError("repository_poll_secs: must be positive")
+    if settings.load_model and settings.model_control_mode != "explicit":
+        raise ConfigError("load_model: only meaningful with model_control_mode explicit")
+    if settings.state_dir is not None and not settings.state_dir.is_dir():
+        raise ConfigError(f"state_dir: {settings.state_dir} is not a directory")
     if settings.shutdown_grace_seconds < 0:
         raise ConfigError("shutdown_grace_seconds: must not be negative")
     if not settings.model_repository.is_dir():

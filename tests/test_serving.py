@@ -36,7 +36,12 @@ def test_server_health_and_metadata(client: Any) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "edge-agent"
     # Only what is implemented: perf_analyzer aborts on an advertised but missing extension.
-    assert list(meta.extensions) == ["model_configuration", "statistics", "schedule_policy"]
+    assert list(meta.extensions) == [
+        "model_configuration",
+        "model_repository",
+        "statistics",
+        "schedule_policy",
+    ]
 
 
 def test_model_metadata(client: Any) -> None:

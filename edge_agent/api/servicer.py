@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -22,14 +22,18 @@ from edge_agent.errors import (
     EdgeAgentError,
     ExecutionError,
     InvalidArgument,
+    ModelLoadError,
     QueueFull,
     Unavailable,
 )
+from edge_agent.repository.lifecycle import ROLLBACK_PARAMETER, LoadRequest, ModelManager
 from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
+from edge_agent.repository.scan import model_dirs
+from edge_agent.repository.staging import FILE_PREFIX, parse_files
 from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
 
 # What ServerMetadata advertises: only what is implemented (perf_analyzer acts on this list).
-EXTENSIONS = ("model_configuration", "statistics", "schedule_policy")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
 ACTIVE_PROVIDER_PARAMETER = "edge_agent.active_provider"
 
 
@@ -69,8 +73,9 @@ def _handler(
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, manager: ModelManager) -> None:
         self._registry = registry
+        self._manager = manager
         self.ready = False  # set by the agent once startup is complete, cleared on shutdown
 
     @_handler
@@ -167,19 +172,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         started = time.monotonic_ns()
         if not request.model_name:
             raise InvalidArgument("model_name is empty")
-        model = self._registry.get(request.model_name, request.model_version)
+        priority, timeout = request_parameters(request)
+        loop = asyncio.get_running_loop()
+        deadline = min(
+            (loop.time() + t for t in (time_remaining, timeout) if t is not None), default=None
+        )
+        # Waits only while a drain_first swap is under way; from here to the scheduler's queue
+        # there is no await, so a version retired meanwhile still answers this request.
+        model = await self._registry.acquire(request.model_name, request.model_version, deadline)
         try:
             feeds, outputs = decode_request(request, model)
-            priority, timeout = request_parameters(request)
-            loop = asyncio.get_running_loop()
-            deadlines = [loop.time() + t for t in (time_remaining, timeout) if t is not None]
             response: pb.ModelInferResponse = await model.scheduler.infer(
                 feeds,
                 outputs,
                 batch_rows(feeds, model),
                 functools.partial(encode_response, request, model, outputs),
                 priority=priority,
-                deadline=min(deadlines, default=None),
+                deadline=deadline,
             )
         except asyncio.CancelledError:
             model.stats.record_failure(time.monotonic_ns() - started, CANCELED, "cancelled")
@@ -213,18 +222,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for entry in self._registry.entries():
-            if entry.error:
+        entries = {entry.name: entry for entry in self._registry.entries()}
+        on_disk = await asyncio.to_thread(model_dirs, self._manager.repository)
+        for name in sorted(set(entries) | set(on_disk)):
+            entry = entries.get(name)
+            if entry is None or (entry.error and not entry.versions):
                 if not request.ready:
-                    response.models.add(name=entry.name, state=UNAVAILABLE, reason=entry.error)
+                    reason = entry.error if entry is not None else "not loaded"
+                    response.models.add(name=name, state=UNAVAILABLE, reason=reason)
                 continue
-            for version, state in sorted(entry.versions.items()):
+            if entry.error and not request.ready:
+                response.models.add(name=name, state=UNAVAILABLE, reason=entry.error)
+            for state in entry.states():
                 if request.ready and state.state != READY:
                     continue
                 response.models.add(
-                    name=entry.name, version=str(version), state=state.state, reason=state.reason
+                    name=name, version=str(state.version), state=state.state, reason=state.reason
                 )
         return response
+
+    @_handler
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            await self._manager.load(request.model_name, load_request(request.parameters))
+        except ModelLoadError as exc:  # Triton answers a failed load with INVALID_ARGUMENT
+            raise InvalidArgument(str(exc)) from exc
+        return pb.RepositoryModelLoadResponse()
+
+    @_handler
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        for key, value in request.parameters.items():
+            # Triton's only unload parameter; nothing here depends on another model.
+            if key != "unload_dependents" or value.WhichOneof("parameter_choice") != "bool_param":
+                raise InvalidArgument(f"unknown or mistyped unload parameter {key!r}")
+        await self._manager.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+
+def load_request(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadRequest:
+    """RepositoryModelLoad's parameters: `config` (JSON ModelConfig, string), `file:<version>/
+    <name>` (bytes), and ours, `rollback` (bool)."""
+    config_json, files, rollback = None, {}, False
+    for key, value in parameters.items():
+        kind = value.WhichOneof("parameter_choice")
+        if key == "config" and kind == "string_param":
+            config_json = value.string_param
+        elif key.startswith(FILE_PREFIX) and kind == "bytes_param":
+            files[key] = value.bytes_param
+        elif key == ROLLBACK_PARAMETER and kind == "bool_param":
+            rollback = value.bool_param
+        else:
+            raise InvalidArgument(
+                f"unknown or mistyped load parameter {key!r}: expected config (string), "
+                f"file:<version>/<name> (bytes) or {ROLLBACK_PARAMETER} (bool)"
+            )
+    return LoadRequest(config_json, parse_files(files), rollback)
 
 
 def _failure_kind(exc: BaseException) -> tuple[str, str | None]:

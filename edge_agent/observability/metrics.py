@@ -41,9 +41,23 @@ def _add(family: Metric, labels: dict[str, str], value: float, **extra: str) -> 
     family.add_sample(family.name, {**labels, **extra}, value)
 
 
+class Lifecycled(Protocol):
+    """What a collector needs of a model's lifecycle (repository/registry.py ModelEntry)."""
+
+    name: str
+
+    @property
+    def lifecycle(self) -> Any: ...
+
+
 class AgentCollector:
-    def __init__(self, versions: Callable[[], Iterable[Served]]) -> None:
+    def __init__(
+        self,
+        versions: Callable[[], Iterable[Served]],
+        entries: Callable[[], Iterable[Lifecycled]] = lambda: (),
+    ) -> None:
         self._versions = versions
+        self._entries = entries
 
     def collect(self) -> Iterator[Metric]:
         counters = {
@@ -110,14 +124,49 @@ class AgentCollector:
         yield pending
         yield provider
         yield batch_size
+        yield from self._lifecycle()
+
+    def _lifecycle(self) -> Iterator[Metric]:
+        swaps = Metric("edge_agent_model_swaps", "Version swaps completed, by policy", "counter")
+        failures = Metric(
+            "edge_agent_model_load_failures",
+            "Model or version loads that failed (the serving version stayed)",
+            "counter",
+        )
+        pause = Metric(
+            "edge_agent_model_swap_pause_seconds",
+            "How long requests waited during the last swap (drain_first; 0 with overlap)",
+            "gauge",
+        )
+        peak = Metric(
+            "edge_agent_model_swap_peak_rss_bytes",
+            "Peak resident memory of the process during the last swap",
+            "gauge",
+        )
+        for entry in self._entries():
+            labels = {"model": entry.name}
+            life = entry.lifecycle
+            for policy, count in sorted(life.swaps.items()):
+                swaps.add_sample(
+                    "edge_agent_model_swaps_total", {**labels, "policy": policy}, count
+                )
+            failures.add_sample("edge_agent_model_load_failures_total", labels, life.load_failures)
+            _add(pause, labels, life.last_pause_s)
+            _add(peak, labels, life.last_peak_rss_bytes)
+        yield from (swaps, failures, pause, peak)
 
 
 class MetricsServer:
     """The /metrics endpoint on its own thread (prometheus-client's HTTP server)."""
 
-    def __init__(self, address: str, versions: Callable[[], Iterable[Served]]) -> None:
+    def __init__(
+        self,
+        address: str,
+        versions: Callable[[], Iterable[Served]],
+        entries: Callable[[], Iterable[Lifecycled]] = lambda: (),
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(versions))
+        self.registry.register(AgentCollector(versions, entries))
         self._address = address
         self._server: Any = None
         self.port: int | None = None

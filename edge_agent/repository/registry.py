@@ -1,88 +1,23 @@
-"""The model registry: scans the repository (Triton's layout), loads each version off the serving
-path, and answers which version serves a request. A model that fails to load is recorded with its
-reason and never stops the others."""
+"""The serving table: which versions of which models exist, in which state, and which one serves a
+request. Only the lifecycle manager (repository/lifecycle.py) changes it, always on the event loop
+and in single synchronous steps, so a request sees either the old table or the new one.
+
+A request takes its version with `acquire` and queues on that version's scheduler in the same
+event-loop step, so a version that is retired afterwards still finishes every request it admitted.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import queue
 import threading
-import time
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from edge_agent._proto import model_config_pb2 as mc
-from edge_agent.api.tensors import NUMPY_DTYPES
-from edge_agent.errors import EdgeAgentError, ModelLoadError, NotFound, Unavailable
-from edge_agent.observability.logging import get_logger
-from edge_agent.repository import config as cfg
-from edge_agent.runtime.external_data import validate_external_data
-from edge_agent.runtime.session import (
-    LoadedSession,
-    create_session,
-    translate_run_error,
-    warmup_feeds,
-)
-from edge_agent.scheduling.policy import SchedulerPolicy
-from edge_agent.scheduling.scheduler import Scheduler
-from edge_agent.scheduling.stats import ModelStats
-from edge_agent.settings import Settings
-
-log = get_logger(__name__)
+from edge_agent.errors import DeadlineExceeded, EdgeAgentError, NotFound, QueueFull, Unavailable
+from edge_agent.repository.scan import FileList, ModelFiles
+from edge_agent.repository.version import ModelVersion
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
-
-# A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline).
-INLINE_BUDGET_S = 200e-6
-
-
-class ModelVersion:
-    """One loaded version: its completed config, its sessions, its scheduler and statistics."""
-
-    def __init__(
-        self,
-        name: str,
-        version: int,
-        config: mc.ModelConfig,
-        sessions: list[LoadedSession],
-        policy: SchedulerPolicy,
-    ) -> None:
-        self.name, self.version, self.config = name, version, config
-        self.inputs, self.outputs = cfg.tensor_specs(config)
-        self.sessions = sessions
-        # On CUDA each instance has its own session (one stream each); on CPU the instances
-        # share one session, whose run() is thread-safe. A free instance always finds a session:
-        # the scheduler never runs more executions than instances.
-        self._free_sessions: queue.SimpleQueue[LoadedSession] = queue.SimpleQueue()
-        for i in range(policy.instances):
-            self._free_sessions.put(sessions[i % len(sessions)])
-        self.stats = ModelStats()
-        self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
-
-    @property
-    def max_batch_size(self) -> int:
-        return int(self.config.max_batch_size)
-
-    @property
-    def provider(self) -> str:
-        return self.sessions[0].provider
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        """One execution on a free instance's session; ORT's errors become ours."""
-        loaded = self._free_sessions.get()
-        try:
-            result: list[np.ndarray] = loaded.session.run(outputs, feeds)
-        except Exception as exc:
-            raise translate_run_error(exc, self.name) from exc
-        finally:
-            self._free_sessions.put(loaded)
-        return result
-
-    async def close(self) -> None:
-        await self.scheduler.close()
 
 
 @dataclasses.dataclass
@@ -91,13 +26,33 @@ class VersionState:
     state: str
     reason: str = ""
     model: ModelVersion | None = None
+    # What the serving model was built from: its files and its (uncompleted) config.
+    files: FileList = ()
+    source: tuple[mc.ModelConfig, bool] | None = None
+
+
+@dataclasses.dataclass
+class Lifecycle:
+    """A model's lifecycle counters; they outlive its versions (metrics)."""
+
+    swaps: dict[str, int] = dataclasses.field(default_factory=dict)  # by swap policy
+    load_failures: int = 0
+    last_pause_s: float = 0.0
+    last_peak_rss_bytes: int = 0
 
 
 @dataclasses.dataclass
 class ModelEntry:
     name: str
     versions: dict[int, VersionState] = dataclasses.field(default_factory=dict)
-    error: str = ""  # a model-level failure (bad config.pbtxt, no versions)
+    error: str = ""  # why the last load failed as a whole (bad config.pbtxt, no versions)
+    applied: ModelFiles | None = None  # the files the last load acted on (poll mode)
+    withdrawn: set[int] = dataclasses.field(default_factory=set)  # rolled back
+    lifecycle: Lifecycle = dataclasses.field(default_factory=Lifecycle)
+    # drain_first swap in progress: requests wait for this event (at most gate_limit of them).
+    gate: asyncio.Event | None = None
+    gate_limit: int = 0
+    waiting: int = 0
 
     def ready_versions(self) -> list[ModelVersion]:
         return [
@@ -106,146 +61,14 @@ class ModelEntry:
             if s.state == READY and s.model is not None
         ]
 
-
-def scan_versions(model_dir: Path) -> list[int]:
-    """Version directories: names that are non-negative integers."""
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    def states(self) -> list[VersionState]:
+        return [s for _, s in sorted(self.versions.items())]
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._repository = settings.model_repository
+    def __init__(self) -> None:
         self._models: dict[str, ModelEntry] = {}
-        self._lock = threading.Lock()
-
-    # -- loading --------------------------------------------------------------------------------
-
-    def load_all(self) -> None:
-        """Load every model of the repository; failures are recorded, never raised."""
-        for model_dir in sorted(p for p in self._repository.iterdir() if p.is_dir()):
-            if model_dir.name.startswith("."):
-                continue
-            self._load_model(model_dir)
-
-    def _load_model(self, model_dir: Path) -> None:
-        entry = ModelEntry(model_dir.name)
-        with self._lock:
-            self._models[entry.name] = entry
-        try:
-            config, batch_given = cfg.read_config(model_dir)
-            available = scan_versions(model_dir)
-            chosen, absent = cfg.select_versions(config, available)
-            if not chosen and not absent:
-                raise ModelLoadError(
-                    f"no version directories (expected {model_dir.name}/<number>/"
-                    f"{config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME})"
-                )
-        except ModelLoadError as exc:
-            entry.error = str(exc)
-            log.error("model.load_failed", model=entry.name, reason=entry.error)
-            return
-        for version in absent:
-            entry.versions[version] = VersionState(
-                version, UNAVAILABLE, "version_policy names this version; its directory is missing"
-            )
-            log.error(
-                "model.load_failed",
-                model=entry.name,
-                version=version,
-                reason=entry.versions[version].reason,
-            )
-        for version in chosen:
-            state = entry.versions[version] = VersionState(version, LOADING)
-            started = time.monotonic()
-            try:
-                state.model = self._load_version(model_dir, version, config, batch_given)
-            except ModelLoadError as exc:
-                state.state, state.reason = UNAVAILABLE, str(exc)
-                log.error("model.load_failed", model=entry.name, version=version, reason=str(exc))
-                continue
-            except Exception as exc:  # a bug or an ORT surprise must not stop the other models
-                state.state, state.reason = UNAVAILABLE, f"unexpected error: {exc!r}"
-                log.exception("model.load_failed", model=entry.name, version=version)
-                continue
-            state.state = READY
-            log.info(
-                "model.loaded",
-                model=entry.name,
-                version=version,
-                provider=state.model.provider,
-                max_batch_size=state.model.max_batch_size,
-                instances=cfg.instance_count(state.model.config),
-                inline=state.model.scheduler.policy.inline,
-                seconds=round(time.monotonic() - started, 3),
-            )
-
-    def _load_version(
-        self, model_dir: Path, version: int, config: mc.ModelConfig, batch_given: bool
-    ) -> ModelVersion:
-        filename = config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME
-        path = model_dir / str(version) / filename
-        if not path.is_file():
-            raise ModelLoadError(f"{version}/{filename} is missing")
-        validate_external_data(path)
-        options = cfg.runtime_options(self._settings, config)
-        loaded = create_session(path, options)
-        if loaded.fallback_reason:
-            log.warning(
-                "runtime.provider_fallback",
-                model=model_dir.name,
-                version=version,
-                requested=list(options.providers),
-                active=loaded.provider,
-                reason=loaded.fallback_reason,
-            )
-        session = loaded.session
-        complete = cfg.complete_config(
-            config,
-            [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in session.get_inputs()],
-            [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in session.get_outputs()],
-            self._settings.default_max_batch_size,
-            batch_given,
-        )
-        policy = cfg.scheduler_policy(complete, self._settings)
-        sessions = [loaded]
-        if loaded.provider == "cuda":
-            sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
-        inputs, _ = cfg.tensor_specs(complete)
-        largest = 0.0
-        for extra in sessions:
-            largest = self._warm(extra.session, complete, inputs)
-        inline = cfg.inline_execution(complete)
-        if inline is None:
-            inline = largest <= INLINE_BUDGET_S
-        policy = dataclasses.replace(policy, inline=inline)
-        return ModelVersion(model_dir.name, version, complete, sessions, policy)
-
-    @staticmethod
-    def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]) -> float:
-        """Inferences at batch 1 and at max_batch_size before READY, so no client pays for lazy
-        initialisation; returns the best time of the largest batch, seconds."""
-        sizes = [1, config.max_batch_size] if config.max_batch_size > 1 else [1]
-        batch = [-1] if config.max_batch_size > 0 else []
-        best = float("inf")
-        for size in sizes:
-            feeds = warmup_feeds(
-                {
-                    name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])
-                    for name, spec in inputs.items()
-                    if not spec.optional
-                },
-                batch=size,
-            )
-            best = float("inf")
-            for _ in range(3):
-                started = time.perf_counter()
-                try:
-                    session.run(None, feeds)
-                except Exception as exc:
-                    raise ModelLoadError(f"warmup inference failed: {exc}") from exc
-                best = min(best, time.perf_counter() - started)
-        return best
+        self._lock = threading.Lock()  # the metrics thread reads the table too
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -254,7 +77,7 @@ class ModelRegistry:
         entry = self._models.get(name)
         if entry is None:
             raise NotFound(f"unknown model '{name}'")
-        if entry.error:
+        if entry.error and not entry.ready_versions():
             raise Unavailable(f"model '{name}' failed to load: {entry.error}")
         if version:
             if not version.isdigit() or int(version) not in entry.versions:
@@ -262,16 +85,43 @@ class ModelRegistry:
             state = entry.versions[int(version)]
             if state.model is None or state.state != READY:
                 raise Unavailable(
-                    f"model '{name}' version {version} is {state.state}: {state.reason}"
+                    f"model '{name}' version {version} is {state.state}"
+                    + (f": {state.reason}" if state.reason else "")
                 )
             return state.model
         ready = entry.ready_versions()
         if not ready:
-            reasons = entry.error or "; ".join(
-                f"version {v}: {s.reason}" for v, s in sorted(entry.versions.items())
+            reasons = "; ".join(
+                f"version {s.version}: {s.state}" + (f" ({s.reason})" if s.reason else "")
+                for s in entry.states()
             )
-            raise Unavailable(f"model '{name}' has no ready version ({reasons})")
+            raise Unavailable(f"model '{name}' has no ready version ({reasons or 'not loaded'})")
         return ready[-1]
+
+    async def acquire(self, name: str, version: str, deadline: float | None) -> ModelVersion:
+        """`get`, after waiting out a drain_first swap in progress (bounded; `deadline` is in
+        loop.time() seconds). The caller must queue on the result before its next await."""
+        entry = self._models.get(name)
+        while entry is not None and entry.gate is not None:
+            if entry.waiting >= entry.gate_limit:
+                raise QueueFull(
+                    f"model '{name}' is swapping versions and {entry.waiting} requests already "
+                    "wait for it; retry later"
+                )
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - asyncio.get_running_loop().time()
+            entry.waiting += 1
+            try:
+                await asyncio.wait_for(entry.gate.wait(), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"model '{name}': the deadline passed while it was swapping versions"
+                ) from None
+            finally:
+                entry.waiting -= 1
+            entry = self._models.get(name)
+        return self.get(name, version)
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -280,32 +130,33 @@ class ModelRegistry:
             return False
         return True
 
+    # -- the table ------------------------------------------------------------------------------
+
     def entry(self, name: str) -> ModelEntry:
         entry = self._models.get(name)
         if entry is None:
             raise NotFound(f"unknown model '{name}'")
         return entry
 
+    def find(self, name: str) -> ModelEntry | None:
+        return self._models.get(name)
+
+    def ensure(self, name: str) -> ModelEntry:
+        with self._lock:
+            return self._models.setdefault(name, ModelEntry(name))
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._models.pop(name, None)
+
     def entries(self) -> list[ModelEntry]:
         with self._lock:
             return sorted(self._models.values(), key=lambda e: e.name)
 
     def versions(self) -> list[ModelVersion]:
-        """Every loaded version, for statistics and metrics."""
-        return [
-            s.model
-            for entry in self.entries()
-            for _, s in sorted(entry.versions.items())
-            if s.model is not None
-        ]
+        """Every loaded version (serving or draining), for statistics and metrics."""
+        return [s.model for entry in self.entries() for s in entry.states() if s.model is not None]
 
     async def close(self) -> None:
         """Let every scheduler finish what it admitted, then stop its threads."""
         await asyncio.gather(*(model.close() for model in self.versions()))
-
-
-def _shape(shape: Any) -> tuple[int | None, ...]:
-    # ORT reports symbolic dims as strings and unknown ones as None.
-    if not isinstance(shape, list | tuple):
-        return ()
-    return tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)

@@ -1,0 +1,320 @@
+"""One model version: building it (sessions, completed config, warmup, golden check) and running it.
+
+`build_version` runs on the loader thread, off the serving path. Nothing it builds is visible to a
+request until the registry installs the finished version in one step, so a version that fails to
+load, to warm or to pass its golden check never serves.
+
+Warmup, before a version can serve:
+- every batch size the batcher can produce (1..max_batch_size), once each, so no request pays for
+  a first run at a new shape (on CUDA that is cuDNN's algorithm search);
+- then Triton's `model_warmup` samples from config.pbtxt (zero_data, random_data, or
+  input_data_file read from the model's `warmup/` directory), each `count` times.
+
+Golden check (optional): `<version>/golden.npz` holds inputs as `input/<name>`, expected outputs
+as `output/<name>` (batch dimension included), and optionally `atol` / `rtol` scalars (defaults
+1e-4 / 1e-3). Every listed output must match (exactly for strings) or the version is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from edge_agent._proto import model_config_pb2 as mc
+from edge_agent.api.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, protocol_datatype
+from edge_agent.errors import EdgeAgentError, ModelLoadError
+from edge_agent.observability.logging import get_logger
+from edge_agent.repository import config as cfg
+from edge_agent.runtime.external_data import validate_external_data
+from edge_agent.runtime.session import (
+    LoadedSession,
+    create_session,
+    translate_run_error,
+    warmup_feeds,
+)
+from edge_agent.scheduling.policy import SchedulerPolicy
+from edge_agent.scheduling.scheduler import Scheduler
+from edge_agent.scheduling.stats import ModelStats
+from edge_agent.settings import Settings
+
+log = get_logger(__name__)
+
+# A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline).
+INLINE_BUDGET_S = 200e-6
+GOLDEN_FILE = "golden.npz"
+WARMUP_DIR = "warmup"
+
+
+class ModelVersion:
+    """One loaded version: its completed config, its sessions, its scheduler and statistics."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        config: mc.ModelConfig,
+        sessions: list[LoadedSession],
+        policy: SchedulerPolicy,
+    ) -> None:
+        self.name, self.version, self.config = name, version, config
+        self.inputs, self.outputs = cfg.tensor_specs(config)
+        self.sessions = sessions
+        # On CUDA each instance has its own session (one stream each); on CPU the instances
+        # share one session, whose run() is thread-safe. A free instance always finds a session:
+        # the scheduler never runs more executions than instances.
+        self._free_sessions: queue.SimpleQueue[LoadedSession] = queue.SimpleQueue()
+        for i in range(policy.instances):
+            self._free_sessions.put(sessions[i % len(sessions)])
+        self.stats = ModelStats()
+        self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.config.max_batch_size)
+
+    @property
+    def provider(self) -> str:
+        return self.sessions[0].provider
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """One execution on a free instance's session; ORT's errors become ours."""
+        loaded = self._free_sessions.get()
+        try:
+            result: list[np.ndarray] = loaded.session.run(outputs, feeds)
+        except Exception as exc:
+            raise translate_run_error(exc, self.name) from exc
+        finally:
+            self._free_sessions.put(loaded)
+        return result
+
+    async def close(self) -> None:
+        """Let what was admitted finish, then release the sessions (and their memory)."""
+        await self.scheduler.close()
+        self.sessions = []
+        self._free_sessions = queue.SimpleQueue()
+
+
+def build_version(
+    model_dir: Path,
+    version: int,
+    config: mc.ModelConfig,
+    batch_given: bool,
+    settings: Settings,
+) -> ModelVersion:
+    """Load, complete, warm and check one version; raises ModelLoadError with the reason."""
+    name = model_dir.name
+    filename = config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME
+    path = model_dir / str(version) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{version}/{filename} is missing")
+    validate_external_data(path)
+    options = cfg.runtime_options(settings, config)
+    loaded = create_session(path, options)
+    if loaded.fallback_reason:
+        log.warning(
+            "runtime.provider_fallback",
+            model=name,
+            version=version,
+            requested=list(options.providers),
+            active=loaded.provider,
+            reason=loaded.fallback_reason,
+        )
+    session = loaded.session
+    complete = cfg.complete_config(
+        config,
+        [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in session.get_inputs()],
+        [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in session.get_outputs()],
+        settings.default_max_batch_size,
+        batch_given,
+    )
+    policy = cfg.scheduler_policy(complete, settings)
+    sessions = [loaded]
+    if loaded.provider == "cuda":
+        sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
+    inputs, _ = cfg.tensor_specs(complete)
+    samples = warmup_samples(complete, inputs, model_dir)
+    golden = read_golden(model_dir / str(version) / GOLDEN_FILE, inputs)
+    largest = 0.0
+    for each in sessions:
+        largest = _warm(each.session, complete, inputs)
+        for sample_name, count, feeds in samples:
+            for _ in range(count):
+                _run(each.session, feeds, f"model_warmup '{sample_name}'")
+        if golden is not None:
+            check_golden(each.session, *golden)
+    inline = cfg.inline_execution(complete)
+    if inline is None:
+        inline = largest <= INLINE_BUDGET_S
+    policy = dataclasses.replace(policy, inline=inline)
+    return ModelVersion(name, version, complete, sessions, policy)
+
+
+def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:
+    try:
+        result: list[Any] = session.run(None, feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"{what} failed: {exc}") from exc
+    return result
+
+
+def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]) -> float:
+    """One run at every batch size the batcher can produce; returns the best of three runs of
+    the largest, seconds (it decides inline execution)."""
+    largest = max(config.max_batch_size, 1)
+    batch = [-1] if config.max_batch_size > 0 else []
+    shapes = {
+        name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])
+        for name, spec in inputs.items()
+        if not spec.optional
+    }
+    best = float("inf")
+    for size in range(1, largest + 1):
+        feeds = warmup_feeds(shapes, batch=size)
+        for _ in range(3 if size == largest else 1):
+            started = time.perf_counter()
+            _run(session, feeds, f"warmup inference at batch size {size}")
+            if size == largest:
+                best = min(best, time.perf_counter() - started)
+    return best
+
+
+def warmup_samples(
+    config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec], model_dir: Path
+) -> list[tuple[str, int, dict[str, np.ndarray]]]:
+    """Triton's `model_warmup` entries as (name, count, feeds); raises ModelLoadError."""
+    samples = []
+    rng = np.random.default_rng(0)
+    for warmup in config.model_warmup:
+        label = warmup.name or "(unnamed)"
+        if config.max_batch_size > 0 and not 1 <= warmup.batch_size <= config.max_batch_size:
+            raise ModelLoadError(
+                f"model_warmup '{label}': batch_size {warmup.batch_size} must lie in "
+                f"1..{config.max_batch_size}"
+            )
+        feeds: dict[str, np.ndarray] = {}
+        for input_name, spec in warmup.inputs.items():
+            if input_name not in inputs:
+                raise ModelLoadError(f"model_warmup '{label}': unknown input '{input_name}'")
+            datatype = protocol_datatype(mc.DataType.Name(spec.data_type))
+            if datatype != inputs[input_name].datatype:
+                raise ModelLoadError(
+                    f"model_warmup '{label}': input '{input_name}' is {datatype}, the model "
+                    f"takes {inputs[input_name].datatype}"
+                )
+            dims = [int(d) for d in spec.dims]
+            if any(d < 0 for d in dims):
+                raise ModelLoadError(f"model_warmup '{label}': dims {dims} must be concrete")
+            sample = _sample(label, input_name, datatype, dims, spec, model_dir, rng)
+            if config.max_batch_size > 0:
+                sample = np.repeat(sample[np.newaxis], warmup.batch_size, axis=0)
+            feeds[input_name] = sample
+        samples.append((label, max(int(warmup.count), 1), feeds))
+    return samples
+
+
+def _sample(
+    label: str,
+    input_name: str,
+    datatype: str,
+    dims: list[int],
+    spec: mc.ModelWarmup.Input,
+    model_dir: Path,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    choice = spec.WhichOneof("input_data_type")
+    dtype = NUMPY_DTYPES[datatype]
+    if choice == "input_data_file":
+        relative = PurePosixPath(spec.input_data_file)
+        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+            raise ModelLoadError(
+                f"model_warmup '{label}': input_data_file {spec.input_data_file!r} must be a "
+                f"plain path inside {WARMUP_DIR}/"
+            )
+        path = model_dir / WARMUP_DIR / relative
+        if path.is_symlink() or not path.is_file():
+            raise ModelLoadError(f"model_warmup '{label}': {WARMUP_DIR}/{relative} is missing")
+        try:
+            array = decode_raw(input_name, datatype, dims, path.read_bytes())
+        except EdgeAgentError as exc:
+            raise ModelLoadError(f"model_warmup '{label}': {exc}") from exc
+        return bytes_to_text(input_name, array) if datatype == "BYTES" else array.copy()
+    if datatype == "BYTES":
+        text = "0" if choice == "random_data" else ""
+        return np.full(dims, text, dtype=object)
+    if choice == "random_data":
+        if datatype == "BOOL":
+            return rng.integers(0, 2, dims).astype(bool)
+        if np.issubdtype(dtype, np.integer):
+            return rng.integers(0, 100, dims).astype(dtype)
+        return rng.random(dims).astype(dtype)
+    return np.zeros(dims, dtype=dtype)
+
+
+Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, float]
+
+
+def read_golden(path: Path, inputs: dict[str, cfg.TensorSpec]) -> Golden | None:
+    """The golden file's (inputs, expected outputs, atol, rtol), or None when there is none."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except Exception as exc:
+        raise ModelLoadError(f"{path.parent.name}/{GOLDEN_FILE} is unreadable: {exc}") from exc
+    feeds = {k.removeprefix("input/"): v for k, v in arrays.items() if k.startswith("input/")}
+    expected = {k.removeprefix("output/"): v for k, v in arrays.items() if k.startswith("output/")}
+    if not feeds or not expected:
+        raise ModelLoadError(f"{GOLDEN_FILE} needs input/<name> and output/<name> arrays")
+    unknown = sorted(set(feeds) - set(inputs))
+    if unknown:
+        raise ModelLoadError(f"{GOLDEN_FILE}: unknown inputs {unknown}")
+    for name, array in feeds.items():
+        if inputs[name].datatype == "BYTES" and array.dtype.kind in "SU":
+            feeds[name] = array.astype(object)
+    atol = float(arrays.get("atol", 1e-4))
+    rtol = float(arrays.get("rtol", 1e-3))
+    return feeds, expected, atol, rtol
+
+
+def check_golden(
+    session: Any,
+    feeds: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    atol: float,
+    rtol: float,
+) -> None:
+    names = list(expected)
+    try:
+        produced = session.run(names, feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"golden check: the model failed on the golden inputs: {exc}") from exc
+    for name, want, got in zip(names, (expected[n] for n in names), produced, strict=True):
+        got = np.asarray(got)
+        if got.shape != want.shape:
+            raise ModelLoadError(
+                f"golden check failed: output '{name}' has shape {list(got.shape)}, "
+                f"expected {list(want.shape)}"
+            )
+        if want.dtype.kind in "SUO" or got.dtype.kind in "SUO":
+            if not np.array_equal(got.astype(str), want.astype(str)):
+                raise ModelLoadError(f"golden check failed: output '{name}' differs")
+            continue
+        if not np.allclose(got, want, atol=atol, rtol=rtol):
+            worst = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            raise ModelLoadError(
+                f"golden check failed: output '{name}' differs by up to {worst:g} "
+                f"(atol {atol:g}, rtol {rtol:g})"
+            )
+
+
+def _shape(shape: Any) -> tuple[int | None, ...]:
+    # ORT reports symbolic dims as strings and unknown ones as None.
+    if not isinstance(shape, list | tuple):
+        return ()
+    return tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
