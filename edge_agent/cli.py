@@ -1,4 +1,5 @@
-"""The `edge-agent` command: `serve` runs the daemon, `infer` calls one."""
+"""The `edge-agent` command: `serve` runs the daemon, `infer` calls one, `models` manages its
+models."""
 
 from __future__ import annotations
 
@@ -69,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+
+    models = commands.add_parser(
+        "models", help="list, load, unload or roll back models of a running agent"
+    )
+    models.add_argument("action", choices=["list", "load", "unload", "rollback"])
+    models.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
+    models.add_argument("--model", help="the model (all but list)")
+    models.add_argument("--config", type=Path, help="load: a JSON model config to apply")
+    models.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="VERSION/NAME=PATH",
+        help="load: push a model file inline, e.g. 2/model.onnx=./model.onnx; repeatable",
+    )
+    models.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds (default 300: loads take time)"
+    )
     return parser
 
 
@@ -76,9 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    from edge_agent.client import run_infer
+    from edge_agent.client import run_infer, run_models
 
-    return run_infer(args)
+    return run_infer(args) if args.command == "infer" else run_models(args)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""`edge-agent infer`: one request to an agent, outputs summarised on stdout.
+"""`edge-agent infer` (one request, outputs summarised on stdout) and `edge-agent models` (the
+repository RPCs: list, load, unload, rollback).
 
 Errors are one line on stderr with the gRPC status, and a non-zero exit code.
 """
@@ -68,11 +69,7 @@ def run_infer(args: argparse.Namespace) -> int:
     except (ValueError, InvalidArgument) as exc:
         print(f"edge-agent infer: {exc}", file=sys.stderr)
         return 2
-    options = [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
-    with grpc.insecure_channel(args.url, options=options) as channel:
+    with grpc.insecure_channel(args.url, options=_channel_options()) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             response = stub.ModelInfer(request, timeout=args.timeout)
@@ -87,4 +84,62 @@ def run_infer(args: argparse.Namespace) -> int:
             out_dir = Path(args.output_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             np.save(out_dir / f"{tensor.name}.npy", array)
+    return 0
+
+
+def _channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def _load_parameters(args: argparse.Namespace) -> dict[str, pb.ModelRepositoryParameter]:
+    parameters: dict[str, pb.ModelRepositoryParameter] = {}
+    if args.config is not None:
+        parameters["config"] = pb.ModelRepositoryParameter(string_param=args.config.read_text())
+    for spec in args.file:
+        target, sep, source = spec.partition("=")
+        if not sep or not target or not source:
+            raise ValueError(f"--file {spec!r}: expected VERSION/NAME=PATH")
+        parameters[f"file:{target}"] = pb.ModelRepositoryParameter(
+            bytes_param=Path(source).read_bytes()
+        )
+    return parameters
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """`edge-agent models list|load|unload|rollback`: the repository RPCs of a running agent."""
+    prog = f"edge-agent models {args.action}"
+    if args.action != "list" and not args.model:
+        print(f"{prog}: --model is required", file=sys.stderr)
+        return 2
+    try:
+        parameters = _load_parameters(args) if args.action == "load" else {}
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    with grpc.insecure_channel(args.url, options=_channel_options()) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            if args.action == "list":
+                index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=args.timeout)
+                for model in index.models:
+                    print(f"{model.name}\t{model.version or '-'}\t{model.state}\t{model.reason}")
+            elif args.action == "unload":
+                stub.RepositoryModelUnload(
+                    pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout
+                )
+            else:
+                if args.action == "rollback":
+                    parameters = {"rollback": pb.ModelRepositoryParameter(bool_param=True)}
+                stub.RepositoryModelLoad(
+                    pb.RepositoryModelLoadRequest(model_name=args.model, parameters=parameters),
+                    timeout=args.timeout,
+                )
+        except grpc.RpcError as exc:
+            print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.action != "list":
+        print(f"{args.action}: {args.model}: done")
     return 0

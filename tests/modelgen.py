@@ -130,3 +130,49 @@ def slow(path: Path, rows: int = 4096, depth: int = 16) -> Path:
         [weight, shape],
     )
     return _save(helper.make_model(graph), path)
+
+
+def versioned(version_dir: Path, value: float, golden: float | None = None) -> Path:
+    """outputs a = x*0 + A and b = x*0 + B, [batch, 4] FP32, with A (in the graph) and B (in
+    weights.bin, external data) both filled with `value`: an answer with a == b == value came
+    from one complete version. `golden`: also write golden.npz expecting that value."""
+    inline = numpy_helper.from_array(np.full(4, value, np.float32), "A")
+    external = numpy_helper.from_array(np.full(4, value, np.float32), "B")
+    zero = numpy_helper.from_array(np.zeros(1, np.float32), "zero")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "zero"], ["x0"]),
+            helper.make_node("Add", ["x0", "A"], ["a"]),
+            helper.make_node("Add", ["x0", "B"], ["b"]),
+        ],
+        "versioned",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 4]),
+        ],
+        [inline, external, zero],
+    )
+    model = helper.make_model(graph)
+    model.ir_version = 8
+    model.opset_import[0].version = 17
+    onnx.checker.check_model(model)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    # B alone goes to the external file, written first: the graph names it.
+    onnx.external_data_helper.set_external_data(model.graph.initializer[1], "weights.bin")
+    raw = model.graph.initializer[1].raw_data
+    (version_dir / "weights.bin").write_bytes(raw)
+    model.graph.initializer[1].ClearField("raw_data")
+    model.graph.initializer[1].data_location = TensorProto.EXTERNAL
+    onnx.save(model, str(version_dir / "model.onnx"))
+    if golden is not None:
+        x = np.ones((2, 4), np.float32)
+        expected = np.full((2, 4), golden, np.float32)
+        np.savez(version_dir / "golden.npz", **{"input/x": x, "output/a": expected})
+    return version_dir / "model.onnx"
+
+
+def versioned_files(value: float, tmp: Path) -> dict[str, bytes]:
+    """The files of a `versioned` model, by name, for pushing inline."""
+    versioned(tmp, value)
+    return {p.name: p.read_bytes() for p in sorted(tmp.iterdir())}

@@ -281,9 +281,6 @@ class ModelManager:
             raise
         entry.error = ""
         entry.applied = files
-        for version in entry.withdrawn & set(entry.versions):
-            if entry.versions[version].state == UNAVAILABLE:
-                entry.versions[version].reason = "rolled back"
         source = (config, batch_given)
         rebuild = [
             v
@@ -305,6 +302,9 @@ class ModelManager:
             await self._swap_drain_first(entry, source, files, chosen, rebuild, reuse)
         else:
             await self._swap_overlap(entry, source, files, chosen, rebuild, reuse)
+        for version in entry.withdrawn & set(entry.versions):
+            if entry.versions[version].state == UNAVAILABLE:
+                entry.versions[version].reason = "rolled back"
         for version in absent:
             reason = "version_policy names this version; its directory is missing"
             entry.versions[version] = VersionState(version, UNAVAILABLE, reason)
@@ -365,6 +365,7 @@ class ModelManager:
                 max_batch_size=built.max_batch_size,
                 instances=cfg.instance_count(built.config),
                 inline=built.scheduler.policy.inline,
+                warmup_runs=built.warmup_runs,
                 seconds=round(time.monotonic() - started, 3),
             )
         return results
@@ -436,7 +437,8 @@ class ModelManager:
             retiring = self._retire(entry, unchosen, "unloaded: replaced by a newer version")
         await self._changed()
         await self._release(retiring, replaced)
-        if replaced or retiring or any(isinstance(r, ModelVersion) for r in results.values()):
+        changed = replaced or retiring or any(isinstance(r, ModelVersion) for r in results.values())
+        if before and changed:  # a first load is no swap
             self._swapped(entry, "overlap", before, 0.0, started, rss_before)
 
     async def _swap_drain_first(

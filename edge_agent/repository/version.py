@@ -10,9 +10,7 @@ Warmup, before a version can serve:
 - then Triton's `model_warmup` samples from config.pbtxt (zero_data, random_data, or
   input_data_file read from the model's `warmup/` directory), each `count` times.
 
-Golden check (optional): `<version>/golden.npz` holds inputs as `input/<name>`, expected outputs
-as `output/<name>` (batch dimension included), and optionally `atol` / `rtol` scalars (defaults
-1e-4 / 1e-3). Every listed output must match (exactly for strings) or the version is refused.
+Then the optional golden check (repository/golden.py).
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from edge_agent.api.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, prot
 from edge_agent.errors import EdgeAgentError, ModelLoadError
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
+from edge_agent.repository.golden import GOLDEN_FILE, check_golden, read_golden
 from edge_agent.runtime.external_data import validate_external_data
 from edge_agent.runtime.session import (
     LoadedSession,
@@ -46,7 +45,6 @@ log = get_logger(__name__)
 
 # A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline).
 INLINE_BUDGET_S = 200e-6
-GOLDEN_FILE = "golden.npz"
 WARMUP_DIR = "warmup"
 
 
@@ -71,6 +69,7 @@ class ModelVersion:
         for i in range(policy.instances):
             self._free_sessions.put(sessions[i % len(sessions)])
         self.stats = ModelStats()
+        self.warmup_runs = 0  # inferences run before it could serve (for the log)
         self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
 
     @property
@@ -138,20 +137,23 @@ def build_version(
         sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
     inputs, _ = cfg.tensor_specs(complete)
     samples = warmup_samples(complete, inputs, model_dir)
-    golden = read_golden(model_dir / str(version) / GOLDEN_FILE, inputs)
-    largest = 0.0
+    golden = read_golden(model_dir / str(version) / GOLDEN_FILE, set(inputs))
+    largest, runs = 0.0, 0
     for each in sessions:
-        largest = _warm(each.session, complete, inputs)
+        largest, runs = _warm(each.session, complete, inputs)
         for sample_name, count, feeds in samples:
             for _ in range(count):
                 _run(each.session, feeds, f"model_warmup '{sample_name}'")
+                runs += 1
         if golden is not None:
             check_golden(each.session, *golden)
     inline = cfg.inline_execution(complete)
     if inline is None:
         inline = largest <= INLINE_BUDGET_S
     policy = dataclasses.replace(policy, inline=inline)
-    return ModelVersion(name, version, complete, sessions, policy)
+    built = ModelVersion(name, version, complete, sessions, policy)
+    built.warmup_runs = runs
+    return built
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:
@@ -162,9 +164,11 @@ def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:
     return result
 
 
-def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]) -> float:
-    """One run at every batch size the batcher can produce; returns the best of three runs of
-    the largest, seconds (it decides inline execution)."""
+def _warm(
+    session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]
+) -> tuple[float, int]:
+    """One run at every batch size the batcher can produce. Returns the best of three runs of
+    the largest, seconds (it decides inline execution), and the number of runs."""
     largest = max(config.max_batch_size, 1)
     batch = [-1] if config.max_batch_size > 0 else []
     shapes = {
@@ -172,15 +176,16 @@ def _warm(session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec
         for name, spec in inputs.items()
         if not spec.optional
     }
-    best = float("inf")
+    best, runs = float("inf"), 0
     for size in range(1, largest + 1):
         feeds = warmup_feeds(shapes, batch=size)
         for _ in range(3 if size == largest else 1):
             started = time.perf_counter()
             _run(session, feeds, f"warmup inference at batch size {size}")
+            runs += 1
             if size == largest:
                 best = min(best, time.perf_counter() - started)
-    return best
+    return best, runs
 
 
 def warmup_samples(
@@ -253,64 +258,6 @@ def _sample(
             return rng.integers(0, 100, dims).astype(dtype)
         return rng.random(dims).astype(dtype)
     return np.zeros(dims, dtype=dtype)
-
-
-Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, float]
-
-
-def read_golden(path: Path, inputs: dict[str, cfg.TensorSpec]) -> Golden | None:
-    """The golden file's (inputs, expected outputs, atol, rtol), or None when there is none."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as exc:
-        raise ModelLoadError(f"{path.parent.name}/{GOLDEN_FILE} is unreadable: {exc}") from exc
-    feeds = {k.removeprefix("input/"): v for k, v in arrays.items() if k.startswith("input/")}
-    expected = {k.removeprefix("output/"): v for k, v in arrays.items() if k.startswith("output/")}
-    if not feeds or not expected:
-        raise ModelLoadError(f"{GOLDEN_FILE} needs input/<name> and output/<name> arrays")
-    unknown = sorted(set(feeds) - set(inputs))
-    if unknown:
-        raise ModelLoadError(f"{GOLDEN_FILE}: unknown inputs {unknown}")
-    for name, array in feeds.items():
-        if inputs[name].datatype == "BYTES" and array.dtype.kind in "SU":
-            feeds[name] = array.astype(object)
-    atol = float(arrays.get("atol", 1e-4))
-    rtol = float(arrays.get("rtol", 1e-3))
-    return feeds, expected, atol, rtol
-
-
-def check_golden(
-    session: Any,
-    feeds: dict[str, np.ndarray],
-    expected: dict[str, np.ndarray],
-    atol: float,
-    rtol: float,
-) -> None:
-    names = list(expected)
-    try:
-        produced = session.run(names, feeds)
-    except Exception as exc:
-        raise ModelLoadError(f"golden check: the model failed on the golden inputs: {exc}") from exc
-    for name, want, got in zip(names, (expected[n] for n in names), produced, strict=True):
-        got = np.asarray(got)
-        if got.shape != want.shape:
-            raise ModelLoadError(
-                f"golden check failed: output '{name}' has shape {list(got.shape)}, "
-                f"expected {list(want.shape)}"
-            )
-        if want.dtype.kind in "SUO" or got.dtype.kind in "SUO":
-            if not np.array_equal(got.astype(str), want.astype(str)):
-                raise ModelLoadError(f"golden check failed: output '{name}' differs")
-            continue
-        if not np.allclose(got, want, atol=atol, rtol=rtol):
-            worst = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
-            raise ModelLoadError(
-                f"golden check failed: output '{name}' differs by up to {worst:g} "
-                f"(atol {atol:g}, rtol {rtol:g})"
-            )
 
 
 def _shape(shape: Any) -> tuple[int | None, ...]:
