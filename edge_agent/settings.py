@@ -63,6 +63,9 @@ class Settings:
     # drain_first (for devices that cannot hold two copies: requests wait while it swaps).
     # A model's config.pbtxt parameter swap_policy overrides it.
     swap_policy: str = "overlap"
+    # Nice value added to the loader thread and the threads a build spawns, so that building and
+    # warming a new version yields the CPU to serving (0 = same priority as serving).
+    loader_nice: int = 19
     # Where the agent keeps state across restarts (rollbacks); unset = nothing persisted.
     state_dir: Path | None = None
 
@@ -166,6 +169,8 @@ def _check(settings: Settings) -> None:
     for key in ("intra_op_threads", "inter_op_threads", "cuda_device_id", "cuda_gpu_mem_limit"):
         if getattr(settings, key) < 0:
             raise ConfigError(f"{key}: must not be negative, got {getattr(settings, key)}")
+    if not 0 <= settings.loader_nice <= 19:
+        raise ConfigError(f"loader_nice: must lie in 0..19, got {settings.loader_nice}")
     if settings.repository_poll_secs <= 0:
         raise ConfigError("repository_poll_secs: must be positive")
     if settings.load_model and settings.model_control_mode != "explicit":

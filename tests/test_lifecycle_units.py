@@ -188,3 +188,44 @@ def test_peak_memory_covers_an_allocation_after_a_reset() -> None:
     del block
     assert before > 0
     assert peak >= before + 60 * 1024 * 1024
+
+
+# -- loader priority ----------------------------------------------------------------------------
+
+
+def test_builds_run_niced_and_their_threads_return_to_serving_priority() -> None:
+    import threading
+
+    from edge_agent.runtime.priority import Priority
+
+    priority = Priority(10)
+    if not priority.enabled:  # an unprivileged user without RLIMIT_NICE: nothing is lowered
+        assert "RLIMIT_NICE" in str(priority.disabled_reason)
+        return
+    seen: dict[str, int] = {}
+    release = threading.Event()
+
+    def pool_thread() -> None:  # stands in for a thread ONNX Runtime spawns during a build
+        seen["spawned"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        release.wait(10)
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def loader() -> None:
+        priority.lower_this_thread()
+        seen["loader"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        with priority.spawned() as spawned:
+            child = threading.Thread(target=pool_thread)
+            child.start()
+            while "spawned" not in seen:
+                pass
+        priority.restore(spawned)
+        release.set()
+        child.join()
+
+    runner = threading.Thread(target=loader)
+    runner.start()
+    runner.join()
+    assert seen["loader"] == priority.base + 10
+    assert seen["spawned"] == priority.base + 10  # inherited from the loader
+    assert seen["after"] == priority.base  # back to serving priority
+    assert Priority(0).enabled is False

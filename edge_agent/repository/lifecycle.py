@@ -63,6 +63,7 @@ from edge_agent.repository.scan import (
     scan_repository,
 )
 from edge_agent.repository.version import ModelVersion, build_version
+from edge_agent.runtime.priority import Priority
 from edge_agent.settings import SWAP_POLICIES, Settings
 
 log = get_logger(__name__)
@@ -108,7 +109,13 @@ class ModelManager:
         self._settings = settings
         self._repository = settings.model_repository
         self._registry = registry
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        # One loader thread, at a lower CPU priority than serving (runtime/priority.py).
+        self._priority = Priority(settings.loader_nice)
+        self._loader = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="model-loader",
+            initializer=self._priority.lower_this_thread,
+        )
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[], Awaitable[None]]] = []
         self._poll_task: asyncio.Task[None] | None = None
@@ -141,6 +148,9 @@ class ModelManager:
 
     async def start(self) -> None:
         """The loads at start, by mode; then polling in poll mode."""
+        if not self._priority.enabled:
+            reason = self._priority.disabled_reason
+            log.warning("lifecycle.loader_priority_unchanged", reason=reason)
         with contextlib.suppress(OSError):
             staging.clean_staging(self._repository)
         first_scan = await asyncio.to_thread(scan_repository, self._repository)
@@ -347,7 +357,13 @@ class ModelManager:
             started = time.monotonic()
             try:
                 built = await self._in_loader(
-                    build_version, model_dir, version, source[0], source[1], self._settings
+                    build_version,
+                    model_dir,
+                    version,
+                    source[0],
+                    source[1],
+                    self._settings,
+                    self._priority,
                 )
             except ModelLoadError as exc:
                 results[version] = str(exc)

@@ -30,6 +30,7 @@ from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
 from edge_agent.repository.golden import GOLDEN_FILE, check_golden, read_golden
 from edge_agent.runtime.external_data import validate_external_data
+from edge_agent.runtime.priority import Priority
 from edge_agent.runtime.session import (
     LoadedSession,
     create_session,
@@ -104,8 +105,26 @@ def build_version(
     config: mc.ModelConfig,
     batch_given: bool,
     settings: Settings,
+    priority: Priority | None = None,
 ) -> ModelVersion:
-    """Load, complete, warm and check one version; raises ModelLoadError with the reason."""
+    """Load, complete, warm and check one version; raises ModelLoadError with the reason.
+    `priority`: the threads ONNX Runtime spawns meanwhile go back to serving priority at the end
+    (runtime/priority.py)."""
+    if priority is None:
+        return _build(model_dir, version, config, batch_given, settings)
+    with priority.spawned() as spawned:
+        built = _build(model_dir, version, config, batch_given, settings)
+    priority.restore(spawned)
+    return built
+
+
+def _build(
+    model_dir: Path,
+    version: int,
+    config: mc.ModelConfig,
+    batch_given: bool,
+    settings: Settings,
+) -> ModelVersion:
     name = model_dir.name
     filename = config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME
     path = model_dir / str(version) / filename
