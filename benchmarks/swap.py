@@ -37,7 +37,7 @@ from edge_agent._proto import grpc_service_pb2 as pb  # noqa: E402
 
 CONCURRENCY = 8
 CONFIG = """max_batch_size: 64
-instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+instance_group [ {{ count: 1, kind: {kind} }} ]
 dynamic_batching {{ default_queue_policy {{ max_queue_size: 256 }} }}
 parameters {{ key: "swap_policy" value {{ string_value: "{policy}" }} }}
 """
@@ -112,11 +112,14 @@ async def measure(
     }
 
 
-def run_case(work: Path, name: str, model: Path, width: int, policy: str, quick: bool) -> Any:
+def run_case(
+    work: Path, name: str, model: Path, width: int, policy: str, quick: bool, provider: str
+) -> Any:
     repo = work / f"repo-{name}-{policy}"
     (repo / "model" / "1").mkdir(parents=True)
     shutil.copy(model, repo / "model" / "1" / "model.onnx")
-    (repo / "model" / "config.pbtxt").write_text(CONFIG.format(policy=policy))
+    kind = "KIND_GPU" if provider == "cuda" else "KIND_CPU"
+    (repo / "model" / "config.pbtxt").write_text(CONFIG.format(policy=policy, kind=kind))
     port = free_port()
     log_path = work / f"{name}-{policy}.log"
     with open(log_path, "w") as log:
@@ -137,7 +140,7 @@ def run_case(work: Path, name: str, model: Path, width: int, policy: str, quick:
                 "--metrics-address",
                 "127.0.0.1:0",
                 "--execution-providers",
-                "cpu",
+                provider,
                 "--log-format",
                 "json",
             ],
@@ -188,9 +191,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short phases, for a smoke run")
     parser.add_argument("--model", choices=["digits", "wide_mlp"], help="only this model")
     parser.add_argument("--policy", action="append", choices=["overlap", "drain_first"])
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "swap_results.json")
     args = parser.parse_args()
-    results: dict[str, Any] = {"cases": {}}
+    results: dict[str, Any] = {"provider": args.provider, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cases = {
@@ -201,7 +205,7 @@ def main() -> None:
             if args.model and name != args.model:
                 continue
             for policy in args.policy or ["overlap", "drain_first"]:
-                result = run_case(work, name, model, width, policy, args.quick)
+                result = run_case(work, name, model, width, policy, args.quick, args.provider)
                 results["cases"][f"{name}/{policy}"] = result
                 print(f"{name}/{policy}: {json.dumps(result)}", flush=True)
     args.out.write_text(json.dumps(results, indent=2))

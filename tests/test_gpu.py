@@ -47,3 +47,58 @@ def test_cuda_provider_is_used_and_matches_cpu(start_daemon: Any, tmp_path: Path
         tensor.set_data_from_numpy(data)
         got = client.infer("digits", [tensor]).as_numpy("probabilities")
     np.testing.assert_allclose(got, cpu, atol=1e-4)
+
+
+def test_swaps_on_cuda_under_load_fail_nothing(start_daemon: Any, tmp_path: Path) -> None:
+    """Two CUDA instances (a session each), swapped 5 times under load through
+    RepositoryModelLoad: every version loads on CUDA, warms every batch size, and no request
+    fails."""
+    import threading
+
+    modelgen.versioned(tmp_path / "m" / "1", 1)
+    (tmp_path / "m" / "config.pbtxt").write_text(
+        "max_batch_size: 16\ndynamic_batching {}\ninstance_group [ { count: 2, kind: KIND_GPU } ]\n"
+    )
+    daemon = start_daemon(
+        "--model-repository",
+        str(tmp_path),
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "m",
+    ).wait_started()
+    failures: list[str] = []
+    answers: list[float] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        with grpcclient.InferenceServerClient(daemon.url) as client:
+            tensor = grpcclient.InferInput("x", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+            while not stop.is_set():
+                try:
+                    result = client.infer("m", [tensor])
+                    a, b = result.as_numpy("a"), result.as_numpy("b")
+                    assert np.array_equal(a, b)
+                    answers.append(float(a[0, 0]))
+                except Exception as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        with grpcclient.InferenceServerClient(daemon.url) as control:
+            for version in range(2, 7):
+                modelgen.versioned(tmp_path / "m" / str(version), version)
+                control.load_model("m")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert failures == []
+    assert answers and answers[-1] == 6.0
+    loaded = daemon.named("model.loaded")
+    assert [e["provider"] for e in loaded] == ["cuda"] * 6
+    assert all(e["warmup_runs"] == 16 + 2 for e in loaded)  # every batch size, per instance
+    assert not daemon.named("runtime.provider_fallback")
