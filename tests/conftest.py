@@ -146,7 +146,10 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(repository: Path) -> Iterator[Daemon]:
     """One daemon for the read-only tests, serving the shared repository."""
-    daemon = Daemon(["--model-repository", str(repository)]).wait_started()
+    # The CPU path, also on a machine with a GPU (tests/test_gpu.py covers CUDA).
+    daemon = Daemon(
+        ["--model-repository", str(repository), "--execution-providers", "cpu"]
+    ).wait_started()
     yield daemon
     daemon.stop()
 

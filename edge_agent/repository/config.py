@@ -286,7 +286,8 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
 
     Parameter keys (string values): execution_providers ("cuda,cpu"), strict_provider,
     intra_op_thread_count, inter_op_thread_count, graph_optimization_level, cudnn_conv_algo_search,
-    gpu_mem_limit, arena_extend_strategy. The *_thread_count names are Triton's ONNX backend's.
+    gpu_mem_limit, arena_extend_strategy, use_tf32. The *_thread_count names are Triton's ONNX
+    backend's.
     """
     opts = RuntimeOptions(
         providers=settings.execution_providers,
@@ -298,6 +299,7 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
         cuda_gpu_mem_limit=settings.cuda_gpu_mem_limit,
         cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
         cuda_arena_extend_strategy=settings.cuda_arena_extend_strategy,
+        cuda_use_tf32=settings.cuda_use_tf32,
     )
     changes: dict[str, object] = {}
     instances = instance_count(config)
@@ -325,6 +327,8 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
             changes["providers"] = providers
         if (value := _param(config, "strict_provider")) is not None:
             changes["strict"] = value.strip().lower() in ("1", "true", "yes", "on")
+        if (value := _param(config, "use_tf32")) is not None:
+            changes["cuda_use_tf32"] = value.strip().lower() in ("1", "true", "yes", "on")
         for key, field in (
             ("intra_op_thread_count", "intra_op_threads"),
             ("inter_op_thread_count", "inter_op_threads"),

@@ -48,6 +48,7 @@ class RuntimeOptions:
     cuda_gpu_mem_limit: int = 0
     cudnn_conv_algo_search: str = "HEURISTIC"
     cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
+    cuda_use_tf32: bool = True
 
 
 @dataclasses.dataclass
@@ -100,6 +101,7 @@ def _provider_list(opts: RuntimeOptions) -> list[str | tuple[str, dict[str, str]
                 # EXHAUSTIVE (ORT's default) makes each new input shape take seconds.
                 "cudnn_conv_algo_search": opts.cudnn_conv_algo_search,
                 "arena_extend_strategy": opts.cuda_arena_extend_strategy,
+                "use_tf32": "1" if opts.cuda_use_tf32 else "0",
             }
             if opts.cuda_gpu_mem_limit:
                 cuda["gpu_mem_limit"] = str(opts.cuda_gpu_mem_limit)
