@@ -67,8 +67,22 @@ def test_load_failures_are_logged(server: Any) -> None:
     assert "not a plain file name" in failed[("evil", 1)]
     loaded = {e["model"]: e for e in server.named("model.loaded")}
     assert loaded["digits"]["provider"] == "cpu"
-    fallback = [e for e in server.named("runtime.provider_fallback") if e["model"] == "digits"]
-    assert fallback and fallback[0]["reason"]
+
+
+def test_cuda_asked_for_is_obtained_or_the_fallback_says_why(
+    start_daemon: Any, tmp_path: Any
+) -> None:
+    modelgen.copy_shipped(tmp_path)
+    daemon = start_daemon(
+        "--model-repository", str(tmp_path), "--execution-providers", "cuda,cpu"
+    ).wait_started()
+    (loaded,) = daemon.named("model.loaded")
+    fallback = daemon.named("runtime.provider_fallback")
+    if loaded["provider"] == "cuda":
+        assert fallback == []
+    else:
+        assert loaded["provider"] == "cpu"
+        assert fallback and fallback[0]["reason"] and fallback[0]["active"] == "cpu"
 
 
 def test_health_overall_and_per_model(server: Any) -> None:

@@ -63,6 +63,7 @@ class ModelVersion:
         self.name, self.version, self.config = name, version, config
         self.inputs, self.outputs = cfg.tensor_specs(config)
         self.sessions = sessions
+        self._provider = sessions[0].provider  # kept after close() (metrics may still ask)
         # On CUDA each instance has its own session (one stream each); on CPU the instances
         # share one session, whose run() is thread-safe. A free instance always finds a session:
         # the scheduler never runs more executions than instances.
@@ -79,7 +80,7 @@ class ModelVersion:
 
     @property
     def provider(self) -> str:
-        return self.sessions[0].provider
+        return self._provider
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """One execution on a free instance's session; ORT's errors become ours."""
