@@ -78,6 +78,12 @@ def test_env_types_and_config_path(tmp_path: Path) -> None:
         ("max_message_bytes = 0\n", {}, "at least 1"),
         ("max_concurrent_rpcs = 0\n", {}, "max_concurrent_rpcs: must be at least 1"),
         ("strict_provider = 3\n", {}, "expected true or false"),
+        ('model_control_mode = "auto"\n', {}, "model_control_mode: 'auto' is not one of"),
+        ('load_model = ["m"]\n', {}, "load_model: only meaningful with model_control_mode"),
+        ("repository_poll_secs = 0\n", {}, "repository_poll_secs: must be positive"),
+        ('swap_policy = "yolo"\n', {}, "swap_policy: 'yolo' is not one of"),
+        ("loader_nice = 20\n", {}, "loader_nice: must lie in 0..19"),
+        ('state_dir = "/no/such/state"\n', {}, "state_dir: /no/such/state is not a directory"),
     ],
 )
 def test_invalid_settings(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
@@ -85,6 +91,18 @@ def test_invalid_settings(tmp_path: Path, toml: str, env: dict[str, str], messag
     config.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_settings(config, env, {})
+
+
+def test_lifecycle_settings_from_env_keep_model_names_as_given(tmp_path: Path) -> None:
+    env = {
+        "EDGE_AGENT_MODEL_CONTROL_MODE": "explicit",
+        "EDGE_AGENT_LOAD_MODEL": "Digits, other",
+        "EDGE_AGENT_SWAP_POLICY": "drain_first",
+        "EDGE_AGENT_STATE_DIR": str(tmp_path),
+    }
+    settings = load_settings(None, env, {})
+    assert settings.load_model == ("Digits", "other")
+    assert settings.swap_policy == "drain_first" and settings.state_dir == tmp_path
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
