@@ -77,6 +77,13 @@ def explicit(start_daemon: Any, repo: Path, *extra: str) -> Daemon:
     return daemon
 
 
+def poll(start_daemon: Any, repo: Path) -> Daemon:
+    """A daemon in poll mode, scanning every 0.1 s."""
+    args = ["--model-repository", str(repo), "--model-control-mode", "poll"]
+    daemon: Daemon = start_daemon(*args, "--repository-poll-secs", "0.1").wait_started()
+    return daemon
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     modelgen.versioned(tmp_path / "m" / "1", 1)
@@ -361,14 +368,7 @@ def test_soak_swaps_through_repository_model_load(
 
 
 def test_soak_swaps_through_poll_mode(start_daemon: Any, repo: Path) -> None:
-    daemon = start_daemon(
-        "--model-repository",
-        str(repo),
-        "--model-control-mode",
-        "poll",
-        "--repository-poll-secs",
-        "0.1",
-    ).wait_started()
+    daemon = poll(start_daemon, repo)
     with Load(daemon.url, 8) as load:
         for version in range(2, 2 + SWAPS):
             modelgen.versioned(repo / "m" / str(version), version)  # written in place
@@ -383,14 +383,7 @@ def test_soak_swaps_through_poll_mode(start_daemon: Any, repo: Path) -> None:
 
 def test_poll_never_loads_a_half_written_version(start_daemon: Any, repo: Path) -> None:
     modelgen.echo(repo / "other" / "1" / "model.onnx")
-    daemon = start_daemon(
-        "--model-repository",
-        str(repo),
-        "--model-control-mode",
-        "poll",
-        "--repository-poll-secs",
-        "0.1",
-    ).wait_started()
+    daemon = poll(start_daemon, repo)
     complete = modelgen.versioned(repo.parent / "complete" / "2", 2).parent
     target = repo / "m" / "2"
     target.mkdir()
@@ -423,14 +416,7 @@ def test_poll_never_loads_a_half_written_version(start_daemon: Any, repo: Path) 
 
 
 def test_poll_loads_new_and_unloads_removed_models(start_daemon: Any, repo: Path) -> None:
-    daemon = start_daemon(
-        "--model-repository",
-        str(repo),
-        "--model-control-mode",
-        "poll",
-        "--repository-poll-secs",
-        "0.1",
-    ).wait_started()
+    daemon = poll(start_daemon, repo)
     with grpcclient.InferenceServerClient(daemon.url) as client:
         modelgen.versioned(repo / "n" / "1", 9)
         wait_for(lambda: client.is_model_ready("n"), "the new model")
@@ -483,14 +469,7 @@ def test_rollback_is_served_in_poll_mode_and_a_newer_version_supersedes_it(
     start_daemon: Any, repo: Path
 ) -> None:
     modelgen.versioned(repo / "m" / "2", 2)
-    daemon = start_daemon(
-        "--model-repository",
-        str(repo),
-        "--model-control-mode",
-        "poll",
-        "--repository-poll-secs",
-        "0.1",
-    ).wait_started()
+    daemon = poll(start_daemon, repo)
     with grpcclient.InferenceServerClient(daemon.url) as client:
         assert answer(client) == 2.0
         assert models_cli(daemon, "rollback", "--model", "m").returncode == 0

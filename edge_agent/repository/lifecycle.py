@@ -471,7 +471,9 @@ class ModelManager:
         memory.reset_peak()
         serving = entry.ready_versions()
         entry.gate = asyncio.Event()
-        entry.gate_limit = max(m.scheduler.policy.levels[0].max_queue_size for m in serving)
+        entry.gate_limit = max(
+            level.max_queue_size for m in serving for level in m.scheduler.policy.levels
+        )
         try:
             old = {
                 s.version: (s.source, s.files)
