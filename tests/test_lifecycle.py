@@ -554,3 +554,22 @@ def test_config_parameter_applies_until_the_next_plain_load(start_daemon: Any, r
         assert client.get_model_config("m").config.max_batch_size == 32  # autocompleted
         with pytest.raises(InferenceServerException, match="names model 'other'"):
             client.load_model("m", config=json.dumps({"name": "other"}))
+
+
+def test_a_load_whose_caller_gives_up_still_completes(start_daemon: Any, repo: Path) -> None:
+    """A client deadline on RepositoryModelLoad must not leave a swap half done (with
+    drain_first the old version is already gone by then)."""
+    (repo / "m" / "config.pbtxt").write_text(
+        "max_batch_size: 8\n"
+        'parameters { key: "swap_policy" value { string_value: "drain_first" } }\n'
+        'model_warmup [ { name: "long" batch_size: 1 count: 20000\n'
+        '  inputs { key: "x" value { data_type: TYPE_FP32 dims: [4] zero_data: true } } } ]\n'
+    )
+    daemon = explicit(start_daemon, repo)
+    modelgen.versioned(repo / "m" / "2", 2)
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        with pytest.raises(InferenceServerException, match="Deadline"):
+            client.load_model("m", client_timeout=0.05)
+        wait_for(lambda: daemon.named("model.swapped"), "the swap to finish anyway")
+        assert answer(client) == 2.0
+        assert index(client)[("m", "2")] == ("READY", "")

@@ -119,6 +119,7 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[], Awaitable[None]]] = []
         self._poll_task: asyncio.Task[None] | None = None
+        self._operations: set[asyncio.Future[None]] = set()  # detached load / unload / rollback
         self._overrides: dict[str, tuple[mc.ModelConfig, bool]] = {}  # in-memory config params
         self._state_path = settings.state_dir / STATE_FILE if settings.state_dir else None
         self._withdrawn = self._read_state()
@@ -178,14 +179,25 @@ class ModelManager:
 
     # -- the operations -------------------------------------------------------------------------
 
+    async def _detached(self, operation: Awaitable[None]) -> None:
+        """Run an operation to its end even if the caller goes away (an RPC deadline or a
+        cancelled client must not leave a swap half done), and wait for it."""
+        task = asyncio.ensure_future(operation)
+        self._operations.add(task)
+        task.add_done_callback(self._operations.discard)
+        await asyncio.shield(task)
+
     async def load(self, name: str, request: LoadRequest, at_start: bool = False) -> None:
         """Load or reload `name` from the repository (or from pushed files, or roll it back).
         Raises the reason when the model or a version it should serve failed to load."""
+        await self._detached(self._load_request(name, request, at_start))
+
+    async def _load_request(self, name: str, request: LoadRequest, at_start: bool) -> None:
         staging.check_model_name(name)
         if request.rollback:
             if request.files or request.config_json:
                 raise InvalidArgument("'rollback' cannot be combined with 'config' or files")
-            await self.rollback(name)
+            await self._rollback(name)
             return
         if self.mode != "explicit" and not at_start:
             raise Unavailable(
@@ -221,6 +233,9 @@ class ModelManager:
                         await model.close()
 
     async def unload(self, name: str) -> None:
+        await self._detached(self._unload_request(name))
+
+    async def _unload_request(self, name: str) -> None:
         if self.mode != "explicit":
             raise Unavailable(
                 f"explicit model load / unload is not allowed in model control mode '{self.mode}'"
@@ -238,6 +253,9 @@ class ModelManager:
         """Serve the newest version older than the one serving now, through the same swap path.
         The rolled-back version is withdrawn (persisted with --state-dir) until an explicit load
         of the model or a newer version on disk."""
+        await self._detached(self._rollback(name))
+
+    async def _rollback(self, name: str) -> None:
         async with self._lock(name):
             entry = self._registry.find(name)
             ready = entry.ready_versions() if entry is not None else []
