@@ -341,6 +341,26 @@ def test_drain_first_failure_restores_the_old_version(start_daemon: Any, repo: P
         assert answer(client) == 1.0
         assert index(client)[("m", "1")] == ("READY", "")
     assert daemon.named("model.swap_restoring")
+    # Requests paused, but nothing was swapped: reported as such, not counted as a swap.
+    (restored,) = daemon.named("model.swap_restored")
+    assert restored["versions"] == restored["versions_before"] == [1]
+    assert restored["pause_seconds"] > 0
+    assert daemon.named("model.swapped") == []
+    assert "edge_agent_model_swaps_total{" not in metrics(daemon)
+
+
+def test_an_invalid_swap_policy_is_a_recorded_load_failure(start_daemon: Any, repo: Path) -> None:
+    daemon = explicit(start_daemon, repo)
+    (repo / "m" / "config.pbtxt").write_text(
+        'parameters { key: "swap_policy" value { string_value: "sideways" } }\n'
+    )
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        with pytest.raises(InferenceServerException, match="swap_policy 'sideways'"):
+            client.load_model("m")
+        assert answer(client) == 1.0  # the serving version stays
+        state, reason = index(client)[("m", "")]
+        assert state == "UNAVAILABLE" and "swap_policy 'sideways'" in reason
+    assert 'edge_agent_model_load_failures_total{model="m"} 1.0' in metrics(daemon)
 
 
 # -- the soak: 8 clients, 20 swaps by RPC and 20 by poll, zero failures -------------------------

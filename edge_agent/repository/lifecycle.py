@@ -84,8 +84,9 @@ class LoadRequest:
     rollback: bool = False
 
 
-def config_from_json(text: str, model: str) -> tuple[mc.ModelConfig, str]:
-    """The `config` parameter (a JSON ModelConfig) -> (config, its config.pbtxt text)."""
+def config_from_json(text: str, model: str) -> tuple[mc.ModelConfig, bool, str]:
+    """The `config` parameter (a JSON ModelConfig) -> (config, whether it sets max_batch_size,
+    its config.pbtxt text)."""
     config = mc.ModelConfig()
     try:
         data = json.loads(text)
@@ -97,11 +98,12 @@ def config_from_json(text: str, model: str) -> tuple[mc.ModelConfig, str]:
     if config.name and config.name != model:
         raise InvalidArgument(f"parameter 'config' names model {config.name!r}, not {model!r}")
     config.name = model
+    batch_given = "max_batch_size" in data
     text_config = text_format.MessageToString(config)
-    if "max_batch_size" in data and config.max_batch_size == 0:
+    if batch_given and config.max_batch_size == 0:
         # An explicit 0 ("does not batch") would vanish from the text and autocomplete again.
         text_config = "max_batch_size: 0\n" + text_config
-    return config, text_config
+    return config, batch_given, text_config
 
 
 class ModelManager:
@@ -152,8 +154,7 @@ class ModelManager:
         if not self._priority.enabled:
             reason = self._priority.disabled_reason
             log.warning("lifecycle.loader_priority_unchanged", reason=reason)
-        with contextlib.suppress(OSError):
-            staging.clean_staging(self._repository)
+        staging.clean_staging(self._repository)
         first_scan = await asyncio.to_thread(scan_repository, self._repository)
         names = sorted(first_scan)
         if self.mode == "explicit":
@@ -207,8 +208,8 @@ class ModelManager:
         override = None
         config_text = None
         if request.config_json is not None:
-            config, config_text = config_from_json(request.config_json, name)
-            override = (config, "max_batch_size" in json.loads(request.config_json))
+            config, batch_given, config_text = config_from_json(request.config_json, name)
+            override = (config, batch_given)
         async with self._lock(name):
             entry = self._registry.find(name)
             if entry is not None and entry.withdrawn:  # an explicit load undoes a rollback
@@ -295,6 +296,7 @@ class ModelManager:
                 config, batch_given = self._overrides[name]
             else:
                 config, batch_given = cfg.read_config(model_dir)
+            policy = self._swap_policy(config)
             available = [v for v in files.versions if v not in entry.withdrawn]
             chosen, absent = cfg.select_versions(config, available)
             if not chosen and not absent:
@@ -325,7 +327,6 @@ class ModelManager:
             for v, (model, built_files, built_source) in (prebuilt or {}).items()
             if v in rebuild and built_files == files.version(v) and built_source == source
         }
-        policy = self._swap_policy(config)
         if rebuild and policy == "drain_first" and entry.ready_versions():
             await self._swap_drain_first(entry, source, files, chosen, rebuild, reuse)
         else:
@@ -450,6 +451,12 @@ class ModelManager:
             if state.state == UNLOADING:
                 state.state, state.model = UNAVAILABLE, None
 
+    @staticmethod
+    def _swap_start(entry: ModelEntry) -> tuple[list[int], float, int]:
+        """(versions serving, start time, resident memory) of a swap; its memory peak starts."""
+        memory.reset_peak()
+        return [m.version for m in entry.ready_versions()], time.monotonic(), memory.rss_bytes()
+
     async def _swap_overlap(
         self,
         entry: ModelEntry,
@@ -459,9 +466,7 @@ class ModelManager:
         rebuild: list[int],
         reuse: Mapping[int, ModelVersion],
     ) -> None:
-        before = [m.version for m in entry.ready_versions()]
-        started, rss_before = time.monotonic(), memory.rss_bytes()
-        memory.reset_peak()
+        before, started, rss_before = self._swap_start(entry)
         results = await self._build(entry, source, rebuild, reuse=reuse)
         # The step: new versions serve and the unchosen stop, together, or nothing retires.
         replaced = self._install(entry, source, files, results)
@@ -484,9 +489,7 @@ class ModelManager:
         rebuild: list[int],
         reuse: Mapping[int, ModelVersion],
     ) -> None:
-        before = [m.version for m in entry.ready_versions()]
-        started, rss_before = time.monotonic(), memory.rss_bytes()
-        memory.reset_peak()
+        before, started, rss_before = self._swap_start(entry)
         serving = entry.ready_versions()
         entry.gate = asyncio.Event()
         entry.gate_limit = max(
@@ -503,19 +506,20 @@ class ModelManager:
             await self._release(retiring, [])
             results = await self._build(entry, source, rebuild, reuse=reuse)
             self._install(entry, source, files, results)
-            if not any(entry.versions[v].state == READY for v in chosen):
+            restored = not any(entry.versions[v].state == READY for v in chosen)
+            if restored:
                 # Nothing new serves: bring the old versions back, each as it was built.
                 log.warning("model.swap_restoring", model=entry.name, versions=sorted(old))
                 for version, (old_source, old_files) in old.items():
                     if old_source is None:
                         continue
-                    restored = await self._build(entry, old_source, [version])
-                    self._install(entry, old_source, ModelFiles((), {version: old_files}), restored)
+                    rebuilt = await self._build(entry, old_source, [version])
+                    self._install(entry, old_source, ModelFiles((), {version: old_files}), rebuilt)
         finally:
             entry.gate.set()
             entry.gate = None
         pause = time.monotonic() - started
-        self._swapped(entry, "drain_first", before, pause, started, rss_before)
+        self._swapped(entry, "drain_first", before, pause, started, rss_before, restored)
 
     def _swapped(
         self,
@@ -525,13 +529,17 @@ class ModelManager:
         pause: float,
         started: float,
         rss_before: int,
+        restored: bool = False,
     ) -> None:
+        """Report a swap (or, `restored`, a drain_first swap that failed and brought the old
+        versions back: requests paused all the same, but nothing was swapped)."""
         peak = memory.peak_rss_bytes()
         life = entry.lifecycle
-        life.swaps[policy] = life.swaps.get(policy, 0) + 1
+        if not restored:
+            life.swaps[policy] = life.swaps.get(policy, 0) + 1
         life.last_pause_s, life.last_peak_rss_bytes = pause, peak
         log.info(
-            "model.swapped",
+            "model.swap_restored" if restored else "model.swapped",
             model=entry.name,
             policy=policy,
             versions_before=before,
@@ -647,13 +655,18 @@ class ModelManager:
             return {}
 
     def _write_state(self) -> None:
+        """Persist the rollbacks; a state directory that cannot be written is logged (the
+        rollback itself has happened and serves; it will not survive a restart)."""
         if self._state_path is None:
             return
         withdrawn = {e.name: sorted(e.withdrawn) for e in self._registry.entries() if e.withdrawn}
         withdrawn.update({k: sorted(v) for k, v in self._withdrawn.items() if v})
         temporary = self._state_path.with_suffix(".tmp")
-        with open(temporary, "w") as f:
-            json.dump({"withdrawn": withdrawn}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self._state_path)
+        try:
+            with open(temporary, "w") as f:
+                json.dump({"withdrawn": withdrawn}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self._state_path)
+        except OSError as exc:
+            log.error("lifecycle.state_unwritable", path=str(self._state_path), error=str(exc))
