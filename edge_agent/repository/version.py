@@ -59,6 +59,7 @@ class ModelVersion:
         config: mc.ModelConfig,
         sessions: list[LoadedSession],
         policy: SchedulerPolicy,
+        warmup_runs: int = 0,
     ) -> None:
         self.name, self.version, self.config = name, version, config
         self.inputs, self.outputs = cfg.tensor_specs(config)
@@ -71,7 +72,7 @@ class ModelVersion:
         for i in range(policy.instances):
             self._free_sessions.put(sessions[i % len(sessions)])
         self.stats = ModelStats()
-        self.warmup_runs = 0  # inferences run before it could serve (for the log)
+        self.warmup_runs = warmup_runs  # inferences run before it could serve (for the log)
         self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
 
     @property
@@ -171,9 +172,7 @@ def _build(
     if inline is None:
         inline = largest <= INLINE_BUDGET_S
     policy = dataclasses.replace(policy, inline=inline)
-    built = ModelVersion(name, version, complete, sessions, policy)
-    built.warmup_runs = runs
-    return built
+    return ModelVersion(name, version, complete, sessions, policy, runs)
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:
