@@ -1,10 +1,11 @@
 """The composition root: `Agent.run()` = startup -> serve -> shutdown.
 
 startup: load and warm models (by model control mode) -> bind the gRPC and metrics listeners ->
-health SERVING -> ready; in poll mode the repository poll starts with the loads.
+health SERVING -> ready -> the weight sync starts (with a control plane); in poll mode the
+repository poll starts with the loads.
 shutdown (SIGTERM/SIGINT; a second signal exits at once): health NOT_SERVING, not ready -> stop
-polling -> `server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) -> schedulers
-finish what they admitted and stop their threads -> metrics listener closes.
+sync and polling -> `server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) ->
+schedulers finish what they admitted and stop their threads -> metrics listener closes.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from grpc_health.v1 import health, health_pb2
 from edge_agent.api.server import bind, build_server
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.observability.logging import get_logger
-from edge_agent.observability.metrics import MetricsServer
+from edge_agent.observability.metrics import MetricsServer, SyncCollector
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
 from edge_agent.settings import Settings
+from edge_agent.sync.syncer import Syncer
 
 log = get_logger(__name__)
 
@@ -44,6 +46,7 @@ class Agent:
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.syncer: Syncer | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -62,6 +65,9 @@ class Agent:
             self.port = bind(server, self.settings.grpc_address)
             self.metrics_port = self.metrics.start()
             await server.start()
+            if self.settings.control_plane:
+                self.syncer = Syncer(self.settings, self.manager, asyncio.get_running_loop())
+                self.metrics.registry.register(SyncCollector(self.syncer.stats))
             self.servicer.ready = True
             # Everything built at start lives as long as the agent: keep it out of the cyclic
             # collector's full passes, which otherwise pause the event loop for milliseconds.
@@ -75,6 +81,9 @@ class Agent:
                 metrics_port=self.metrics_port,
                 pid=os.getpid(),
             )
+            if self.syncer is not None:
+                # After the start: serving never waits for the control plane.
+                self.syncer.start()
             await self._stop.wait()
         finally:
             await self._shutdown(server)
@@ -103,6 +112,8 @@ class Agent:
     async def _shutdown(self, server: object) -> None:
         self.servicer.ready = False
         await self.health.enter_graceful_shutdown()
+        if self.syncer is not None:
+            await asyncio.to_thread(self.syncer.stop)
         await self.manager.stop()
         await server.stop(self.settings.shutdown_grace_seconds)  # type: ignore[attr-defined]
         await self.registry.close()

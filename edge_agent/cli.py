@@ -1,5 +1,6 @@
 """The `edge-agent` command: `serve` runs the daemon, `infer` calls one, `models` manages its
-models."""
+models; `control-plane serve` runs the fleet's control plane, `publish` / `keygen` / `fleet`
+release models to it and steer rollouts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.errors import ConfigError
+from edge_agent.settings import LOG_FORMATS, LOG_LEVELS
 
 EXIT_OK = 0
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
@@ -48,6 +50,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--swap-policy", help="overlap|drain_first (default overlap)")
     serve.add_argument("--state-dir", help="directory for state kept across restarts")
+    serve.add_argument("--control-plane", help="HOST:PORT of the control plane to sync from")
+    serve.add_argument("--device-id", help="this device's id on the control plane")
+    serve.add_argument("--device-token-file", help="file holding this device's token")
+    serve.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="PUBFILE",
+        help="public key (PEM) whose release signatures are accepted; repeatable",
+    )
+    serve.add_argument("--sync-interval", help="long-poll wait in seconds (default 30)")
+    serve.add_argument("--sync-bandwidth-limit", help="download bytes per second (0: no limit)")
+
+    control = commands.add_parser("control-plane", help="run the fleet's control plane")
+    control.add_argument("action", choices=["serve"])
+    control.add_argument("--data-dir", required=True, type=Path)
+    control.add_argument("--address", default="0.0.0.0:8010", help="HOST:PORT (0.0.0.0:8010)")
+    control.add_argument(
+        "--max-failure-share",
+        type=float,
+        default=0.2,
+        help="pause a rollout once more than this share of its devices fail (default 0.2)",
+    )
+    control.add_argument("--log-level", default="info")
+    control.add_argument("--log-format", default="auto")
+
+    from edge_agent.fleet.client import add_arguments
+
+    add_arguments(commands)
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
@@ -95,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "control-plane":
+        return _control_plane(args)
+    if args.command in ("publish", "keygen", "fleet"):
+        from edge_agent.fleet.client import run
+
+        return run(args.command, args)
     from edge_agent.client import run_infer, run_models
 
     return run_infer(args) if args.command == "infer" else run_models(args)
@@ -118,6 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
         "load_model": args.load_model,
         "swap_policy": args.swap_policy,
         "state_dir": args.state_dir,
+        "control_plane": args.control_plane,
+        "device_id": args.device_id,
+        "device_token_file": args.device_token_file,
+        "trusted_keys": args.trusted_key,
+        "sync_interval": args.sync_interval,
+        "sync_bandwidth_limit": args.sync_bandwidth_limit,
     }
     try:
         settings = load_settings(args.config, flags=flags)
@@ -133,6 +175,26 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(Agent(settings).run())
     except ConfigError as exc:  # e.g. the listener cannot bind
         get_logger("edge_agent").error("agent.start_failed", error=str(exc))
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _control_plane(args: argparse.Namespace) -> int:
+    from edge_agent.controlplane.server import ControlPlane, ControlPlaneSettings
+    from edge_agent.observability.logging import configure_logging, get_logger
+
+    if args.log_level not in LOG_LEVELS or args.log_format not in LOG_FORMATS:
+        print("edge-agent: invalid --log-level or --log-format", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(args.log_level, args.log_format)
+    settings = ControlPlaneSettings(
+        data_dir=args.data_dir, address=args.address, max_failure_share=args.max_failure_share
+    )
+    try:
+        asyncio.run(ControlPlane(settings).run())
+    except (ConfigError, OSError) as exc:
+        get_logger("edge_agent").error("controlplane.start_failed", error=str(exc))
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return EXIT_OK

@@ -2,9 +2,12 @@
 
     EdgeAgentError                  INTERNAL (never shown as-is to a client)
     ├── InvalidArgument             INVALID_ARGUMENT: the request itself is wrong
+    │   └── ReleaseRejected         a fleet release failed a check (`reason`: a short label)
     ├── NotFound                    NOT_FOUND: no such model or version
     ├── Unavailable                 UNAVAILABLE: exists but cannot serve now (retryable)
     │   └── QueueFull               UNAVAILABLE: the model's bounded queue is full (retry later)
+    ├── Unauthenticated             UNAUTHENTICATED: no or unknown credentials
+    ├── PermissionDenied            PERMISSION_DENIED: valid credentials, wrong role
     ├── FailedPrecondition          FAILED_PRECONDITION: valid, but not in the current state
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: its deadline passed before it ran
     ├── ExecutionError              INTERNAL: ONNX Runtime failed on a request that passed checks
@@ -29,6 +32,23 @@ class EdgeAgentError(Exception):
 
 class InvalidArgument(EdgeAgentError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ReleaseRejected(InvalidArgument):
+    """A release or one of its files failed a check (fleet/release.py, sync/); `reason` labels
+    edge_agent_sync_failures_total and the report sent to the control plane."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Unauthenticated(EdgeAgentError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(EdgeAgentError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class NotFound(EdgeAgentError):

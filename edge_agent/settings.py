@@ -69,6 +69,16 @@ class Settings:
     # Where the agent keeps state across restarts (rollbacks); unset = nothing persisted.
     state_dir: Path | None = None
 
+    # Weight sync from a control plane (sync/); off while control_plane is empty. Needs
+    # device_id, device_token_file, trusted_keys (public keys, PEM) and state_dir.
+    control_plane: str = ""
+    device_id: str = ""
+    device_token_file: Path | None = None
+    trusted_keys: tuple[str, ...] = ()
+    # The long-poll wait: the control plane answers at once on a change, else after this long.
+    sync_interval: float = 30.0
+    sync_bandwidth_limit: int = 0  # bytes per second for blob downloads, 0 = unlimited
+
     # Runtime defaults; a model's config.pbtxt parameters and instance_group override them.
     execution_providers: tuple[str, ...] = ("cuda", "cpu")
     strict_provider: bool = False  # refuse to serve a model on CPU when CUDA was asked for
@@ -182,6 +192,20 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"state_dir: {settings.state_dir} is not a directory")
     if settings.shutdown_grace_seconds < 0:
         raise ConfigError("shutdown_grace_seconds: must not be negative")
+    if settings.control_plane:
+        parse_address(settings.control_plane, "control_plane")
+        for key in ("device_id", "device_token_file", "trusted_keys", "state_dir"):
+            if not getattr(settings, key):
+                raise ConfigError(f"{key}: required when control_plane is set")
+        for key_file in settings.trusted_keys:
+            if not Path(key_file).is_file():
+                raise ConfigError(f"trusted_keys: {key_file} is not a file")
+        if settings.device_token_file is not None and not settings.device_token_file.is_file():
+            raise ConfigError(f"device_token_file: {settings.device_token_file} is not a file")
+    if settings.sync_interval <= 0:
+        raise ConfigError("sync_interval: must be positive")
+    if settings.sync_bandwidth_limit < 0:
+        raise ConfigError("sync_bandwidth_limit: must not be negative")
     if not settings.model_repository.is_dir():
         raise ConfigError(f"model_repository: {settings.model_repository} is not a directory")
 

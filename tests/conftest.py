@@ -28,10 +28,13 @@ START_TIMEOUT_S = 90
 class Daemon:
     """`edge-agent serve` in a subprocess; its JSON log lines are parsed as they arrive."""
 
+    STARTED = "agent.started"
+
     def __init__(self, args: list[str], env: dict[str, str] | None = None, address: bool = True):
-        command = [sys.executable, "-m", "edge_agent", "serve", "--log-format", "json", *args]
+        command = [sys.executable, "-m", "edge_agent", *self.command(), "--log-format", "json"]
+        command += args
         if address:
-            command += ["--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"]
+            command += self.address_args()
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self._started = threading.Event()
@@ -54,7 +57,7 @@ class Daemon:
             except json.JSONDecodeError:
                 event = {"event": "unparsed", "line": line}
             self.events.append(event)
-            if event.get("event") == "agent.started":
+            if event.get("event") == self.STARTED:
                 self._started.set()
         self._started.set()  # the process ended: wake any waiter
 
@@ -73,9 +76,15 @@ class Daemon:
             )
         return self
 
+    def command(self) -> list[str]:
+        return ["serve"]
+
+    def address_args(self) -> list[str]:
+        return ["--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"]
+
     @property
     def port(self) -> int | None:
-        started = self.named("agent.started")
+        started = self.named(self.STARTED)
         return int(started[0]["port"]) if started else None
 
     @property
@@ -100,12 +109,29 @@ class Daemon:
         return self.proc.returncode
 
 
+class ControlPlaneProcess(Daemon):
+    """`edge-agent control-plane serve` in a subprocess (args: --data-dir DIR ...)."""
+
+    STARTED = "controlplane.started"
+
+    def command(self) -> list[str]:
+        return ["control-plane", "serve"]
+
+    def address_args(self) -> list[str]:
+        return ["--address", "127.0.0.1:0"]
+
+
 @pytest.fixture
 def start_daemon() -> Iterator[Any]:
     daemons: list[Daemon] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, address: bool = True) -> Daemon:
-        daemon = Daemon(list(args), env, address)
+    def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        address: bool = True,
+        kind: type[Daemon] = Daemon,
+    ) -> Daemon:
+        daemon = kind(list(args), env, address)
         daemons.append(daemon)
         return daemon
 

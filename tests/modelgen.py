@@ -176,3 +176,32 @@ def versioned_files(value: float, tmp: Path) -> dict[str, bytes]:
     """The files of a `versioned` model, by name, for pushing inline."""
     versioned(tmp, value)
     return {p.name: p.read_bytes() for p in sorted(tmp.iterdir())}
+
+
+def mlp(path: Path, last_layer_seed: int, width: int = 256, hidden_layers: int = 2) -> Path:
+    """y = relu(...relu(x W1) ... ) Wlast, [batch, 64] -> [batch, 10] FP32. Every layer but the
+    last is fixed; `last_layer_seed` changes only the last one (a "one-layer update")."""
+    fixed = np.random.default_rng(0)
+    weights = [fixed.standard_normal((64, width)).astype(np.float32) / 8]
+    weights += [
+        fixed.standard_normal((width, width)).astype(np.float32) / 16
+        for _ in range(hidden_layers - 1)
+    ]
+    last = np.random.default_rng(last_layer_seed).standard_normal((width, 10)).astype(np.float32)
+    weights.append(last)
+    nodes, current = [], "x"
+    for i in range(len(weights)):
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]))
+        current = f"m{i}"
+        if i < len(weights) - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"r{i}"]))
+            current = f"r{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )
+    return _save(helper.make_model(graph), path)

@@ -156,6 +156,45 @@ class AgentCollector:
         yield from (swaps, failures, pause, peak)
 
 
+class SyncCollector:
+    """edge_agent_sync_* from the sync task's stats (sync/syncer.py SyncStats), read at scrape."""
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._stats
+        sent = CounterMetricFamily(
+            "edge_agent_sync_bytes", "Blob bytes received from the control plane"
+        )
+        sent.add_metric([], stats.bytes_total)
+        yield sent
+        failures = CounterMetricFamily(
+            "edge_agent_sync_failures", "Failed sync steps by reason", labels=["reason"]
+        )
+        for reason, count in sorted(dict(stats.failures).items()):
+            failures.add_metric([reason], count)
+        yield failures
+        last = GaugeMetricFamily(
+            "edge_agent_sync_last_success_timestamp_seconds",
+            "When the control plane last answered (unix time; 0 = never)",
+        )
+        last.add_metric([], stats.last_success)
+        yield last
+        versions = GaugeMetricFamily(
+            "edge_agent_sync_model_version",
+            "Newest version installed by sync, and the version serving, per model",
+            labels=["model", "kind"],
+        )
+        for model, version in sorted(dict(stats.installed).items()):
+            versions.add_metric([model, "installed"], version)
+        for model, version in sorted(dict(stats.serving).items()):
+            versions.add_metric([model, "serving"], version)
+        yield versions
+
+
 class MetricsServer:
     """The /metrics endpoint on its own thread (prometheus-client's HTTP server)."""
 

@@ -217,7 +217,13 @@ class ModelManager:
                 self._write_state()
             prebuilt: dict[int, Prebuilt] = {}
             if request.files:
-                prebuilt = await self._push(name, request.files, config_text)
+                files = request.files
+                prebuilt = await self._push(
+                    name,
+                    lambda: staging.stage(self._repository, name, files, config_text),
+                    sorted(files),
+                    config_text is not None,
+                )
                 self._overrides.pop(name, None)  # the config is now config.pbtxt
             elif override is not None:
                 self._overrides[name] = override
@@ -277,6 +283,54 @@ class ModelManager:
                     entry.withdrawn.discard(current)  # the rollback failed: it still serves
             self._write_state()
             log.info("model.rolled_back", model=name, from_version=current)
+
+    async def install(self, name: str, version: int, source: Path) -> None:
+        """Install `source` (a directory of verified files, the sync's) as `version` of `name`
+        through the push path: copied to staging, built, warmed and checked there, installed by
+        rename, then swapped in. Allowed in every model control mode."""
+        await self._detached(self._install_from(name, version, source))
+
+    async def _install_from(self, name: str, version: int, source: Path) -> None:
+        staging.check_model_name(name)
+        async with self._lock(name):
+            prebuilt = await self._push(
+                name,
+                lambda: staging.stage_directory(self._repository, name, version, source),
+                [version],
+                False,
+            )
+            entry = self._registry.ensure(name)
+            entry.withdrawn.discard(version)
+            try:
+                await self._load(name, prebuilt)
+            finally:
+                for model, _, _ in prebuilt.values():
+                    if not self._serves(name, model):
+                        await model.close()
+            self._write_state()
+
+    async def serve_only_up_to(self, name: str, version: int) -> None:
+        """Serve `version` (on disk already) as the newest: newer versions on disk are withdrawn
+        (a rollback, persisted), this one and older ones are not. Allowed in every mode."""
+        await self._detached(self._serve_only_up_to(name, version))
+
+    async def _serve_only_up_to(self, name: str, version: int) -> None:
+        staging.check_model_name(name)
+        async with self._lock(name):
+            on_disk = (await asyncio.to_thread(scan_model, self._repository / name)).versions
+            if version not in on_disk:
+                raise NotFound(f"model '{name}' has no version {version} on disk")
+            entry = self._registry.ensure(name)
+            entry.withdrawn = {v for v in on_disk if v > version}
+            self._withdrawn.pop(name, None)
+            await self._load(name)
+            self._write_state()
+
+    def serving_version(self, name: str) -> int:
+        """The newest version of `name` serving now (0: none)."""
+        entry = self._registry.find(name)
+        ready = entry.ready_versions() if entry is not None else []
+        return ready[-1].version if ready else 0
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -564,22 +618,21 @@ class ModelManager:
         await self._changed()
 
     async def _push(
-        self, name: str, files: Mapping[int, Mapping[str, bytes]], config_text: str | None
+        self, name: str, stage: Callable[[], Path], versions: list[int], with_config: bool
     ) -> dict[int, Prebuilt]:
-        """Stage the pushed files, build every pushed version from staging (it must load, warm
-        and pass its golden check), then install them into the repository. Returns the built
-        versions, which serve as they are when the load that follows selects them."""
+        """Stage the files (`stage` writes them to a staging model directory), build every staged
+        version from there (it must load, warm and pass its golden check), then install them into
+        the repository. Returns the built versions, which serve as they are when the load that
+        follows selects them."""
         try:
-            staged = await self._in_loader(
-                staging.stage, self._repository, name, files, config_text
-            )
+            staged = await self._in_loader(stage)
         except OSError as exc:
             raise FailedPrecondition(f"cannot write to the model repository: {exc}") from exc
         try:
             config, batch_given = await asyncio.to_thread(cfg.read_config, staged)
             trial = self._registry.find(name) or ModelEntry(name)
             probe = ModelEntry(name, lifecycle=trial.lifecycle)
-            results = await self._build(probe, (config, batch_given), sorted(files), staged)
+            results = await self._build(probe, (config, batch_given), versions, staged)
             staged_files = await asyncio.to_thread(scan_model, staged)
             built = {
                 v: (r, staged_files.version(v), (config, batch_given))
@@ -597,9 +650,8 @@ class ModelManager:
                     + "; ".join(f"version {v}: {r}" for v, r in sorted(failed.items()))
                 )
             try:
-                with_config = config_text is not None
                 await self._in_loader(
-                    staging.install, staged, self._repository, sorted(files), with_config
+                    staging.install, staged, self._repository, versions, with_config
                 )
             except OSError as exc:
                 for model, _, _ in built.values():
@@ -609,7 +661,7 @@ class ModelManager:
                 ) from exc
         finally:
             await asyncio.to_thread(staging.discard, staged)
-        log.info("model.files_installed", model=name, versions=sorted(files))
+        log.info("model.files_installed", model=name, versions=versions)
         return built
 
     # -- poll mode ------------------------------------------------------------------------------

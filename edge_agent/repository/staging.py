@@ -109,6 +109,31 @@ def stage(
     return staged
 
 
+def stage_directory(repository: Path, model: str, version: int, source: Path) -> Path:
+    """Copy the files of `source` (flat) to a fresh staging model directory as `version`, with
+    the repository's config.pbtxt for this model (if any). Copies, never hardlinks: weight files
+    with several links are refused at load (runtime/external_data.py)."""
+    check_model_name(model)
+    staged = repository / STAGING / uuid.uuid4().hex / model
+    target = staged / str(version)
+    target.mkdir(parents=True)
+    try:
+        existing = repository / model / "config.pbtxt"
+        if existing.is_file():
+            _write(staged / "config.pbtxt", existing.read_bytes())
+        for path in sorted(source.iterdir()):
+            with open(path, "rb") as src, open(target / path.name, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        _fsync_dir(target)
+        _fsync_dir(staged)
+    except BaseException:
+        discard(staged)
+        raise
+    return staged
+
+
 def discard(staged: Path) -> None:
     """Remove a staging directory (the <random> level above the model directory)."""
     shutil.rmtree(staged.parent, ignore_errors=True)

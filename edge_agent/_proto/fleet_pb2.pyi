@@ -1,0 +1,243 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TargetScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TARGET_SCOPE_UNSPECIFIED: _ClassVar[TargetScope]
+    FLEET: _ClassVar[TargetScope]
+    GROUP: _ClassVar[TargetScope]
+    CANARY: _ClassVar[TargetScope]
+TARGET_SCOPE_UNSPECIFIED: TargetScope
+FLEET: TargetScope
+GROUP: TargetScope
+CANARY: TargetScope
+
+class MissingBlobsRequest(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MissingBlobsResponse(_message.Message):
+    __slots__ = ("missing",)
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UploadBlobRequest(_message.Message):
+    __slots__ = ("digest", "size", "data")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    data: bytes
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadBlobResponse(_message.Message):
+    __slots__ = ("digest", "size")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class SetTargetRequest(_message.Message):
+    __slots__ = ("model", "version", "scope", "group", "canary_percent")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    scope: TargetScope
+    group: str
+    canary_percent: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ...) -> None: ...
+
+class RegisterReleaseRequest(_message.Message):
+    __slots__ = ("release_json", "signature", "activate", "target")
+    RELEASE_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    release_json: bytes
+    signature: bytes
+    activate: bool
+    target: SetTargetRequest
+    def __init__(self, release_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., activate: _Optional[bool] = ..., target: _Optional[_Union[SetTargetRequest, _Mapping]] = ...) -> None: ...
+
+class RegisterReleaseResponse(_message.Message):
+    __slots__ = ("model", "version", "rollout")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    rollout: RolloutStatus
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., rollout: _Optional[_Union[RolloutStatus, _Mapping]] = ...) -> None: ...
+
+class ControlRolloutRequest(_message.Message):
+    __slots__ = ("model", "action")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[ControlRolloutRequest.Action]
+        PAUSE: _ClassVar[ControlRolloutRequest.Action]
+        RESUME: _ClassVar[ControlRolloutRequest.Action]
+        ROLLBACK: _ClassVar[ControlRolloutRequest.Action]
+    ACTION_UNSPECIFIED: ControlRolloutRequest.Action
+    PAUSE: ControlRolloutRequest.Action
+    RESUME: ControlRolloutRequest.Action
+    ROLLBACK: ControlRolloutRequest.Action
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    action: ControlRolloutRequest.Action
+    def __init__(self, model: _Optional[str] = ..., action: _Optional[_Union[ControlRolloutRequest.Action, str]] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("id", "model", "version", "scope", "group", "canary_percent", "state", "reason", "devices", "failed")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    model: str
+    version: int
+    scope: TargetScope
+    group: str
+    canary_percent: float
+    state: str
+    reason: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    failed: int
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., failed: _Optional[int] = ...) -> None: ...
+
+class ModelReport(_message.Message):
+    __slots__ = ("model", "installed_version", "serving_version", "target_version", "state", "error")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    installed_version: int
+    serving_version: int
+    target_version: int
+    state: str
+    error: str
+    def __init__(self, model: _Optional[str] = ..., installed_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., target_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("known_revision", "wait_ms", "reports", "agent_version")
+    KNOWN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    known_revision: str
+    wait_ms: int
+    reports: _containers.RepeatedCompositeFieldContainer[ModelReport]
+    agent_version: str
+    def __init__(self, known_revision: _Optional[str] = ..., wait_ms: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class ModelTarget(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DesiredState(_message.Message):
+    __slots__ = ("revision", "models")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    revision: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelTarget]
+    def __init__(self, revision: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelTarget, _Mapping]]] = ...) -> None: ...
+
+class GetManifestRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class BlobRef(_message.Message):
+    __slots__ = ("digest", "size", "chunk_size", "chunk_digests")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    size: int
+    chunk_size: int
+    chunk_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("release_json", "signature", "blobs")
+    RELEASE_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    release_json: bytes
+    signature: bytes
+    blobs: _containers.RepeatedCompositeFieldContainer[BlobRef]
+    def __init__(self, release_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., blobs: _Optional[_Iterable[_Union[BlobRef, _Mapping]]] = ...) -> None: ...
+
+class GetBlobRequest(_message.Message):
+    __slots__ = ("digest", "offset")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    offset: int
+    def __init__(self, digest: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class BlobChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class FleetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeviceStatus(_message.Message):
+    __slots__ = ("device_id", "group", "last_seen", "last_error", "models", "desired")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    group: str
+    last_seen: float
+    last_error: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelReport]
+    desired: _containers.RepeatedCompositeFieldContainer[ModelTarget]
+    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., last_seen: _Optional[float] = ..., last_error: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[ModelTarget, _Mapping]]] = ...) -> None: ...
+
+class FleetStatusResponse(_message.Message):
+    __slots__ = ("devices", "rollouts")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...

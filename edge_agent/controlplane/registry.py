@@ -1,0 +1,440 @@
+"""The control plane's state: releases, blobs' chunk digests, devices, rollouts, reports.
+
+`Registry` is what the service needs; `SqliteRegistry` keeps it in one SQLite file in WAL mode
+(the embedded default). A PostgreSQL registry would implement the same methods.
+
+Desired state: for each model, the newest rollout that reaches the device decides its version.
+A rollout reaches the fleet, a group, or a fixed canary cohort (chosen when it is created: the
+ceil(p% of n) devices first in sha256(model/version/device) order, so the choice is stable and
+spread). A paused rollout keeps only the devices that already run it; a rolled-back one reaches
+nobody, so its devices fall back to the rollout before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from edge_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+
+FLEET, GROUP, CANARY = "fleet", "group", "canary"
+ACTIVE, PAUSED, ROLLED_BACK = "active", "paused", "rolled_back"
+FAILED = "failed"
+INSTALLED_STATES = ("installed", "serving")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    digest TEXT PRIMARY KEY, size INTEGER NOT NULL, chunk_size INTEGER NOT NULL,
+    chunk_digests TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (
+    model TEXT NOT NULL, version INTEGER NOT NULL, release_json BLOB NOT NULL,
+    signature BLOB NOT NULL, created REAL NOT NULL, PRIMARY KEY (model, version));
+CREATE TABLE IF NOT EXISTS release_blobs (
+    model TEXT NOT NULL, version INTEGER NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (model, version, digest));
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL, last_seen REAL NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version INTEGER NOT NULL,
+    scope TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '', canary_percent REAL NOT NULL DEFAULT 0,
+    state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS cohorts (
+    rollout_id INTEGER NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (rollout_id, device_id));
+CREATE TABLE IF NOT EXISTS reports (
+    device_id TEXT NOT NULL, model TEXT NOT NULL, installed_version INTEGER NOT NULL,
+    serving_version INTEGER NOT NULL, target_version INTEGER NOT NULL, state TEXT NOT NULL,
+    error TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (device_id, model));
+CREATE TABLE IF NOT EXISTS install_failures (
+    device_id TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL, error TEXT NOT NULL,
+    at REAL NOT NULL, PRIMARY KEY (device_id, model, version));
+CREATE TABLE IF NOT EXISTS history (
+    device_id TEXT NOT NULL, model TEXT NOT NULL, at REAL NOT NULL, target_version INTEGER,
+    serving_version INTEGER, state TEXT NOT NULL, error TEXT NOT NULL);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    digest: str
+    size: int
+    chunk_size: int
+    chunk_digests: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    model: str
+    installed_version: int
+    serving_version: int
+    target_version: int
+    state: str
+    error: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    device_id: str
+    group: str
+    last_seen: float
+    last_error: str
+    reports: tuple[Report, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    id: int
+    model: str
+    version: int
+    scope: str
+    group: str
+    canary_percent: float
+    state: str
+    reason: str
+    devices: tuple[str, ...]  # the devices it reaches (paused: would reach)
+    failed: int
+
+
+class Registry(Protocol):
+    def add_device(self, device_id: str, group: str, token_hash: str) -> None: ...
+    def token_hash(self, device_id: str) -> str | None: ...
+    def blob(self, digest: str) -> BlobInfo | None: ...
+    def add_blob(self, info: BlobInfo) -> None: ...
+    def add_release(
+        self, model: str, version: int, release_json: bytes, signature: bytes, digests: set[str]
+    ) -> None: ...
+    def release(self, model: str, version: int) -> tuple[bytes, bytes, list[str]] | None: ...
+    def set_target(
+        self, model: str, version: int, scope: str, group: str, canary_percent: float
+    ) -> Rollout: ...
+    def control(self, model: str, action: str) -> Rollout: ...
+    def rollouts(self) -> list[Rollout]: ...
+    def desired(self, device_id: str) -> dict[str, int]: ...
+    def record(self, device_id: str, reports: Iterable[Report], now: float) -> None: ...
+    def auto_pause(self, max_failure_share: float) -> list[Rollout]: ...
+    def devices(self) -> list[Device]: ...
+
+
+def revision(desired: Mapping[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(desired.items())).encode()).hexdigest()[:16]
+
+
+def canary_cohort(model: str, version: int, devices: list[str], percent: float) -> list[str]:
+    def rank(device: str) -> str:
+        return hashlib.sha256(f"{model}/{version}/{device}".encode()).hexdigest()
+
+    count = math.ceil(len(devices) * percent / 100)
+    return sorted(sorted(devices, key=rank)[:count])
+
+
+class SqliteRegistry:
+    def __init__(self, path: Path) -> None:
+        # One connection used from the event loop only; every call is short.
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- devices --------------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, group: str, token_hash: str) -> None:
+        """Enroll a device, or give an enrolled one a new token (and group)."""
+        self._db.execute(
+            "INSERT INTO devices (device_id, token_hash, grp, created) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (device_id) DO UPDATE SET token_hash = excluded.token_hash, "
+            "grp = excluded.grp",
+            (device_id, token_hash, group, time.time()),
+        )
+
+    def token_hash(self, device_id: str) -> str | None:
+        row = self._db.execute(
+            "SELECT token_hash FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def _device_ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT device_id FROM devices ORDER BY device_id")]
+
+    # -- blobs and releases ---------------------------------------------------------------------
+
+    def blob(self, digest: str) -> BlobInfo | None:
+        row = self._db.execute(
+            "SELECT size, chunk_size, chunk_digests FROM blobs WHERE digest = ?", (digest,)
+        ).fetchone()
+        if row is None:
+            return None
+        return BlobInfo(digest, row[0], row[1], tuple(json.loads(row[2])))
+
+    def add_blob(self, info: BlobInfo) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)",
+            (info.digest, info.size, info.chunk_size, json.dumps(list(info.chunk_digests))),
+        )
+
+    def add_release(
+        self, model: str, version: int, release_json: bytes, signature: bytes, digests: set[str]
+    ) -> None:
+        existing = self.release(model, version)
+        if existing is not None:
+            if existing[0] == release_json and existing[1] == signature:
+                return  # published again, identical: nothing to do
+            raise FailedPrecondition(
+                f"release {model} v{version} already exists with other content; versions are "
+                "immutable, publish a new version"
+            )
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
+                (model, version, release_json, signature, time.time()),
+            )
+            self._db.executemany(
+                "INSERT INTO release_blobs VALUES (?, ?, ?)",
+                [(model, version, d) for d in sorted(digests)],
+            )
+
+    def release(self, model: str, version: int) -> tuple[bytes, bytes, list[str]] | None:
+        row = self._db.execute(
+            "SELECT release_json, signature FROM releases WHERE model = ? AND version = ?",
+            (model, version),
+        ).fetchone()
+        if row is None:
+            return None
+        digests = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT digest FROM release_blobs WHERE model = ? AND version = ? ORDER BY digest",
+                (model, version),
+            )
+        ]
+        return bytes(row[0]), bytes(row[1]), digests
+
+    # -- rollouts -------------------------------------------------------------------------------
+
+    def set_target(
+        self, model: str, version: int, scope: str, group: str, canary_percent: float
+    ) -> Rollout:
+        if self.release(model, version) is None:
+            raise NotFound(f"no release {model} v{version}")
+        if scope == GROUP and not group:
+            raise InvalidArgument("a group target needs a group")
+        if scope == CANARY and not 0 < canary_percent <= 100:
+            raise InvalidArgument(f"canary percent must lie in (0, 100], got {canary_percent}")
+        if scope not in (FLEET, GROUP, CANARY):
+            raise InvalidArgument(f"unknown target scope {scope!r}")
+        with self._db:
+            self._db.execute("BEGIN")
+            cursor = self._db.execute(
+                "INSERT INTO rollouts (model, version, scope, grp, canary_percent, state, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (model, version, scope, group, canary_percent, ACTIVE, time.time()),
+            )
+            rollout_id = int(cursor.lastrowid or 0)
+            if scope == CANARY:
+                cohort = canary_cohort(model, version, self._device_ids(), canary_percent)
+                self._db.executemany(
+                    "INSERT INTO cohorts VALUES (?, ?)", [(rollout_id, d) for d in cohort]
+                )
+        return self._rollout(rollout_id)
+
+    def control(self, model: str, action: str) -> Rollout:
+        """pause / resume / rollback the newest rollout of `model` that is not rolled back."""
+        row = self._db.execute(
+            "SELECT id, state FROM rollouts WHERE model = ? AND state != ? ORDER BY id DESC",
+            (model, ROLLED_BACK),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no rollout of model {model!r} to {action}")
+        rollout_id, state = row
+        new_state = {"pause": PAUSED, "resume": ACTIVE, "rollback": ROLLED_BACK}.get(action)
+        if new_state is None:
+            raise InvalidArgument(f"unknown rollout action {action!r}")
+        if action == "resume" and state != PAUSED:
+            raise FailedPrecondition(f"rollout {rollout_id} of {model} is {state}, not paused")
+        self._db.execute(
+            "UPDATE rollouts SET state = ?, reason = ? WHERE id = ?",
+            (new_state, f"{action} by the publisher", rollout_id),
+        )
+        return self._rollout(rollout_id)
+
+    def _reach(self, row: tuple[object, ...], groups: Mapping[str, str]) -> list[str]:
+        rollout_id, _, _, scope, group = row[:5]
+        if scope == FLEET:
+            return sorted(groups)
+        if scope == GROUP:
+            return sorted(d for d, g in groups.items() if g == group)
+        return [
+            r[0]
+            for r in self._db.execute(
+                "SELECT device_id FROM cohorts WHERE rollout_id = ? ORDER BY device_id",
+                (rollout_id,),
+            )
+        ]
+
+    def _groups(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._db.execute("SELECT device_id, grp FROM devices")}
+
+    def _failed(self, model: str, version: int, devices: Iterable[str]) -> int:
+        """Devices that failed to install this version (and have not installed it since)."""
+        wanted = set(devices)
+        rows = self._db.execute(
+            "SELECT device_id FROM install_failures WHERE model = ? AND version = ?",
+            (model, version),
+        )
+        return sum(1 for r in rows if r[0] in wanted)
+
+    def _rollout_from(self, row: tuple[object, ...], groups: Mapping[str, str]) -> Rollout:
+        rollout_id, model, version, scope, group, percent, state, reason = row
+        devices = self._reach(row, groups)
+        return Rollout(
+            id=int(rollout_id),  # type: ignore[call-overload]
+            model=str(model),
+            version=int(version),  # type: ignore[call-overload]
+            scope=str(scope),
+            group=str(group),
+            canary_percent=float(percent),  # type: ignore[arg-type]
+            state=str(state),
+            reason=str(reason),
+            devices=tuple(devices),
+            failed=self._failed(str(model), int(version), devices),  # type: ignore[call-overload]
+        )
+
+    _COLUMNS = "id, model, version, scope, grp, canary_percent, state, reason"
+
+    def _rollout(self, rollout_id: int) -> Rollout:
+        row = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM rollouts WHERE id = ?", (rollout_id,)
+        ).fetchone()
+        return self._rollout_from(row, self._groups())
+
+    def rollouts(self) -> list[Rollout]:
+        groups = self._groups()
+        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
+        return [self._rollout_from(r, groups) for r in rows]
+
+    def desired(self, device_id: str) -> dict[str, int]:
+        groups = self._groups()
+        if device_id not in groups:
+            return {}
+        running = {
+            (r[0], r[1])
+            for r in self._db.execute(
+                "SELECT model, serving_version FROM reports WHERE device_id = ?", (device_id,)
+            )
+        }
+        desired: dict[str, int] = {}
+        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
+        for row in rows:
+            model, version, state = str(row[1]), int(row[2]), row[6]
+            if state == ROLLED_BACK or device_id not in self._reach(row, groups):
+                continue
+            if state == PAUSED and (model, version) not in running:
+                continue  # a paused rollout reaches no one new
+            desired[model] = version
+        return desired
+
+    def auto_pause(self, max_failure_share: float) -> list[Rollout]:
+        """Pause every active rollout where more than `max_failure_share` of the devices it
+        reaches report a failed install of its version."""
+        paused = []
+        for rollout in self.rollouts():
+            if rollout.state != ACTIVE or not rollout.devices:
+                continue
+            if rollout.failed / len(rollout.devices) > max_failure_share:
+                reason = (
+                    f"auto-paused: {rollout.failed} of {len(rollout.devices)} devices failed "
+                    f"to install (limit {max_failure_share:.0%})"
+                )
+                self._db.execute(
+                    "UPDATE rollouts SET state = ?, reason = ? WHERE id = ?",
+                    (PAUSED, reason, rollout.id),
+                )
+                paused.append(self._rollout(rollout.id))
+        return paused
+
+    # -- reports --------------------------------------------------------------------------------
+
+    def record(self, device_id: str, reports: Iterable[Report], now: float) -> None:
+        reports = list(reports)
+        with self._db:
+            self._db.execute("BEGIN")
+            for r in reports:
+                before = self._db.execute(
+                    "SELECT serving_version, target_version, state, error FROM reports "
+                    "WHERE device_id = ? AND model = ?",
+                    (device_id, r.model),
+                ).fetchone()
+                self._db.execute(
+                    "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        device_id,
+                        r.model,
+                        r.installed_version,
+                        r.serving_version,
+                        r.target_version,
+                        r.state,
+                        r.error,
+                        now,
+                    ),
+                )
+                if r.state == FAILED:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO install_failures VALUES (?, ?, ?, ?, ?)",
+                        (device_id, r.model, r.target_version, r.error, now),
+                    )
+                elif r.state in INSTALLED_STATES:
+                    self._db.execute(
+                        "DELETE FROM install_failures WHERE device_id = ? AND model = ? "
+                        "AND version = ?",
+                        (device_id, r.model, r.target_version),
+                    )
+                if before != (r.serving_version, r.target_version, r.state, r.error):
+                    self._db.execute(
+                        "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            device_id,
+                            r.model,
+                            now,
+                            r.target_version,
+                            r.serving_version,
+                            r.state,
+                            r.error,
+                        ),
+                    )
+            # The last error stays until another replaces it: a device that failed and went
+            # back to its old version still shows why.
+            errors = [f"{r.model} v{r.target_version}: {r.error}" for r in reports if r.error]
+            if errors:
+                self._db.execute(
+                    "UPDATE devices SET last_error = ? WHERE device_id = ?",
+                    ("; ".join(errors), device_id),
+                )
+            self._db.execute(
+                "UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id)
+            )
+
+    def devices(self) -> list[Device]:
+        out = []
+        for device_id, group, last_seen, last_error in self._db.execute(
+            "SELECT device_id, grp, last_seen, last_error FROM devices ORDER BY device_id"
+        ).fetchall():
+            reports = tuple(
+                Report(*row)
+                for row in self._db.execute(
+                    "SELECT model, installed_version, serving_version, target_version, state, "
+                    "error FROM reports WHERE device_id = ? ORDER BY model",
+                    (device_id,),
+                )
+            )
+            out.append(Device(device_id, group, last_seen, last_error, reports))
+        return out

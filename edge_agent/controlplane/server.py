@@ -1,0 +1,106 @@
+"""`edge-agent control-plane serve`: the composition root of the control plane.
+
+DATA_DIR/registry.sqlite (SQLite, WAL), DATA_DIR/blobs/ (content-addressed), and
+DATA_DIR/publisher.token (created on first start, mode 0600). SIGTERM/SIGINT stop it: listeners
+close, in-flight calls get the grace, long-polls answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import grpc
+
+from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.controlplane.blobs import FileBlobStore
+from edge_agent.controlplane.registry import SqliteRegistry
+from edge_agent.controlplane.service import FleetServicer, read_or_create_publisher_token
+from edge_agent.errors import ConfigError
+from edge_agent.fleet import auth
+from edge_agent.fleet.release import CHUNK_SIZE
+from edge_agent.observability.logging import get_logger
+
+log = get_logger(__name__)
+REGISTRY_FILE = "registry.sqlite"
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlPlaneSettings:
+    data_dir: Path
+    address: str = "0.0.0.0:8010"
+    # A rollout pauses itself once more than this share of its devices report a failed install.
+    max_failure_share: float = 0.2
+    shutdown_grace_seconds: float = 5.0
+
+
+def open_registry(data_dir: Path) -> SqliteRegistry:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return SqliteRegistry(data_dir / REGISTRY_FILE)
+
+
+def add_device(data_dir: Path, device_id: str, group: str, token_file: Path) -> None:
+    """Enroll a device (or re-key it): its token goes to `token_file` (0600), its hash to the
+    registry."""
+    if not device_id or len(device_id) > 128 or not device_id.isprintable():
+        raise ConfigError(f"device id {device_id!r}: use 1-128 printable characters")
+    token = auth.new_token()
+    registry = open_registry(data_dir)
+    try:
+        registry.add_device(device_id, group, auth.token_hash(token))
+    finally:
+        registry.close()
+    auth.write_secret(token_file, token)
+
+
+class ControlPlane:
+    def __init__(self, settings: ControlPlaneSettings) -> None:
+        self.settings = settings
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        data_dir = self.settings.data_dir
+        if not 0 <= self.settings.max_failure_share <= 1:
+            raise ConfigError("max_failure_share must lie in [0, 1] (1: never pause)")
+        registry = open_registry(data_dir)
+        token = read_or_create_publisher_token(data_dir)
+        servicer = FleetServicer(
+            registry, FileBlobStore(data_dir / "blobs"), token, self.settings.max_failure_share
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 4 * CHUNK_SIZE),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ]
+        )
+        pb_grpc.add_FleetServiceServicer_to_server(servicer, server)
+        try:
+            port = server.add_insecure_port(self.settings.address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind {self.settings.address}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        await server.start()
+        host = self.settings.address.rpartition(":")[0]
+        log.info(
+            "controlplane.started",
+            address=f"{host}:{port}",
+            port=port,
+            data_dir=str(data_dir),
+            pid=os.getpid(),
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            await server.stop(self.settings.shutdown_grace_seconds)
+            registry.close()
+            log.info("controlplane.stopped")
+
+    def _on_signal(self) -> None:
+        if self._stop.is_set():
+            os._exit(1)
+        self._stop.set()

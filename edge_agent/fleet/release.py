@@ -1,0 +1,281 @@
+"""The release format: one model version as a signed directory of content-named files.
+
+    <release>/model.onnx        the graph; every initializer of 1 KiB or more lives outside it
+    <release>/<sha256>.bin      one file per large initializer, named by the sha256 of its bytes
+    <release>/release.json      model, version, created, expires, graph digest, files, tensors
+
+A version that changes one layer shares every other `.bin` with its predecessor, so a device
+downloads only what changed. The signature (fleet/signing.py) covers every file of the directory,
+release.json included, so the file list, the expiry and the tensor table are signed too.
+
+Everything here is pure (bytes and paths in, values out) and raises `ReleaseRejected` with a short
+machine-readable reason (the `reason` label of edge_agent_sync_failures_total).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+from edge_agent.errors import ReleaseRejected
+
+FORMAT = 1
+GRAPH = "model.onnx"
+RELEASE_JSON = "release.json"
+EXTERNAL_MIN_BYTES = 1024
+CHUNK_SIZE = 1 << 20  # transfer unit: blobs stream in chunks of this size, each with its digest
+DEFAULT_LIFETIME_SECONDS = 365 * 24 * 3600
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    model: str
+    version: int
+    created: float
+    expires: float
+    graph_sha256: str
+    files: tuple[FileEntry, ...]  # every file but release.json, the graph included
+    tensors: tuple[TensorEntry, ...]
+
+    def to_json(self) -> bytes:
+        data = {
+            "format": FORMAT,
+            "model": self.model,
+            "version": self.version,
+            "created": self.created,
+            "expires": self.expires,
+            "graph": {"path": GRAPH, "sha256": self.graph_sha256},
+            "files": [dataclasses.asdict(f) for f in self.files],
+            "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
+        }
+        return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+    def file(self, path: str) -> FileEntry:
+        return next(f for f in self.files if f.path == path)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_file_name(name: str) -> None:
+    """A release names files inside its own directory only: one plain component."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name == RELEASE_JSON:
+        raise ReleaseRejected("path", f"file name {name!r} is not a plain name inside the release")
+
+
+def check_model_name(name: str) -> None:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise ReleaseRejected("format", f"model name {name!r} is not a plain directory name")
+
+
+def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ReleaseRejected("format", f"release.json: {key!r} is missing or not {kind}")
+    return value
+
+
+def parse_release(raw: bytes) -> Release:
+    """release.json bytes -> Release; every path and digest checked."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ReleaseRejected("format", f"release.json is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ReleaseRejected("format", f"release.json: unsupported format {data!r:.80}")
+    model = _field(data, "model", str)
+    check_model_name(model)
+    version = _field(data, "version", int)
+    if version < 1:
+        raise ReleaseRejected("format", f"release.json: version {version} is not positive")
+    graph = _field(data, "graph", dict)
+    if graph.get("path") != GRAPH or not _DIGEST.match(str(graph.get("sha256", ""))):
+        raise ReleaseRejected("format", "release.json: 'graph' must name model.onnx and its sha256")
+    files = []
+    for item in _field(data, "files", list):
+        if not isinstance(item, dict):
+            raise ReleaseRejected("format", "release.json: a file entry is not an object")
+        path = _field(item, "path", str)
+        check_file_name(path)
+        sha = _field(item, "sha256", str)
+        size = _field(item, "size", int)
+        if not _DIGEST.match(sha) or size < 0:
+            raise ReleaseRejected("format", f"release.json: file {path!r} has a bad digest or size")
+        files.append(FileEntry(path, sha, size))
+    paths = [f.path for f in files]
+    if len(set(paths)) != len(paths):
+        raise ReleaseRejected("format", "release.json: a file is listed twice")
+    if GRAPH not in paths or next(f for f in files if f.path == GRAPH).sha256 != graph["sha256"]:
+        raise ReleaseRejected("format", "release.json: the graph is not among the files")
+    tensors = []
+    for item in _field(data, "tensors", list):
+        if not isinstance(item, dict):
+            raise ReleaseRejected("format", "release.json: a tensor entry is not an object")
+        shape = _field(item, "shape", list)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ReleaseRejected("format", "release.json: a tensor shape is not a list of sizes")
+        path = _field(item, "path", str)
+        if path not in paths:
+            raise ReleaseRejected("path", f"release.json: tensor file {path!r} is not listed")
+        tensors.append(
+            TensorEntry(_field(item, "name", str), path, _field(item, "dtype", str), tuple(shape))
+        )
+    return Release(
+        model=model,
+        version=version,
+        created=float(_field(data, "created", (int, float))),
+        expires=float(_field(data, "expires", (int, float))),
+        graph_sha256=graph["sha256"],
+        files=tuple(files),
+        tensors=tuple(tensors),
+    )
+
+
+def check_fresh(release: Release, now: float | None = None) -> None:
+    now = time.time() if now is None else now
+    if release.expires <= now:
+        raise ReleaseRejected(
+            "expired", f"release {release.model} v{release.version} expired at {release.expires}"
+        )
+
+
+def _dtype_name(data_type: int) -> str:
+    return str(onnx.TensorProto.DataType.Name(data_type))
+
+
+def build_release(
+    model_path: Path,
+    model: str,
+    version: int,
+    out_dir: Path,
+    lifetime_seconds: float = DEFAULT_LIFETIME_SECONDS,
+    now: float | None = None,
+) -> Release:
+    """Write the release directory for `model_path` into the empty `out_dir`."""
+    check_model_name(model)
+    try:
+        proto = onnx.load(str(model_path))  # external data of the source model included
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError...
+        raise ReleaseRejected(
+            "format", f"{model_path} is not a readable ONNX model: {exc}"
+        ) from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, FileEntry] = {}
+    tensors: list[TensorEntry] = []
+    for tensor in proto.graph.initializer:
+        data = numpy_helper.to_array(tensor)
+        if data.dtype == object or data.nbytes < EXTERNAL_MIN_BYTES:
+            continue  # strings and small tensors stay in the graph
+        raw = numpy_helper.from_array(data, tensor.name).raw_data
+        sha = hashlib.sha256(raw).hexdigest()
+        name = f"{sha}.bin"
+        if name not in files:
+            (out_dir / name).write_bytes(raw)
+            files[name] = FileEntry(name, sha, len(raw))
+        tensor.CopyFrom(numpy_helper.from_array(data, tensor.name))  # raw_data, typed fields gone
+        external_data_helper.set_external_data(tensor, location=name, offset=0, length=len(raw))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.ClearField("raw_data")
+        tensors.append(TensorEntry(tensor.name, name, _dtype_name(tensor.data_type), data.shape))
+    graph_bytes = proto.SerializeToString()
+    (out_dir / GRAPH).write_bytes(graph_bytes)
+    graph_sha = hashlib.sha256(graph_bytes).hexdigest()
+    files[GRAPH] = FileEntry(GRAPH, graph_sha, len(graph_bytes))
+    created = time.time() if now is None else now
+    release = Release(
+        model=model,
+        version=version,
+        created=created,
+        expires=created + lifetime_seconds,
+        graph_sha256=graph_sha,
+        files=tuple(sorted(files.values(), key=lambda f: f.path)),
+        tensors=tuple(sorted(tensors, key=lambda t: t.name)),
+    )
+    (out_dir / RELEASE_JSON).write_bytes(release.to_json())
+    return release
+
+
+def check_directory(release: Release, directory: Path) -> None:
+    """The assembled directory holds exactly the release's files, each with its digest, and
+    the graph's external data matches the tensor table in name, dtype, shape and file."""
+    present = sorted(p.name for p in directory.iterdir())
+    expected = sorted([*(f.path for f in release.files), RELEASE_JSON])
+    if present != expected:
+        raise ReleaseRejected("contract", f"release files {present} differ from {expected}")
+    for entry in release.files:
+        if sha256_file(directory / entry.path) != entry.sha256:
+            raise ReleaseRejected("digest", f"{entry.path}: content does not match its sha256")
+    check_graph_contract(release, directory / GRAPH)
+
+
+def check_graph_contract(release: Release, graph_path: Path) -> None:
+    try:
+        proto = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError...
+        raise ReleaseRejected("contract", f"the graph is not a readable ONNX model: {exc}") from exc
+    declared = {t.name: t for t in release.tensors}
+    sizes = {f.path: f.size for f in release.files}
+    seen: set[str] = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        want = declared.get(tensor.name)
+        if want is None:
+            raise ReleaseRejected(
+                "contract", f"initializer {tensor.name!r} is not in the release's tensor table"
+            )
+        actual = (entries.get("location"), _dtype_name(tensor.data_type), tuple(tensor.dims))
+        if actual != (want.path, want.dtype, want.shape):
+            raise ReleaseRejected(
+                "contract",
+                f"initializer {tensor.name!r}: graph has (file, dtype, shape) {actual}, the "
+                f"release declares {(want.path, want.dtype, want.shape)}",
+            )
+        offset = int(entries.get("offset", "0"))
+        length = int(entries.get("length", str(sizes[want.path] - offset)))
+        if offset < 0 or length < 0 or offset + length > sizes[want.path]:
+            raise ReleaseRejected("contract", f"initializer {tensor.name!r}: bytes out of range")
+        seen.add(tensor.name)
+    missing = sorted(set(declared) - seen)
+    if missing:
+        raise ReleaseRejected("contract", f"tensors {missing} are declared but not in the graph")
+
+
+def blob_digests(releases: Iterable[Release]) -> set[str]:
+    return {f.sha256 for r in releases for f in r.files}

@@ -1,0 +1,79 @@
+"""Release signatures: the OpenSSF Model Signing format (`model-signing`), key-based, P-256.
+
+`sign_directory` signs every file of a release directory (release.json included) and returns the
+signature bundle (a sigstore bundle; JSON). `verify_directory` checks a bundle against a directory
+with each trusted public key in turn; a directory that differs from what was signed in any file,
+an extra file or a missing one, fails.
+
+Why this format and not our own: measured on the 2-core dev VM, `model-signing` adds ~70 MB of
+installed packages (sigstore, pydantic, ...), imports in 0.3 s and verifies a 60 MB release in
+0.02 s after hashing; none of that rules it out on a device that already carries ONNX Runtime, and
+an existing, documented format lets anyone check a release with the stock `model_signing` CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edge_agent.errors import ReleaseRejected
+
+
+def generate_keypair(private_key: Path, public_key: Path) -> None:
+    """A new P-256 key pair as PEM files; the private one is created with mode 0600."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(private_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(private_bytes)
+    public_key.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def sign_directory(directory: Path, private_key: Path) -> bytes:
+    from model_signing import signing  # heavy import, only where signing happens
+
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = Path(scratch) / "release.sig"
+        # model_signing ships py.typed but leaves Config() unannotated.
+        config = signing.Config().use_elliptic_key_signer(  # type: ignore[no-untyped-call]
+            private_key=private_key
+        )
+        config.sign(directory, bundle)
+        return bundle.read_bytes()
+
+
+def verify_directory(directory: Path, signature: bytes, trusted_keys: Sequence[Path]) -> Path:
+    """Returns the key that verified; raises ReleaseRejected("signature") when none does."""
+    from model_signing import verifying
+
+    if not trusted_keys:
+        raise ReleaseRejected("signature", "no trusted keys configured")
+    errors = []
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = Path(scratch) / "release.sig"
+        bundle.write_bytes(signature)
+        for key in trusted_keys:
+            try:
+                config = verifying.Config().use_elliptic_key_verifier(  # type: ignore[no-untyped-call]
+                    public_key=key
+                )
+                config.verify(directory, bundle)
+                return key
+            except Exception as exc:  # model_signing raises ValueError and assorted others
+                errors.append(f"{key.name}: {str(exc)[:200]}")
+    raise ReleaseRejected(
+        "signature", "signature not valid for any trusted key: " + "; ".join(errors)
+    )

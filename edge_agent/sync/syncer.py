@@ -1,0 +1,403 @@
+"""The agent's sync task: a thread of its own, off the inference path.
+
+    long-poll WatchDesiredState (carrying the last reports)
+      -> for each model whose desired version is not what it should be:
+         already installed here -> serve it (a control-plane rollback; lifecycle rollback path)
+         else: below the rollback floor? -> reject
+               GetManifest -> parse release.json, expired? -> reject
+               each file: in the store, or in an installed version (copied, checked), or download
+               (resumable, chunk-verified, rate-limited)
+               assemble STATE_DIR/sync/staging/<model>-<version>/ -> signature against the trusted
+               keys -> digests, names and graph contract -> ModelManager.install (staged in the
+               repository, built, warmed, renamed in, hot-swapped)
+               floor := max(floor, version), persisted
+      -> report installed / serving / failed (with reason) on the next poll.
+
+Transient failures (control plane unreachable, transfer cut, disk full) back off exponentially
+with full jitter and retry; a rejected release is reported and not retried until the desired
+state changes. The serving versions are never touched by a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from edge_agent._proto import fleet_pb2 as pb
+from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.errors import EdgeAgentError, ReleaseRejected
+from edge_agent.fleet import auth, signing
+from edge_agent.fleet.client import open_channel
+from edge_agent.fleet.release import (
+    RELEASE_JSON,
+    Release,
+    check_directory,
+    check_fresh,
+    parse_release,
+)
+from edge_agent.observability.logging import get_logger
+from edge_agent.repository.lifecycle import ModelManager
+from edge_agent.settings import Settings
+from edge_agent.sync.store import BandwidthLimit, BlobStore
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+TRANSIENT = frozenset({"unreachable", "transfer", "disk", "internal"})
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+    }
+)
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 60.0
+STATE_FILE = "state.json"
+
+
+@dataclasses.dataclass
+class SyncStats:
+    """Read by the metrics collector (observability/metrics.py)."""
+
+    bytes_total: int = 0
+    failures: dict[str, int] = dataclasses.field(default_factory=dict)
+    last_success: float = 0.0
+    installed: dict[str, int] = dataclasses.field(default_factory=dict)
+    serving: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class SyncState:
+    """What must survive a restart: per model the versions installed by sync and the rollback
+    floor (the newest version ever installed; nothing older is installed again)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self.floor: dict[str, int] = {}
+        self.installed: dict[str, list[int]] = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                self.floor = {str(k): int(v) for k, v in data["floor"].items()}
+                self.installed = {
+                    str(k): sorted(int(v) for v in vs) for k, vs in data["installed"].items()
+                }
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Refuse to guess a floor: an unreadable state file stops the agent's start.
+                raise EdgeAgentError(f"sync state {path} is unreadable: {exc}") from exc
+
+    def add(self, model: str, version: int) -> None:
+        self.installed[model] = sorted({*self.installed.get(model, []), version})
+        self.floor[model] = max(self.floor.get(model, 0), version)
+        temporary = self._path.with_suffix(".tmp")
+        with open(temporary, "w") as f:
+            json.dump({"floor": self.floor, "installed": self.installed}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self._path)
+
+
+class Syncer:
+    def __init__(
+        self, settings: Settings, manager: ModelManager, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        assert settings.state_dir is not None and settings.device_token_file is not None
+        self._settings = settings
+        self._manager = manager
+        self._loop = loop
+        self._root = settings.state_dir / "sync"
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._store = BlobStore(self._root)
+        self._state = SyncState(self._root / STATE_FILE)
+        self._keys = [Path(k) for k in settings.trusted_keys]
+        self._meta = auth.metadata(auth.read_token(settings.device_token_file), settings.device_id)
+        self._channel = open_channel(settings.control_plane)
+        self._stub = pb_grpc.FleetServiceStub(self._channel)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
+        self._reports: dict[str, pb.ModelReport] = {}
+        self._rejected: dict[str, int] = {}  # model -> version rejected for good
+        self._lock = threading.Lock()
+        self.stats = SyncStats(installed={m: max(v) for m, v in self._state.installed.items() if v})
+
+    # -- thread ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._channel.close()  # cancels the long-poll in flight
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        revision = ""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                desired = self._watch(revision)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                self._count_failure("unreachable")
+                log.warning("sync.unreachable", code=exc.code().name, error=exc.details())
+                attempt += 1
+                self._stop.wait(self._backoff(attempt))
+                continue
+            with self._lock:
+                self.stats.last_success = time.time()
+            if self._converge(desired):
+                revision, attempt = desired.revision, 0
+            else:
+                revision = ""  # ask again at once after the backoff: the cause may be gone
+                attempt += 1
+                self._stop.wait(self._backoff(attempt))
+
+    @staticmethod
+    def _backoff(attempt: int) -> float:
+        """Exponential with full jitter: spreads a fleet's retries after an outage."""
+        return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 10)))
+
+    def _watch(self, revision: str) -> pb.DesiredState:
+        wait = self._settings.sync_interval
+        request = pb.WatchRequest(
+            known_revision=revision,
+            wait_ms=int(wait * 1000),
+            reports=list(self._reports.values()),
+        )
+        response: pb.DesiredState = self._stub.WatchDesiredState(
+            request, metadata=self._meta, timeout=wait + 30
+        )
+        return response
+
+    def _on_loop(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Run a coroutine on the agent's event loop and wait for it."""
+
+        async def call() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def _serving(self, model: str) -> int:
+        async def read() -> int:
+            return self._manager.serving_version(model)
+
+        return self._on_loop(read)
+
+    # -- converging -----------------------------------------------------------------------------
+
+    def _converge(self, desired: pb.DesiredState) -> bool:
+        """Bring every model to its desired version; False when a transient failure means the
+        whole should be tried again soon."""
+        settled = True
+        for target in desired.models:
+            model, version = target.model, int(target.version)
+            if self._stop.is_set():
+                return False
+            try:
+                self._converge_model(model, version)
+            except ReleaseRejected as exc:
+                settled &= self._failed(model, version, exc.reason, str(exc))
+            except grpc.RpcError as exc:
+                reason = "unreachable" if exc.code() in RETRYABLE_CODES else "control_plane"
+                settled &= self._failed(
+                    model, version, reason, f"{exc.code().name}: {exc.details()}"
+                )
+            except OSError as exc:
+                settled &= self._failed(model, version, "disk", str(exc))
+            except EdgeAgentError as exc:  # the version did not load, warm or pass its check
+                settled &= self._failed(model, version, "load", str(exc))
+            except Exception as exc:  # a bug must not end the sync: logged, retried later
+                log.exception("sync.internal_error", model=model, version=version)
+                settled &= self._failed(model, version, "internal", repr(exc))
+        return settled
+
+    def _failed(self, model: str, version: int, reason: str, message: str) -> bool:
+        transient = reason in TRANSIENT
+        self._count_failure(reason)
+        log.warning(
+            "sync.failed",
+            model=model,
+            version=version,
+            reason=reason,
+            error=message,
+            retry=transient,
+        )
+        if not transient:
+            self._rejected[model] = version
+        self._report(model, version, "failed", f"{reason}: {message}")
+        return not transient
+
+    def _count_failure(self, reason: str) -> None:
+        with self._lock:
+            self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+
+    def _report(self, model: str, version: int, state: str, error: str = "") -> None:
+        serving = self._serving(model)
+        installed = max(self._state.installed.get(model, [0]))
+        with self._lock:
+            self.stats.serving[model] = serving
+            if installed:
+                self.stats.installed[model] = installed
+        self._reports[model] = pb.ModelReport(
+            model=model,
+            installed_version=installed,
+            serving_version=serving,
+            target_version=version,
+            state=state,
+            error=error,
+        )
+
+    def _converge_model(self, model: str, version: int) -> None:
+        serving = self._serving(model)
+        on_disk = (self._manager.repository / model / str(version)).is_dir()
+        if version in self._state.installed.get(model, []) and on_disk:
+            if serving != version:  # e.g. the control plane rolled a rollout back
+                self._on_loop(lambda: self._manager.serve_only_up_to(model, version))
+                log.info("sync.serving_installed", model=model, version=version)
+            self._report(model, version, self._state_of(model, version))
+            return
+        if self._rejected.get(model) == version:
+            return  # reported; tried again when the desired state changes
+        self._rejected.pop(model, None)
+        floor = self._state.floor.get(model, 0)
+        if version < floor:
+            raise ReleaseRejected(
+                "rollback", f"version {version} is below the rollback floor {floor} of {model}"
+            )
+        started = time.monotonic()
+        manifest = self._stub.GetManifest(
+            pb.GetManifestRequest(model=model, version=version), metadata=self._meta, timeout=60
+        )
+        release = parse_release(manifest.release_json)
+        if (release.model, release.version) != (model, version):
+            raise ReleaseRejected(
+                "format",
+                f"asked for {model} v{version}, the manifest is for "
+                f"{release.model} v{release.version}",
+            )
+        check_fresh(release)
+        self._report(model, version, "downloading")
+        fetched = self._fetch_all(release, manifest.blobs)
+        staged = self._assemble(release, manifest.release_json)
+        try:
+            signing.verify_directory(staged, manifest.signature, self._keys)
+            check_directory(release, staged)
+            check_fresh(release)
+            self._on_loop(lambda: self._manager.install(model, version, staged))
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        self._state.add(model, version)
+        self._store.discard(f.sha256 for f in release.files)  # now in the repository
+        log.info(
+            "sync.installed",
+            model=model,
+            version=version,
+            bytes_fetched=fetched,
+            release_bytes=release.size,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self._report(model, version, self._state_of(model, version))
+
+    def _state_of(self, model: str, version: int) -> str:
+        return "serving" if self._serving(model) == version else "installed"
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _local_files(self) -> dict[str, Path]:
+        """sha256 -> a file of an installed version with that content (from its release.json)."""
+        found: dict[str, Path] = {}
+        for model, versions in self._state.installed.items():
+            for version in versions:
+                directory = self._manager.repository / model / str(version)
+                try:
+                    release = parse_release((directory / RELEASE_JSON).read_bytes())
+                except (OSError, ReleaseRejected):
+                    continue
+                for entry in release.files:
+                    found.setdefault(entry.sha256, directory / entry.path)
+        return found
+
+    def _fetch_all(self, release: Release, blobs: Iterable[pb.BlobRef]) -> int:
+        """Make every file of the release present in the store; returns the bytes downloaded."""
+        refs = {b.digest: b for b in blobs}
+        local = self._local_files()
+        limit = BandwidthLimit(self._settings.sync_bandwidth_limit)
+        fetched = 0
+
+        def received(count: int) -> None:
+            nonlocal fetched
+            fetched += count
+            with self._lock:
+                self.stats.bytes_total += count
+
+        for entry in release.files:
+            if self._store.has(entry.sha256):
+                continue
+            source = local.get(entry.sha256)
+            if source is not None and self._store.adopt(entry.sha256, source):
+                continue
+            ref = refs.get(entry.sha256)
+            if ref is None or ref.size != entry.size:
+                raise ReleaseRejected("format", f"the manifest does not describe {entry.path}")
+            if self._stop.is_set():
+                raise ReleaseRejected("transfer", "stopping")
+            self._store.download(
+                entry.sha256,
+                entry.size,
+                ref.chunk_size,
+                list(ref.chunk_digests),
+                self._fetch,
+                received,
+                limit,
+            )
+        return fetched
+
+    def _fetch(self, digest: str, offset: int) -> _Pieces:
+        call = self._stub.GetBlob(
+            pb.GetBlobRequest(digest=digest, offset=offset), metadata=self._meta, timeout=600
+        )
+        return _Pieces(call)
+
+    def _assemble(self, release: Release, release_json: bytes) -> Path:
+        staged = self._root / "staging" / f"{release.model}-{release.version}"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        try:
+            for entry in release.files:
+                shutil.copyfile(self._store.path(entry.sha256), staged / entry.path)
+            (staged / RELEASE_JSON).write_bytes(release_json)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return staged
+
+
+class _Pieces:
+    """A GetBlob call as an iterator of bytes that can be cancelled (store.py cuts a server off
+    at the declared size)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._call:
+            yield chunk.data
+
+    def cancel(self) -> None:
+        self._call.cancel()

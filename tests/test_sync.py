@@ -1,0 +1,603 @@
+"""Fleet weight sync end to end: a real control plane and real agents (subprocesses on loopback),
+driven through the `edge-agent` CLI, stock tritonclient and the fleet gRPC API."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import modelgen
+from conftest import ROOT, ControlPlaneProcess, Daemon
+from edge_agent._proto import fleet_pb2 as pb
+from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.fleet import auth, signing
+from edge_agent.fleet.release import build_release
+
+X = np.random.default_rng(7).standard_normal((2, 64)).astype(np.float32)
+WAIT_S = 60
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def expected(model_file: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": X})[0]  # type: ignore[no-any-return]
+
+
+def infer(agent: Daemon, model: str = "mlp") -> np.ndarray | None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with grpcclient.InferenceServerClient(agent.url) as client:
+        tensor = grpcclient.InferInput("x", list(X.shape), "FP32")
+        tensor.set_data_from_numpy(X)
+        try:
+            return client.infer(model, [tensor], client_timeout=10).as_numpy("y")  # type: ignore[no-any-return]
+        except InferenceServerException:
+            return None
+
+
+def serves(agent: Daemon, model_file: Path) -> bool:
+    out = infer(agent)
+    return out is not None and np.allclose(out, expected(model_file), atol=1e-5)
+
+
+def metric(agent: Daemon, name: str) -> float:
+    text = urllib.request.urlopen(agent.metrics_url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Fleet:
+    """A control plane, its keys and tokens, and helpers to publish and to start agents."""
+
+    def __init__(self, tmp: Path, start: Callable[..., Daemon], *cp_args: str) -> None:
+        self.tmp = tmp
+        self.start = start
+        self.data = tmp / "cp"
+        self.cp_args = cp_args
+        self.cp = start("--data-dir", str(self.data), *cp_args, kind=ControlPlaneProcess)
+        self.cp.wait_started()
+        self.address = self.cp.url
+        self.token_file = self.data / "publisher.token"
+        self.key, self.pub = tmp / "signing.pem", tmp / "signing.pub"
+        signing.generate_keypair(self.key, self.pub)
+        self.models = tmp / "models"
+        self.models.mkdir()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "edge_agent", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check:
+            assert done.returncode == 0, done.stderr
+        return done
+
+    def restart_control_plane(self) -> None:
+        port = self.cp.port
+        self.cp.stop()
+        self.cp = self.start(
+            "--data-dir",
+            str(self.data),
+            "--address",
+            f"127.0.0.1:{port}",
+            *self.cp_args,
+            kind=ControlPlaneProcess,
+            address=False,
+        ).wait_started()
+
+    def add_device(self, device: str, group: str = "") -> Path:
+        token = self.tmp / f"{device}.token"
+        args = ["--group", group] if group else []
+        self.cli(
+            "fleet",
+            "add-device",
+            "--data-dir",
+            str(self.data),
+            "--device-id",
+            device,
+            "--token-file",
+            str(token),
+            *args,
+        )
+        return token
+
+    def mlp(self, seed: int, **kwargs: int) -> Path:
+        return modelgen.mlp(self.models / f"mlp-{seed}-{kwargs}.onnx", seed, **kwargs)
+
+    def publish(
+        self,
+        model_file: Path,
+        version: int,
+        *extra: str,
+        key: Path | None = None,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        return self.cli(
+            "publish",
+            str(model_file),
+            "--model",
+            "mlp",
+            "--version",
+            str(version),
+            "--control-plane",
+            self.address,
+            "--signing-key",
+            str(key or self.key),
+            "--token-file",
+            str(self.token_file),
+            *extra,
+            check=check,
+        )
+
+    def stub(self) -> tuple[pb_grpc.FleetServiceStub, Any]:
+        channel = grpc.insecure_channel(self.address)
+        return pb_grpc.FleetServiceStub(channel), auth.metadata(auth.read_token(self.token_file))
+
+    def status(self) -> pb.FleetStatusResponse:
+        stub, meta = self.stub()
+        return stub.FleetStatus(pb.FleetStatusRequest(), metadata=meta, timeout=10)
+
+    def report(self, device: str) -> pb.ModelReport | None:
+        for d in self.status().devices:
+            if d.device_id == device:
+                return next((r for r in d.models if r.model == "mlp"), None)
+        return None
+
+    def agent(self, device: str, *extra: str, token: Path | None = None) -> Daemon:
+        repo = self.tmp / f"repo-{device}"
+        state = self.tmp / f"state-{device}"
+        repo.mkdir(exist_ok=True)
+        state.mkdir(exist_ok=True)
+        return self.start(
+            "--model-repository",
+            str(repo),
+            "--state-dir",
+            str(state),
+            "--execution-providers",
+            "cpu",
+            "--control-plane",
+            self.address,
+            "--device-id",
+            device,
+            "--device-token-file",
+            str(token or self.tmp / f"{device}.token"),
+            "--trusted-key",
+            str(self.pub),
+            "--sync-interval",
+            "2",
+            *extra,
+        ).wait_started()
+
+    def wait_report(self, device: str, version: int, state: str) -> pb.ModelReport:
+        def done() -> pb.ModelReport | None:
+            r = self.report(device)
+            ok = r is not None and r.target_version == version and r.state == state
+            return r if ok else None
+
+        return wait_for(done, f"{device} reports v{version} {state}")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> Iterator[Fleet]:
+    yield Fleet(tmp_path, start_daemon)
+
+
+def test_publish_then_one_layer_update_under_load(fleet: Fleet) -> None:
+    fleet.add_device("edge-1")
+    v1, v2 = fleet.mlp(1), fleet.mlp(2)
+    out = fleet.publish(v1, 1)
+    assert "published mlp v1" in out.stdout and "rollout" in out.stdout
+    agent = fleet.agent("edge-1")
+    wait_for(lambda: serves(agent, v1), "v1 serving")
+    fleet.wait_report("edge-1", 1, "serving")
+    before = metric(agent, "edge_agent_sync_bytes_total")
+    model_size = sum(p.stat().st_size for p in (fleet.tmp / "repo-edge-1" / "mlp" / "1").iterdir())
+    assert before >= model_size * 0.9  # the first install moves the whole model
+
+    failures: list[str] = []
+    answers: list[np.ndarray] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        import tritonclient.grpc as grpcclient
+
+        with grpcclient.InferenceServerClient(agent.url) as client:
+            tensor = grpcclient.InferInput("x", list(X.shape), "FP32")
+            tensor.set_data_from_numpy(X)
+            while not stop.is_set():
+                try:
+                    answers.append(client.infer("mlp", [tensor]).as_numpy("y"))
+                except Exception as exc:
+                    failures.append(repr(exc))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        published = fleet.publish(v2, 2)
+        assert "uploaded" in published.stdout
+        wait_for(lambda: serves(agent, v2), "v2 serving")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures, failures[:3]
+    one, two = expected(v1), expected(v2)
+    assert all(np.allclose(a, one, atol=1e-5) or np.allclose(a, two, atol=1e-5) for a in answers)
+    assert np.allclose(answers[-1], two, atol=1e-5)
+    moved = metric(agent, "edge_agent_sync_bytes_total") - before
+    assert 0 < moved < 0.3 * model_size, (moved, model_size)
+    # The publisher uploaded only the changed blobs too.
+    uploaded = int(re.search(r"uploaded (\d+) bytes", published.stdout).group(1))  # type: ignore[union-attr]
+    assert uploaded < 0.3 * model_size
+    report = fleet.wait_report("edge-1", 2, "serving")
+    assert report.installed_version == 2 and report.serving_version == 2
+    status = fleet.cli(
+        "fleet", "status", "--control-plane", fleet.address, "--token-file", str(fleet.token_file)
+    ).stdout
+    assert re.search(r"edge-1 .* mlp=2/2/2 serving", status), status
+
+
+def craft_release(
+    fleet: Fleet, model_file: Path, version: int, mutate: Callable[[Path], None]
+) -> None:
+    """Build a release directory, change it with `mutate`, sign what results, and upload it
+    with the fleet API: a release that only a buggy or hostile publisher would make."""
+    from edge_agent.fleet.client import upload_release
+
+    directory = fleet.tmp / f"crafted-{version}"
+    build_release(model_file, "mlp", version, directory)
+    mutate(directory)
+    signature = signing.sign_directory(directory, fleet.key)
+    stub, meta = fleet.stub()
+    target = pb.SetTargetRequest(model="mlp", version=version, scope=pb.FLEET)
+    upload_release(stub, meta, directory, signature, target, True, 30)
+
+
+def test_bad_releases_are_rejected_and_the_serving_version_stays(fleet: Fleet) -> None:
+    fleet.add_device("edge-1")
+    v1, v3 = fleet.mlp(1), fleet.mlp(3)
+    fleet.publish(v1, 1, "--no-activate")
+    fleet.publish(v3, 3)
+    agent = fleet.agent("edge-1")
+    wait_for(lambda: serves(agent, v3), "v3 serving")
+
+    def rejected(version: int, reason: str) -> None:
+        def reported() -> bool:
+            device = next(d for d in fleet.status().devices if d.device_id == "edge-1")
+            return device.last_error.startswith(f"mlp v{version}: {reason}:")
+
+        wait_for(reported, f"the device reports v{version} rejected ({reason})")
+        rollout = next(r for r in fleet.status().rollouts if r.version == version)
+        assert rollout.failed == 1 and rollout.state == "paused"  # 1 of 1 devices > 20%
+        assert serves(agent, v3)
+        fleet.wait_report("edge-1", 3, "serving")
+
+    # A replayed older release (never installed here): below the rollback floor.
+    fleet.cli(
+        "fleet",
+        "target",
+        "--model",
+        "mlp",
+        "--version",
+        "1",
+        "--control-plane",
+        fleet.address,
+        "--token-file",
+        str(fleet.token_file),
+    )
+    rejected(1, "rollback")
+    # Expired.
+    fleet.publish(fleet.mlp(4), 4, "--no-activate", "--expires-in", "1")
+    time.sleep(1.5)
+    fleet.cli(
+        "fleet",
+        "target",
+        "--model",
+        "mlp",
+        "--version",
+        "4",
+        "--control-plane",
+        fleet.address,
+        "--token-file",
+        str(fleet.token_file),
+    )
+    rejected(4, "expired")
+    # Signed with a key the device does not trust.
+    other = fleet.tmp / "other.pem"
+    signing.generate_keypair(other, fleet.tmp / "other.pub")
+    fleet.publish(fleet.mlp(5), 5, key=other)
+    rejected(5, "signature")
+    # A blob tampered with on the control plane (after upload): every chunk fails its digest.
+    v6 = fleet.mlp(6)
+    fleet.publish(v6, 6, "--no-activate")
+    blobs = sorted((fleet.data / "blobs" / "sha256").rglob("*"), key=lambda p: p.stat().st_mtime)
+    newest = [p for p in blobs if p.is_file()][-1]  # v6's new last layer
+    data = bytearray(newest.read_bytes())
+    data[10] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    fleet.cli(
+        "fleet",
+        "target",
+        "--model",
+        "mlp",
+        "--version",
+        "6",
+        "--control-plane",
+        fleet.address,
+        "--token-file",
+        str(fleet.token_file),
+    )
+    rejected(6, "digest")
+
+    # The graph of this release with weights of another: names, dtypes and shapes must match.
+    def swap_weights(directory: Path) -> None:
+        import json
+
+        release = json.loads((directory / "release.json").read_text())
+        last = next(t for t in release["tensors"] if t["name"] == "w2")
+        last["shape"] = [10, 256]
+        (directory / "release.json").write_text(json.dumps(release))
+
+    craft_release(fleet, fleet.mlp(7), 7, swap_weights)
+    rejected(7, "contract")
+
+    # A release naming a file outside itself: the control plane refuses to register it.
+    directory = fleet.tmp / "escape"
+    build_release(fleet.mlp(8), "mlp", 8, directory)
+    text = (directory / "release.json").read_text()
+    first = re.search(r'"path": "([0-9a-f]{64}\.bin)"', text).group(1)  # type: ignore[union-attr]
+    stub, meta = fleet.stub()
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.RegisterRelease(
+            pb.RegisterReleaseRequest(
+                release_json=text.replace(first, "../../outside.bin", 1).encode(),
+                signature=signing.sign_directory(directory, fleet.key),
+            ),
+            metadata=meta,
+            timeout=10,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside" in str(refused.value.details())
+
+    # Still converges on a good release afterwards.
+    v9 = fleet.mlp(9)
+    fleet.publish(v9, 9)
+    wait_for(lambda: serves(agent, v9), "v9 serving")
+    failures = {
+        reason: metric(agent, f'edge_agent_sync_failures_total{{reason="{reason}"}}')
+        for reason in ("rollback", "expired", "signature", "digest", "contract")
+    }
+    assert all(count >= 1 for count in failures.values()), failures
+    logged = {e.get("reason") for e in agent.named("sync.failed")}
+    assert {"rollback", "expired", "signature", "digest", "contract"} <= logged
+
+
+def test_sigkill_mid_download_resumes(fleet: Fleet) -> None:
+    fleet.add_device("edge-1")
+    big = fleet.mlp(1, width=1024, hidden_layers=3)  # ~8.3 MB of weights
+    fleet.publish(big, 1)
+    agent = fleet.agent("edge-1", "--sync-bandwidth-limit", "1500000")
+    partial = fleet.tmp / "state-edge-1" / "sync" / "partial"
+    try:
+        wait_for(
+            lambda: any(p.stat().st_size >= 2 << 20 for p in partial.glob("*.part")),
+            "a partial download of 2 MiB",
+        )
+    except AssertionError:
+        print(agent.events[-10:], list(partial.parent.rglob("*")))
+        raise
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait()
+    on_disk = sum(p.stat().st_size for p in partial.glob("*.part"))
+    on_disk += sum(p.stat().st_size for p in (partial.parent / "blobs").glob("*"))
+    assert on_disk >= 2 << 20
+    restarted = fleet.agent("edge-1")
+    wait_for(lambda: serves(restarted, big), "the big model serving after the restart")
+    total = sum(p.stat().st_size for p in (fleet.tmp / "repo-edge-1" / "mlp" / "1").iterdir())
+    fetched_after = metric(restarted, "edge_agent_sync_bytes_total")
+    # What was on disk was not fetched again (only the one unfinished chunk, at most).
+    assert fetched_after <= total - on_disk + (1 << 20), (fetched_after, total, on_disk)
+
+
+def test_control_plane_down_the_agent_keeps_serving_and_catches_up(fleet: Fleet) -> None:
+    fleet.add_device("edge-1")
+    v1, v2 = fleet.mlp(1), fleet.mlp(2)
+    fleet.publish(v1, 1)
+    agent = fleet.agent("edge-1")
+    wait_for(lambda: serves(agent, v1), "v1 serving")
+    fleet.cp.stop()
+    wait_for(
+        lambda: metric(agent, 'edge_agent_sync_failures_total{reason="unreachable"}') >= 1,
+        "the agent notices the control plane is gone",
+    )
+    assert serves(agent, v1)
+    # A restart while the control plane is down: serves what it installed, from its state dir.
+    agent.stop()
+    agent = fleet.agent("edge-1")
+    assert serves(agent, v1)
+    fleet.restart_control_plane()
+    fleet.publish(v2, 2)
+    wait_for(lambda: serves(agent, v2), "v2 serving once the control plane is back")
+    fleet.wait_report("edge-1", 2, "serving")
+
+
+def test_canary_auto_pause_and_rollback(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    fleet = Fleet(tmp_path, start_daemon, "--max-failure-share", "0.3")
+    devices = ["edge-a", "edge-b", "edge-c"]
+    for d in devices:
+        fleet.add_device(d)
+    v1, v2 = fleet.mlp(1), fleet.mlp(2)
+    fleet.publish(v1, 1)
+    agents = {d: fleet.agent(d) for d in devices}
+    for d in devices:
+        wait_for(lambda d=d: serves(agents[d], v1), f"{d} serving v1")  # type: ignore[misc]
+    out = fleet.publish(v2, 2, "--canary", "50").stdout
+    cohort = re.search(r"devices=(\S+)", out).group(1).split(",")  # type: ignore[union-attr]
+    assert len(cohort) == 2 and set(cohort) < set(devices)  # ceil(50% of 3)
+    for d in cohort:
+        wait_for(lambda d=d: serves(agents[d], v2), f"{d} serving the canary")  # type: ignore[misc]
+    (outside,) = set(devices) - set(cohort)
+    fleet.wait_report(outside, 1, "serving")
+    time.sleep(2)  # one more poll window: the canary must not reach it
+    assert serves(agents[outside], v1)
+
+    # A broken release for the whole fleet: failures pause the rollout by themselves.
+    other = tmp_path / "other.pem"
+    signing.generate_keypair(other, tmp_path / "other.pub")
+    fleet.publish(fleet.mlp(3), 3, key=other)
+
+    def paused() -> pb.RolloutStatus | None:
+        r = next(r for r in fleet.status().rollouts if r.version == 3)
+        return r if r.state == "paused" else None
+
+    rollout = wait_for(paused, "the v3 rollout auto-paused")
+    assert rollout.reason.startswith("auto-paused") and rollout.failed >= 1
+    for d in devices:
+        assert serves(agents[d], v2 if d in cohort else v1)
+
+    # Roll back the broken rollout, then the canary: the cohort returns to v1 (installed there).
+    for _ in range(2):
+        fleet.cli(
+            "fleet",
+            "rollback",
+            "--model",
+            "mlp",
+            "--control-plane",
+            fleet.address,
+            "--token-file",
+            str(fleet.token_file),
+        )
+    for d in cohort:
+        wait_for(lambda d=d: serves(agents[d], v1), f"{d} rolled back to v1")  # type: ignore[misc]
+        fleet.wait_report(d, 1, "serving")
+
+
+def test_credentials(fleet: Fleet) -> None:
+    token = fleet.add_device("edge-1")
+    stub, meta = fleet.stub()
+    request = pb.FleetStatusRequest()
+    with pytest.raises(grpc.RpcError) as none:
+        stub.FleetStatus(request, timeout=10)
+    assert none.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as wrong:
+        stub.FleetStatus(request, metadata=auth.metadata("not-the-token"), timeout=10)
+    assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    device_meta = auth.metadata(auth.read_token(token), "edge-1")
+    with pytest.raises(grpc.RpcError) as role:
+        stub.FleetStatus(request, metadata=device_meta, timeout=10)
+    assert role.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as other_device:
+        stub.WatchDesiredState(
+            pb.WatchRequest(wait_ms=0),
+            metadata=auth.metadata(auth.read_token(token), "edge-2"),
+            timeout=10,
+        )
+    assert other_device.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as publisher_as_device:
+        stub.GetManifest(pb.GetManifestRequest(model="mlp", version=1), metadata=meta, timeout=10)
+    assert publisher_as_device.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert stub.WatchDesiredState(pb.WatchRequest(wait_ms=0), metadata=device_meta, timeout=10)
+
+    bad = fleet.tmp / "bad.token"
+    bad.write_text("nope\n")
+    refused = fleet.cli(
+        "publish",
+        str(fleet.mlp(1)),
+        "--model",
+        "mlp",
+        "--version",
+        "1",
+        "--control-plane",
+        fleet.address,
+        "--signing-key",
+        str(fleet.key),
+        "--token-file",
+        str(bad),
+        check=False,
+    )
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
+    # Secrets: the token files are private, device tokens are stored hashed, none is logged.
+    assert (fleet.data / "publisher.token").stat().st_mode & 0o777 == 0o600
+    assert token.stat().st_mode & 0o777 == 0o600
+    device_token = auth.read_token(token)
+    with sqlite3.connect(fleet.data / "registry.sqlite") as db:
+        stored = [row[0] for row in db.execute("SELECT token_hash FROM devices")]
+    assert stored == [auth.token_hash(device_token)]
+    logs = "".join(map(str, fleet.cp.events)) + "".join(fleet.cp.stderr)
+    assert device_token not in logs and auth.read_token(fleet.token_file) not in logs
+
+
+def test_agent_sync_settings_are_checked(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "serve",
+            "--control-plane",
+            "127.0.0.1:1",
+            "--model-repository",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 78 and "required when control_plane is set" in done.stderr
+
+
+def test_keygen_and_publish_errors(fleet: Fleet) -> None:
+    not_onnx = fleet.tmp / "junk.onnx"
+    not_onnx.write_bytes(b"junk")
+    done = fleet.publish(not_onnx, 1, check=False)
+    assert done.returncode == 1 and "not a readable ONNX model" in done.stderr
+    existing = fleet.tmp / "exists.pem"
+    existing.write_text("x")
+    done = fleet.cli(
+        "keygen",
+        "--private-key",
+        str(existing),
+        "--public-key",
+        str(fleet.tmp / "p.pub"),
+        check=False,
+    )
+    assert done.returncode == 1 and "exists" in done.stderr
+    assert existing.read_text() == "x"
+    v1 = fleet.mlp(1)
+    fleet.publish(v1, 1)
+    again = fleet.publish(fleet.mlp(2), 1, check=False)  # same version, other content
+    assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr
