@@ -1,0 +1,455 @@
+"""The pure parts of the weight sync, without a server: the release format and its checks,
+signatures, resumable chunk-verified downloads, the control plane's rollout rules and blob store.
+(Modules importing the inference stubs, like sync/syncer.py, stay out of this process.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import modelgen
+from edge_agent.controlplane.blobs import FileBlobStore
+from edge_agent.controlplane.registry import (
+    CANARY,
+    FLEET,
+    GROUP,
+    Report,
+    SqliteRegistry,
+    canary_cohort,
+    revision,
+)
+from edge_agent.errors import InvalidArgument, ReleaseRejected
+from edge_agent.fleet import signing
+from edge_agent.fleet.release import (
+    build_release,
+    check_directory,
+    check_fresh,
+    check_graph_contract,
+    parse_release,
+)
+from edge_agent.sync.store import MAX_CORRUPT_CHUNKS, BandwidthLimit, BlobStore
+
+CHUNK = 1024
+
+
+# -- the release format ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("releases")
+    for seed in (1, 2):
+        build_release(modelgen.mlp(tmp / f"m{seed}.onnx", seed), "mlp", seed, tmp / f"v{seed}")
+    return tmp / "v1", tmp / "v2"
+
+
+def load(directory: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((directory / "release.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_large_initializers_are_files_named_by_content(releases: tuple[Path, Path]) -> None:
+    v1, v2 = releases
+    r1, r2 = (parse_release((d / "release.json").read_bytes()) for d in releases)
+    for release, directory in ((r1, v1), (r2, v2)):
+        for entry in release.files:
+            data = (directory / entry.path).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == entry.sha256 and len(data) == entry.size
+            if entry.path != "model.onnx":
+                assert entry.path == f"{entry.sha256}.bin"
+        check_directory(release, directory)
+    # A new last layer changes that file and the graph (it names the file); nothing else.
+    changed = {f.sha256 for f in r2.files} - {f.sha256 for f in r1.files}
+    assert len(changed) == 2
+    assert {t.name for t in r1.tensors} == {"w0", "w1", "w2"}
+
+
+@pytest.mark.parametrize(
+    "path", ["../outside.bin", "a/b.bin", ".hidden", "/etc/passwd", "", "release.json", "a\0b"]
+)
+def test_a_file_outside_the_release_is_refused(releases: tuple[Path, Path], path: str) -> None:
+    data = load(releases[0])
+    data["files"][0]["path"] = path
+    with pytest.raises(ReleaseRejected) as refused:
+        parse_release(json.dumps(data).encode())
+    assert refused.value.reason == "path"
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(format=2),
+        lambda d: d.update(version=0),
+        lambda d: d.update(version="3"),
+        lambda d: d.update(model="../x"),
+        lambda d: d["files"].append(d["files"][0]),
+        lambda d: d.update(files=[f for f in d["files"] if f["path"] != "model.onnx"]),
+        lambda d: d["files"][0].update(sha256="0" * 63),
+        lambda d: d["tensors"][0].update(shape=[-1]),
+        lambda d: d.pop("expires"),
+    ],
+)
+def test_malformed_release_json_is_refused(releases: tuple[Path, Path], mutate: object) -> None:
+    data = load(releases[0])
+    mutate(data)  # type: ignore[operator]
+    with pytest.raises(ReleaseRejected):
+        parse_release(json.dumps(data).encode())
+
+
+def test_not_json_is_refused() -> None:
+    with pytest.raises(ReleaseRejected) as refused:
+        parse_release(b"not json")
+    assert refused.value.reason == "format"
+
+
+def test_expired(releases: tuple[Path, Path]) -> None:
+    release = parse_release((releases[0] / "release.json").read_bytes())
+    check_fresh(release, now=release.expires - 1)
+    with pytest.raises(ReleaseRejected) as expired:
+        check_fresh(release, now=release.expires)
+    assert expired.value.reason == "expired"
+
+
+def test_graph_contract(releases: tuple[Path, Path], tmp_path: Path) -> None:
+    v1, v2 = releases
+    r1 = parse_release((v1 / "release.json").read_bytes())
+    # v2's graph names v2's last-layer file, which v1 does not have.
+    with pytest.raises(ReleaseRejected) as mixed:
+        check_graph_contract(r1, v2 / "model.onnx")
+    assert mixed.value.reason == "contract"
+    for field, value in (("dtype", "FLOAT16"), ("shape", [10, 256]), ("name", "renamed")):
+        data = load(v1)
+        data["tensors"][-1][field] = value
+        with pytest.raises(ReleaseRejected) as wrong:
+            check_graph_contract(parse_release(json.dumps(data).encode()), v1 / "model.onnx")
+        assert wrong.value.reason == "contract", field
+    # The directory must hold exactly the listed files, each with its digest.
+    copy = tmp_path / "copy"
+    shutil.copytree(v1, copy)
+    (copy / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ReleaseRejected, match="differ"):
+        check_directory(r1, copy)
+    (copy / "extra.bin").unlink()
+    weights = next(p for p in copy.iterdir() if p.suffix == ".bin")
+    weights.write_bytes(b"\0" * weights.stat().st_size)
+    with pytest.raises(ReleaseRejected) as tampered:
+        check_directory(r1, copy)
+    assert tampered.value.reason == "digest"
+
+
+def test_signatures(releases: tuple[Path, Path], tmp_path: Path) -> None:
+    v1, _ = releases
+    signing.generate_keypair(tmp_path / "a.pem", tmp_path / "a.pub")
+    signing.generate_keypair(tmp_path / "b.pem", tmp_path / "b.pub")
+    assert (tmp_path / "a.pem").stat().st_mode & 0o777 == 0o600
+    signature = signing.sign_directory(v1, tmp_path / "a.pem")
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(v1, copy)
+    keys = [tmp_path / "b.pub", tmp_path / "a.pub"]
+    assert signing.verify_directory(copy, signature, keys) == tmp_path / "a.pub"
+    with pytest.raises(ReleaseRejected) as unknown:
+        signing.verify_directory(copy, signature, [tmp_path / "b.pub"])
+    assert unknown.value.reason == "signature"
+    data = load(copy)
+    data["expires"] += 1e9  # a longer life is a change like any other
+    (copy / "release.json").write_text(json.dumps(data))
+    with pytest.raises(ReleaseRejected, match="signature"):
+        signing.verify_directory(copy, signature, keys)
+    with pytest.raises(ReleaseRejected):
+        signing.verify_directory(v1, b"garbage", keys)
+
+
+# -- downloads ------------------------------------------------------------------------------------
+
+
+class FakeServer:
+    """Serves `blob` from an offset in pieces; faults on request."""
+
+    def __init__(self, blob: bytes, piece: int = 700) -> None:
+        self.blob = blob
+        self.piece = piece
+        self.calls: list[int] = []
+        self.corrupt_at: set[int] = set()  # byte offsets corrupted on their first send
+        self.truncate_first_at: int | None = None
+        self.extra = b""
+        self.cancelled = 0
+        self.sent = 0
+
+    def fetch(self, digest: str, offset: int) -> Iterator[bytes]:
+        self.calls.append(offset)
+        server = self
+
+        class Pieces:
+            def __iter__(self) -> Iterator[bytes]:
+                data = bytearray(server.blob[offset:] + server.extra)
+                for at in sorted(server.corrupt_at):
+                    if at >= offset:
+                        data[at - offset] ^= 0xFF
+                        server.corrupt_at.discard(at)
+                end = len(data)
+                if server.truncate_first_at is not None:
+                    end, server.truncate_first_at = server.truncate_first_at - offset, None
+                for start in range(0, end, server.piece):
+                    piece = bytes(data[start : min(start + server.piece, end)])
+                    server.sent += len(piece)
+                    yield piece
+
+            def cancel(self) -> None:
+                server.cancelled += 1
+
+        return Pieces()  # type: ignore[return-value]
+
+
+def chunks_of(blob: bytes) -> list[str]:
+    return [hashlib.sha256(blob[i : i + CHUNK]).hexdigest() for i in range(0, len(blob), CHUNK)]
+
+
+BLOB = bytes(range(256)) * 20  # 5120 bytes: 5 chunks
+
+
+def download(store: BlobStore, server: FakeServer, blob: bytes = BLOB) -> Path:
+    return store.download(
+        hashlib.sha256(blob).hexdigest(),
+        len(blob),
+        CHUNK,
+        chunks_of(blob),
+        server.fetch,
+        lambda n: None,
+        BandwidthLimit(0),
+    )
+
+
+def test_download_verifies_and_moves_into_the_store(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    server = FakeServer(BLOB)
+    path = download(store, server)
+    assert path.read_bytes() == BLOB and store.has(hashlib.sha256(BLOB).hexdigest())
+    assert server.calls == [0] and not list(store.partial.iterdir())
+
+
+def test_a_corrupt_chunk_is_refetched_alone(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    server = FakeServer(BLOB)
+    server.corrupt_at = {3 * CHUNK + 5}
+    assert download(store, server).read_bytes() == BLOB
+    assert server.calls == [0, 3 * CHUNK]  # resumed at the bad chunk, not at 0
+
+
+def test_chunks_that_keep_failing_reject_the_blob(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    server = FakeServer(BLOB)
+
+    def always_bad(digest: str, offset: int) -> Iterator[bytes]:
+        server.corrupt_at = {offset}
+        return server.fetch(digest, offset)
+
+    with pytest.raises(ReleaseRejected) as bad:
+        store.download(
+            hashlib.sha256(BLOB).hexdigest(),
+            len(BLOB),
+            CHUNK,
+            chunks_of(BLOB),
+            always_bad,
+            lambda n: None,
+            BandwidthLimit(0),
+        )
+    assert bad.value.reason == "digest" and len(server.calls) == MAX_CORRUPT_CHUNKS + 1
+
+
+def test_a_server_sending_too_much_is_cut_off(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    server = FakeServer(BLOB, piece=CHUNK)
+    server.extra = b"x" * 100 * CHUNK
+    assert download(store, server).read_bytes() == BLOB
+    assert server.cancelled == 1 and server.sent <= len(BLOB) + CHUNK
+
+
+def test_a_truncated_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    server = FakeServer(BLOB)
+    server.truncate_first_at = 2 * CHUNK + 300
+    assert download(store, server).read_bytes() == BLOB
+    assert server.calls == [0, 2 * CHUNK]
+
+
+def test_a_stream_that_ends_without_data_is_a_transfer_failure(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    server = FakeServer(BLOB)
+    server.truncate_first_at = 0
+    with pytest.raises(ReleaseRejected) as cut:
+        download(store, server)
+    assert cut.value.reason == "transfer"
+    assert download(store, server).read_bytes() == BLOB  # and it converges afterwards
+
+
+def test_a_partial_file_survives_a_restart(tmp_path: Path) -> None:
+    digest = hashlib.sha256(BLOB).hexdigest()
+    BlobStore(tmp_path)  # a previous run made the directories
+    part = tmp_path / "partial" / f"{digest}.part"
+    part.write_bytes(BLOB[: 2 * CHUNK] + b"garbage")  # two good chunks, then a torn write
+    server = FakeServer(BLOB)
+    received: list[int] = []
+    store = BlobStore(tmp_path)
+    store.download(
+        digest, len(BLOB), CHUNK, chunks_of(BLOB), server.fetch, received.append, BandwidthLimit(0)
+    )
+    assert server.calls == [2 * CHUNK] and sum(received) == len(BLOB) - 2 * CHUNK
+    # A partial whose first chunk went bad (a power cut before the data reached the disk).
+    part.write_bytes(b"\0" * CHUNK + BLOB[CHUNK : 3 * CHUNK])
+    store.discard([digest])
+    server.calls.clear()
+    assert download(store, server).read_bytes() == BLOB and server.calls == [0]
+
+
+def test_a_chunk_table_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ReleaseRejected) as bad:
+        BlobStore(tmp_path).download(
+            "0" * 64,
+            len(BLOB),
+            CHUNK,
+            chunks_of(BLOB)[:-1],
+            FakeServer(BLOB).fetch,
+            lambda n: None,
+            BandwidthLimit(0),
+        )
+    assert bad.value.reason == "format"
+
+
+def test_whole_digest_is_checked(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    with pytest.raises(ReleaseRejected) as bad:
+        store.download(
+            "f" * 64,
+            len(BLOB),
+            CHUNK,
+            chunks_of(BLOB),
+            FakeServer(BLOB).fetch,
+            lambda n: None,
+            BandwidthLimit(0),
+        )
+    assert bad.value.reason == "digest" and not list(store.partial.iterdir())
+
+
+def test_adopt_checks_content(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "store")
+    source = tmp_path / "f.bin"
+    source.write_bytes(BLOB)
+    assert not store.adopt("0" * 64, source)
+    assert store.adopt(hashlib.sha256(BLOB).hexdigest(), source)
+    assert store.path(hashlib.sha256(BLOB).hexdigest()).read_bytes() == BLOB
+    assert not store.adopt("1" * 64, tmp_path / "missing")
+
+
+def test_bandwidth_limit_sleeps_to_the_rate() -> None:
+    slept: list[float] = []
+    limit = BandwidthLimit(1000, sleep=slept.append)
+    limit.spend(500)
+    limit.spend(500)
+    assert slept and 0.4 < slept[-1] <= 1.0
+    unlimited: list[float] = []
+    BandwidthLimit(0, sleep=unlimited.append).spend(10**9)
+    assert not unlimited
+
+
+# -- the control plane's rules --------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[SqliteRegistry]:
+    reg = SqliteRegistry(tmp_path / "r.sqlite")
+    for version in (1, 2, 3):
+        reg.add_release("m", version, b"{}", b"sig", set())
+    for device, group in (("a", "lab"), ("b", "lab"), ("c", ""), ("d", "")):
+        reg.add_device(device, group, "hash")
+    yield reg
+    reg.close()
+
+
+def test_canary_cohort_is_stable_and_rounded_up() -> None:
+    devices = [f"d{i}" for i in range(10)]
+    cohort = canary_cohort("m", 2, devices, 25)
+    assert len(cohort) == 3 and cohort == canary_cohort("m", 2, list(reversed(devices)), 25)
+    assert len(canary_cohort("m", 2, devices[:3], 50)) == 2
+    assert canary_cohort("m", 2, devices, 100) == sorted(devices)
+
+
+def test_desired_state_by_scope(registry: SqliteRegistry) -> None:
+    assert registry.desired("a") == {}
+    registry.set_target("m", 1, FLEET, "", 0)
+    assert all(registry.desired(d) == {"m": 1} for d in "abcd")
+    registry.set_target("m", 2, GROUP, "lab", 0)
+    assert [registry.desired(d)["m"] for d in "abcd"] == [2, 2, 1, 1]
+    canary = registry.set_target("m", 3, CANARY, "", 50)
+    assert len(canary.devices) == 2
+    for d in "abcd":
+        assert registry.desired(d)["m"] == (3 if d in canary.devices else 2 if d in "ab" else 1)
+    assert registry.desired("unknown") == {}
+    with pytest.raises(Exception, match="no release"):
+        registry.set_target("m", 9, FLEET, "", 0)
+    with pytest.raises(InvalidArgument):
+        registry.set_target("m", 1, CANARY, "", 0)
+
+
+def test_pause_resume_rollback(registry: SqliteRegistry) -> None:
+    registry.set_target("m", 1, FLEET, "", 0)
+    registry.set_target("m", 2, FLEET, "", 0)
+    registry.record("a", [Report("m", 2, 2, 2, "serving", "")], 0.0)
+    before = revision(registry.desired("b"))
+    assert registry.control("m", "pause").state == "paused"
+    # Paused: whoever runs it keeps it; nobody new gets it.
+    assert registry.desired("a") == {"m": 2} and registry.desired("b") == {"m": 1}
+    assert revision(registry.desired("b")) != before
+    assert registry.control("m", "resume").state == "active"
+    assert registry.desired("b") == {"m": 2}
+    assert registry.control("m", "rollback").state == "rolled_back"
+    assert registry.desired("a") == {"m": 1}
+    assert registry.control("m", "rollback").version == 1  # the next one back
+    assert registry.desired("a") == {}
+
+
+def test_auto_pause_above_the_failure_share(registry: SqliteRegistry) -> None:
+    rollout = registry.set_target("m", 2, FLEET, "", 0)
+    assert len(rollout.devices) == 4
+    registry.record("a", [Report("m", 1, 1, 2, "failed", "signature: bad")], 1.0)
+    assert registry.auto_pause(0.25) == []  # 1 of 4 is not more than 25%
+    registry.record("b", [Report("m", 1, 1, 2, "failed", "digest: bad")], 2.0)
+    (paused,) = registry.auto_pause(0.25)
+    assert paused.state == "paused" and paused.failed == 2 and "2 of 4" in paused.reason
+    # The failure stays counted after the device goes back to its old version...
+    registry.record("a", [Report("m", 1, 1, 1, "serving", "")], 3.0)
+    assert registry.rollouts()[-1].failed == 2
+    # ...until it installs the version after all.
+    registry.record("a", [Report("m", 2, 2, 2, "serving", "")], 4.0)
+    assert registry.rollouts()[-1].failed == 1
+    devices = {d.device_id: d for d in registry.devices()}
+    assert devices["b"].last_error == "m v2: digest: bad" and devices["a"].last_seen == 4.0
+
+
+def test_a_release_is_immutable(registry: SqliteRegistry) -> None:
+    registry.add_release("m", 1, b"{}", b"sig", set())  # identical: fine
+    with pytest.raises(Exception, match="immutable"):
+        registry.add_release("m", 1, b"{ }", b"sig", set())
+
+
+def test_blob_store_writes_whole_checked_blobs(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    digest = hashlib.sha256(BLOB).hexdigest()
+    writer = store.writer(digest, len(BLOB))
+    writer.write(BLOB[:100])
+    assert not store.exists(digest)  # nothing visible before the commit
+    writer.write(BLOB[100:])
+    assert writer.commit() == [hashlib.sha256(BLOB).hexdigest()]  # one chunk (< 1 MiB)
+    assert store.exists(digest) and store.size(digest) == len(BLOB)
+    wrong = store.writer("0" * 64, len(BLOB))
+    wrong.write(BLOB)
+    with pytest.raises(InvalidArgument, match="digest"):
+        wrong.commit()
+    too_much = store.writer(digest, 10)
+    with pytest.raises(InvalidArgument, match="more than"):
+        too_much.write(BLOB)
+    too_much.abort()
+    assert not list((tmp_path / "tmp").iterdir())
