@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,13 @@ class Daemon:
 
     STARTED = "agent.started"
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, address: bool = True):
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        address: bool = True,
+        preexec: Callable[[], None] | None = None,
+    ):
         command = [sys.executable, "-m", "edge_agent", *self.command(), "--log-format", "json"]
         command += args
         if address:
@@ -45,6 +51,7 @@ class Daemon:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec,
         )
         threading.Thread(target=self._read_stdout, daemon=True).start()
         threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -130,8 +137,9 @@ def start_daemon() -> Iterator[Any]:
         env: dict[str, str] | None = None,
         address: bool = True,
         kind: type[Daemon] = Daemon,
+        preexec: Callable[[], None] | None = None,
     ) -> Daemon:
-        daemon = kind(list(args), env, address)
+        daemon = kind(list(args), env, address, preexec)
         daemons.append(daemon)
         return daemon
 

@@ -173,7 +173,13 @@ class Fleet:
                 return next((r for r in d.models if r.model == "mlp"), None)
         return None
 
-    def agent(self, device: str, *extra: str, token: Path | None = None) -> Daemon:
+    def agent(
+        self,
+        device: str,
+        *extra: str,
+        token: Path | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> Daemon:
         repo = self.tmp / f"repo-{device}"
         state = self.tmp / f"state-{device}"
         repo.mkdir(exist_ok=True)
@@ -196,6 +202,7 @@ class Fleet:
             "--sync-interval",
             "2",
             *extra,
+            preexec=preexec,
         ).wait_started()
 
     def wait_report(self, device: str, version: int, state: str) -> pb.ModelReport:
@@ -428,6 +435,47 @@ def test_sigkill_mid_download_resumes(fleet: Fleet) -> None:
     fetched_after = metric(restarted, "edge_agent_sync_bytes_total")
     # What was on disk was not fetched again (only the one unfinished chunk, at most).
     assert fetched_after <= total - on_disk + (1 << 20), (fetched_after, total, on_disk)
+
+
+def test_disk_full_while_downloading_then_converges(fleet: Fleet) -> None:
+    """Files over 1 MiB cannot be written (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write
+    fails with EFBIG like a full disk fails with ENOSPC): the agent reports, keeps serving v1,
+    and installs v2 once restarted without the limit."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    fleet.add_device("edge-1")
+    v1, v2 = fleet.mlp(1), fleet.mlp(2, width=1024)  # v2 has 4 MiB weight files
+    fleet.publish(v1, 1)
+    agent = fleet.agent("edge-1", preexec=small_files)
+    wait_for(lambda: serves(agent, v1), "v1 serving")
+    fleet.publish(v2, 2)
+
+    def failed() -> bool:
+        device = fleet.status().devices[0]
+        return device.last_error.startswith("mlp v2: disk:")
+
+    wait_for(failed, "the device reports the failed write")
+    rollout = fleet.status().rollouts[-1]
+    assert rollout.state == "paused" and rollout.reason.startswith("auto-paused")
+    assert metric(agent, 'edge_agent_sync_failures_total{reason="disk"}') >= 1
+    assert serves(agent, v1)
+    fleet.wait_report("edge-1", 1, "serving")
+    agent.stop()
+    agent = fleet.agent("edge-1")
+    fleet.cli(
+        "fleet",
+        "resume",
+        "--model",
+        "mlp",
+        "--control-plane",
+        fleet.address,
+        "--token-file",
+        str(fleet.token_file),
+    )
+    wait_for(lambda: serves(agent, v2), "v2 serving once files fit and the rollout resumed")
 
 
 def test_control_plane_down_the_agent_keeps_serving_and_catches_up(fleet: Fleet) -> None:
