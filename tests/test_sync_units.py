@@ -334,16 +334,6 @@ def test_whole_digest_is_checked(tmp_path: Path) -> None:
     assert bad.value.reason == "digest" and not list(store.partial.iterdir())
 
 
-def test_adopt_checks_content(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path / "store")
-    source = tmp_path / "f.bin"
-    source.write_bytes(BLOB)
-    assert not store.adopt("0" * 64, source)
-    assert store.adopt(hashlib.sha256(BLOB).hexdigest(), source)
-    assert store.path(hashlib.sha256(BLOB).hexdigest()).read_bytes() == BLOB
-    assert not store.adopt("1" * 64, tmp_path / "missing")
-
-
 def test_bandwidth_limit_sleeps_to_the_rate() -> None:
     slept: list[float] = []
     limit = BandwidthLimit(1000, sleep=slept.append)

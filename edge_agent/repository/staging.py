@@ -12,6 +12,7 @@ renames the version is briefly absent from disk, never half-present.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -110,9 +111,10 @@ def stage(
 
 
 def stage_directory(repository: Path, model: str, version: int, source: Path) -> Path:
-    """Copy the files of `source` (flat) to a fresh staging model directory as `version`, with
-    the repository's config.pbtxt for this model (if any). Copies, never hardlinks: weight files
-    with several links are refused at load (runtime/external_data.py)."""
+    """Move the files of `source` (flat; its owner gives them up) to a fresh staging model
+    directory as `version`, with the repository's config.pbtxt for this model (if any). Across
+    filesystems they are copied; never hardlinked: weight files with several links are refused
+    at load (runtime/external_data.py)."""
     check_model_name(model)
     staged = repository / STAGING / uuid.uuid4().hex / model
     target = staged / str(version)
@@ -122,6 +124,14 @@ def stage_directory(repository: Path, model: str, version: int, source: Path) ->
         if existing.is_file():
             _write(staged / "config.pbtxt", existing.read_bytes())
         for path in sorted(source.iterdir()):
+            try:
+                os.rename(path, target / path.name)
+                with open(target / path.name, "rb") as moved:
+                    os.fsync(moved.fileno())
+                continue
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
             with open(path, "rb") as src, open(target / path.name, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.flush()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -64,27 +63,6 @@ class BlobStore:
     def discard(self, digests: Iterable[str]) -> None:
         for digest in digests:
             self.path(digest).unlink(missing_ok=True)
-
-    def adopt(self, digest: str, source: Path) -> bool:
-        """Copy a file already on this device (an installed version's) in as `digest`, if its
-        content matches. Returns whether it did."""
-        temporary = self.partial / f"{digest}.copy"
-        hasher = hashlib.sha256()
-        try:
-            with open(source, "rb") as src, open(temporary, "wb") as dst:
-                while data := src.read(1 << 20):
-                    hasher.update(data)
-                    dst.write(data)
-                dst.flush()
-                os.fsync(dst.fileno())
-            if hasher.hexdigest() != digest:
-                return False
-            os.replace(temporary, self.path(digest))
-            return True
-        except FileNotFoundError:
-            return False
-        finally:
-            temporary.unlink(missing_ok=True)
 
     def _good_prefix(self, part: Path, size: int, chunk_size: int, chunks: list[str]) -> int:
         """Length of the verified chunks at the start of `part`; truncates the rest."""
@@ -196,11 +174,3 @@ def _close(pieces: Iterable[bytes]) -> None:
     cancel = getattr(pieces, "cancel", None)
     if cancel is not None:
         cancel()
-
-
-def copy_into(source: Path, destination: Path) -> None:
-    """Copy and fsync (installed files are never hardlinks: runtime/external_data.py)."""
-    with open(source, "rb") as src, open(destination, "xb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-        dst.flush()
-        os.fsync(dst.fileno())

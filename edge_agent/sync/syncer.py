@@ -293,12 +293,14 @@ class Syncer:
             )
         check_fresh(release)
         self._report(model, version, "downloading")
-        fetched = self._fetch_all(release, manifest.blobs)
-        staged = self._assemble(release, manifest.release_json)
+        sources, fetched = self._fetch_all(release, manifest.blobs)
+        staged = self._assemble(release, manifest.release_json, sources)
         try:
             signing.verify_directory(staged, manifest.signature, self._keys)
             check_directory(release, staged)
             check_fresh(release)
+            # The manager moves the files into the repository's staging (one copy when the state
+            # dir is on another filesystem).
             self._on_loop(lambda: self._manager.install(model, version, staged))
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -333,12 +335,17 @@ class Syncer:
                     found.setdefault(entry.sha256, directory / entry.path)
         return found
 
-    def _fetch_all(self, release: Release, blobs: Iterable[pb.BlobRef]) -> int:
-        """Make every file of the release present in the store; returns the bytes downloaded."""
+    def _fetch_all(
+        self, release: Release, blobs: Iterable[pb.BlobRef]
+    ) -> tuple[dict[str, Path], int]:
+        """Where each file of the release is on this device (the store, or an installed version
+        that has the same content), downloading what is nowhere; and the bytes downloaded.
+        Content found locally is checked when the release is assembled (check_directory)."""
         refs = {b.digest: b for b in blobs}
         local = self._local_files()
         limit = BandwidthLimit(self._settings.sync_bandwidth_limit)
         fetched = 0
+        sources: dict[str, Path] = {}
 
         def received(count: int) -> None:
             nonlocal fetched
@@ -348,16 +355,18 @@ class Syncer:
 
         for entry in release.files:
             if self._store.has(entry.sha256):
+                sources[entry.sha256] = self._store.path(entry.sha256)
                 continue
-            source = local.get(entry.sha256)
-            if source is not None and self._store.adopt(entry.sha256, source):
+            installed = local.get(entry.sha256)
+            if installed is not None and installed.stat().st_size == entry.size:
+                sources[entry.sha256] = installed
                 continue
             ref = refs.get(entry.sha256)
             if ref is None or ref.size != entry.size:
                 raise ReleaseRejected("format", f"the manifest does not describe {entry.path}")
             if self._stop.is_set():
                 raise ReleaseRejected("transfer", "stopping")
-            self._store.download(
+            sources[entry.sha256] = self._store.download(
                 entry.sha256,
                 entry.size,
                 ref.chunk_size,
@@ -366,7 +375,7 @@ class Syncer:
                 received,
                 limit,
             )
-        return fetched
+        return sources, fetched
 
     def _fetch(self, digest: str, offset: int) -> _Pieces:
         call = self._stub.GetBlob(
@@ -374,13 +383,13 @@ class Syncer:
         )
         return _Pieces(call)
 
-    def _assemble(self, release: Release, release_json: bytes) -> Path:
+    def _assemble(self, release: Release, release_json: bytes, sources: dict[str, Path]) -> Path:
         staged = self._root / "staging" / f"{release.model}-{release.version}"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
         try:
             for entry in release.files:
-                shutil.copyfile(self._store.path(entry.sha256), staged / entry.path)
+                shutil.copyfile(sources[entry.sha256], staged / entry.path)
             (staged / RELEASE_JSON).write_bytes(release_json)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
