@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,7 +194,7 @@ def _control_plane(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(ControlPlane(settings).run())
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, sqlite3.Error) as exc:
         get_logger("edge_agent").error("controlplane.start_failed", error=str(exc))
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
