@@ -60,14 +60,14 @@ class Agent:
         )
         try:
             log.info("agent.starting", model_repository=str(self.settings.model_repository))
+            if self.settings.control_plane:  # its state is read now: a bad one fails the start
+                self.syncer = Syncer(self.settings, self.manager, loop)
+                self.metrics.registry.register(SyncCollector(self.syncer.stats))
             # Sessions are built on the loader thread: the event loop stays free meanwhile.
             await self.manager.start()
             self.port = bind(server, self.settings.grpc_address)
             self.metrics_port = self.metrics.start()
             await server.start()
-            if self.settings.control_plane:
-                self.syncer = Syncer(self.settings, self.manager, asyncio.get_running_loop())
-                self.metrics.registry.register(SyncCollector(self.syncer.stats))
             self.servicer.ready = True
             # Everything built at start lives as long as the agent: keep it out of the cyclic
             # collector's full passes, which otherwise pause the event loop for milliseconds.

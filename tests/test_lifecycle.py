@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import modelgen
-from conftest import ROOT, Daemon
+from conftest import ROOT, Daemon, wait_for
 
 X = np.ones((1, 4), np.float32)
 WAIT_S = 30.0
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    """Poll until predicate() is truthy (a bound on waiting, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def answer(client: Any, model: str = "m") -> float:

@@ -21,24 +21,13 @@ import onnxruntime as ort
 import pytest
 
 import modelgen
-from conftest import ROOT, ControlPlaneProcess, Daemon
+from conftest import ROOT, ControlPlaneProcess, Daemon, wait_for
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.release import build_release
 
 X = np.random.default_rng(7).standard_normal((2, 64)).astype(np.float32)
-WAIT_S = 60
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def expected(model_file: Path) -> np.ndarray:
@@ -114,6 +103,20 @@ class Fleet:
             kind=ControlPlaneProcess,
             address=False,
         ).wait_started()
+
+    def steer(self, action: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """`edge-agent fleet ACTION --model mlp ARGS` against this control plane."""
+        return self.cli(
+            "fleet",
+            action,
+            "--model",
+            "mlp",
+            *args,
+            "--control-plane",
+            self.address,
+            "--token-file",
+            str(self.token_file),
+        )
 
     def add_device(self, device: str, group: str = "") -> Path:
         token = self.tmp / f"{device}.token"
@@ -311,34 +314,12 @@ def test_bad_releases_are_rejected_and_the_serving_version_stays(fleet: Fleet) -
         fleet.wait_report("edge-1", 3, "serving")
 
     # A replayed older release (never installed here): below the rollback floor.
-    fleet.cli(
-        "fleet",
-        "target",
-        "--model",
-        "mlp",
-        "--version",
-        "1",
-        "--control-plane",
-        fleet.address,
-        "--token-file",
-        str(fleet.token_file),
-    )
+    fleet.steer("target", "--version", "1")
     rejected(1, "rollback")
     # Expired.
     fleet.publish(fleet.mlp(4), 4, "--no-activate", "--expires-in", "1")
     time.sleep(1.5)
-    fleet.cli(
-        "fleet",
-        "target",
-        "--model",
-        "mlp",
-        "--version",
-        "4",
-        "--control-plane",
-        fleet.address,
-        "--token-file",
-        str(fleet.token_file),
-    )
+    fleet.steer("target", "--version", "4")
     rejected(4, "expired")
     # Signed with a key the device does not trust.
     other = fleet.tmp / "other.pem"
@@ -349,22 +330,11 @@ def test_bad_releases_are_rejected_and_the_serving_version_stays(fleet: Fleet) -
     v6 = fleet.mlp(6)
     fleet.publish(v6, 6, "--no-activate")
     blobs = sorted((fleet.data / "blobs" / "sha256").rglob("*"), key=lambda p: p.stat().st_mtime)
-    newest = [p for p in blobs if p.is_file()][-1]  # v6's new last layer
+    newest = [p for p in blobs if p.is_file()][-1]  # v6's graph (new, uploaded last)
     data = bytearray(newest.read_bytes())
     data[10] ^= 0xFF
     newest.write_bytes(bytes(data))
-    fleet.cli(
-        "fleet",
-        "target",
-        "--model",
-        "mlp",
-        "--version",
-        "6",
-        "--control-plane",
-        fleet.address,
-        "--token-file",
-        str(fleet.token_file),
-    )
+    fleet.steer("target", "--version", "6")
     rejected(6, "digest")
 
     # The graph of this release with weights of another: names, dtypes and shapes must match.
@@ -465,16 +435,7 @@ def test_disk_full_while_downloading_then_converges(fleet: Fleet) -> None:
     fleet.wait_report("edge-1", 1, "serving")
     agent.stop()
     agent = fleet.agent("edge-1")
-    fleet.cli(
-        "fleet",
-        "resume",
-        "--model",
-        "mlp",
-        "--control-plane",
-        fleet.address,
-        "--token-file",
-        str(fleet.token_file),
-    )
+    fleet.steer("resume")
     wait_for(lambda: serves(agent, v2), "v2 serving once files fit and the rollout resumed")
 
 
@@ -538,16 +499,7 @@ def test_canary_auto_pause_and_rollback(
 
     # Roll back the broken rollout, then the canary: the cohort returns to v1 (installed there).
     for _ in range(2):
-        fleet.cli(
-            "fleet",
-            "rollback",
-            "--model",
-            "mlp",
-            "--control-plane",
-            fleet.address,
-            "--token-file",
-            str(fleet.token_file),
-        )
+        fleet.steer("rollback")
     for d in cohort:
         wait_for(lambda d=d: serves(agents[d], v1), f"{d} rolled back to v1")  # type: ignore[misc]
         fleet.wait_report(d, 1, "serving")
@@ -626,6 +578,40 @@ def test_agent_sync_settings_are_checked(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 78 and "required when control_plane is set" in done.stderr
+    # A sync state that cannot be read: no guessing at the rollback floor.
+    (tmp_path / "sync").mkdir()
+    (tmp_path / "sync" / "state.json").write_text("{not json")
+    (tmp_path / "token").write_text("t")
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "serve",
+            "--control-plane",
+            "127.0.0.1:1",
+            "--model-repository",
+            str(tmp_path),
+            "--state-dir",
+            str(tmp_path),
+            "--device-id",
+            "d",
+            "--device-token-file",
+            str(tmp_path / "token"),
+            "--trusted-key",
+            str(tmp_path / "k.pub"),
+            "--grpc-address",
+            "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 78 and "sync state" in done.stderr and "unreadable" in done.stderr
 
 
 def test_keygen_and_publish_errors(fleet: Fleet) -> None:

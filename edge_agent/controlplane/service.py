@@ -17,6 +17,7 @@ from edge_agent.api.status import to_status
 from edge_agent.controlplane.blobs import BlobStore
 from edge_agent.controlplane.registry import (
     CANARY,
+    FAILED,
     FLEET,
     GROUP,
     BlobInfo,
@@ -302,7 +303,8 @@ class FleetServicer:
                     version=r.target_version,
                     error=r.error,
                 )
-        if self._registry.auto_pause(self._max_failure_share):
+        failed = any(r.state == FAILED for r in reports)
+        if failed and self._registry.auto_pause(self._max_failure_share):
             log.warning("rollout.auto_paused")
             self._notify()
         wait = min(request.wait_ms, MAX_WAIT_MS) / 1000

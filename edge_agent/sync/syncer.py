@@ -36,7 +36,7 @@ import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
-from edge_agent.errors import EdgeAgentError, ReleaseRejected
+from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.client import open_channel
 from edge_agent.fleet.release import (
@@ -98,8 +98,9 @@ class SyncState:
                     str(k): sorted(int(v) for v in vs) for k, vs in data["installed"].items()
                 }
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                # Refuse to guess a floor: an unreadable state file stops the agent's start.
-                raise EdgeAgentError(f"sync state {path} is unreadable: {exc}") from exc
+                # Refuse to guess a floor: an unreadable state file stops the agent's start
+                # (exit 78 with this message; move the file aside to start from nothing).
+                raise ConfigError(f"sync state {path} is unreadable: {exc}") from exc
 
     def add(self, model: str, version: int) -> None:
         self.installed[model] = sorted({*self.installed.get(model, []), version})
