@@ -241,7 +241,10 @@ class Syncer:
         )
         if not transient:
             self._rejected[model] = version
-        self._report(model, version, "failed", f"{reason}: {message}")
+        # Only a rejection is "failed" (it counts towards a rollout's auto-pause); a device
+        # that could not reach the control plane or write its disk is "retrying".
+        state = "retrying" if transient else "failed"
+        self._report(model, version, state, f"{reason}: {message}")
         return not transient
 
     def _count_failure(self, reason: str) -> None:
