@@ -76,9 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     control.add_argument("--log-level", default="info")
     control.add_argument("--log-format", default="auto")
 
+    from edge_agent.compress.cli import add_arguments as add_optimize
     from edge_agent.fleet.client import add_arguments
 
     add_arguments(commands)
+    add_optimize(commands)
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
@@ -128,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "control-plane":
         return _control_plane(args)
+    if args.command == "optimize":
+        from edge_agent.compress.cli import run as optimize
+
+        return optimize(args)
     if args.command in ("publish", "keygen", "fleet"):
         from edge_agent.fleet.client import run
 

@@ -205,3 +205,34 @@ def mlp(path: Path, last_layer_seed: int, width: int = 256, hidden_layers: int =
         [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
     )
     return _save(helper.make_model(graph), path)
+
+
+def cnn(path: Path, seed: int = 0) -> Path:
+    """A small image classifier: [batch, 3, 16, 16] -> Conv 3x3 (16) -> Relu -> Conv 3x3 (32) ->
+    Relu -> GlobalAveragePool -> Flatten -> MatMul (32x10) + bias -> `logits` [batch, 10]."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32)
+    w2 = (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32)
+    w3 = (rng.standard_normal((32, 10)) * 8).astype(np.float32)
+    b3 = rng.standard_normal(10).astype(np.float32) / 10
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("MatMul", ["f", "w3"], ["m"]),
+        helper.make_node("Add", ["m", "b3"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"), (b3, "b3"))
+        ],
+    )
+    return _save(helper.make_model(graph), path)
