@@ -78,6 +78,10 @@ class Settings:
     # The long-poll wait: the control plane answers at once on a change, else after this long.
     sync_interval: float = 30.0
     sync_bandwidth_limit: int = 0  # bytes per second for blob downloads, 0 = unlimited
+    # Which variant of a release to install, by the execution provider the agent will run: the
+    # first one the release has, else its default (fp32).
+    variant_preference_cuda: tuple[str, ...] = ("fp16", "fp32")
+    variant_preference_cpu: tuple[str, ...] = ("int8", "fp32")
 
     # Runtime defaults; a model's config.pbtxt parameters and instance_group override them.
     execution_providers: tuple[str, ...] = ("cuda", "cpu")

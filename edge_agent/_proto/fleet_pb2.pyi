@@ -63,16 +63,25 @@ class SetTargetRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ...) -> None: ...
 
 class RegisterReleaseRequest(_message.Message):
-    __slots__ = ("release_json", "signature", "activate", "target")
+    __slots__ = ("release_json", "signature", "activate", "target", "variant_signatures")
+    class VariantSignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     RELEASE_JSON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     ACTIVATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     release_json: bytes
     signature: bytes
     activate: bool
     target: SetTargetRequest
-    def __init__(self, release_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., activate: _Optional[bool] = ..., target: _Optional[_Union[SetTargetRequest, _Mapping]] = ...) -> None: ...
+    variant_signatures: _containers.ScalarMap[str, bytes]
+    def __init__(self, release_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., activate: _Optional[bool] = ..., target: _Optional[_Union[SetTargetRequest, _Mapping]] = ..., variant_signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class RegisterReleaseResponse(_message.Message):
     __slots__ = ("model", "version", "rollout")
@@ -191,14 +200,23 @@ class BlobRef(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("release_json", "signature", "blobs")
+    __slots__ = ("release_json", "signature", "blobs", "variant_signatures")
+    class VariantSignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     RELEASE_JSON_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     release_json: bytes
     signature: bytes
     blobs: _containers.RepeatedCompositeFieldContainer[BlobRef]
-    def __init__(self, release_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., blobs: _Optional[_Iterable[_Union[BlobRef, _Mapping]]] = ...) -> None: ...
+    variant_signatures: _containers.ScalarMap[str, bytes]
+    def __init__(self, release_json: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., blobs: _Optional[_Iterable[_Union[BlobRef, _Mapping]]] = ..., variant_signatures: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class GetBlobRequest(_message.Message):
     __slots__ = ("digest", "offset")

@@ -35,6 +35,7 @@ from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
 # What ServerMetadata advertises: only what is implemented (perf_analyzer acts on this list).
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
 ACTIVE_PROVIDER_PARAMETER = "edge_agent.active_provider"
+VARIANT_PARAMETER = "edge_agent.variant"
 
 
 class Malformed:
@@ -121,6 +122,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             response.inputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
         for spec in model.outputs.values():
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
+        # Our extension field (protos: ModelMetadataResponse.parameters).
+        response.parameters[ACTIVE_PROVIDER_PARAMETER].string_value = model.provider
+        if model.variant:
+            response.parameters[VARIANT_PARAMETER].string_value = model.variant
         return response
 
     @_handler
@@ -132,6 +137,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         response.config.CopyFrom(model.config)
         # The provider actually obtained, which may differ from what was asked (CPU fallback).
         response.config.parameters[ACTIVE_PROVIDER_PARAMETER].string_value = model.provider
+        if model.variant:
+            response.config.parameters[VARIANT_PARAMETER].string_value = model.variant
         return response
 
     @_handler

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS blobs (
     chunk_digests TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS releases (
     model TEXT NOT NULL, version INTEGER NOT NULL, release_json BLOB NOT NULL,
-    signature BLOB NOT NULL, created REAL NOT NULL, PRIMARY KEY (model, version));
+    signature BLOB NOT NULL, created REAL NOT NULL,
+    variant_signatures TEXT NOT NULL DEFAULT '{}', PRIMARY KEY (model, version));
 CREATE TABLE IF NOT EXISTS release_blobs (
     model TEXT NOT NULL, version INTEGER NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (model, version, digest));
@@ -67,6 +68,14 @@ class BlobInfo:
     size: int
     chunk_size: int
     chunk_digests: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRelease:
+    release_json: bytes
+    signature: bytes  # of the default variant
+    digests: list[str]  # every variant's blobs
+    variant_signatures: dict[str, bytes]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +117,15 @@ class Registry(Protocol):
     def blob(self, digest: str) -> BlobInfo | None: ...
     def add_blob(self, info: BlobInfo) -> None: ...
     def add_release(
-        self, model: str, version: int, release_json: bytes, signature: bytes, digests: set[str]
+        self,
+        model: str,
+        version: int,
+        release_json: bytes,
+        signature: bytes,
+        digests: set[str],
+        variant_signatures: Mapping[str, bytes] | None = None,
     ) -> None: ...
-    def release(self, model: str, version: int) -> tuple[bytes, bytes, list[str]] | None: ...
+    def release(self, model: str, version: int) -> StoredRelease | None: ...
     def set_target(
         self, model: str, version: int, scope: str, group: str, canary_percent: float
     ) -> Rollout: ...
@@ -182,11 +197,19 @@ class SqliteRegistry:
         )
 
     def add_release(
-        self, model: str, version: int, release_json: bytes, signature: bytes, digests: set[str]
+        self,
+        model: str,
+        version: int,
+        release_json: bytes,
+        signature: bytes,
+        digests: set[str],
+        variant_signatures: Mapping[str, bytes] | None = None,
     ) -> None:
         existing = self.release(model, version)
+        variant_signatures = dict(variant_signatures or {})
         if existing is not None:
-            if existing[0] == release_json and existing[1] == signature:
+            same = (existing.release_json, existing.signature, existing.variant_signatures)
+            if same == (release_json, signature, variant_signatures):
                 return  # published again, identical: nothing to do
             raise FailedPrecondition(
                 f"release {model} v{version} already exists with other content; versions are "
@@ -195,17 +218,25 @@ class SqliteRegistry:
         with self._db:
             self._db.execute("BEGIN")
             self._db.execute(
-                "INSERT INTO releases VALUES (?, ?, ?, ?, ?)",
-                (model, version, release_json, signature, time.time()),
+                "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    model,
+                    version,
+                    release_json,
+                    signature,
+                    time.time(),
+                    json.dumps({k: v.hex() for k, v in variant_signatures.items()}),
+                ),
             )
             self._db.executemany(
                 "INSERT INTO release_blobs VALUES (?, ?, ?)",
                 [(model, version, d) for d in sorted(digests)],
             )
 
-    def release(self, model: str, version: int) -> tuple[bytes, bytes, list[str]] | None:
+    def release(self, model: str, version: int) -> StoredRelease | None:
         row = self._db.execute(
-            "SELECT release_json, signature FROM releases WHERE model = ? AND version = ?",
+            "SELECT release_json, signature, variant_signatures FROM releases "
+            "WHERE model = ? AND version = ?",
             (model, version),
         ).fetchone()
         if row is None:
@@ -217,7 +248,8 @@ class SqliteRegistry:
                 (model, version),
             )
         ]
-        return bytes(row[0]), bytes(row[1]), digests
+        variants = {k: bytes.fromhex(v) for k, v in json.loads(row[2]).items()}
+        return StoredRelease(bytes(row[0]), bytes(row[1]), digests, variants)
 
     # -- rollouts -------------------------------------------------------------------------------
 

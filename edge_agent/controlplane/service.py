@@ -193,7 +193,12 @@ class FleetServicer:
             raise InvalidArgument(f"release.json: {exc}") from exc
         if not request.signature:
             raise InvalidArgument("a release needs its signature")
-        for entry in release.files:
+        signed = set(request.variant_signatures)
+        if signed != set(release.variants):
+            raise InvalidArgument(
+                f"variants {sorted(release.variants)} need one signature each; got {sorted(signed)}"
+            )
+        for entry in release.all_files():
             info = self._registry.blob(entry.sha256)
             if info is None or not self._blobs.exists(entry.sha256):
                 raise InvalidArgument(f"blob {entry.sha256} ({entry.path}) was not uploaded")
@@ -204,9 +209,15 @@ class FleetServicer:
             release.version,
             request.release_json,
             request.signature,
-            {f.sha256 for f in release.files},
+            {f.sha256 for f in release.all_files()},
+            dict(request.variant_signatures),
         )
-        log.info("release.registered", model=release.model, version=release.version)
+        log.info(
+            "release.registered",
+            model=release.model,
+            version=release.version,
+            variants=release.variant_names(),
+        )
         response = pb.RegisterReleaseResponse(model=release.model, version=release.version)
         if request.activate:
             target = pb.SetTargetRequest()
@@ -332,9 +343,12 @@ class FleetServicer:
         found = self._registry.release(request.model, request.version)
         if found is None:
             raise NotFound(f"no release {request.model} v{request.version}")
-        release_json, signature, digests = found
-        manifest = pb.Manifest(release_json=release_json, signature=signature)
-        for digest in digests:
+        manifest = pb.Manifest(
+            release_json=found.release_json,
+            signature=found.signature,
+            variant_signatures=found.variant_signatures,
+        )
+        for digest in found.digests:
             info = self._registry.blob(digest)
             if info is None:
                 raise NotFound(f"blob {digest} of {request.model} v{request.version} is missing")

@@ -10,7 +10,7 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -25,6 +25,7 @@ from edge_agent.fleet.release import (
     RELEASE_JSON,
     build_release,
     parse_release,
+    variant_dir,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -61,26 +62,33 @@ def upload_release(
     target: pb.SetTargetRequest,
     activate: bool,
     timeout: float,
+    variant_signatures: Mapping[str, bytes] | None = None,
 ) -> tuple[pb.RegisterReleaseResponse, int]:
-    """Upload the blobs of a release directory that the control plane lacks, then register it
-    (and target it when `activate`). Returns the answer and the bytes uploaded."""
+    """Upload the blobs of a release (`directory` and its variants' directories beside it) that
+    the control plane lacks, then register it (and target it when `activate`). Returns the
+    answer and the bytes uploaded."""
     release_json = (directory / RELEASE_JSON).read_bytes()
     release = parse_release(release_json)
-    digests = sorted({f.sha256 for f in release.files})
+    digests = sorted({f.sha256 for f in release.all_files()})
     missing = set(
         stub.MissingBlobs(
             pb.MissingBlobsRequest(digests=digests), metadata=meta, timeout=timeout
         ).missing
     )
     uploaded = 0
-    for entry in release.files:
-        if entry.sha256 in missing:
-            chunks = _upload_chunks(entry.sha256, directory / entry.path)
-            stub.UploadBlob(chunks, metadata=meta, timeout=timeout)
-            missing.discard(entry.sha256)
-            uploaded += entry.size
+    for name in release.variant_names():
+        for entry in release.select(name).files:
+            if entry.sha256 in missing:
+                chunks = _upload_chunks(entry.sha256, variant_dir(directory, name) / entry.path)
+                stub.UploadBlob(chunks, metadata=meta, timeout=timeout)
+                missing.discard(entry.sha256)
+                uploaded += entry.size
     request = pb.RegisterReleaseRequest(
-        release_json=release_json, signature=signature, activate=activate, target=target
+        release_json=release_json,
+        signature=signature,
+        activate=activate,
+        target=target,
+        variant_signatures=dict(variant_signatures or {}),
     )
     return stub.RegisterRelease(request, metadata=meta, timeout=timeout), uploaded
 
@@ -89,10 +97,15 @@ def publish(args: argparse.Namespace) -> int:
     meta = auth.metadata(auth.read_token(args.token_file))
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch) / "release"
+        variants = dict(args.variant or [])
         release = build_release(
-            args.model_file, args.model, args.version, directory, args.expires_in
+            args.model_file, args.model, args.version, directory, args.expires_in, None, variants
         )
         signature = signing.sign_directory(directory, args.signing_key)
+        variant_signatures = {
+            name: signing.sign_directory(variant_dir(directory, name), args.signing_key)
+            for name in variants
+        }
         with open_channel(args.control_plane) as channel:
             response, uploaded = upload_release(
                 pb_grpc.FleetServiceStub(channel),
@@ -102,10 +115,12 @@ def publish(args: argparse.Namespace) -> int:
                 _target(args),
                 not args.no_activate,
                 args.timeout,
+                variant_signatures,
             )
+    names = ",".join(release.variant_names())
     print(
         f"published {release.model} v{release.version}: {len(release.files)} files, "
-        f"{release.size} bytes, uploaded {uploaded} bytes"
+        f"{release.size} bytes, uploaded {uploaded} bytes, variants {names}"
     )
     if response.HasField("rollout"):
         _print_rollout(response.rollout)
@@ -213,6 +228,13 @@ def lifetime(text: str) -> float:
     return value
 
 
+def _variant(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError("expected NAME=MODEL.onnx, e.g. int8=model.int8.onnx")
+    return name, Path(path)
+
+
 def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pub = commands.add_parser("publish", help="split, sign and publish a model version")
     pub.add_argument("model_file", type=Path, metavar="MODEL.onnx")
@@ -230,6 +252,13 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         type=lifetime,
         default=DEFAULT_LIFETIME_SECONDS,
         help="seconds until devices refuse the release (default one year)",
+    )
+    pub.add_argument(
+        "--variant",
+        action="append",
+        type=_variant,
+        metavar="NAME=MODEL.onnx",
+        help="another variant of this version (e.g. int8=model.int8.onnx); repeatable",
     )
     pub.add_argument("--timeout", type=float, default=300.0, help="seconds per call")
 

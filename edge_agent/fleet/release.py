@@ -3,6 +3,11 @@
     <release>/model.onnx        the graph; every initializer of 1 KiB or more lives outside it
     <release>/<sha256>.bin      one file per large initializer, named by the sha256 of its bytes
     <release>/release.json      model, version, created, expires, graph digest, files, tensors
+                                and, optionally, the same for other variants (fp16, int8, ...)
+
+Variants of one version (e.g. fp32, fp16, int8) are built into sibling directories
+(`variant_dir`), each holding its own files and the one release.json that lists them all, and
+each signed separately, so that a device downloads and verifies only the variant it runs.
 
 A version that changes one layer shares every other `.bin` with its predecessor, so a device
 downloads only what changed. The signature (fleet/signing.py) covers every file of the directory,
@@ -32,7 +37,10 @@ FORMAT = 1
 GRAPH = "model.onnx"
 RELEASE_JSON = "release.json"
 EXTERNAL_MIN_BYTES = 1024
-CHUNK_SIZE = 1 << 20  # transfer unit: blobs stream in chunks of this size, each with its digest
+CHUNK_SIZE = 1 << 20
+DEFAULT_VARIANT = "fp32"
+# Written by the agent into an installed version directory: the variant it holds.
+VARIANT_FILE = "variant"  # transfer unit: blobs stream in chunks of this size, each with its digest
 DEFAULT_LIFETIME_SECONDS = 365 * 24 * 3600
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -54,7 +62,25 @@ class TensorEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class Variant:
+    graph_sha256: str
+    files: tuple[FileEntry, ...]  # every file but release.json, the graph included
+    tensors: tuple[TensorEntry, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph": {"path": GRAPH, "sha256": self.graph_sha256},
+            "files": [dataclasses.asdict(f) for f in self.files],
+            "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class Release:
+    """A release; its top-level graph, files and tensors are the default variant (fp32). Other
+    variants of the same version (e.g. fp16, int8) sit in `variants`; `select` gives the release
+    as seen by a device that runs one of them."""
+
     model: str
     version: int
     created: float
@@ -62,19 +88,42 @@ class Release:
     graph_sha256: str
     files: tuple[FileEntry, ...]  # every file but release.json, the graph included
     tensors: tuple[TensorEntry, ...]
+    variants: Mapping[str, Variant] = dataclasses.field(default_factory=dict)
+    variant: str = DEFAULT_VARIANT  # which variant graph/files/tensors describe
 
     def to_json(self) -> bytes:
+        if self.variant != DEFAULT_VARIANT:
+            raise ValueError("serialize the release as published, not a selected variant")
         data = {
             "format": FORMAT,
             "model": self.model,
             "version": self.version,
             "created": self.created,
             "expires": self.expires,
-            "graph": {"path": GRAPH, "sha256": self.graph_sha256},
-            "files": [dataclasses.asdict(f) for f in self.files],
-            "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
+            **Variant(self.graph_sha256, self.files, self.tensors).to_dict(),
         }
+        if self.variants:
+            data["variants"] = {name: v.to_dict() for name, v in sorted(self.variants.items())}
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+    def variant_names(self) -> list[str]:
+        return [DEFAULT_VARIANT, *sorted(self.variants)]
+
+    def select(self, name: str) -> Release:
+        if name == DEFAULT_VARIANT:
+            return self
+        v = self.variants[name]
+        return dataclasses.replace(
+            self, graph_sha256=v.graph_sha256, files=v.files, tensors=v.tensors, variant=name
+        )
+
+    def all_files(self) -> list[FileEntry]:
+        """The files of every variant (each digest once)."""
+        seen: dict[str, FileEntry] = {}
+        for name in self.variant_names():
+            for entry in self.select(name).files:
+                seen.setdefault(entry.sha256, entry)
+        return list(seen.values())
 
     def file(self, path: str) -> FileEntry:
         return next(f for f in self.files if f.path == path)
@@ -123,6 +172,28 @@ def parse_release(raw: bytes) -> Release:
     version = _field(data, "version", int)
     if version < 1:
         raise ReleaseRejected("format", f"release.json: version {version} is not positive")
+    variants = {}
+    extra = data.get("variants", {})
+    if not isinstance(extra, dict):
+        raise ReleaseRejected("format", "release.json: 'variants' must be an object")
+    for name, block in sorted(extra.items()):
+        if not _SAFE_NAME.match(name) or name == DEFAULT_VARIANT or not isinstance(block, dict):
+            raise ReleaseRejected("format", f"release.json: bad variant {name!r}")
+        variants[name] = _parse_variant(block)
+    default = _parse_variant(data)
+    return Release(
+        model=model,
+        version=version,
+        created=float(_field(data, "created", (int, float))),
+        expires=float(_field(data, "expires", (int, float))),
+        graph_sha256=default.graph_sha256,
+        files=default.files,
+        tensors=default.tensors,
+        variants=variants,
+    )
+
+
+def _parse_variant(data: Mapping[str, Any]) -> Variant:
     graph = _field(data, "graph", dict)
     if graph.get("path") != GRAPH or not _DIGEST.match(str(graph.get("sha256", ""))):
         raise ReleaseRejected("format", "release.json: 'graph' must name model.onnx and its sha256")
@@ -155,15 +226,7 @@ def parse_release(raw: bytes) -> Release:
         tensors.append(
             TensorEntry(_field(item, "name", str), path, _field(item, "dtype", str), tuple(shape))
         )
-    return Release(
-        model=model,
-        version=version,
-        created=float(_field(data, "created", (int, float))),
-        expires=float(_field(data, "expires", (int, float))),
-        graph_sha256=graph["sha256"],
-        files=tuple(files),
-        tensors=tuple(tensors),
-    )
+    return Variant(graph["sha256"], tuple(files), tuple(tensors))
 
 
 def check_fresh(release: Release, now: float | None = None) -> None:
@@ -178,16 +241,14 @@ def _dtype_name(data_type: int) -> str:
     return str(onnx.TensorProto.DataType.Name(data_type))
 
 
-def build_release(
-    model_path: Path,
-    model: str,
-    version: int,
-    out_dir: Path,
-    lifetime_seconds: float = DEFAULT_LIFETIME_SECONDS,
-    now: float | None = None,
-) -> Release:
-    """Write the release directory for `model_path` into the empty `out_dir`."""
-    check_model_name(model)
+def variant_dir(out_dir: Path, name: str) -> Path:
+    """Where `build_release` writes a variant: the default in `out_dir`, the others beside it
+    (each directory is signed on its own: a device receives only the variant it runs)."""
+    return out_dir if name == DEFAULT_VARIANT else out_dir.with_name(f"{out_dir.name}-{name}")
+
+
+def _split(model_path: Path, out_dir: Path) -> Variant:
+    """Write the graph and one content-named file per large initializer into `out_dir`."""
     try:
         proto = onnx.load(str(model_path))  # external data of the source model included
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError...
@@ -216,17 +277,45 @@ def build_release(
     (out_dir / GRAPH).write_bytes(graph_bytes)
     graph_sha = hashlib.sha256(graph_bytes).hexdigest()
     files[GRAPH] = FileEntry(GRAPH, graph_sha, len(graph_bytes))
+    return Variant(
+        graph_sha,
+        tuple(sorted(files.values(), key=lambda f: f.path)),
+        tuple(sorted(tensors, key=lambda t: t.name)),
+    )
+
+
+def build_release(
+    model_path: Path,
+    model: str,
+    version: int,
+    out_dir: Path,
+    lifetime_seconds: float = DEFAULT_LIFETIME_SECONDS,
+    now: float | None = None,
+    variants: Mapping[str, Path] | None = None,
+) -> Release:
+    """Write the release for `model_path` (the fp32 default) and its other `variants` (name ->
+    model file): one directory per variant (`variant_dir`), each with the same release.json."""
+    check_model_name(model)
+    for name in variants or {}:
+        if not _SAFE_NAME.match(name) or name == DEFAULT_VARIANT:
+            raise ReleaseRejected("format", f"variant name {name!r}: use a plain name, not fp32")
+    default = _split(model_path, out_dir)
+    others = {
+        name: _split(path, variant_dir(out_dir, name)) for name, path in (variants or {}).items()
+    }
     created = time.time() if now is None else now
     release = Release(
         model=model,
         version=version,
         created=created,
         expires=created + lifetime_seconds,
-        graph_sha256=graph_sha,
-        files=tuple(sorted(files.values(), key=lambda f: f.path)),
-        tensors=tuple(sorted(tensors, key=lambda t: t.name)),
+        graph_sha256=default.graph_sha256,
+        files=default.files,
+        tensors=default.tensors,
+        variants=others,
     )
-    (out_dir / RELEASE_JSON).write_bytes(release.to_json())
+    for name in release.variant_names():
+        (variant_dir(out_dir, name) / RELEASE_JSON).write_bytes(release.to_json())
     return release
 
 
@@ -278,4 +367,4 @@ def check_graph_contract(release: Release, graph_path: Path) -> None:
 
 
 def blob_digests(releases: Iterable[Release]) -> set[str]:
-    return {f.sha256 for r in releases for f in r.files}
+    return {f.sha256 for r in releases for f in r.all_files()}

@@ -72,6 +72,7 @@ class ModelVersion:
         for i in range(policy.instances):
             self._free_sessions.put(sessions[i % len(sessions)])
         self.stats = ModelStats()
+        self.variant = ""  # fp32 / fp16 / int8 for a version installed by sync; "" otherwise
         self.warmup_runs = warmup_runs  # inferences run before it could serve (for the log)
         self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
 
@@ -99,6 +100,15 @@ class ModelVersion:
         await self.scheduler.close()
         self.sessions = []
         self._free_sessions = queue.SimpleQueue()
+
+
+def read_variant(version_dir: Path) -> str:
+    """The variant a synced version directory holds (its `variant` file), "" when none."""
+    try:
+        text = (version_dir / "variant").read_text().strip()
+    except OSError:
+        return ""
+    return text if text.isascii() and text.replace("-", "").replace("_", "").isalnum() else ""
 
 
 def build_version(
@@ -172,7 +182,9 @@ def _build(
     if inline is None:
         inline = largest <= INLINE_BUDGET_S
     policy = dataclasses.replace(policy, inline=inline)
-    return ModelVersion(name, version, complete, sessions, policy, runs)
+    built = ModelVersion(name, version, complete, sessions, policy, runs)
+    built.variant = read_variant(model_dir / str(version))
+    return built
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:

@@ -58,6 +58,21 @@ class LoadedSession:
     fallback_reason: str | None  # why CUDA was asked for and not obtained
 
 
+def likely_provider(execution_providers: tuple[str, ...]) -> str:
+    """The provider a new session will most likely get ("cuda" or "cpu"), without making one:
+    the first configured provider that this build and machine offer."""
+    for provider in execution_providers:
+        if provider == "cpu":
+            return "cpu"
+        if (
+            provider == "cuda"
+            and "CUDAExecutionProvider" in ort.get_available_providers()
+            and _NVIDIA_DEVICE.exists()
+        ):
+            return "cuda"
+    return "cpu"
+
+
 def cuda_unavailable_reason() -> str:
     """Our best explanation of a CUDA fallback; ORT's own error goes to stderr only."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():

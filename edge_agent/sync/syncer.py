@@ -40,7 +40,9 @@ from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.client import open_channel
 from edge_agent.fleet.release import (
+    DEFAULT_VARIANT,
     RELEASE_JSON,
+    VARIANT_FILE,
     Release,
     check_directory,
     check_fresh,
@@ -48,6 +50,7 @@ from edge_agent.fleet.release import (
 )
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.lifecycle import ModelManager
+from edge_agent.runtime.session import likely_provider
 from edge_agent.settings import Settings
 from edge_agent.sync.store import BandwidthLimit, BlobStore
 
@@ -296,13 +299,16 @@ class Syncer:
                 f"{release.model} v{release.version}",
             )
         check_fresh(release)
+        release, signature = self._choose_variant(release, manifest)
         self._report(model, version, "downloading")
         sources, fetched = self._fetch_all(release, manifest.blobs)
         staged = self._assemble(release, manifest.release_json, sources)
         try:
-            signing.verify_directory(staged, manifest.signature, self._keys)
+            signing.verify_directory(staged, signature, self._keys)
             check_directory(release, staged)
             check_fresh(release)
+            # Unsigned, written after the checks: which variant this version directory holds.
+            (staged / VARIANT_FILE).write_text(release.variant + "\n")
             # The manager moves the files into the repository's staging (one copy when the state
             # dir is on another filesystem).
             self._on_loop(lambda: self._manager.install(model, version, staged))
@@ -314,11 +320,30 @@ class Syncer:
             "sync.installed",
             model=model,
             version=version,
+            variant=release.variant,
             bytes_fetched=fetched,
             release_bytes=release.size,
             seconds=round(time.monotonic() - started, 3),
         )
         self._report(model, version, self._state_of(model, version))
+
+    def _choose_variant(self, release: Release, manifest: pb.Manifest) -> tuple[Release, bytes]:
+        """The variant this device will run (by its likely provider and the preference), and its
+        signature; only that variant's files are fetched."""
+        provider = likely_provider(self._settings.execution_providers)
+        preference = (
+            self._settings.variant_preference_cuda
+            if provider == "cuda"
+            else self._settings.variant_preference_cpu
+        )
+        available = release.variant_names()
+        name = next((v for v in preference if v in available), DEFAULT_VARIANT)
+        if name == DEFAULT_VARIANT:
+            return release, manifest.signature
+        signature = manifest.variant_signatures.get(name)
+        if not signature:
+            raise ReleaseRejected("signature", f"variant {name} has no signature")
+        return release.select(name), signature
 
     def _state_of(self, model: str, version: int) -> str:
         return "serving" if self._serving(model) == version else "installed"
@@ -335,8 +360,9 @@ class Syncer:
                     release = parse_release((directory / RELEASE_JSON).read_bytes())
                 except (OSError, ReleaseRejected):
                     continue
-                for entry in release.files:
-                    found.setdefault(entry.sha256, directory / entry.path)
+                for entry in release.all_files():  # only the installed variant's exist
+                    if (directory / entry.path).is_file():
+                        found.setdefault(entry.sha256, directory / entry.path)
         return found
 
     def _fetch_all(
@@ -362,7 +388,11 @@ class Syncer:
                 sources[entry.sha256] = self._store.path(entry.sha256)
                 continue
             installed = local.get(entry.sha256)
-            if installed is not None and installed.stat().st_size == entry.size:
+            if (
+                installed is not None
+                and installed.is_file()
+                and installed.stat().st_size == entry.size
+            ):
                 sources[entry.sha256] = installed
                 continue
             ref = refs.get(entry.sha256)
