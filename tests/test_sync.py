@@ -589,6 +589,103 @@ def test_canary_auto_pause_and_rollback(
         fleet.wait_report(d, 1, "serving")
 
 
+METADATA = """
+import sys, grpc
+from edge_agent._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pbg
+stub = pbg.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
+answer = stub.ModelMetadata(pb.ModelMetadataRequest(name=sys.argv[2]), timeout=10)
+print(answer.parameters["edge_agent.variant"].string_param)
+"""
+
+
+def served_variant(agent: Daemon, model: str) -> str:
+    """ModelMetadata's variant parameter, read with our stubs (in a process of their own: they
+    cannot share this one with tritonclient's)."""
+    done = subprocess.run(
+        [sys.executable, "-c", METADATA, agent.url, model],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.stdout.strip() if done.returncode == 0 else ""  # not loaded yet: NOT_FOUND
+
+
+def test_variants_the_device_gets_only_the_one_it_runs(fleet: Fleet) -> None:
+    shipped = ROOT / "models" / "digits"
+    for device in ("cpu-int8", "cpu-fp32"):
+        fleet.add_device(device)
+    out = fleet.cli(
+        "publish",
+        str(shipped / "1" / "model.onnx"),
+        "--model",
+        "digits",
+        "--version",
+        "1",
+        "--variant",
+        f"int8={shipped / 'variants' / 'int8.onnx'}",
+        "--variant",
+        f"fp16={shipped / 'variants' / 'fp16.onnx'}",
+        "--control-plane",
+        fleet.address,
+        "--signing-key",
+        str(fleet.key),
+        "--token-file",
+        str(fleet.token_file),
+    ).stdout
+    assert "variants fp32,fp16,int8" in out
+    int8 = fleet.agent("cpu-int8")  # default preference on CPU: int8, then fp32
+    fp32 = fleet.start(
+        "--model-repository",
+        str(fleet.tmp / "repo-fp32"),
+        "--state-dir",
+        str(fleet.tmp),
+        "--execution-providers",
+        "cpu",
+        "--control-plane",
+        fleet.address,
+        "--device-id",
+        "cpu-fp32",
+        "--device-token-file",
+        str(fleet.tmp / "cpu-fp32.token"),
+        "--trusted-key",
+        str(fleet.pub),
+        "--sync-interval",
+        "2",
+        env={"EDGE_AGENT_VARIANT_PREFERENCE_CPU": "fp32"},
+    )
+    (fleet.tmp / "repo-fp32").mkdir(exist_ok=True)
+    fp32.wait_started()
+    wait_for(lambda: served_variant(int8, "digits") == "int8", "the int8 variant serving")
+    wait_for(lambda: served_variant(fp32, "digits") == "fp32", "the fp32 variant serving")
+    int8_dir = fleet.tmp / "repo-cpu-int8" / "digits" / "1"
+    fp32_dir = fleet.tmp / "repo-fp32" / "digits" / "1"
+    assert (int8_dir / "variant").read_text().strip() == "int8"
+    # Only the chosen variant's files moved.
+    moved = metric(int8, "edge_agent_sync_bytes_total")
+    int8_files = sum(
+        p.stat().st_size for p in int8_dir.iterdir() if p.name not in ("release.json", "variant")
+    )
+    assert moved == int8_files
+    assert moved < 0.5 * metric(fp32, "edge_agent_sync_bytes_total")
+    assert sorted(p.name for p in fp32_dir.iterdir()) != sorted(p.name for p in int8_dir.iterdir())
+    # Both answer like their variant does in-process.
+    x = np.load(shipped / "sample.npy").astype(np.float32).reshape(-1, 64)[:2]
+    import tritonclient.grpc as grpcclient
+
+    for agent, model_file in (
+        (int8, shipped / "variants" / "int8.onnx"),
+        (fp32, shipped / "1" / "model.onnx"),
+    ):
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        expected_probabilities = session.run(None, {"input": x})[0]
+        with grpcclient.InferenceServerClient(agent.url) as client:
+            tensor = grpcclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            answer = client.infer("digits", [tensor]).as_numpy("probabilities")
+        assert np.allclose(answer, expected_probabilities, atol=1e-5)
+
+
 def test_credentials(fleet: Fleet) -> None:
     token = fleet.add_device("edge-1")
     stub, meta = fleet.stub()

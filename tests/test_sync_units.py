@@ -31,6 +31,7 @@ from edge_agent.fleet.release import (
     check_fresh,
     check_graph_contract,
     parse_release,
+    variant_dir,
 )
 from edge_agent.sync.store import MAX_CORRUPT_CHUNKS, BandwidthLimit, BlobStore
 
@@ -443,3 +444,40 @@ def test_blob_store_writes_whole_checked_blobs(tmp_path: Path) -> None:
         too_much.write(BLOB)
     too_much.abort()
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_a_release_with_variants(tmp_path: Path) -> None:
+    shipped = modelgen.ROOT / "models" / "digits"
+    out = tmp_path / "release"
+    variants = {
+        "int8": shipped / "variants" / "int8.onnx",
+        "fp16": shipped / "variants" / "fp16.onnx",
+    }
+    release = build_release(shipped / "1" / "model.onnx", "digits", 3, out, variants=variants)
+    assert release.variant_names() == ["fp32", "fp16", "int8"]
+    parsed = parse_release((out / "release.json").read_bytes())
+    assert parsed == release
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    for name in release.variant_names():
+        directory = variant_dir(out, name)
+        chosen = parsed.select(name)
+        assert chosen.variant == name
+        assert (directory / "release.json").read_bytes() == (out / "release.json").read_bytes()
+        check_directory(chosen, directory)  # exactly this variant's files, contract included
+        signature = signing.sign_directory(directory, tmp_path / "k.pem")
+        assert signing.verify_directory(directory, signature, [tmp_path / "k.pub"])
+    int8 = parsed.select("int8")
+    assert int8.size < release.size / 2
+    assert {f.sha256 for f in int8.files} <= {f.sha256 for f in release.all_files()}
+    with pytest.raises(ReleaseRejected):
+        check_directory(parsed.select("fp16"), variant_dir(out, "int8"))
+    with pytest.raises(ValueError):
+        int8.to_json()
+    with pytest.raises(ReleaseRejected):
+        build_release(
+            shipped / "1" / "model.onnx",
+            "digits",
+            3,
+            tmp_path / "x",
+            variants={"fp32": variants["int8"]},
+        )

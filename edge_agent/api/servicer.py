@@ -123,9 +123,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         for spec in model.outputs.values():
             response.outputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
         # Our extension field (protos: ModelMetadataResponse.parameters).
-        response.parameters[ACTIVE_PROVIDER_PARAMETER].string_value = model.provider
+        response.parameters[ACTIVE_PROVIDER_PARAMETER].string_param = model.provider
         if model.variant:
-            response.parameters[VARIANT_PARAMETER].string_value = model.variant
+            response.parameters[VARIANT_PARAMETER].string_param = model.variant
         return response
 
     @_handler

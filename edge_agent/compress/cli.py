@@ -57,6 +57,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
     """Temporary file in the same directory, fsync, rename: OUT is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
