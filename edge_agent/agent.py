@@ -1,11 +1,14 @@
 """The composition root: `Agent.run()` = startup -> serve -> shutdown.
 
 startup: load and warm models (by model control mode) -> bind the gRPC and metrics listeners ->
-health SERVING -> ready -> the weight sync starts (with a control plane); in poll mode the
-repository poll starts with the loads.
-shutdown (SIGTERM/SIGINT; a second signal exits at once): health NOT_SERVING, not ready -> stop
-sync and polling -> `server.stop(grace)` (refuses new RPCs, lets in-flight ones finish) ->
-schedulers finish what they admitted and stop their threads -> metrics listener closes.
+health SERVING -> ready -> the weight sync starts (with a control plane) -> systemd READY=1 and
+the watchdog; in poll mode the repository poll starts with the loads.
+SIGHUP: RELOADING=1 -> re-read the configuration -> apply what can change live (log level, model
+settings: every model reloaded through the hot-swap path), log what needs a restart -> READY=1.
+shutdown (SIGTERM/SIGINT; a second signal exits at once with EXIT_FORCED): STOPPING=1, health
+NOT_SERVING, not ready -> stop sync and polling -> `server.stop(grace)` (refuses new RPCs, lets
+in-flight ones finish) -> schedulers finish what they admitted and stop their threads -> metrics
+listener closes.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ import asyncio
 import gc
 import os
 import signal
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
 from edge_agent.api.server import bind, build_server
 from edge_agent.api.servicer import InferenceServicer
-from edge_agent.observability.logging import get_logger
+from edge_agent.errors import ConfigError
+from edge_agent.observability.logging import get_logger, set_log_level
 from edge_agent.observability.metrics import MetricsServer, SyncCollector
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
+from edge_agent.service.notify import Notifier
+from edge_agent.service.reload import NOT_FOR_MODELS, plan
 from edge_agent.settings import Settings
 from edge_agent.sync.syncer import Syncer
 
@@ -32,9 +39,17 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+EXIT_FORCED = 1  # a second SIGTERM/SIGINT: exit at once, in-flight work abandoned
+
+
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reread: Callable[[], Settings] | None = None) -> None:
+        """`reread`: loads the settings again (config file, env, flags) on SIGHUP."""
         self.settings = settings
+        self._reread = reread
+        self.notifier = Notifier()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Task[None] | None = None
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings, self.registry)
         self.servicer = InferenceServicer(self.registry, self.manager)
@@ -52,6 +67,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         server = build_server(
             self.servicer,
             self.health,
@@ -84,6 +100,10 @@ class Agent:
             if self.syncer is not None:
                 # After the start: serving never waits for the control plane.
                 self.syncer.start()
+            # Only now: every configured model is warm and the listeners are bound.
+            self.notifier.ready(self._status())
+            if self.notifier.watchdog_interval is not None:
+                self._watchdog = asyncio.create_task(self._keepalive(), name="watchdog")
             await self._stop.wait()
         finally:
             await self._shutdown(server)
@@ -91,9 +111,49 @@ class Agent:
     def _on_signal(self) -> None:
         if self._stop.is_set():
             log.warning("agent.forced_exit")
-            os._exit(1)
+            os._exit(EXIT_FORCED)
         log.info("agent.stopping")
+        self.notifier.stopping("stopping: draining in-flight requests")
         self._stop.set()
+
+    def _status(self) -> str:
+        serving = sum(1 for e in self.registry.entries() if e.ready_versions())
+        host = self.settings.grpc_address.rpartition(":")[0]
+        sync = f"; syncing from {self.settings.control_plane}" if self.syncer else ""
+        return f"serving {serving} models on {host}:{self.port}{sync}"
+
+    async def _keepalive(self) -> None:
+        """WATCHDOG=1 from the serving loop itself: if the loop stalls, systemd notices."""
+        assert self.notifier.watchdog_interval is not None
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    def _on_reload(self) -> None:
+        if self._stop.is_set() or (self._reloading is not None and not self._reloading.done()):
+            return  # stopping, or a reload is running (it reads the newest config anyway)
+        self._reloading = asyncio.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change live (see
+        service/reload.py); log what needs a restart. A bad config keeps the running one."""
+        self.notifier.reloading()
+        try:
+            if self._reread is None:
+                raise ConfigError("this agent was started without a configuration to re-read")
+            new = self._reread()
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=str(exc))
+            self.notifier.ready(self._status())
+            return
+        applied, live, restart = plan(self.settings, new)
+        log.info("config.reloaded", applied=live, needs_restart=restart)
+        if restart:
+            log.warning("config.needs_restart", keys=restart)
+        self.settings = applied
+        set_log_level(applied.log_level)
+        await self.manager.reconfigure(applied, rebuild=bool(set(live) - NOT_FOR_MODELS))
+        self.notifier.ready(self._status())
 
     async def _publish_health(self) -> None:
         """grpc.health.v1 entries: "" (the agent), "<model>" (any version serves) and
@@ -111,6 +171,10 @@ class Agent:
 
     async def _shutdown(self, server: object) -> None:
         self.servicer.ready = False
+        self.notifier.stopping("stopping: draining in-flight requests")
+        for task in (self._watchdog, self._reloading):
+            if task is not None:
+                task.cancel()
         await self.health.enter_graceful_shutdown()
         if self.syncer is not None:
             await asyncio.to_thread(self.syncer.stop)
@@ -118,4 +182,5 @@ class Agent:
         await server.stop(self.settings.shutdown_grace_seconds)  # type: ignore[attr-defined]
         await self.registry.close()
         self.metrics.stop()
+        self.notifier.close()
         log.info("agent.stopped")

@@ -179,7 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(Agent(settings).run())
+        asyncio.run(Agent(settings, lambda: load_settings(args.config, flags=flags)).run())
     except ConfigError as exc:  # e.g. the listener cannot bind
         get_logger("edge_agent").error("agent.start_failed", error=str(exc))
         print(f"edge-agent: {exc}", file=sys.stderr)

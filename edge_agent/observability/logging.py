@@ -12,6 +12,25 @@ import structlog
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
+_METHOD_LEVELS = {**_LEVELS, "warn": 30, "exception": 40, "fatal": 50, "msg": 20}
+_threshold = {"level": _LEVELS["info"]}
+
+
+def _by_level(
+    _: object, method: str, event_dict: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    """The level filter, read at each call so that set_log_level (SIGHUP) applies to loggers
+    already bound and cached."""
+    if _METHOD_LEVELS.get(method, 100) < _threshold["level"]:
+        raise structlog.DropEvent
+    return event_dict
+
+
+def set_log_level(level: str) -> None:
+    _threshold["level"] = _LEVELS[level]
+    logging.getLogger().setLevel(max(_LEVELS[level], logging.WARNING))
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
@@ -24,14 +43,16 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
+    _threshold["level"] = _LEVELS[level]
     structlog.configure(
         processors=[
+            _by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS["debug"]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=True,
     )

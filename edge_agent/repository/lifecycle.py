@@ -326,6 +326,27 @@ class ModelManager:
             await self._load(name)
             self._write_state()
 
+    async def reconfigure(self, settings: Settings, rebuild: bool) -> None:
+        """New settings (a SIGHUP reload): reload every model on disk through the hot-swap path,
+        unload models no longer on disk (in explicit mode only the loaded models are reloaded).
+        Versions whose files and config did not change are kept unless `rebuild` (settings that
+        builds read changed)."""
+        self._settings = settings
+        on_disk = await asyncio.to_thread(model_dirs, self._repository)
+        loaded = {e.name for e in self._registry.entries() if e.ready_versions()}
+        names = loaded if self.mode == "explicit" else set(on_disk) | loaded
+        for name in sorted(names):
+            async with self._lock(name):
+                entry = self._registry.find(name)
+                if name not in on_disk:
+                    if entry is not None:
+                        await self._unload(entry, "unloaded: removed from the repository")
+                        self._registry.remove(name)
+                    continue
+                with contextlib.suppress(EdgeAgentError):  # recorded and logged
+                    await self._load(name, force=rebuild)
+        await self._changed()
+
     def serving_version(self, name: str) -> int:
         """The newest version of `name` serving now (0: none)."""
         entry = self._registry.find(name)
@@ -338,9 +359,12 @@ class ModelManager:
         entry = self._registry.find(name)
         return entry is not None and any(s.model is model for s in entry.states())
 
-    async def _load(self, name: str, prebuilt: Mapping[int, Prebuilt] | None = None) -> None:
+    async def _load(
+        self, name: str, prebuilt: Mapping[int, Prebuilt] | None = None, force: bool = False
+    ) -> None:
         """Bring the model to what its files and version policy say, swapping atomically.
-        `prebuilt`: versions already built from exactly these files (pushed ones)."""
+        `prebuilt`: versions already built from exactly these files (pushed ones). `force`:
+        rebuild even unchanged versions (the settings they were built with changed)."""
         model_dir = self._repository / name
         entry = self._registry.ensure(name)
         entry.withdrawn |= self._withdrawn.pop(name, set())
@@ -369,7 +393,8 @@ class ModelManager:
         rebuild = [
             v
             for v in chosen
-            if not (
+            if force
+            or not (
                 v in entry.versions
                 and entry.versions[v].state == READY
                 and entry.versions[v].files == files.version(v)

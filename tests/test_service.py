@@ -1,0 +1,225 @@
+"""The daemon as a system service: the systemd notify protocol under a test-made NOTIFY_SOCKET,
+SIGTERM drain, a forced second signal, SIGHUP reloads, and the unit file."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import modelgen
+from conftest import ROOT, Daemon, wait_for
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's; collects what the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = False
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            self.messages.append((time.monotonic(), fields))
+
+    def with_key(self, key: str) -> list[dict[str, str]]:
+        return [m for _, m in list(self.messages) if key in m]
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def slow_repository(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    modelgen.slow(repo / "slow" / "1" / "model.onnx", rows=8192, depth=32)
+    (repo / "slow" / "config.pbtxt").write_text("max_batch_size: 0\n")
+    return repo
+
+
+def infer_in_background(
+    daemon: Daemon, model: str = "slow"
+) -> tuple[threading.Thread, list[object]]:
+    import tritonclient.grpc as grpcclient
+
+    result: list[object] = []
+
+    def call() -> None:
+        with grpcclient.InferenceServerClient(daemon.url) as client:
+            tensor = grpcclient.InferInput("x", [1, 512], "FP32")
+            tensor.set_data_from_numpy(np.ones((1, 512), np.float32))
+            try:
+                result.append(client.infer(model, [tensor], client_timeout=60).as_numpy("y"))
+            except Exception as exc:
+                result.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, result
+
+
+def test_notify_ready_watchdog_stopping(
+    notify: NotifySocket, start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    daemon = start_daemon(
+        "--model-repository",
+        str(ROOT / "models"),
+        "--execution-providers",
+        "cpu",
+        env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "300000"},
+    )
+    ready = wait_for(lambda: notify.with_key("READY"), "READY=1")
+    daemon.wait_started()
+    assert ready[0]["READY"] == "1" and ready[0]["STATUS"].startswith("serving 1 models")
+    # READY came only once the agent could serve: nothing before it claimed readiness, and the
+    # listener answers now.
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        assert client.is_server_ready() and client.is_model_ready("digits")
+    first_ready = next(t for t, m in notify.messages if "READY" in m)
+    wait_for(lambda: len(notify.with_key("WATCHDOG")) >= 4, "WATCHDOG=1 again and again")
+    beats = [t for t, m in notify.messages if "WATCHDOG" in m]
+    assert beats[0] >= first_ready  # the watchdog starts with the service
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    stopping = notify.with_key("STOPPING")
+    assert stopping and stopping[0]["STOPPING"] == "1"
+
+
+def test_no_notify_socket_is_a_no_op(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(
+        "--model-repository",
+        str(ROOT / "models"),
+        "--execution-providers",
+        "cpu",
+        env={"NOTIFY_SOCKET": ""},
+    ).wait_started()
+    assert not daemon.named("systemd.notify_failed")
+    assert daemon.stop() == 0
+
+
+def test_sigterm_lets_an_in_flight_request_finish(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = start_daemon(
+        "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
+    ).wait_started()
+    thread, result = infer_in_background(daemon)
+    time.sleep(0.5)  # the request is executing
+    daemon.proc.send_signal(signal.SIGTERM)
+    thread.join(60)
+    assert daemon.proc.wait(60) == 0
+    assert len(result) == 1 and isinstance(result[0], np.ndarray), result
+    assert daemon.named("agent.stopped")
+
+
+def test_a_second_signal_forces_exit(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(
+        "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
+    ).wait_started()
+    threads = [infer_in_background(daemon)[0] for _ in range(3)]  # several seconds of work
+    time.sleep(0.5)
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: daemon.named("agent.stopping"), "the drain to begin")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(10) == 1  # EXIT_FORCED, without waiting for the queue
+    assert daemon.named("agent.forced_exit") and not daemon.named("agent.stopped")
+    for t in threads:
+        t.join(60)
+
+
+def unknown_model_failures(daemon: Daemon) -> int:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        with pytest.raises(InferenceServerException):
+            client.infer("no-such-model", [tensor])
+    time.sleep(0.3)  # let the log line arrive
+    return len(daemon.named("request.failed"))
+
+
+def test_sighup_reloads_the_log_level_and_reports_what_needs_a_restart(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "models", repo)
+    config = tmp_path / "config.toml"
+    config.write_text(f'model_repository = "{repo}"\nexecution_providers = ["cpu"]\n')
+    daemon = start_daemon("--config", str(config)).wait_started()
+    assert unknown_model_failures(daemon) == 1  # a warning, logged at level info
+
+    config.write_text(
+        f'model_repository = "{repo}"\nexecution_providers = ["cpu"]\nlog_level = "error"\n'
+        "max_message_bytes = 1048576\n"
+    )
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloaded = wait_for(lambda: daemon.named("config.reloaded"), "the reload")
+    assert reloaded[0]["applied"] == ["log_level"]
+    assert reloaded[0]["needs_restart"] == ["max_message_bytes"]
+    assert unknown_model_failures(daemon) == 1  # warnings are no longer logged
+
+    config.write_text("this is not toml ==")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.named("config.reload_failed"), "the failed reload (an error)")
+    config.write_text(f'model_repository = "{repo}"\nexecution_providers = ["cpu"]\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: unknown_model_failures(daemon) > 1, "warnings logged again")
+    assert daemon.proc.poll() is None and daemon.stop() == 0
+
+
+def test_sighup_picks_up_a_new_model(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    import tritonclient.grpc as grpcclient
+
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "models", repo)
+    daemon = start_daemon(
+        "--model-repository", str(repo), "--execution-providers", "cpu"
+    ).wait_started()
+    modelgen.echo(repo / "echo" / "1" / "model.onnx")
+    daemon.proc.send_signal(signal.SIGHUP)
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        wait_for(lambda: client.is_model_ready("echo"), "the new model after SIGHUP")
+        assert client.is_model_ready("digits")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_the_unit_file_verifies() -> None:
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(ROOT / "systemd" / "edge-agent.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "edge-agent.service" not in done.stderr, done.stderr  # no warnings about our unit
