@@ -53,6 +53,7 @@ class Agent:
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings, self.registry)
         self.servicer = InferenceServicer(self.registry, self.manager)
+        self._apply_limits(settings)
         self.health = health.aio.HealthServicer()
         self.manager.on_change(self._publish_health)
         self._stop = asyncio.Event()
@@ -116,6 +117,10 @@ class Agent:
         self.notifier.stopping("stopping: draining in-flight requests")
         self._stop.set()
 
+    def _apply_limits(self, settings: Settings) -> None:
+        self.servicer.max_elements_per_tensor = settings.max_elements_per_tensor
+        self.servicer.max_elements_per_request = settings.max_elements_per_request
+
     def _status(self) -> str:
         serving = sum(1 for e in self.registry.entries() if e.ready_versions())
         host = self.settings.grpc_address.rpartition(":")[0]
@@ -152,6 +157,7 @@ class Agent:
             log.warning("config.needs_restart", keys=restart)
         self.settings = applied
         set_log_level(applied.log_level)
+        self._apply_limits(applied)
         await self.manager.reconfigure(applied, rebuild=bool(set(live) - NOT_FOR_MODELS))
         self.notifier.ready(self._status())
 

@@ -52,6 +52,10 @@ class Settings:
     # before any of our code runs. Under overload the backlog otherwise waits inside gRPC, ahead
     # of the per-model queues, where no queue bound or deadline check can see it.
     max_concurrent_rpcs: int = 512
+    # Elements one input tensor / one request may claim (refused before anything is decoded);
+    # BYTES elements are also bounded at 2^20 per request.
+    max_elements_per_tensor: int = 1 << 24
+    max_elements_per_request: int = 1 << 25
 
     # Model lifecycle (Triton's meanings): none = load every model at start and never change;
     # poll = also rescan the repository every repository_poll_secs; explicit = load only
@@ -180,6 +184,8 @@ def _check(settings: Settings) -> None:
         "default_max_batch_size",
         "default_max_queue_size",
         "max_concurrent_rpcs",
+        "max_elements_per_tensor",
+        "max_elements_per_request",
     ):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")

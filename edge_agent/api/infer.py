@@ -10,10 +10,49 @@ from edge_agent.errors import InvalidArgument
 from edge_agent.repository.version import ModelVersion
 
 
+# Elements a request may carry (settings max_elements_per_tensor / _per_request); BYTES elements
+# become Python objects (~40 bytes each), so they have a bound of their own.
+MAX_BYTES_ELEMENTS_PER_REQUEST = 1 << 20
+
+
+def check_elements(
+    request: pb.ModelInferRequest, max_per_tensor: int, max_per_request: int
+) -> None:
+    """Refuse oversized shapes before any data is decoded or allocated."""
+    total = strings = 0
+    for tensor in request.inputs:
+        count = 1
+        for dim in tensor.shape:
+            if dim < 0:
+                raise InvalidArgument(f"input '{tensor.name}': shape has a negative dimension")
+            count *= dim
+        if count > max_per_tensor:
+            raise InvalidArgument(
+                f"input '{tensor.name}': {count} elements exceed the limit of {max_per_tensor} "
+                "per tensor (max_elements_per_tensor)"
+            )
+        total += count
+        strings += count if tensor.datatype == "BYTES" else 0
+    if total > max_per_request:
+        raise InvalidArgument(
+            f"the request's {total} elements exceed the limit of {max_per_request} "
+            "(max_elements_per_request)"
+        )
+    if strings > MAX_BYTES_ELEMENTS_PER_REQUEST:
+        raise InvalidArgument(
+            f"the request's {strings} BYTES elements exceed the limit of "
+            f"{MAX_BYTES_ELEMENTS_PER_REQUEST}"
+        )
+
+
 def decode_request(
-    request: pb.ModelInferRequest, model: ModelVersion
+    request: pb.ModelInferRequest,
+    model: ModelVersion,
+    max_per_tensor: int = 1 << 24,
+    max_per_request: int = 1 << 25,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Checked input arrays by name, and the output names to compute."""
+    check_elements(request, max_per_tensor, max_per_request)
     raw = request.raw_input_contents
     if raw and any(t.HasField("contents") for t in request.inputs):
         raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")

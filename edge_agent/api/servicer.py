@@ -76,6 +76,8 @@ def _handler(
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]  # generated
     def __init__(self, registry: ModelRegistry, manager: ModelManager) -> None:
         self._registry = registry
+        self.max_elements_per_tensor = 1 << 24  # set from the settings by the agent
+        self.max_elements_per_request = 1 << 25
         self._manager = manager
         self.ready = False  # set by the agent once startup is complete, cleared on shutdown
 
@@ -188,7 +190,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         # there is no await, so a version retired meanwhile still answers this request.
         model = await self._registry.acquire(request.model_name, request.model_version, deadline)
         try:
-            feeds, outputs = decode_request(request, model)
+            feeds, outputs = decode_request(
+                request, model, self.max_elements_per_tensor, self.max_elements_per_request
+            )
             response: pb.ModelInferResponse = await model.scheduler.infer(
                 feeds,
                 outputs,

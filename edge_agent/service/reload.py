@@ -37,7 +37,15 @@ NEEDS_RESTART = frozenset(
 
 
 # Live settings that no model build reads: changing only these rebuilds nothing.
-NOT_FOR_MODELS = frozenset({"log_level", "shutdown_grace_seconds", "repository_poll_secs"})
+NOT_FOR_MODELS = frozenset(
+    {
+        "log_level",
+        "shutdown_grace_seconds",
+        "repository_poll_secs",
+        "max_elements_per_tensor",
+        "max_elements_per_request",
+    }
+)
 
 
 def plan(current: Settings, new: Settings) -> tuple[Settings, list[str], list[str]]:
