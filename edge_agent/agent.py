@@ -21,9 +21,11 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
+from edge_agent.api.security import ControlGate, InferenceGate, ServerTls
 from edge_agent.api.server import bind, build_server
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.errors import ConfigError
+from edge_agent.fleet.auth import read_token
 from edge_agent.observability.logging import get_logger, set_log_level
 from edge_agent.observability.metrics import MetricsServer, SyncCollector
 from edge_agent.repository.lifecycle import ModelManager
@@ -61,7 +63,9 @@ class Agent:
             settings.metrics_address, self.registry.versions, self.registry.entries
         )
         self.port: int | None = None
+        self.control_port: int | None = None
         self.metrics_port: int | None = None
+        self._tls: ServerTls | None = None
         self.syncer: Syncer | None = None
 
     async def run(self) -> None:
@@ -69,12 +73,26 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        tls = ServerTls(self.settings) if self.settings.tls_cert is not None else None
+        self._tls = tls
         server = build_server(
             self.servicer,
             self.health,
             self.settings.max_message_bytes,
             self.settings.max_concurrent_rpcs,
+            [InferenceGate(self.settings.control_on_inference_listener)],
         )
+        control = None
+        if self.settings.control_address:
+            token_file = self.settings.control_token_file
+            token = read_token(token_file) if token_file is not None else None
+            control = build_server(
+                self.servicer,
+                self.health,
+                self.settings.max_message_bytes,
+                self.settings.max_concurrent_rpcs,
+                [ControlGate(token)],
+            )
         try:
             log.info("agent.starting", model_repository=str(self.settings.model_repository))
             if self.settings.control_plane:  # its state is read now: a bad one fails the start
@@ -82,9 +100,18 @@ class Agent:
                 self.metrics.registry.register(SyncCollector(self.syncer.stats))
             # Sessions are built on the loader thread: the event loop stays free meanwhile.
             await self.manager.start()
-            self.port = bind(server, self.settings.grpc_address)
+            self.port = bind(server, self.settings.grpc_address, tls.credentials() if tls else None)
+            if control is not None:
+                self.control_port = bind(
+                    control,
+                    self.settings.control_address,
+                    tls.credentials() if tls else None,
+                    "control_address",
+                )
             self.metrics_port = self.metrics.start()
             await server.start()
+            if control is not None:
+                await control.start()
             self.servicer.ready = True
             # Everything built at start lives as long as the agent: keep it out of the cyclic
             # collector's full passes, which otherwise pause the event loop for milliseconds.
@@ -95,6 +122,8 @@ class Agent:
                 "agent.started",
                 grpc_address=f"{host}:{self.port}",
                 port=self.port,
+                control_port=self.control_port,
+                tls=tls is not None,
                 metrics_port=self.metrics_port,
                 pid=os.getpid(),
             )
@@ -107,7 +136,7 @@ class Agent:
                 self._watchdog = asyncio.create_task(self._keepalive(), name="watchdog")
             await self._stop.wait()
         finally:
-            await self._shutdown(server)
+            await self._shutdown(server, control)
 
     def _on_signal(self) -> None:
         if self._stop.is_set():
@@ -158,6 +187,8 @@ class Agent:
         self.settings = applied
         set_log_level(applied.log_level)
         self._apply_limits(applied)
+        if self._tls is not None:  # new certificate files: new connections get them
+            self._tls.reload(applied)
         await self.manager.reconfigure(applied, rebuild=bool(set(live) - NOT_FOR_MODELS))
         self.notifier.ready(self._status())
 
@@ -175,7 +206,7 @@ class Agent:
         if self.servicer.ready:
             await self.health.set("", SERVING)
 
-    async def _shutdown(self, server: object) -> None:
+    async def _shutdown(self, server: object, control: object | None = None) -> None:
         self.servicer.ready = False
         self.notifier.stopping("stopping: draining in-flight requests")
         for task in (self._watchdog, self._reloading):
@@ -185,7 +216,10 @@ class Agent:
         if self.syncer is not None:
             await asyncio.to_thread(self.syncer.stop)
         await self.manager.stop()
-        await server.stop(self.settings.shutdown_grace_seconds)  # type: ignore[attr-defined]
+        grace = self.settings.shutdown_grace_seconds
+        if control is not None:
+            await control.stop(grace)  # type: ignore[attr-defined]
+        await server.stop(grace)  # type: ignore[attr-defined]
         await self.registry.close()
         self.metrics.stop()
         self.notifier.close()

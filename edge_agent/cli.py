@@ -51,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--swap-policy", help="overlap|drain_first (default overlap)")
     serve.add_argument("--state-dir", help="directory for state kept across restarts")
+    serve.add_argument("--tls-cert", help="PEM certificate for the listeners (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key for the listeners")
+    serve.add_argument("--tls-client-ca", help="PEM CA: clients must present a cert from it")
+    serve.add_argument(
+        "--control-address", help="HOST:PORT or unix:PATH for load/unload (127.0.0.1:8003)"
+    )
+    serve.add_argument("--control-token-file", help="bearer token the control listener requires")
     serve.add_argument("--control-plane", help="HOST:PORT of the control plane to sync from")
+    serve.add_argument("--control-plane-ca", help="PEM CA to verify a TLS control plane with")
     serve.add_argument("--device-id", help="this device's id on the control plane")
     serve.add_argument("--device-token-file", help="file holding this device's token")
     serve.add_argument(
@@ -162,6 +170,12 @@ def _serve(args: argparse.Namespace) -> int:
         "swap_policy": args.swap_policy,
         "state_dir": args.state_dir,
         "control_plane": args.control_plane,
+        "control_plane_ca": args.control_plane_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "control_address": args.control_address,
+        "control_token_file": args.control_token_file,
         "device_id": args.device_id,
         "device_token_file": args.device_token_file,
         "trusted_keys": args.trusted_key,

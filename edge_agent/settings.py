@@ -57,6 +57,18 @@ class Settings:
     max_elements_per_tensor: int = 1 << 24
     max_elements_per_request: int = 1 << 25
 
+    # TLS on the inference and control listeners (both cert and key; a client CA makes it
+    # mTLS: clients without a certificate from that CA are refused in the handshake). Reloaded
+    # on SIGHUP. The same cert/key are the agent's client identity towards a TLS control plane.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # The control listener (model load / unload): HOST:PORT or unix:PATH, "" = none. Bound
+    # elsewhere than loopback it needs control_token_file or tls_client_ca.
+    control_address: str = "127.0.0.1:8003"
+    control_token_file: Path | None = None
+    control_on_inference_listener: bool = False  # also serve them on grpc_address (unsafe)
+
     # Model lifecycle (Triton's meanings): none = load every model at start and never change;
     # poll = also rescan the repository every repository_poll_secs; explicit = load only
     # load_model at start ("*" = all), then what RepositoryModelLoad / Unload ask.
@@ -80,6 +92,7 @@ class Settings:
     device_token_file: Path | None = None
     trusted_keys: tuple[str, ...] = ()
     # The long-poll wait: the control plane answers at once on a change, else after this long.
+    control_plane_ca: Path | None = None  # TLS to the control plane, verified with this CA
     sync_interval: float = 30.0
     sync_bandwidth_limit: int = 0  # bytes per second for blob downloads, 0 = unlimited
     # Which variant of a release to install, by the execution provider the agent will run: the
@@ -202,6 +215,23 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"state_dir: {settings.state_dir} is not a directory")
     if settings.shutdown_grace_seconds < 0:
         raise ConfigError("shutdown_grace_seconds: must not be negative")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("tls_cert and tls_key: give both or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ConfigError("tls_client_ca: needs tls_cert and tls_key (mTLS is TLS first)")
+    for key in ("tls_cert", "tls_key", "tls_client_ca", "control_token_file", "control_plane_ca"):
+        path = getattr(settings, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: {path} is not a file")
+    if settings.control_address and not settings.control_address.startswith("unix:"):
+        parse_address(settings.control_address, "control_address")
+        host = settings.control_address.rpartition(":")[0].strip("[]")
+        loopback = host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+        if not loopback and settings.control_token_file is None and settings.tls_client_ca is None:
+            raise ConfigError(
+                f"control_address: {settings.control_address} is not loopback: set "
+                "control_token_file or tls_client_ca so that not anyone can load models"
+            )
     if settings.control_plane:
         parse_address(settings.control_plane, "control_plane")
         for key in ("device_id", "device_token_file", "trusted_keys", "state_dir"):

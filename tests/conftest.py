@@ -51,6 +51,9 @@ class Daemon:
         preexec: Callable[[], None] | None = None,
     ):
         command = [sys.executable, "-m", "edge_agent", *self.command(), "--log-format", "json"]
+        # The lifecycle tests drive load / unload over the inference listener, as Triton's
+        # clients do; tests/test_security.py checks the default, which refuses that.
+        env = {"EDGE_AGENT_CONTROL_ON_INFERENCE_LISTENER": "true", **(env or {})}
         command += args
         if address:
             command += self.address_args()
@@ -100,12 +103,23 @@ class Daemon:
         return ["serve"]
 
     def address_args(self) -> list[str]:
-        return ["--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"]
+        return [
+            "--grpc-address",
+            "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
+            "--control-address",
+            "127.0.0.1:0",
+        ]
 
     @property
     def port(self) -> int | None:
         started = self.named(self.STARTED)
         return int(started[0]["port"]) if started else None
+
+    @property
+    def control_url(self) -> str:
+        return f"127.0.0.1:{self.named(self.STARTED)[0]['control_port']}"
 
     @property
     def metrics_url(self) -> str:

@@ -9,7 +9,6 @@ from edge_agent.api.tensors import bytes_to_text, check_shape, decode_raw, decod
 from edge_agent.errors import InvalidArgument
 from edge_agent.repository.version import ModelVersion
 
-
 # Elements a request may carry (settings max_elements_per_tensor / _per_request); BYTES elements
 # become Python objects (~40 bytes each), so they have a bound of their own.
 MAX_BYTES_ELEMENTS_PER_REQUEST = 1 << 20

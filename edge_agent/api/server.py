@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -59,8 +59,10 @@ def build_server(
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     max_concurrent_rpcs: int,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
@@ -82,12 +84,21 @@ def build_server(
     return server
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
-    """Bind the listener; returns the port (the real one when asked for port 0)."""
+def bind(
+    server: grpc.aio.Server,
+    address: str,
+    credentials: grpc.ServerCredentials | None = None,
+    key: str = "grpc_address",
+) -> int:
+    """Bind the listener (TLS with `credentials`); returns the port (the real one when asked
+    for port 0; 0 for a unix socket)."""
     try:
-        port = int(server.add_insecure_port(address))
+        if credentials is not None:
+            port = int(server.add_secure_port(address, credentials))
+        else:
+            port = int(server.add_insecure_port(address))
     except RuntimeError as exc:
-        raise ConfigError(f"grpc_address: cannot listen on {address}: {exc}") from exc
-    if port == 0:
-        raise ConfigError(f"grpc_address: cannot listen on {address}")
+        raise ConfigError(f"{key}: cannot listen on {address}: {exc}") from exc
+    if port == 0 and not address.startswith("unix:"):
+        raise ConfigError(f"{key}: cannot listen on {address}")
     return port

@@ -32,6 +32,11 @@ NEEDS_RESTART = frozenset(
         "variant_preference_cuda",
         "variant_preference_cpu",
         "loader_nice",
+        "control_address",
+        "control_token_file",
+        "control_on_inference_listener",
+        "tls_client_ca",
+        "control_plane_ca",
     }
 )
 
@@ -44,6 +49,8 @@ NOT_FOR_MODELS = frozenset(
         "repository_poll_secs",
         "max_elements_per_tensor",
         "max_elements_per_request",
+        "tls_cert",
+        "tls_key",
     }
 )
 
