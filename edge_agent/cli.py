@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         default=0.2,
         help="pause a rollout once more than this share of its devices fail (default 0.2)",
     )
+    control.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key)")
+    control.add_argument("--tls-key", type=Path)
+    control.add_argument("--tls-client-ca", type=Path, help="PEM CA: clients need a cert from it")
     control.add_argument("--log-level", default="info")
     control.add_argument("--log-format", default="auto")
 
@@ -210,7 +213,12 @@ def _control_plane(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(args.log_level, args.log_format)
     settings = ControlPlaneSettings(
-        data_dir=args.data_dir, address=args.address, max_failure_share=args.max_failure_share
+        data_dir=args.data_dir,
+        address=args.address,
+        max_failure_share=args.max_failure_share,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     try:
         asyncio.run(ControlPlane(settings).run())

@@ -816,3 +816,40 @@ def test_keygen_and_publish_errors(fleet: Fleet) -> None:
     fleet.publish(v1, 1)
     again = fleet.publish(fleet.mlp(2), 1, check=False)  # same version, other content
     assert again.returncode == 1 and "FAILED_PRECONDITION" in again.stderr
+
+
+def test_sync_over_tls(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    from test_security import make_pki
+
+    pki = make_pki(tmp_path)
+    fleet = Fleet(
+        tmp_path, start_daemon, "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"])
+    )
+    fleet.add_device("edge-1")
+    fleet.add_device("edge-2")
+    v1 = fleet.mlp(1)
+    out = fleet.cli(
+        "publish",
+        str(v1),
+        "--model",
+        "mlp",
+        "--version",
+        "1",
+        "--control-plane",
+        fleet.address,
+        "--signing-key",
+        str(fleet.key),
+        "--token-file",
+        str(fleet.token_file),
+        "--control-plane-ca",
+        str(pki["ca"]),
+    )
+    assert "published mlp v1" in out.stdout
+    agent = fleet.agent("edge-1", "--control-plane-ca", str(pki["ca"]))
+    wait_for(lambda: serves(agent, v1), "v1 over TLS")
+    plaintext = fleet.agent("edge-2")  # no CA: it cannot talk to a TLS control plane
+    wait_for(
+        lambda: metric(plaintext, 'edge_agent_sync_failures_total{reason="unreachable"}') >= 1,
+        "the plaintext agent failing",
+    )
+    assert infer(plaintext) is None  # it never got the model

@@ -35,6 +35,10 @@ class ControlPlaneSettings:
     # A rollout pauses itself once more than this share of its devices report a failed install.
     max_failure_share: float = 0.2
     shutdown_grace_seconds: float = 5.0
+    # TLS (both or neither); a client CA makes it mTLS: devices and publishers need a cert.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 def open_registry(data_dir: Path) -> SqliteRegistry:
@@ -78,8 +82,12 @@ class ControlPlane:
         )
         pb_grpc.add_FleetServiceServicer_to_server(servicer, server)
         try:
-            port = server.add_insecure_port(self.settings.address)
-        except RuntimeError as exc:
+            credentials = self._credentials()
+            if credentials is not None:
+                port = server.add_secure_port(self.settings.address, credentials)
+            else:
+                port = server.add_insecure_port(self.settings.address)
+        except (RuntimeError, OSError) as exc:
             raise ConfigError(f"cannot bind {self.settings.address}: {exc}") from exc
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +107,21 @@ class ControlPlane:
             await server.stop(self.settings.shutdown_grace_seconds)
             registry.close()
             log.info("controlplane.stopped")
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        s = self.settings
+        if (s.tls_cert is None) != (s.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key: give both or neither")
+        if s.tls_cert is None or s.tls_key is None:
+            if s.tls_client_ca is not None:
+                raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+        return grpc.ssl_server_credentials(
+            [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
     def _on_signal(self) -> None:
         if self._stop.is_set():

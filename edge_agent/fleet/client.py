@@ -35,6 +35,23 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def channel_credentials(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS to the control plane when `ca` is given (the server is verified with it); `cert` and
+    `key` are our identity for mTLS."""
+    if ca is None:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(),
+            private_key=key.read_bytes() if key is not None else None,
+            certificate_chain=cert.read_bytes() if cert is not None else None,
+        )
+    except OSError as exc:
+        raise ConfigError(f"TLS files for the control plane: {exc}") from exc
+
+
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
@@ -106,7 +123,8 @@ def publish(args: argparse.Namespace) -> int:
             name: signing.sign_directory(variant_dir(directory, name), args.signing_key)
             for name in variants
         }
-        with open_channel(args.control_plane) as channel:
+        credentials = channel_credentials(args.control_plane_ca)
+        with open_channel(args.control_plane, credentials) as channel:
             response, uploaded = upload_release(
                 pb_grpc.FleetServiceStub(channel),
                 meta,
@@ -166,7 +184,7 @@ def fleet(args: argparse.Namespace) -> int:
     if args.control_plane is None or args.token_file is None:
         raise ConfigError(f"fleet {args.action} needs --control-plane and --token-file")
     meta = auth.metadata(auth.read_token(args.token_file))
-    with open_channel(args.control_plane) as channel:
+    with open_channel(args.control_plane, channel_credentials(args.control_plane_ca)) as channel:
         stub = pb_grpc.FleetServiceStub(channel)
         if args.action == "status":
             _print_status(stub.FleetStatus(pb.FleetStatusRequest(), metadata=meta, timeout=30))
@@ -243,6 +261,7 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     pub.add_argument("--control-plane", required=True, help="HOST:PORT")
     pub.add_argument("--signing-key", required=True, type=Path, help="P-256 private key (PEM)")
     pub.add_argument("--token-file", required=True, type=Path, help="the publisher token")
+    pub.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
     pub.add_argument("--no-activate", action="store_true", help="register only, target nothing")
     where = pub.add_mutually_exclusive_group()
     where.add_argument("--group", help="target one device group")
@@ -273,6 +292,7 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     fl.add_argument("--control-plane", help="HOST:PORT (all but add-device)")
     fl.add_argument("--token-file", type=Path, help="publisher token; add-device: where to write")
     fl.add_argument("--data-dir", type=Path, help="add-device: the control plane's data dir")
+    fl.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
     fl.add_argument("--device-id")
     fl.add_argument("--model")
     fl.add_argument("--version", type=int)

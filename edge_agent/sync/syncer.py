@@ -38,7 +38,7 @@ from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
-from edge_agent.fleet.client import open_channel
+from edge_agent.fleet.client import channel_credentials, open_channel
 from edge_agent.fleet.release import (
     DEFAULT_VARIANT,
     RELEASE_JSON,
@@ -130,7 +130,10 @@ class Syncer:
         self._state = SyncState(self._root / STATE_FILE)
         self._keys = [Path(k) for k in settings.trusted_keys]
         self._meta = auth.metadata(auth.read_token(settings.device_token_file), settings.device_id)
-        self._channel = open_channel(settings.control_plane)
+        self._channel = open_channel(
+            settings.control_plane,
+            channel_credentials(settings.control_plane_ca, settings.tls_cert, settings.tls_key),
+        )
         self._stub = pb_grpc.FleetServiceStub(self._channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
