@@ -18,6 +18,14 @@ EXIT_OK = 0
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How `infer` and `models` reach a listener with TLS or a token."""
+    parser.add_argument("--tls-ca", help="PEM CA to verify a TLS listener with")
+    parser.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", help="PEM client key (mTLS)")
+    parser.add_argument("--token-file", help="bearer token (the control listener's)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,12 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     infer.add_argument("--output-dir", type=Path, help="save each output as NAME.npy here")
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    add_connection_arguments(infer)
 
     models = commands.add_parser(
         "models", help="list, load, unload or roll back models of a running agent"
     )
     models.add_argument("action", choices=["list", "load", "unload", "rollback"])
-    models.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
+    models.add_argument(
+        "--url", default="127.0.0.1:8003", help="HOST:PORT of the agent's control listener"
+    )
+    add_connection_arguments(models)
     models.add_argument("--model", help="the model (all but list)")
     models.add_argument("--config", type=Path, help="load: a JSON model config to apply")
     models.add_argument(

@@ -69,10 +69,15 @@ def run_infer(args: argparse.Namespace) -> int:
     except (ValueError, InvalidArgument) as exc:
         print(f"edge-agent infer: {exc}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.url, options=_channel_options()) as channel:
+    try:
+        channel = _channel(args)
+    except OSError as exc:
+        print(f"edge-agent infer: {exc}", file=sys.stderr)
+        return 2
+    with channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
-            response = stub.ModelInfer(request, timeout=args.timeout)
+            response = stub.ModelInfer(request, timeout=args.timeout, metadata=_metadata(args))
         except grpc.RpcError as exc:
             print(f"edge-agent infer: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -85,6 +90,24 @@ def run_infer(args: argparse.Namespace) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             np.save(out_dir / f"{tensor.name}.npy", array)
     return 0
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext, or TLS with --tls-ca (and --tls-cert/--tls-key for mTLS)."""
+    if args.tls_ca is None:
+        return grpc.insecure_channel(args.url, options=_channel_options())
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(args.tls_ca).read_bytes(),
+        private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+        certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+    )
+    return grpc.secure_channel(args.url, credentials, options=_channel_options())
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    if args.token_file is None:
+        return ()
+    return (("authorization", "Bearer " + Path(args.token_file).read_text().strip()),)
 
 
 def _channel_options() -> list[tuple[str, int]]:
@@ -116,19 +139,25 @@ def run_models(args: argparse.Namespace) -> int:
         return 2
     try:
         parameters = _load_parameters(args) if args.action == "load" else {}
+        channel = _channel(args)
+        meta = _metadata(args)
     except (OSError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.url, options=_channel_options()) as channel:
+    with channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             if args.action == "list":
-                index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=args.timeout)
+                index = stub.RepositoryIndex(
+                    pb.RepositoryIndexRequest(), timeout=args.timeout, metadata=meta
+                )
                 for model in index.models:
                     print(f"{model.name}\t{model.version or '-'}\t{model.state}\t{model.reason}")
             elif args.action == "unload":
                 stub.RepositoryModelUnload(
-                    pb.RepositoryModelUnloadRequest(model_name=args.model), timeout=args.timeout
+                    pb.RepositoryModelUnloadRequest(model_name=args.model),
+                    timeout=args.timeout,
+                    metadata=meta,
                 )
             else:
                 if args.action == "rollback":
@@ -136,6 +165,7 @@ def run_models(args: argparse.Namespace) -> int:
                 stub.RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name=args.model, parameters=parameters),
                     timeout=args.timeout,
+                    metadata=meta,
                 )
         except grpc.RpcError as exc:
             print(f"{prog}: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -222,6 +222,8 @@ def test_control_rpcs_live_on_the_control_listener_behind_a_token(
 def test_explicit_mode_loads_through_the_control_listener(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
+    token = tmp_path / "control.token"
+    token.write_text("s3cret\n")
     daemon = start_daemon(
         "--model-repository",
         str(ROOT / "models"),
@@ -229,25 +231,34 @@ def test_explicit_mode_loads_through_the_control_listener(
         "cpu",
         "--model-control-mode",
         "explicit",
+        "--control-token-file",
+        str(token),
         env=SAFE,
     ).wait_started()
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_agent",
-            "models",
-            "load",
-            "--model",
-            "digits",
-            "--url",
-            daemon.control_url,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def models(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edge_agent",
+                "models",
+                "load",
+                "--model",
+                "digits",
+                "--url",
+                daemon.control_url,
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    refused = models()
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    done = models("--token-file", str(token))
     assert done.returncode == 0, done.stderr
     assert ready(daemon.url)
 
