@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 
-from edge_agent.api.security import ControlGate, InferenceGate, ServerTls
+from edge_agent.api.security import ControlGate, ServerTls
 from edge_agent.api.server import bind, build_server
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.errors import ConfigError
@@ -80,7 +80,7 @@ class Agent:
             self.health,
             self.settings.max_message_bytes,
             self.settings.max_concurrent_rpcs,
-            [InferenceGate(self.settings.control_on_inference_listener)],
+            deny_control=not self.settings.control_on_inference_listener,
         )
         control = None
         if self.settings.control_address:

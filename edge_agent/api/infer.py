@@ -14,34 +14,36 @@ from edge_agent.repository.version import ModelVersion
 MAX_BYTES_ELEMENTS_PER_REQUEST = 1 << 20
 
 
-def check_elements(
-    request: pb.ModelInferRequest, max_per_tensor: int, max_per_request: int
-) -> None:
-    """Refuse oversized shapes before any data is decoded or allocated."""
-    total = strings = 0
-    for tensor in request.inputs:
+class ElementBudget:
+    """Counts what a request's tensors claim, refusing oversized shapes before their data is
+    decoded or allocated."""
+
+    def __init__(self, max_per_tensor: int, max_per_request: int) -> None:
+        self._per_tensor, self._per_request = max_per_tensor, max_per_request
+        self._total = self._strings = 0
+
+    def spend(self, name: str, datatype: str, shape: list[int]) -> None:
         count = 1
-        for dim in tensor.shape:
-            if dim < 0:
-                raise InvalidArgument(f"input '{tensor.name}': shape has a negative dimension")
+        for dim in shape:
             count *= dim
-        if count > max_per_tensor:
+        if count > self._per_tensor:
             raise InvalidArgument(
-                f"input '{tensor.name}': {count} elements exceed the limit of {max_per_tensor} "
+                f"input '{name}': {count} elements exceed the limit of {self._per_tensor} "
                 "per tensor (max_elements_per_tensor)"
             )
-        total += count
-        strings += count if tensor.datatype == "BYTES" else 0
-    if total > max_per_request:
-        raise InvalidArgument(
-            f"the request's {total} elements exceed the limit of {max_per_request} "
-            "(max_elements_per_request)"
-        )
-    if strings > MAX_BYTES_ELEMENTS_PER_REQUEST:
-        raise InvalidArgument(
-            f"the request's {strings} BYTES elements exceed the limit of "
-            f"{MAX_BYTES_ELEMENTS_PER_REQUEST}"
-        )
+        self._total += count
+        if self._total > self._per_request:
+            raise InvalidArgument(
+                f"the request's {self._total} elements exceed the limit of {self._per_request} "
+                "(max_elements_per_request)"
+            )
+        if datatype == "BYTES":
+            self._strings += count
+            if self._strings > MAX_BYTES_ELEMENTS_PER_REQUEST:
+                raise InvalidArgument(
+                    f"the request's {self._strings} BYTES elements exceed the limit of "
+                    f"{MAX_BYTES_ELEMENTS_PER_REQUEST}"
+                )
 
 
 def decode_request(
@@ -51,7 +53,7 @@ def decode_request(
     max_per_request: int = 1 << 25,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Checked input arrays by name, and the output names to compute."""
-    check_elements(request, max_per_tensor, max_per_request)
+    budget = ElementBudget(max_per_tensor, max_per_request)
     raw = request.raw_input_contents
     if raw and any(t.HasField("contents") for t in request.inputs):
         raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")
@@ -77,6 +79,7 @@ def decode_request(
             )
         shape = list(tensor.shape)
         check_shape(tensor.name, shape, spec.dims, model.max_batch_size)
+        budget.spend(tensor.name, tensor.datatype, shape)
         if raw:
             feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
         elif tensor.HasField("contents"):

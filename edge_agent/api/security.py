@@ -6,7 +6,8 @@ control listener (`control_address`, loopback by default). There, with `control_
 every call needs `authorization: Bearer <token>` (UNAUTHENTICATED otherwise); with
 `tls_client_ca` the TLS handshake already refused clients without a certificate from that CA.
 On the inference listener the control RPCs answer PERMISSION_DENIED unless
-`control_on_inference_listener` is set.
+`control_on_inference_listener` is set (their handlers are replaced when the server is built:
+no interceptor sits on the inference path).
 """
 
 from __future__ import annotations
@@ -104,28 +105,19 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
+def control_elsewhere() -> grpc.RpcMethodHandler:
+    """The handler of a control RPC on the inference listener."""
+    return _deny(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "model load / unload is served on the control listener (control_address), "
+        "not on the inference listener",
+    )
+
+
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 
 
 # grpc ships no type information here (mypy sees Any).
-class InferenceGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """On the inference listener: control RPCs are refused unless configured otherwise."""
-
-    def __init__(self, allow_control: bool) -> None:
-        self._allow = allow_control
-
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        if not self._allow and details.method in CONTROL_METHODS:
-            return _deny(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "model load / unload is served on the control listener (control_address), "
-                "not on the inference listener",
-            )
-        return await continuation(details)
-
-
 class ControlGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """On the control listener: a bearer token, when one is configured, for every call."""
 

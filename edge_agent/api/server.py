@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
 from edge_agent.api.servicer import InferenceServicer, Malformed
 from edge_agent.errors import ConfigError
 
@@ -30,10 +31,17 @@ def _lenient(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def add_inference_service(server: grpc.aio.Server, servicer: InferenceServicer) -> None:
-    """What the generated add_..._to_server does, with lenient deserializers."""
+def add_inference_service(
+    server: grpc.aio.Server, servicer: InferenceServicer, deny_control: bool = False
+) -> None:
+    """What the generated add_..._to_server does, with lenient deserializers. `deny_control`:
+    the control RPCs answer PERMISSION_DENIED here (decided once, at registration: nothing is
+    added to the path of an inference call)."""
     handlers = {}
     for method in SERVICE.methods:
+        if deny_control and f"/{SERVICE.full_name}/{method.name}" in CONTROL_METHODS:
+            handlers[method.name] = control_elsewhere()
+            continue
         request, response = (
             getattr(pb, method.input_type.name),
             getattr(pb, method.output_type.name),
@@ -60,6 +68,7 @@ def build_server(
     max_message_bytes: int,
     max_concurrent_rpcs: int,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    deny_control: bool = False,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
         interceptors=list(interceptors),
@@ -71,7 +80,7 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    add_inference_service(server, servicer)
+    add_inference_service(server, servicer, deny_control)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
