@@ -145,7 +145,7 @@ def test_a_second_signal_forces_exit(tmp_path: Path, start_daemon: Callable[...,
     daemon = start_daemon(
         "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
     ).wait_started()
-    threads = [infer_in_background(daemon)[0] for _ in range(3)]  # several seconds of work
+    threads = [infer_in_background(daemon)[0] for _ in range(6)]  # seconds of queued work
     time.sleep(0.5)
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: daemon.named("agent.stopping"), "the drain to begin")
