@@ -58,8 +58,9 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
 
 
 def slow_repository(tmp_path: Path) -> Path:
+    """One model whose every request runs for seconds (~3 s on the 2-core dev VM)."""
     repo = tmp_path / "repo"
-    modelgen.slow(repo / "slow" / "1" / "model.onnx", rows=8192, depth=32)
+    modelgen.slow(repo / "slow" / "1" / "model.onnx", rows=8192, depth=256)
     (repo / "slow" / "config.pbtxt").write_text("max_batch_size: 0\n")
     return repo
 
@@ -79,6 +80,7 @@ def infer_in_background(
                 result.append(client.infer(model, [tensor], client_timeout=60).as_numpy("y"))
             except Exception as exc:
                 result.append(exc)
+            result.append(time.monotonic())  # when the answer came
 
     thread = threading.Thread(target=call)
     thread.start()
@@ -135,9 +137,13 @@ def test_sigterm_lets_an_in_flight_request_finish(
     thread, result = infer_in_background(daemon)
     time.sleep(0.5)  # the request is executing
     daemon.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     thread.join(60)
     assert daemon.proc.wait(60) == 0
-    assert len(result) == 1 and isinstance(result[0], np.ndarray), result
+    answer, answered = result
+    assert isinstance(answer, np.ndarray), answer
+    assert answered > signalled  # answered during the drain, not before the signal
+    assert daemon.named("agent.stopping")
     assert daemon.named("agent.stopped")
 
 
@@ -145,7 +151,7 @@ def test_a_second_signal_forces_exit(tmp_path: Path, start_daemon: Callable[...,
     daemon = start_daemon(
         "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
     ).wait_started()
-    threads = [infer_in_background(daemon)[0] for _ in range(6)]  # seconds of queued work
+    threads = [infer_in_background(daemon)[0] for _ in range(3)]  # seconds of queued work
     time.sleep(0.5)
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: daemon.named("agent.stopping"), "the drain to begin")
