@@ -132,7 +132,7 @@ class Registry(Protocol):
     def control(self, model: str, action: str) -> Rollout: ...
     def rollouts(self) -> list[Rollout]: ...
     def desired(self, device_id: str) -> dict[str, int]: ...
-    def record(self, device_id: str, reports: Iterable[Report], now: float) -> None: ...
+    def record(self, device_id: str, reports: Iterable[Report], now: float) -> list[Report]: ...
     def auto_pause(self, max_failure_share: float) -> list[Rollout]: ...
     def devices(self) -> list[Device]: ...
 
@@ -396,8 +396,11 @@ class SqliteRegistry:
 
     # -- reports --------------------------------------------------------------------------------
 
-    def record(self, device_id: str, reports: Iterable[Report], now: float) -> None:
+    def record(self, device_id: str, reports: Iterable[Report], now: float) -> list[Report]:
+        """Store the device's reports (and that it was seen); returns those that differ from
+        what it reported before (a device repeats its reports on every poll)."""
         reports = list(reports)
+        changed = []
         with self._db:
             self._db.execute("BEGIN")
             for r in reports:
@@ -431,6 +434,7 @@ class SqliteRegistry:
                         (device_id, r.model, r.target_version),
                     )
                 if before != (r.serving_version, r.target_version, r.state, r.error):
+                    changed.append(r)
                     self._db.execute(
                         "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (
@@ -454,6 +458,7 @@ class SqliteRegistry:
             self._db.execute(
                 "UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id)
             )
+        return changed
 
     def devices(self) -> list[Device]:
         out = []

@@ -150,37 +150,33 @@ class FleetServicer:
         ]
         return pb.MissingBlobsResponse(missing=missing)
 
+    @_unary
     async def UploadBlob(
         self,
         request_iterator: AsyncIterator[pb.UploadBlobRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.UploadBlobResponse:
+        self._publisher(context)
+        writer = None
+        digest, size = "", 0
         try:
-            self._publisher(context)
-            writer = None
-            digest, size = "", 0
-            try:
-                async for message in request_iterator:
-                    if writer is None:
-                        digest, size = message.digest, message.size
-                        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-                            raise InvalidArgument(f"blob digest {digest!r} is not a sha256 hex")
-                        writer = self._blobs.writer(digest, size)
-                    writer.write(message.data)
+            async for message in request_iterator:
                 if writer is None:
-                    raise InvalidArgument("empty upload")
-                chunks = writer.commit()
-                writer = None
-            finally:
-                if writer is not None:
-                    writer.abort()
-            self._registry.add_blob(BlobInfo(digest, size, CHUNK_SIZE, tuple(chunks)))
-            log.info("blob.stored", digest=digest, size=size)
-            return pb.UploadBlobResponse(digest=digest, size=size)
-        except Exception as exc:
-            code, detail = to_status(exc, rpc="UploadBlob")
-            await context.abort(code, detail)
-            raise
+                    digest, size = message.digest, message.size
+                    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                        raise InvalidArgument(f"blob digest {digest!r} is not a sha256 hex")
+                    writer = self._blobs.writer(digest, size)
+                writer.write(message.data)
+            if writer is None:
+                raise InvalidArgument("empty upload")
+            chunks = writer.commit()
+            writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+        self._registry.add_blob(BlobInfo(digest, size, CHUNK_SIZE, tuple(chunks)))
+        log.info("blob.stored", digest=digest, size=size)
+        return pb.UploadBlobResponse(digest=digest, size=size)
 
     @_unary
     async def RegisterRelease(
@@ -304,8 +300,8 @@ class FleetServicer:
             )
             for r in request.reports
         ]
-        self._registry.record(device, reports, time.time())
-        for r in reports:
+        news = self._registry.record(device, reports, time.time())
+        for r in news:  # once per change: a device repeats its reports on every poll
             if r.error:
                 log.warning(
                     "device.reported_failure",
@@ -314,7 +310,7 @@ class FleetServicer:
                     version=r.target_version,
                     error=r.error,
                 )
-        failed = any(r.state == FAILED for r in reports)
+        failed = any(r.state == FAILED for r in news)
         if failed and self._registry.auto_pause(self._max_failure_share):
             log.warning("rollout.auto_paused")
             self._notify()
