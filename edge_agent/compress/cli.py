@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import onnx
 from edge_agent.compress import modes, report
 from edge_agent.compress.data import load_set
 from edge_agent.errors import EdgeAgentError, InvalidArgument
+from edge_agent.repository.staging import write_atomically
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -54,21 +53,9 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: OUT is whole or absent."""
+    """OUT is whole or absent (staging.write_atomically), in a directory made if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a model file is an ordinary file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data)
 
 
 def _load_model(path: Path) -> onnx.ModelProto:

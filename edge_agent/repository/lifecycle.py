@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -229,15 +228,11 @@ class ModelManager:
                 self._overrides[name] = override
             else:
                 self._overrides.pop(name, None)
-            try:
-                if not (self._repository / name).is_dir():
-                    self._registry.remove(name)
-                    raise NotFound(f"no model '{name}' in the repository")
-                await self._load(name, prebuilt)
-            finally:
-                for model, _, _ in prebuilt.values():
-                    if not self._serves(name, model):
-                        await model.close()
+            if not (self._repository / name).is_dir():
+                self._registry.remove(name)
+                await self._close_unused(name, prebuilt)
+                raise NotFound(f"no model '{name}' in the repository")
+            await self._load_prebuilt(name, prebuilt)
 
     async def unload(self, name: str) -> None:
         await self._detached(self._unload_request(name))
@@ -299,14 +294,8 @@ class ModelManager:
                 [version],
                 False,
             )
-            entry = self._registry.ensure(name)
-            entry.withdrawn.discard(version)
-            try:
-                await self._load(name, prebuilt)
-            finally:
-                for model, _, _ in prebuilt.values():
-                    if not self._serves(name, model):
-                        await model.close()
+            self._registry.ensure(name).withdrawn.discard(version)
+            await self._load_prebuilt(name, prebuilt)
             self._write_state()
 
     async def serve_only_up_to(self, name: str, version: int) -> None:
@@ -337,11 +326,8 @@ class ModelManager:
         names = loaded if self.mode == "explicit" else set(on_disk) | loaded
         for name in sorted(names):
             async with self._lock(name):
-                entry = self._registry.find(name)
                 if name not in on_disk:
-                    if entry is not None:
-                        await self._unload(entry, "unloaded: removed from the repository")
-                        self._registry.remove(name)
+                    await self._drop(name)
                     continue
                 with contextlib.suppress(EdgeAgentError):  # recorded and logged
                     await self._load(name, force=rebuild)
@@ -354,6 +340,18 @@ class ModelManager:
         return ready[-1].version if ready else 0
 
     # -- loading --------------------------------------------------------------------------------
+
+    async def _load_prebuilt(self, name: str, prebuilt: Mapping[int, Prebuilt]) -> None:
+        """`_load` offered versions built ahead; those it did not take are closed."""
+        try:
+            await self._load(name, prebuilt)
+        finally:
+            await self._close_unused(name, prebuilt)
+
+    async def _close_unused(self, name: str, prebuilt: Mapping[int, Prebuilt]) -> None:
+        for model, _, _ in prebuilt.values():
+            if not self._serves(name, model):
+                await model.close()
 
     def _serves(self, name: str, model: ModelVersion) -> bool:
         entry = self._registry.find(name)
@@ -713,11 +711,16 @@ class ModelManager:
                     await self._load(name)
         for name in decision.unload:
             async with self._lock(name):
-                entry = self._registry.find(name)
-                if entry is not None and name not in model_dirs(self._repository):
-                    await self._unload(entry, "unloaded: removed from the repository")
-                    self._registry.remove(name)
-                    await self._changed()
+                if name not in model_dirs(self._repository):
+                    await self._drop(name)
+
+    async def _drop(self, name: str) -> None:
+        """The model's directory is gone: unload it and forget it (caller holds its lock)."""
+        entry = self._registry.find(name)
+        if entry is not None:
+            await self._unload(entry, "unloaded: removed from the repository")
+            self._registry.remove(name)
+            await self._changed()
 
     # -- rollbacks across restarts ----------------------------------------------------------------
 
@@ -738,12 +741,9 @@ class ModelManager:
             return
         withdrawn = {e.name: sorted(e.withdrawn) for e in self._registry.entries() if e.withdrawn}
         withdrawn.update({k: sorted(v) for k, v in self._withdrawn.items() if v})
-        temporary = self._state_path.with_suffix(".tmp")
         try:
-            with open(temporary, "w") as f:
-                json.dump({"withdrawn": withdrawn}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self._state_path)
+            staging.write_atomically(
+                self._state_path, json.dumps({"withdrawn": withdrawn}).encode()
+            )
         except OSError as exc:
             log.error("lifecycle.state_unwritable", path=str(self._state_path), error=str(exc))

@@ -23,12 +23,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import random
 import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +49,7 @@ from edge_agent.fleet.release import (
 )
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.lifecycle import ModelManager
+from edge_agent.repository.staging import write_atomically
 from edge_agent.runtime.session import likely_provider
 from edge_agent.settings import Settings
 from edge_agent.sync.store import BandwidthLimit, BlobStore
@@ -108,12 +108,8 @@ class SyncState:
     def add(self, model: str, version: int) -> None:
         self.installed[model] = sorted({*self.installed.get(model, []), version})
         self.floor[model] = max(self.floor.get(model, 0), version)
-        temporary = self._path.with_suffix(".tmp")
-        with open(temporary, "w") as f:
-            json.dump({"floor": self.floor, "installed": self.installed}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self._path)
+        state = {"floor": self.floor, "installed": self.installed}
+        write_atomically(self._path, json.dumps(state).encode())
 
 
 class Syncer:
@@ -192,13 +188,9 @@ class Syncer:
         )
         return response
 
-    def _on_loop(self, make: Callable[[], Awaitable[T]]) -> T:
+    def _on_loop(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run a coroutine on the agent's event loop and wait for it."""
-
-        async def call() -> T:
-            return await make()
-
-        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+        return asyncio.run_coroutine_threadsafe(make(), self._loop).result()
 
     def _serving(self, model: str) -> int:
         async def read() -> int:
@@ -391,11 +383,7 @@ class Syncer:
                 sources[entry.sha256] = self._store.path(entry.sha256)
                 continue
             installed = local.get(entry.sha256)
-            if (
-                installed is not None
-                and installed.is_file()
-                and installed.stat().st_size == entry.size
-            ):
+            if installed is not None and installed.stat().st_size == entry.size:
                 sources[entry.sha256] = installed
                 continue
             ref = refs.get(entry.sha256)
