@@ -52,6 +52,7 @@ class Agent:
         self.notifier = Notifier()
         self._watchdog: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
+        self._reload_asked = False
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings, self.registry)
         self.servicer = InferenceServicer(self.registry, self.manager)
@@ -164,9 +165,18 @@ class Agent:
             await asyncio.sleep(self.notifier.watchdog_interval)
 
     def _on_reload(self) -> None:
-        if self._stop.is_set() or (self._reloading is not None and not self._reloading.done()):
-            return  # stopping, or a reload is running (it reads the newest config anyway)
-        self._reloading = asyncio.create_task(self.reload(), name="reload")
+        if self._stop.is_set():
+            return
+        # A SIGHUP during a reload runs one more after it: the file may have changed after the
+        # running one read it.
+        self._reload_asked = True
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self._reload_while_asked(), name="reload")
+
+    async def _reload_while_asked(self) -> None:
+        while self._reload_asked:
+            self._reload_asked = False
+            await self.reload()
 
     async def reload(self) -> None:
         """SIGHUP: read the configuration again and apply what can change live (see

@@ -52,9 +52,6 @@ class Notifier:
     def ready(self, status: str) -> None:
         self.send(READY="1", STATUS=status)
 
-    def status(self, status: str) -> None:
-        self.send(STATUS=status)
-
     def reloading(self) -> None:
         # systemd >= 253 wants the monotonic time with RELOADING=1 (Type=notify-reload).
         self.send(

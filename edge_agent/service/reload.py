@@ -2,8 +2,8 @@
 
 Live: the log level; the settings that model builds read (providers, threads, defaults for batch
 and queue sizes, swap policy, TF32, ...), applied by reloading every model through the hot-swap
-path; the poll interval; the shutdown grace; sync bandwidth. Everything that shapes a listener,
-the repository, the sync identity or the control mode needs a restart.
+path; the poll interval; the shutdown grace; the element limits; the TLS certificate and key.
+Everything that shapes a listener, the repository, the sync or the control mode needs a restart.
 """
 
 from __future__ import annotations
