@@ -87,7 +87,7 @@ def main() -> None:
                 print(
                     f"| {name} | {mode} | {r['size_bytes']['before']:,} → "
                     f"{r['size_bytes']['after']:,} B | {r['compression_rate']:.3f} | "
-                    f"{r['compressed_size_bytes']['after'].get('zstd', 0):,} B | "
+                    f"{r['compressed_size_bytes']['after']['zstd']:,} B | "
                     f"{v['accuracy_before']:.4f} → {v['accuracy_after']:.4f} | "
                     f"{v['top1_agreement']:.4f} | {v['max_abs_error']:.3g} | "
                     + " | ".join(

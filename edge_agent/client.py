@@ -16,7 +16,8 @@ import numpy as np
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
 from edge_agent.api.tensors import decode_raw, encode
-from edge_agent.errors import InvalidArgument
+from edge_agent.errors import ConfigError, InvalidArgument
+from edge_agent.fleet.client import channel_credentials
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -71,7 +72,7 @@ def run_infer(args: argparse.Namespace) -> int:
         return 2
     try:
         channel = _channel(args)
-    except OSError as exc:
+    except ConfigError as exc:  # unreadable TLS files
         print(f"edge-agent infer: {exc}", file=sys.stderr)
         return 2
     with channel:
@@ -94,13 +95,13 @@ def run_infer(args: argparse.Namespace) -> int:
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     """Plaintext, or TLS with --tls-ca (and --tls-cert/--tls-key for mTLS)."""
-    if args.tls_ca is None:
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    credentials = channel_credentials(path(args.tls_ca), path(args.tls_cert), path(args.tls_key))
+    if credentials is None:
         return grpc.insecure_channel(args.url, options=_channel_options())
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(args.tls_ca).read_bytes(),
-        private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-        certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
-    )
     return grpc.secure_channel(args.url, credentials, options=_channel_options())
 
 
@@ -141,7 +142,7 @@ def run_models(args: argparse.Namespace) -> int:
         parameters = _load_parameters(args) if args.action == "load" else {}
         channel = _channel(args)
         meta = _metadata(args)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ConfigError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     with channel:

@@ -9,6 +9,7 @@ command-line flags override both. `load_settings` validates everything at once a
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -131,6 +132,19 @@ def parse_address(value: str, key: str = "address") -> tuple[str, int]:
     return host, int(port_text)
 
 
+def is_loopback(address: str) -> bool:
+    """HOST:PORT on this machine only (unix sockets too)."""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Turn a TOML value or an env/flag string into the field's type, or raise ConfigError."""
     where = f"{source}: {name}"
@@ -225,9 +239,11 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"{key}: {path} is not a file")
     if settings.control_address and not settings.control_address.startswith("unix:"):
         parse_address(settings.control_address, "control_address")
-        host = settings.control_address.rpartition(":")[0].strip("[]")
-        loopback = host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
-        if not loopback and settings.control_token_file is None and settings.tls_client_ca is None:
+        if (
+            not is_loopback(settings.control_address)
+            and settings.control_token_file is None
+            and settings.tls_client_ca is None
+        ):
             raise ConfigError(
                 f"control_address: {settings.control_address} is not loopback: set "
                 "control_token_file or tls_client_ca so that not anyone can load models"

@@ -180,12 +180,10 @@ def test_sighup_reloads_the_certificate(
     assert wait_for(lambda: server_serial(daemon.port, new["ca"]) != before, "the new certificate")
 
 
-def test_control_rpcs_live_on_the_control_listener_behind_a_token(
-    tmp_path: Path, start_daemon: Callable[..., Daemon]
-) -> None:
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
-
+def guarded_daemon(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], *extra: str
+) -> tuple[Daemon, Path]:
+    """The default listeners (control RPCs off the inference listener), control token s3cret."""
     token = tmp_path / "control.token"
     token.write_text("s3cret\n")
     daemon = start_daemon(
@@ -195,8 +193,19 @@ def test_control_rpcs_live_on_the_control_listener_behind_a_token(
         "cpu",
         "--control-token-file",
         str(token),
+        *extra,
         env=SAFE,
     ).wait_started()
+    return daemon, token
+
+
+def test_control_rpcs_live_on_the_control_listener_behind_a_token(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    daemon, _ = guarded_daemon(tmp_path, start_daemon)
 
     def load(url: str, headers: dict[str, str] | None = None) -> str:
         with grpcclient.InferenceServerClient(url) as client:
@@ -222,19 +231,7 @@ def test_control_rpcs_live_on_the_control_listener_behind_a_token(
 def test_explicit_mode_loads_through_the_control_listener(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
-    token = tmp_path / "control.token"
-    token.write_text("s3cret\n")
-    daemon = start_daemon(
-        "--model-repository",
-        str(ROOT / "models"),
-        "--execution-providers",
-        "cpu",
-        "--model-control-mode",
-        "explicit",
-        "--control-token-file",
-        str(token),
-        env=SAFE,
-    ).wait_started()
+    daemon, token = guarded_daemon(tmp_path, start_daemon, "--model-control-mode", "explicit")
 
     def models(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -13,7 +13,6 @@ no interceptor sits on the inference path).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -84,18 +83,6 @@ class ServerTls:
             log.info("tls.reloaded", cert=str(settings.tls_cert))
         except ConfigError as exc:
             log.error("tls.reload_failed", error=str(exc))
-
-
-def is_loopback(address: str) -> bool:
-    if address.startswith("unix:"):
-        return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import zstandard
 
 from edge_agent.compress.data import input_specs
 
@@ -21,14 +22,10 @@ LATENCY_BUDGET_S = 2.0
 
 
 def compressed_sizes(data: bytes) -> dict[str, int]:
-    sizes = {"gzip": len(gzip.compress(data, 9))}
-    try:
-        import zstandard
-
-        sizes["zstd"] = len(zstandard.ZstdCompressor(level=19).compress(data))
-    except ImportError:  # pragma: no cover - zstandard is a dependency; gzip stands alone
-        pass
-    return sizes
+    return {
+        "gzip": len(gzip.compress(data, 9)),
+        "zstd": len(zstandard.ZstdCompressor(level=19).compress(data)),
+    }
 
 
 def parameters(model: onnx.ModelProto) -> dict[str, int]:

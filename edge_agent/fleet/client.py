@@ -28,7 +28,7 @@ from edge_agent.fleet.release import (
     variant_dir,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 4 * CHUNK_SIZE),
@@ -49,7 +49,7 @@ def channel_credentials(
             certificate_chain=cert.read_bytes() if cert is not None else None,
         )
     except OSError as exc:
-        raise ConfigError(f"TLS files for the control plane: {exc}") from exc
+        raise ConfigError(f"cannot read a TLS file: {exc}") from exc
 
 
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:

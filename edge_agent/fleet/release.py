@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +124,6 @@ class Release:
             for entry in self.select(name).files:
                 seen.setdefault(entry.sha256, entry)
         return list(seen.values())
-
-    def file(self, path: str) -> FileEntry:
-        return next(f for f in self.files if f.path == path)
 
     @property
     def size(self) -> int:
@@ -364,7 +361,3 @@ def check_graph_contract(release: Release, graph_path: Path) -> None:
     missing = sorted(set(declared) - seen)
     if missing:
         raise ReleaseRejected("contract", f"tensors {missing} are declared but not in the graph")
-
-
-def blob_digests(releases: Iterable[Release]) -> set[str]:
-    return {f.sha256 for r in releases for f in r.all_files()}

@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from edge_agent.errors import ReleaseRejected
 
@@ -56,10 +57,6 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def partial_size(self, digest: str) -> int:
-        path = self.partial / f"{digest}.part"
-        return path.stat().st_size if path.exists() else 0
-
     def discard(self, digests: Iterable[str]) -> None:
         for digest in digests:
             self.path(digest).unlink(missing_ok=True)
@@ -91,7 +88,7 @@ class BlobStore:
         """Fetch the blob (resuming a partial download) and move it into the store. Raises
         ReleaseRejected("digest") when chunks keep arriving corrupt or the whole does not match;
         transport errors (grpc.RpcError) pass through with the good prefix kept for next time."""
-        if len(chunks) != max(1, -(-size // chunk_size)) or chunk_size <= 0:
+        if chunk_size <= 0 or len(chunks) != max(1, -(-size // chunk_size)):
             raise ReleaseRejected("format", f"blob {digest}: chunk table does not fit its size")
         part = self.partial / f"{digest}.part"
         offset = self._good_prefix(part, size, chunk_size, chunks)
@@ -129,7 +126,7 @@ class BlobStore:
 
     @staticmethod
     def _stream(
-        out: object,
+        out: BinaryIO,
         digest: str,
         size: int,
         chunk_size: int,
@@ -141,7 +138,6 @@ class BlobStore:
     ) -> int:
         """One streaming call from `offset`; appends each verified chunk. Returns the offset
         reached when the stream ends (or the declared size, cutting off anything beyond)."""
-        write = out.write  # type: ignore[attr-defined]
         buffer = bytearray()
         pieces = fetch(digest, offset)
         try:
@@ -157,7 +153,7 @@ class BlobStore:
                     del buffer[:want]
                     if hashlib.sha256(piece).hexdigest() != chunks[offset // chunk_size]:
                         raise _CorruptChunk
-                    write(piece)
+                    out.write(piece)
                     offset += want
                 if offset >= size:
                     break  # anything more than declared is not read
