@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import models  # noqa: E402
 
-PERF_ANALYZER = ROOT.parent / "shared" / "tools" / "perf_analyzer"
+PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 PYTHON = sys.executable
 CONFIG = """max_batch_size: 64
 instance_group [ {{ count: 1, kind: KIND_CPU }} ]

@@ -19,10 +19,11 @@ import os
 import signal
 from collections.abc import Callable
 
+import grpc
 from grpc_health.v1 import health, health_pb2
 
 from edge_agent.api.security import ControlGate, ServerTls
-from edge_agent.api.server import bind, build_server
+from edge_agent.api.server import bind, build_server, check_listen
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.auth import read_token
@@ -30,9 +31,10 @@ from edge_agent.observability.logging import get_logger, set_log_level
 from edge_agent.observability.metrics import MetricsServer, SyncCollector
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
+from edge_agent.runtime.session import set_runtime_log_level
 from edge_agent.service.notify import Notifier
 from edge_agent.service.reload import NOT_FOR_MODELS, plan
-from edge_agent.settings import Settings
+from edge_agent.settings import Settings, repository_source
 from edge_agent.sync.syncer import Syncer
 
 log = get_logger(__name__)
@@ -49,6 +51,7 @@ class Agent:
         """`reread`: loads the settings again (config file, env, flags) on SIGHUP."""
         self.settings = settings
         self._reread = reread
+        set_runtime_log_level(settings.log_level)
         self.notifier = Notifier()
         self._watchdog: asyncio.Task[None] | None = None
         self._reloading: asyncio.Task[None] | None = None
@@ -95,49 +98,72 @@ class Agent:
                 [ControlGate(token)],
             )
         try:
-            log.info("agent.starting", model_repository=str(self.settings.model_repository))
-            if self.settings.control_plane:  # its state is read now: a bad one fails the start
-                self.syncer = Syncer(self.settings, self.manager, loop)
-                self.metrics.registry.register(SyncCollector(self.syncer.stats))
-            # Sessions are built on the loader thread: the event loop stays free meanwhile.
-            await self.manager.start()
-            self.port = bind(server, self.settings.grpc_address, tls.credentials() if tls else None)
-            if control is not None:
-                self.control_port = bind(
-                    control,
-                    self.settings.control_address,
-                    tls.credentials() if tls else None,
-                    "control_address",
-                )
-            self.metrics_port = self.metrics.start()
-            await server.start()
-            if control is not None:
-                await control.start()
-            self.servicer.ready = True
-            # Everything built at start lives as long as the agent: keep it out of the cyclic
-            # collector's full passes, which otherwise pause the event loop for milliseconds.
-            gc.freeze()
-            await self._publish_health()
-            host = self.settings.grpc_address.rpartition(":")[0]
-            log.info(
-                "agent.started",
-                grpc_address=f"{host}:{self.port}",
-                port=self.port,
-                control_port=self.control_port,
-                tls=tls is not None,
-                metrics_port=self.metrics_port,
-                pid=os.getpid(),
-            )
-            if self.syncer is not None:
-                # After the start: serving never waits for the control plane.
-                self.syncer.start()
-            # Only now: every configured model is warm and the listeners are bound.
-            self.notifier.ready(self._status())
-            if self.notifier.watchdog_interval is not None:
-                self._watchdog = asyncio.create_task(self._keepalive(), name="watchdog")
+            try:
+                await self._startup(server, control, tls, loop)
+            except ConfigError as exc:  # logged before the shutdown's agent.stopped
+                log.error("agent.start_failed", error=str(exc))
+                raise
             await self._stop.wait()
         finally:
             await self._shutdown(server, control)
+
+    async def _startup(
+        self,
+        server: grpc.aio.Server,
+        control: grpc.aio.Server | None,
+        tls: ServerTls | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        log.info(
+            "agent.starting",
+            model_repository=str(self.settings.model_repository),
+            repository_source=repository_source(self.settings.model_repository),
+        )
+        # A taken port fails the start now, with its reason, not after every model is warm.
+        for key in ("grpc_address", "control_address", "metrics_address"):
+            address = getattr(self.settings, key)
+            if address:
+                check_listen(address, key)
+        if self.settings.control_plane:  # its state is read now: a bad one fails the start
+            self.syncer = Syncer(self.settings, self.manager, loop)
+            self.metrics.registry.register(SyncCollector(self.syncer.stats))
+        # Sessions are built on the loader thread: the event loop stays free meanwhile.
+        await self.manager.start()
+        self.port = bind(server, self.settings.grpc_address, tls.credentials() if tls else None)
+        if control is not None:
+            self.control_port = bind(
+                control,
+                self.settings.control_address,
+                tls.credentials() if tls else None,
+                "control_address",
+            )
+        self.metrics_port = self.metrics.start()
+        await server.start()
+        if control is not None:
+            await control.start()
+        self.servicer.ready = True
+        # Everything built at start lives as long as the agent: keep it out of the cyclic
+        # collector's full passes, which otherwise pause the event loop for milliseconds.
+        gc.freeze()
+        await self._publish_health()
+        host = self.settings.grpc_address.rpartition(":")[0]
+        log.info(
+            "agent.started",
+            grpc_address=f"{host}:{self.port}",
+            port=self.port,
+            control_port=self.control_port,
+            tls=tls is not None,
+            metrics_port=self.metrics_port,
+            model_repository=str(self.settings.model_repository),
+            pid=os.getpid(),
+        )
+        if self.syncer is not None:
+            # After the start: serving never waits for the control plane.
+            self.syncer.start()
+        # Only now: every configured model is warm and the listeners are bound.
+        self.notifier.ready(self._status())
+        if self.notifier.watchdog_interval is not None:
+            self._watchdog = asyncio.create_task(self._keepalive(), name="watchdog")
 
     def _on_signal(self) -> None:
         if self._stop.is_set():
@@ -155,7 +181,8 @@ class Agent:
         serving = sum(1 for e in self.registry.entries() if e.ready_versions())
         host = self.settings.grpc_address.rpartition(":")[0]
         sync = f"; syncing from {self.settings.control_plane}" if self.syncer else ""
-        return f"serving {serving} models on {host}:{self.port}{sync}"
+        models = "model" if serving == 1 else "models"
+        return f"serving {serving} {models} on {host}:{self.port}{sync}"
 
     async def _keepalive(self) -> None:
         """WATCHDOG=1 from the serving loop itself: if the loop stalls, systemd notices."""
@@ -196,6 +223,7 @@ class Agent:
             log.warning("config.needs_restart", keys=restart)
         self.settings = applied
         set_log_level(applied.log_level)
+        set_runtime_log_level(applied.log_level)
         self._apply_limits(applied)
         if self._tls is not None:  # new certificate files: new connections get them
             self._tls.reload(applied)
@@ -216,7 +244,9 @@ class Agent:
         if self.servicer.ready:
             await self.health.set("", SERVING)
 
-    async def _shutdown(self, server: object, control: object | None = None) -> None:
+    async def _shutdown(
+        self, server: grpc.aio.Server, control: grpc.aio.Server | None = None
+    ) -> None:
         self.servicer.ready = False
         self.notifier.stopping("stopping: draining in-flight requests")
         for task in (self._watchdog, self._reloading):
@@ -228,8 +258,8 @@ class Agent:
         await self.manager.stop()
         grace = self.settings.shutdown_grace_seconds
         if control is not None:
-            await control.stop(grace)  # type: ignore[attr-defined]
-        await server.stop(grace)  # type: ignore[attr-defined]
+            await control.stop(grace)
+        await server.stop(grace)
         await self.registry.close()
         self.metrics.stop()
         self.notifier.close()

@@ -80,20 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sync-bandwidth-limit", help="download bytes per second (0: no limit)")
 
     control = commands.add_parser("control-plane", help="run the fleet's control plane")
-    control.add_argument("action", choices=["serve"])
-    control.add_argument("--data-dir", required=True, type=Path)
-    control.add_argument("--address", default="0.0.0.0:8010", help="HOST:PORT (0.0.0.0:8010)")
-    control.add_argument(
+    control_actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cp = control_actions.add_parser(
+        "serve",
+        help="serve the fleet protocol (runs until SIGTERM)",
+        description="Serve the fleet protocol: releases, rollouts and device state in "
+        "DATA_DIR/registry.sqlite, blobs in DATA_DIR/blobs/, the publisher token in "
+        "DATA_DIR/publisher.token (created on first start, mode 0600). Runs in the foreground "
+        "until SIGTERM/SIGINT.",
+    )
+    cp.add_argument("--data-dir", required=True, type=Path, help="state directory (created)")
+    cp.add_argument("--address", default="0.0.0.0:8010", help="HOST:PORT (0.0.0.0:8010)")
+    cp.add_argument(
         "--max-failure-share",
         type=float,
         default=0.2,
         help="pause a rollout once more than this share of its devices fail (default 0.2)",
     )
-    control.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key)")
-    control.add_argument("--tls-key", type=Path)
-    control.add_argument("--tls-client-ca", type=Path, help="PEM CA: clients need a cert from it")
-    control.add_argument("--log-level", default="info")
-    control.add_argument("--log-format", default="auto")
+    cp.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key)")
+    cp.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
+    cp.add_argument("--tls-client-ca", type=Path, help="PEM CA: clients need a cert from it")
+    cp.add_argument("--log-level", default="info", help="debug|info|warning|error|critical")
+    cp.add_argument("--log-format", default="auto", help="auto|json|console")
 
     from edge_agent.compress.cli import add_arguments as add_optimize
     from edge_agent.fleet.client import add_arguments
@@ -103,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
-    infer.add_argument("--model", required=True)
-    infer.add_argument("--version", default="")
+    infer.add_argument("--model", required=True, help="the model to call")
+    infer.add_argument("--version", default="", help="its version (default: the newest ready)")
     infer.add_argument(
         "--input",
         action="append",
@@ -204,13 +212,12 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     from edge_agent.agent import Agent
-    from edge_agent.observability.logging import configure_logging, get_logger
+    from edge_agent.observability.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(Agent(settings, lambda: load_settings(args.config, flags=flags)).run())
-    except ConfigError as exc:  # e.g. the listener cannot bind
-        get_logger("edge_agent").error("agent.start_failed", error=str(exc))
+    except ConfigError as exc:  # e.g. the listener cannot bind (the agent logged it)
         print(f"edge-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return EXIT_OK

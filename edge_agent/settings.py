@@ -38,6 +38,19 @@ def default_model_repository() -> Path:
     return package / "_shipped_models"
 
 
+def repository_source(repository: Path) -> str:
+    """Where a served repository comes from, for the start log: after `pip install .` the
+    shipped models are the installed package's copy, and editing the checkout's models/ changes
+    nothing until a reinstall."""
+    package = Path(__file__).resolve().parent
+    resolved = repository.resolve()
+    if resolved == package / "_shipped_models":
+        return "shipped models (the installed package's copy; reinstall to change them)"
+    if resolved == package.parent / "models":
+        return "shipped models (this checkout's models/)"
+    return "configured"
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     model_repository: Path = dataclasses.field(default_factory=default_model_repository)
@@ -263,7 +276,22 @@ def _check(settings: Settings) -> None:
     if settings.sync_bandwidth_limit < 0:
         raise ConfigError("sync_bandwidth_limit: must not be negative")
     if not settings.model_repository.is_dir():
-        raise ConfigError(f"model_repository: {settings.model_repository} is not a directory")
+        if not _under(settings.model_repository, settings.state_dir):
+            raise ConfigError(f"model_repository: {settings.model_repository} is not a directory")
+        # Inside the agent's own state directory (e.g. /var/lib/edge-agent/models, where weight
+        # sync installs): the agent owns it, so a fresh device gets it made, not an exit 78.
+        try:
+            settings.model_repository.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"model_repository: cannot create {settings.model_repository}: {exc}"
+            ) from exc
+
+
+def _under(path: Path, parent: Path | None) -> bool:
+    if parent is None or not parent.is_dir():
+        return False
+    return path.resolve().is_relative_to(parent.resolve())
 
 
 def load_settings(

@@ -119,13 +119,46 @@ def test_stage_then_install_moves_whole_versions(tmp_path: Path) -> None:
     assert staged.name == "m" and staged.parent.parent == tmp_path / staging.STAGING
     # Without a config parameter the repository's config is used for the trial build.
     assert (staged / "config.pbtxt").read_text() == "max_batch_size: 4\n"
-    staging.install(staged, tmp_path, [2], with_config=False)
+    staging.install(staged, tmp_path, [2], model_files=[])
     assert (tmp_path / "m" / "2" / "model.onnx").read_bytes() == b"new"
     assert not (tmp_path / "m" / "2" / "old.bin").exists()
     (aside,) = (tmp_path / "m" / staging.REPLACED).iterdir()
     assert (aside / "old.bin").read_bytes() == b"old"
     assert not any((tmp_path / staging.STAGING).iterdir())
     assert list(scan_repository(tmp_path)["m"].versions) == [2]  # .replaced is not a version
+
+
+def test_a_synced_version_brings_and_restores_its_model_files(tmp_path: Path) -> None:
+    """A release directory with config.pbtxt and warmup/: built with them, installed as the
+    model's, a copy kept in the version; restore_model_files brings a version's back."""
+    model = tmp_path / "repo" / "m"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "config.pbtxt").write_text("max_batch_size: 4\n")
+    (model / "1" / "warmup").mkdir()
+    (model / "1" / "warmup" / "x.bin").write_bytes(b"one")
+    (model / "config.pbtxt").write_text("max_batch_size: 4\n")
+    release = tmp_path / "release"
+    (release / "warmup").mkdir(parents=True)
+    (release / "model.onnx").write_bytes(b"graph")
+    (release / "config.pbtxt").write_text("max_batch_size: 8\n")
+    (release / "warmup" / "x.bin").write_bytes(b"two")
+    files = staging.model_files_of(release)
+    assert files == ["config.pbtxt", "warmup"]
+    staged = staging.stage_directory(tmp_path / "repo", "m", 2, release)
+    assert (staged / "config.pbtxt").read_text() == "max_batch_size: 8\n"  # the build's config
+    assert (staged / "warmup" / "x.bin").read_bytes() == b"two"
+    staging.install(staged, tmp_path / "repo", [2], files)
+    assert (model / "config.pbtxt").read_text() == "max_batch_size: 8\n"
+    assert (model / "warmup" / "x.bin").read_bytes() == b"two"
+    assert (model / "2" / "config.pbtxt").read_text() == "max_batch_size: 8\n"  # the copy
+    assert (model / "2" / "warmup" / "x.bin").read_bytes() == b"two"
+    staging.restore_model_files(model, 1)
+    assert (model / "config.pbtxt").read_text() == "max_batch_size: 4\n"
+    assert (model / "warmup" / "x.bin").read_bytes() == b"one"
+    assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == [".replaced"]
+    staging.restore_model_files(model, 3)  # no such version, no copies: nothing changes
+    assert (model / "config.pbtxt").read_text() == "max_batch_size: 4\n"
+    assert list(scan_repository(tmp_path / "repo")["m"].versions) == [1, 2]
 
 
 def test_clean_staging_removes_leftovers(tmp_path: Path) -> None:

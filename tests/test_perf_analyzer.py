@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[2] / "shared" / "tools" / "perf_analyzer"
+TOOL = Path(__file__).resolve().parents[1] / "scripts" / "perf_analyzer"
 
 
-@pytest.mark.skipif(not TOOL.exists(), reason=f"{TOOL} is not beside this checkout")
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="perf_analyzer ships for x86_64 only")
 def test_perf_analyzer_reports_a_throughput(server: Any) -> None:
     result = subprocess.run(

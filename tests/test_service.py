@@ -101,7 +101,7 @@ def test_notify_ready_watchdog_stopping(
     )
     ready = wait_for(lambda: notify.with_key("READY"), "READY=1")
     daemon.wait_started()
-    assert ready[0]["READY"] == "1" and ready[0]["STATUS"].startswith("serving 1 models")
+    assert ready[0]["READY"] == "1" and ready[0]["STATUS"].startswith("serving 1 model on ")
     # READY came only once the agent could serve: nothing before it claimed readiness, and the
     # listener answers now.
     with grpcclient.InferenceServerClient(daemon.url) as client:
@@ -113,7 +113,7 @@ def test_notify_ready_watchdog_stopping(
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
     stopping = notify.with_key("STOPPING")
-    assert stopping and stopping[0]["STOPPING"] == "1"
+    assert len(stopping) == 1 and stopping[0]["STOPPING"] == "1"  # said once
 
 
 def test_no_notify_socket_is_a_no_op(start_daemon: Callable[..., Daemon]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 import modelgen
+from conftest import wait_for
 from edge_agent.errors import ConfigError
 from edge_agent.settings import Settings, load_settings
 
@@ -118,10 +120,76 @@ def test_invalid_config_exits_78_with_a_clear_message(tmp_path: Path) -> None:
     assert "invalid configuration" in result.stderr and "log_level" in result.stderr
 
 
-def test_unbindable_address_exits_78(start_daemon: Any, server: Any) -> None:
-    taken = start_daemon("--grpc-address", server.url, address=False)
+def test_a_taken_port_fails_the_start_at_once_with_its_reason(
+    start_daemon: Any, server: Any
+) -> None:
+    taken = start_daemon(
+        "--grpc-address",
+        server.url,
+        "--metrics-address",
+        "127.0.0.1:0",
+        "--control-address",
+        "127.0.0.1:0",
+        address=False,
+    )
     assert taken.proc.wait(60) == 78
-    assert any("cannot listen" in line for line in taken.stderr)
+    wait_for(lambda: taken.named("agent.stopped"), "the last log line")
+    assert any("cannot listen" in line and "in use" in line for line in taken.stderr), taken.stderr
+    # Checked before any model loads, and logged in the order it happened.
+    assert not taken.named("model.loaded")
+    events = [e["event"] for e in taken.events]
+    assert events.index("agent.start_failed") < events.index("agent.stopped")
+    assert "in use" in taken.named("agent.start_failed")[0]["error"]
+
+
+def test_a_repository_inside_the_state_dir_is_created(start_daemon: Any, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    daemon = start_daemon(
+        "--state-dir", str(state), "--model-repository", str(state / "models")
+    ).wait_started()
+    assert (state / "models").is_dir()
+    assert daemon.named("agent.started")
+    # Anywhere else a missing repository is still a configuration error.
+    result = cli("serve", "--model-repository", str(tmp_path / "elsewhere"))
+    assert result.returncode == 78 and "is not a directory" in result.stderr
+
+
+@pytest.mark.skipif(
+    Path("/dev/nvidiactl").exists(), reason="checks the start on a machine without a GPU"
+)
+def test_no_gpu_start_is_quiet_and_json(start_daemon: Any) -> None:
+    """The default providers (cuda,cpu) on a machine without a GPU: CUDA is not even asked for
+    (ONNX Runtime would print its failure to stderr); the one explanation is our own event."""
+    daemon = start_daemon("--model-repository", str(ROOT / "models")).wait_started()
+    assert daemon.stop() == 0
+    wait_for(lambda: daemon.named("agent.stopped"), "the last log line")
+    assert daemon.stderr == []
+    assert not daemon.named("unparsed")  # every stdout line was a JSON object
+    (fallback,) = daemon.named("runtime.provider_fallback")
+    assert fallback["requested"] == ["cuda", "cpu"] and fallback["active"] == "cpu"
+    assert "/dev/nvidiactl" in fallback["reason"]
+    assert daemon.named("agent.starting")[0]["repository_source"].startswith("shipped models")
+
+
+def test_every_subcommand_has_its_own_help() -> None:
+    seen = set()
+    for command in (
+        ["fleet", "add-device"],
+        ["fleet", "status"],
+        ["fleet", "target"],
+        ["fleet", "rollback"],
+        ["control-plane", "serve"],
+        ["publish"],
+    ):
+        result = cli(*command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"usage: edge-agent {' '.join(command)}" in result.stdout
+        seen.add(result.stdout)
+    assert len(seen) == 6
+    assert "--device-token-file" in cli("fleet", "add-device", "--help").stdout
+    target_help = cli("fleet", "target", "--help").stdout
+    assert re.search(r"--model MODEL\s+the model to target", target_help)
 
 
 def test_daemon_precedence_end_to_end(start_daemon: Any, tmp_path: Path) -> None:

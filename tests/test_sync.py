@@ -4,6 +4,7 @@ driven through the `edge-agent` CLI, stock tritonclient and the fleet gRPC API."
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -133,7 +134,7 @@ class Fleet:
             str(self.data),
             "--device-id",
             device,
-            "--token-file",
+            "--device-token-file",
             str(token),
             *args,
         )
@@ -273,14 +274,17 @@ def test_publish_then_one_layer_update_under_load(fleet: Fleet) -> None:
     moved = metric(agent, "edge_agent_sync_bytes_total") - before
     assert 0 < moved < 0.3 * model_size, (moved, model_size)
     # The publisher uploaded only the changed blobs too.
-    uploaded = int(re.search(r"uploaded (\d+) bytes", published.stdout).group(1))  # type: ignore[union-attr]
+    found = re.search(r"uploaded ([\d,]+) B", published.stdout)
+    assert found is not None, published.stdout
+    uploaded = int(found.group(1).replace(",", ""))
     assert uploaded < 0.3 * model_size
     report = fleet.wait_report("edge-1", 2, "serving")
     assert report.installed_version == 2 and report.serving_version == 2
     status = fleet.cli(
         "fleet", "status", "--control-plane", fleet.address, "--token-file", str(fleet.token_file)
     ).stdout
-    assert re.search(r"edge-1 .* mlp=2/2/2 serving", status), status
+    # DEVICE GROUP LAST-SEEN MODEL SERVING VARIANT INSTALLED DESIRED STATE
+    assert re.search(r"^edge-1\s.*\smlp\s+2\s+fp32\s+2\s+2\s+serving\s", status, re.M), status
 
 
 def craft_release(
@@ -555,8 +559,8 @@ def test_canary_auto_pause_and_rollback(
     agents = {d: fleet.agent(d) for d in devices}
     for d in devices:
         wait_for(lambda d=d: serves(agents[d], v1), f"{d} serving v1")  # type: ignore[misc]
-    out = fleet.publish(v2, 2, "--canary", "50").stdout
-    cohort = re.search(r"devices=(\S+)", out).group(1).split(",")  # type: ignore[union-attr]
+    out = fleet.publish(v2, 2, "--canary", "50", "--json").stdout
+    cohort = json.loads(out)["rollout"]["devices"]
     assert len(cohort) == 2 and set(cohort) < set(devices)  # ceil(50% of 3)
     for d in cohort:
         wait_for(lambda d=d: serves(agents[d], v2), f"{d} serving the canary")  # type: ignore[misc]
@@ -633,7 +637,10 @@ def test_variants_the_device_gets_only_the_one_it_runs(fleet: Fleet) -> None:
         "--token-file",
         str(fleet.token_file),
     ).stdout
-    assert "variants fp32,fp16,int8" in out
+    # Each variant's own files (the int8 graph keeps its small weights inside), and the model's
+    # config.pbtxt beside the graph (publishing from a repository layout finds it).
+    assert "fp32 4 files" in out and "fp16 4 files" in out and "int8 3 files" in out, out
+    assert "(config.pbtxt)" in out
     int8 = fleet.agent("cpu-int8")  # default preference on CPU: int8, then fp32
     fp32 = fleet.start(
         "--model-repository",
@@ -661,6 +668,11 @@ def test_variants_the_device_gets_only_the_one_it_runs(fleet: Fleet) -> None:
     int8_dir = fleet.tmp / "repo-cpu-int8" / "digits" / "1"
     fp32_dir = fleet.tmp / "repo-fp32" / "digits" / "1"
     assert (int8_dir / "variant").read_text().strip() == "int8"
+    # The published config came along: the synced model serves as the shipped one does.
+    shipped_config = (shipped / "config.pbtxt").read_bytes()
+    for agent, version_dir in ((int8, int8_dir), (fp32, fp32_dir)):
+        assert (version_dir.parent / "config.pbtxt").read_bytes() == shipped_config
+        assert model_config(agent, "digits").max_batch_size == 64
     # Only the chosen variant's files moved.
     moved = metric(int8, "edge_agent_sync_bytes_total")
     int8_files = sum(
@@ -853,3 +865,141 @@ def test_sync_over_tls(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> N
         "the plaintext agent failing",
     )
     assert infer(plaintext) is None  # it never got the model
+
+
+def model_config(agent: Daemon, model: str = "mlp") -> Any:
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(agent.url) as client:
+        return client.get_model_config(model).config
+
+
+def test_the_model_config_travels_with_its_release(fleet: Fleet) -> None:
+    """config.pbtxt, warmup/ and golden.npz published from a repository layout are signed files
+    of the release and installed with the version; a rollback restores the version's config."""
+    source = fleet.tmp / "src" / "mlp"
+    v1 = modelgen.mlp(source / "1" / "model.onnx", 1)
+    sample = np.arange(64, dtype=np.float32) / 64
+    (source / "warmup").mkdir()
+    (source / "warmup" / "x.bin").write_bytes(sample.tobytes())
+    config = (
+        'name: "mlp"\nmax_batch_size: 16\ndynamic_batching { }\n'
+        'model_warmup [ { name: "sample" batch_size: 2 inputs { key: "x" value { '
+        'data_type: TYPE_FP32 dims: [ 64 ] input_data_file: "x.bin" } } } ]\n'
+    )
+    (source / "config.pbtxt").write_text(config)
+    np.savez(source / "1" / "golden.npz", **{"input/x": X, "output/y": expected(v1)})
+    fleet.add_device("edge-1")
+    published = fleet.publish(v1, 1).stdout
+    assert "config.pbtxt" in published and "golden.npz" in published and "warmup/x.bin" in published
+    agent = fleet.agent("edge-1")
+    fleet.wait_report("edge-1", 1, "serving")
+    repo = fleet.tmp / "repo-edge-1" / "mlp"
+    assert (repo / "config.pbtxt").read_text() == config
+    assert (repo / "warmup" / "x.bin").read_bytes() == sample.tobytes()  # its warmup ran from it
+    assert (repo / "1" / "golden.npz").is_file()  # and passed its golden check
+    assert model_config(agent).max_batch_size == 16  # not 32, worked out from the graph
+
+    other = fleet.tmp / "v2.pbtxt"
+    other.write_text('name: "mlp"\nmax_batch_size: 8\n')
+    v2 = fleet.mlp(2)
+    fleet.publish(v2, 2, "--config", str(other))
+    fleet.wait_report("edge-1", 2, "serving")
+    assert (repo / "config.pbtxt").read_text() == other.read_text()
+    assert model_config(agent).max_batch_size == 8
+    fleet.steer("rollback")  # back to v1: with the config v1 was published with
+    fleet.wait_report("edge-1", 1, "serving")
+    assert serves(agent, v1)
+    assert (repo / "config.pbtxt").read_text() == config
+    assert model_config(agent).max_batch_size == 16
+
+    # A config that would fail on every device is refused at the publisher.
+    wrong = fleet.tmp / "wrong.pbtxt"
+    wrong.write_text('name: "digits"\n')
+    refused = fleet.publish(fleet.mlp(3), 3, "--config", str(wrong), check=False)
+    assert refused.returncode == 1 and "names the model 'digits'" in refused.stderr
+
+
+def test_add_device_never_overwrites_a_credential(fleet: Fleet) -> None:
+    publisher = fleet.token_file.read_text()
+    # The old spelling, pointed at the publisher token: refused before anything is written.
+    old = fleet.cli(
+        "fleet", "add-device", "--data-dir", str(fleet.data), "--device-id", "d1",
+        "--token-file", str(fleet.token_file), check=False,
+    )  # fmt: skip
+    assert old.returncode == 2 and "--device-token-file" in old.stderr
+    clobber = fleet.cli(
+        "fleet", "add-device", "--data-dir", str(fleet.data), "--device-id", "d1",
+        "--device-token-file", str(fleet.token_file), check=False,
+    )  # fmt: skip
+    assert clobber.returncode == 1 and "refusing to overwrite" in clobber.stderr
+    assert fleet.token_file.read_text() == publisher
+    assert not any(d.device_id == "d1" for d in fleet.status().devices)  # nothing enrolled
+    token = fleet.add_device("d1")
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert any(d.device_id == "d1" for d in fleet.status().devices)
+
+
+def _columns(header: str, line: str, names: list[str]) -> dict[str, str]:
+    """The cells of `line` under each header name (the table aligns them)."""
+    starts = [header.index(n) for n in names] + [len(line) + 1]
+    return {n: line[starts[i] : starts[i + 1]].strip() for i, n in enumerate(names)}
+
+
+def test_fleet_status_reads_clearly(fleet: Fleet) -> None:
+    device_token = fleet.add_device("edge-1", "a")
+    fleet.add_device("edge-2", "b")
+    published = fleet.publish(fleet.mlp(1), 1).stdout
+    assert "2 devices (pending 2)" in published and "edge-1" not in published  # counts, no ids
+    agent = fleet.agent("edge-1")
+    fleet.wait_report("edge-1", 1, "serving")
+    fleet.publish(fleet.mlp(2), 2, "--group", "a")
+    fleet.wait_report("edge-1", 2, "serving")
+    assert {r.id: r.state for r in fleet.status().rollouts} == {1: "active", 2: "active"}
+    fleet.publish(fleet.mlp(3), 3)  # the whole fleet again: 1 and 2 decide nobody now
+    fleet.wait_report("edge-1", 3, "serving")
+    status = fleet.status()
+    assert {r.id: r.state for r in status.rollouts} == {
+        1: "superseded",
+        2: "superseded",
+        3: "active",
+    }
+    newest = next(r for r in status.rollouts if r.id == 3)
+    assert newest.device_count == 2 and dict(newest.device_states) == {"serving": 1, "pending": 1}
+
+    text = fleet.cli(
+        "fleet", "status", "--control-plane", fleet.address, "--token-file", str(fleet.token_file)
+    ).stdout  # fmt: skip
+    devices, rollouts = text.split("\n\n")
+    header, *rows = devices.splitlines()
+    names = ["DEVICE", "GROUP", "LAST SEEN", "MODEL", "SERVING", "VARIANT", "INSTALLED"]
+    cells = {c["DEVICE"]: c for c in (_columns(header, r, names) for r in rows)}
+    assert cells["edge-1"]["GROUP"] == "a" and cells["edge-1"]["SERVING"] == "3"
+    assert cells["edge-1"]["VARIANT"] == "fp32" and cells["edge-1"]["MODEL"] == "mlp"
+    assert cells["edge-2"]["LAST SEEN"] == "never"
+    header, *rows = rollouts.splitlines()
+    names = ["ROLLOUT", "MODEL", "VERSION", "SCOPE", "STATE", "DEVICES"]
+    states = [_columns(header, r, names) for r in rows]
+    assert [(s["ROLLOUT"], s["SCOPE"], s["STATE"]) for s in states] == [
+        ("1", "fleet", "superseded"),
+        ("2", "group a", "superseded"),
+        ("3", "fleet", "active"),
+    ]
+    status_args = ["--control-plane", fleet.address, "--token-file", str(fleet.token_file)]
+    as_json = json.loads(fleet.cli("fleet", "status", "--json", *status_args).stdout)
+    assert {d["device_id"] for d in as_json["devices"]} == {"edge-1", "edge-2"}
+    one = fleet.cli(
+        "fleet", "status", "--rollout", "3", "--control-plane", fleet.address,
+        "--token-file", str(fleet.token_file),
+    ).stdout  # fmt: skip
+    assert "rollout 3: mlp v3 fleet active: 2 devices" in one and "edge-1, edge-2" in one
+    started = fleet.cp.named("rollout.started")
+    assert [e["devices"] for e in started] == [2, 1, 2]  # counts in the log, not id lists
+    # A device token where the publisher's is needed: the caller is known, the role is wrong,
+    # whether or not it says which device it is.
+    denied = fleet.cli(
+        "fleet", "status", "--control-plane", fleet.address, "--token-file", str(device_token),
+        check=False,
+    )  # fmt: skip
+    assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+    assert agent.named("sync.connected")  # the agent said when it first reached the plane

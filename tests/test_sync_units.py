@@ -28,6 +28,7 @@ from edge_agent.fleet import signing
 from edge_agent.fleet.release import (
     build_release,
     check_directory,
+    check_file_name,
     check_fresh,
     check_graph_contract,
     parse_release,
@@ -481,3 +482,60 @@ def test_a_release_with_variants(tmp_path: Path) -> None:
             tmp_path / "x",
             variants={"fp32": variants["int8"]},
         )
+
+
+def test_a_release_carries_the_model_files(tmp_path: Path) -> None:
+    """config.pbtxt, golden.npz and warmup/<name> are signed files of the release; every variant
+    gets the config and warmup files, only the default one the golden check."""
+    shipped = modelgen.ROOT / "models" / "digits"
+    (tmp_path / "warmup").mkdir()
+    (tmp_path / "warmup" / "x.bin").write_bytes(b"\0" * 256)
+    (tmp_path / "golden.npz").write_bytes(b"golden")
+    extras = {
+        "config.pbtxt": shipped / "config.pbtxt",
+        "golden.npz": tmp_path / "golden.npz",
+        "warmup/x.bin": tmp_path / "warmup" / "x.bin",
+    }
+    out = tmp_path / "release"
+    release = build_release(
+        shipped / "1" / "model.onnx",
+        "digits",
+        1,
+        out,
+        variants={"int8": shipped / "variants" / "int8.onnx"},
+        extras=extras,
+    )
+    default = {f.path for f in release.files}
+    assert {"config.pbtxt", "golden.npz", "warmup/x.bin"} <= default
+    int8 = {f.path for f in release.select("int8").files}
+    assert "config.pbtxt" in int8 and "warmup/x.bin" in int8 and "golden.npz" not in int8
+    assert (out / "config.pbtxt").read_bytes() == (shipped / "config.pbtxt").read_bytes()
+    signing.generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    signature = signing.sign_directory(out, tmp_path / "k.pem")
+    check_directory(release, out)
+    assert signing.verify_directory(out, signature, [tmp_path / "k.pub"])
+    (out / "warmup" / "x.bin").write_bytes(b"\1" * 256)  # the signature covers warmup/ too
+    with pytest.raises(ReleaseRejected):
+        signing.verify_directory(out, signature, [tmp_path / "k.pub"])
+    with pytest.raises(ReleaseRejected):
+        check_directory(release, out)
+    (out / "warmup" / "x.bin").write_bytes(b"\0" * 256)
+    (out / "warmup" / "extra.bin").write_bytes(b"")  # a file the release does not list
+    with pytest.raises(ReleaseRejected, match="differ"):
+        check_directory(release, out)
+
+
+@pytest.mark.parametrize(
+    "name", ["warmup", "warmup/", "warmup/../x", "warmup/a/b", "other/x", "/x", "release.json"]
+)
+def test_only_plain_names_and_warmup_files(name: str) -> None:
+    with pytest.raises(ReleaseRejected):
+        check_file_name(name)
+
+
+def test_an_empty_blob_downloads(tmp_path: Path) -> None:
+    digest = hashlib.sha256(b"").hexdigest()
+    path = BlobStore(tmp_path).download(
+        digest, 0, CHUNK, [], FakeServer(b"").fetch, lambda n: None, BandwidthLimit(0)
+    )
+    assert path.read_bytes() == b""

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64ge_agent/_proto/fleet.proto\x12\x13\x65\x64ge_agent.fleet.v1\"&\n\x13MissingBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"\'\n\x14MissingBlobsResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"?\n\x11UploadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"2\n\x12UploadBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x8a\x01\n\x10SetTargetRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12/\n\x05scope\x18\x03 \x01(\x0e\x32 .edge_agent.fleet.v1.TargetScope\x12\r\n\x05group\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\x01\"\xa4\x02\n\x16RegisterReleaseRequest\x12\x14\n\x0crelease_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x10\n\x08\x61\x63tivate\x18\x03 \x01(\x08\x12\x35\n\x06target\x18\x04 \x01(\x0b\x32%.edge_agent.fleet.v1.SetTargetRequest\x12^\n\x12variant_signatures\x18\x05 \x03(\x0b\x32\x42.edge_agent.fleet.v1.RegisterReleaseRequest.VariantSignaturesEntry\x1a\x38\n\x16VariantSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"n\n\x17RegisterReleaseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x33\n\x07rollout\x18\x03 \x01(\x0b\x32\".edge_agent.fleet.v1.RolloutStatus\"\xb0\x01\n\x15\x43ontrolRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x41\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x31.edge_agent.fleet.v1.ControlRolloutRequest.Action\"E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05PAUSE\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\x0c\n\x08ROLLBACK\x10\x03\"\xd3\x01\n\rRolloutStatus\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12/\n\x05scope\x18\x04 \x01(\x0e\x32 .edge_agent.fleet.v1.TargetScope\x12\r\n\x05group\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x06 \x01(\x01\x12\r\n\x05state\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\t \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\n \x01(\r\"\x86\x01\n\x0bModelReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11installed_version\x18\x02 \x01(\x04\x12\x17\n\x0fserving_version\x18\x03 \x01(\x04\x12\x16\n\x0etarget_version\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x81\x01\n\x0cWatchRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\x12\x31\n\x07reports\x18\x03 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelReport\x12\x15\n\ragent_version\x18\x04 \x01(\t\"-\n\x0bModelTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"R\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\t\x12\x30\n\x06models\x18\x02 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelTarget\"4\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"R\n\x07\x42lobRef\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x15\n\rchunk_digests\x18\x04 \x03(\t\"\xec\x01\n\x08Manifest\x12\x14\n\x0crelease_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12+\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x1c.edge_agent.fleet.v1.BlobRef\x12P\n\x12variant_signatures\x18\x04 \x03(\x0b\x32\x34.edge_agent.fleet.v1.Manifest.VariantSignaturesEntry\x1a\x38\n\x16VariantSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"0\n\x0eGetBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x19\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x14\n\x12\x46leetStatusRequest\"\xbc\x01\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x11\n\tlast_seen\x18\x03 \x01(\x01\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x30\n\x06models\x18\x05 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelReport\x12\x31\n\x07\x64\x65sired\x18\x06 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelTarget\"\x7f\n\x13\x46leetStatusResponse\x12\x32\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32!.edge_agent.fleet.v1.DeviceStatus\x12\x34\n\x08rollouts\x18\x02 \x03(\x0b\x32\".edge_agent.fleet.v1.RolloutStatus*M\n\x0bTargetScope\x12\x1c\n\x18TARGET_SCOPE_UNSPECIFIED\x10\x00\x12\t\n\x05\x46LEET\x10\x01\x12\t\n\x05GROUP\x10\x02\x12\n\n\x06\x43\x41NARY\x10\x03\x32\xe2\x06\n\x0c\x46leetService\x12\x63\n\x0cMissingBlobs\x12(.edge_agent.fleet.v1.MissingBlobsRequest\x1a).edge_agent.fleet.v1.MissingBlobsResponse\x12_\n\nUploadBlob\x12&.edge_agent.fleet.v1.UploadBlobRequest\x1a\'.edge_agent.fleet.v1.UploadBlobResponse(\x01\x12l\n\x0fRegisterRelease\x12+.edge_agent.fleet.v1.RegisterReleaseRequest\x1a,.edge_agent.fleet.v1.RegisterReleaseResponse\x12V\n\tSetTarget\x12%.edge_agent.fleet.v1.SetTargetRequest\x1a\".edge_agent.fleet.v1.RolloutStatus\x12`\n\x0e\x43ontrolRollout\x12*.edge_agent.fleet.v1.ControlRolloutRequest\x1a\".edge_agent.fleet.v1.RolloutStatus\x12`\n\x0b\x46leetStatus\x12\'.edge_agent.fleet.v1.FleetStatusRequest\x1a(.edge_agent.fleet.v1.FleetStatusResponse\x12Y\n\x11WatchDesiredState\x12!.edge_agent.fleet.v1.WatchRequest\x1a!.edge_agent.fleet.v1.DesiredState\x12U\n\x0bGetManifest\x12\'.edge_agent.fleet.v1.GetManifestRequest\x1a\x1d.edge_agent.fleet.v1.Manifest\x12P\n\x07GetBlob\x12#.edge_agent.fleet.v1.GetBlobRequest\x1a\x1e.edge_agent.fleet.v1.BlobChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64ge_agent/_proto/fleet.proto\x12\x13\x65\x64ge_agent.fleet.v1\"&\n\x13MissingBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"\'\n\x14MissingBlobsResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"?\n\x11UploadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"2\n\x12UploadBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x8a\x01\n\x10SetTargetRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12/\n\x05scope\x18\x03 \x01(\x0e\x32 .edge_agent.fleet.v1.TargetScope\x12\r\n\x05group\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\x01\"\xa4\x02\n\x16RegisterReleaseRequest\x12\x14\n\x0crelease_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x10\n\x08\x61\x63tivate\x18\x03 \x01(\x08\x12\x35\n\x06target\x18\x04 \x01(\x0b\x32%.edge_agent.fleet.v1.SetTargetRequest\x12^\n\x12variant_signatures\x18\x05 \x03(\x0b\x32\x42.edge_agent.fleet.v1.RegisterReleaseRequest.VariantSignaturesEntry\x1a\x38\n\x16VariantSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"n\n\x17RegisterReleaseResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x33\n\x07rollout\x18\x03 \x01(\x0b\x32\".edge_agent.fleet.v1.RolloutStatus\"\xb0\x01\n\x15\x43ontrolRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x41\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x31.edge_agent.fleet.v1.ControlRolloutRequest.Action\"E\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05PAUSE\x10\x01\x12\n\n\x06RESUME\x10\x02\x12\x0c\n\x08ROLLBACK\x10\x03\"\xeb\x02\n\rRolloutStatus\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12/\n\x05scope\x18\x04 \x01(\x0e\x32 .edge_agent.fleet.v1.TargetScope\x12\r\n\x05group\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x06 \x01(\x01\x12\r\n\x05state\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\t \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\n \x01(\r\x12\x14\n\x0c\x64\x65vice_count\x18\x0b \x01(\r\x12K\n\rdevice_states\x18\x0c \x03(\x0b\x32\x34.edge_agent.fleet.v1.RolloutStatus.DeviceStatesEntry\x1a\x33\n\x11\x44\x65viceStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\x97\x01\n\x0bModelReport\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11installed_version\x18\x02 \x01(\x04\x12\x17\n\x0fserving_version\x18\x03 \x01(\x04\x12\x16\n\x0etarget_version\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07variant\x18\x07 \x01(\t\"\x81\x01\n\x0cWatchRequest\x12\x16\n\x0eknown_revision\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\x12\x31\n\x07reports\x18\x03 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelReport\x12\x15\n\ragent_version\x18\x04 \x01(\t\"-\n\x0bModelTarget\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"R\n\x0c\x44\x65siredState\x12\x10\n\x08revision\x18\x01 \x01(\t\x12\x30\n\x06models\x18\x02 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelTarget\"4\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"R\n\x07\x42lobRef\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x15\n\rchunk_digests\x18\x04 \x03(\t\"\xec\x01\n\x08Manifest\x12\x14\n\x0crelease_json\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12+\n\x05\x62lobs\x18\x03 \x03(\x0b\x32\x1c.edge_agent.fleet.v1.BlobRef\x12P\n\x12variant_signatures\x18\x04 \x03(\x0b\x32\x34.edge_agent.fleet.v1.Manifest.VariantSignaturesEntry\x1a\x38\n\x16VariantSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"0\n\x0eGetBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\x19\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x14\n\x12\x46leetStatusRequest\"\xbc\x01\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x11\n\tlast_seen\x18\x03 \x01(\x01\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x30\n\x06models\x18\x05 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelReport\x12\x31\n\x07\x64\x65sired\x18\x06 \x03(\x0b\x32 .edge_agent.fleet.v1.ModelTarget\"\x7f\n\x13\x46leetStatusResponse\x12\x32\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32!.edge_agent.fleet.v1.DeviceStatus\x12\x34\n\x08rollouts\x18\x02 \x03(\x0b\x32\".edge_agent.fleet.v1.RolloutStatus*M\n\x0bTargetScope\x12\x1c\n\x18TARGET_SCOPE_UNSPECIFIED\x10\x00\x12\t\n\x05\x46LEET\x10\x01\x12\t\n\x05GROUP\x10\x02\x12\n\n\x06\x43\x41NARY\x10\x03\x32\xe2\x06\n\x0c\x46leetService\x12\x63\n\x0cMissingBlobs\x12(.edge_agent.fleet.v1.MissingBlobsRequest\x1a).edge_agent.fleet.v1.MissingBlobsResponse\x12_\n\nUploadBlob\x12&.edge_agent.fleet.v1.UploadBlobRequest\x1a\'.edge_agent.fleet.v1.UploadBlobResponse(\x01\x12l\n\x0fRegisterRelease\x12+.edge_agent.fleet.v1.RegisterReleaseRequest\x1a,.edge_agent.fleet.v1.RegisterReleaseResponse\x12V\n\tSetTarget\x12%.edge_agent.fleet.v1.SetTargetRequest\x1a\".edge_agent.fleet.v1.RolloutStatus\x12`\n\x0e\x43ontrolRollout\x12*.edge_agent.fleet.v1.ControlRolloutRequest\x1a\".edge_agent.fleet.v1.RolloutStatus\x12`\n\x0b\x46leetStatus\x12\'.edge_agent.fleet.v1.FleetStatusRequest\x1a(.edge_agent.fleet.v1.FleetStatusResponse\x12Y\n\x11WatchDesiredState\x12!.edge_agent.fleet.v1.WatchRequest\x1a!.edge_agent.fleet.v1.DesiredState\x12U\n\x0bGetManifest\x12\'.edge_agent.fleet.v1.GetManifestRequest\x1a\x1d.edge_agent.fleet.v1.Manifest\x12P\n\x07GetBlob\x12#.edge_agent.fleet.v1.GetBlobRequest\x1a\x1e.edge_agent.fleet.v1.BlobChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERRELEASEREQUEST_VARIANTSIGNATURESENTRY']._loaded_options = None
   _globals['_REGISTERRELEASEREQUEST_VARIANTSIGNATURESENTRY']._serialized_options = b'8\001'
+  _globals['_ROLLOUTSTATUS_DEVICESTATESENTRY']._loaded_options = None
+  _globals['_ROLLOUTSTATUS_DEVICESTATESENTRY']._serialized_options = b'8\001'
   _globals['_MANIFEST_VARIANTSIGNATURESENTRY']._loaded_options = None
   _globals['_MANIFEST_VARIANTSIGNATURESENTRY']._serialized_options = b'8\001'
-  _globals['_TARGETSCOPE']._serialized_start=2389
-  _globals['_TARGETSCOPE']._serialized_end=2466
+  _globals['_TARGETSCOPE']._serialized_start=2558
+  _globals['_TARGETSCOPE']._serialized_end=2635
   _globals['_MISSINGBLOBSREQUEST']._serialized_start=54
   _globals['_MISSINGBLOBSREQUEST']._serialized_end=92
   _globals['_MISSINGBLOBSRESPONSE']._serialized_start=94
@@ -58,33 +60,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLROLLOUTREQUEST_ACTION']._serialized_start=908
   _globals['_CONTROLROLLOUTREQUEST_ACTION']._serialized_end=977
   _globals['_ROLLOUTSTATUS']._serialized_start=980
-  _globals['_ROLLOUTSTATUS']._serialized_end=1191
-  _globals['_MODELREPORT']._serialized_start=1194
-  _globals['_MODELREPORT']._serialized_end=1328
-  _globals['_WATCHREQUEST']._serialized_start=1331
-  _globals['_WATCHREQUEST']._serialized_end=1460
-  _globals['_MODELTARGET']._serialized_start=1462
-  _globals['_MODELTARGET']._serialized_end=1507
-  _globals['_DESIREDSTATE']._serialized_start=1509
-  _globals['_DESIREDSTATE']._serialized_end=1591
-  _globals['_GETMANIFESTREQUEST']._serialized_start=1593
-  _globals['_GETMANIFESTREQUEST']._serialized_end=1645
-  _globals['_BLOBREF']._serialized_start=1647
-  _globals['_BLOBREF']._serialized_end=1729
-  _globals['_MANIFEST']._serialized_start=1732
-  _globals['_MANIFEST']._serialized_end=1968
+  _globals['_ROLLOUTSTATUS']._serialized_end=1343
+  _globals['_ROLLOUTSTATUS_DEVICESTATESENTRY']._serialized_start=1292
+  _globals['_ROLLOUTSTATUS_DEVICESTATESENTRY']._serialized_end=1343
+  _globals['_MODELREPORT']._serialized_start=1346
+  _globals['_MODELREPORT']._serialized_end=1497
+  _globals['_WATCHREQUEST']._serialized_start=1500
+  _globals['_WATCHREQUEST']._serialized_end=1629
+  _globals['_MODELTARGET']._serialized_start=1631
+  _globals['_MODELTARGET']._serialized_end=1676
+  _globals['_DESIREDSTATE']._serialized_start=1678
+  _globals['_DESIREDSTATE']._serialized_end=1760
+  _globals['_GETMANIFESTREQUEST']._serialized_start=1762
+  _globals['_GETMANIFESTREQUEST']._serialized_end=1814
+  _globals['_BLOBREF']._serialized_start=1816
+  _globals['_BLOBREF']._serialized_end=1898
+  _globals['_MANIFEST']._serialized_start=1901
+  _globals['_MANIFEST']._serialized_end=2137
   _globals['_MANIFEST_VARIANTSIGNATURESENTRY']._serialized_start=630
   _globals['_MANIFEST_VARIANTSIGNATURESENTRY']._serialized_end=686
-  _globals['_GETBLOBREQUEST']._serialized_start=1970
-  _globals['_GETBLOBREQUEST']._serialized_end=2018
-  _globals['_BLOBCHUNK']._serialized_start=2020
-  _globals['_BLOBCHUNK']._serialized_end=2045
-  _globals['_FLEETSTATUSREQUEST']._serialized_start=2047
-  _globals['_FLEETSTATUSREQUEST']._serialized_end=2067
-  _globals['_DEVICESTATUS']._serialized_start=2070
-  _globals['_DEVICESTATUS']._serialized_end=2258
-  _globals['_FLEETSTATUSRESPONSE']._serialized_start=2260
-  _globals['_FLEETSTATUSRESPONSE']._serialized_end=2387
-  _globals['_FLEETSERVICE']._serialized_start=2469
-  _globals['_FLEETSERVICE']._serialized_end=3335
+  _globals['_GETBLOBREQUEST']._serialized_start=2139
+  _globals['_GETBLOBREQUEST']._serialized_end=2187
+  _globals['_BLOBCHUNK']._serialized_start=2189
+  _globals['_BLOBCHUNK']._serialized_end=2214
+  _globals['_FLEETSTATUSREQUEST']._serialized_start=2216
+  _globals['_FLEETSTATUSREQUEST']._serialized_end=2236
+  _globals['_DEVICESTATUS']._serialized_start=2239
+  _globals['_DEVICESTATUS']._serialized_end=2427
+  _globals['_FLEETSTATUSRESPONSE']._serialized_start=2429
+  _globals['_FLEETSTATUSRESPONSE']._serialized_end=2556
+  _globals['_FLEETSERVICE']._serialized_start=2638
+  _globals['_FLEETSERVICE']._serialized_end=3504
 # @@protoc_insertion_point(module_scope)

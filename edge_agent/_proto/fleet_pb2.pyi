@@ -112,7 +112,14 @@ class ControlRolloutRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., action: _Optional[_Union[ControlRolloutRequest.Action, str]] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "scope", "group", "canary_percent", "state", "reason", "devices", "failed")
+    __slots__ = ("id", "model", "version", "scope", "group", "canary_percent", "state", "reason", "devices", "failed", "device_count", "device_states")
+    class DeviceStatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +130,8 @@ class RolloutStatus(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_STATES_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
@@ -133,23 +142,27 @@ class RolloutStatus(_message.Message):
     reason: str
     devices: _containers.RepeatedScalarFieldContainer[str]
     failed: int
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., failed: _Optional[int] = ...) -> None: ...
+    device_count: int
+    device_states: _containers.ScalarMap[str, int]
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., failed: _Optional[int] = ..., device_count: _Optional[int] = ..., device_states: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ModelReport(_message.Message):
-    __slots__ = ("model", "installed_version", "serving_version", "target_version", "state", "error")
+    __slots__ = ("model", "installed_version", "serving_version", "target_version", "state", "error", "variant")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     model: str
     installed_version: int
     serving_version: int
     target_version: int
     state: str
     error: str
-    def __init__(self, model: _Optional[str] = ..., installed_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., target_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    variant: str
+    def __init__(self, model: _Optional[str] = ..., installed_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., target_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("known_revision", "wait_ms", "reports", "agent_version")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
 from edge_agent.api.servicer import InferenceServicer, Malformed
 from edge_agent.errors import ConfigError
+from edge_agent.settings import parse_address
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
@@ -107,7 +109,37 @@ def bind(
         else:
             port = int(server.add_insecure_port(address))
     except RuntimeError as exc:
+        check_listen(address, key)  # gRPC's message drops the reason; find it
         raise ConfigError(f"{key}: cannot listen on {address}: {exc}") from exc
     if port == 0 and not address.startswith("unix:"):
+        check_listen(address, key)
         raise ConfigError(f"{key}: cannot listen on {address}")
     return port
+
+
+def check_listen(address: str, key: str) -> None:
+    """Raise ConfigError with the reason (address in use, permission denied, no such address)
+    when a TCP listener on `address` cannot be bound. Run at start before models load, so that
+    a taken port fails the start at once instead of after every model has been warmed; gRPC's
+    own bind error says only "Failed to bind". Port 0 and unix sockets are not checked."""
+    if address.startswith("unix:"):
+        return
+    host, port = parse_address(address, key)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"{key}: cannot listen on {address}: {exc.strerror}") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: a port left in TIME_WAIT by a previous run is free to bind.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}: cannot listen on {address}: {exc.strerror or exc}"
+                ) from exc

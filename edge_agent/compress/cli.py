@@ -148,7 +148,7 @@ def _table(result: dict[str, Any]) -> str:
         if "accuracy_before" in v:
             lines.append(
                 f"  accuracy        {v['accuracy_before']:.4f} -> {v['accuracy_after']:.4f} "
-                f"(drop {v['accuracy_drop']:+.4f})"
+                f"(change {-v['accuracy_drop']:+.4f})"
             )
     for batch, times in result["latency_ms_median"].items():
         if times is None:

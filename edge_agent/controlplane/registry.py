@@ -20,13 +20,16 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 
 FLEET, GROUP, CANARY = "fleet", "group", "canary"
 ACTIVE, PAUSED, ROLLED_BACK = "active", "paused", "rolled_back"
+# Shown, never stored: active or paused, but newer rollouts decide every device it reaches.
+SUPERSEDED = "superseded"
 FAILED = "failed"
+PENDING = "pending"  # a device of a rollout that has reported nothing about its version yet
 INSTALLED_STATES = ("installed", "serving")
 
 SCHEMA = """
@@ -43,6 +46,7 @@ CREATE TABLE IF NOT EXISTS release_blobs (
 CREATE TABLE IF NOT EXISTS devices (
     device_id TEXT PRIMARY KEY, token_hash TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL, last_seen REAL NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '');
+CREATE INDEX IF NOT EXISTS devices_by_token ON devices (token_hash);
 CREATE TABLE IF NOT EXISTS rollouts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version INTEGER NOT NULL,
     scope TEXT NOT NULL, grp TEXT NOT NULL DEFAULT '', canary_percent REAL NOT NULL DEFAULT 0,
@@ -52,7 +56,8 @@ CREATE TABLE IF NOT EXISTS cohorts (
 CREATE TABLE IF NOT EXISTS reports (
     device_id TEXT NOT NULL, model TEXT NOT NULL, installed_version INTEGER NOT NULL,
     serving_version INTEGER NOT NULL, target_version INTEGER NOT NULL, state TEXT NOT NULL,
-    error TEXT NOT NULL, updated REAL NOT NULL, PRIMARY KEY (device_id, model));
+    error TEXT NOT NULL, updated REAL NOT NULL, variant TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (device_id, model));
 CREATE TABLE IF NOT EXISTS install_failures (
     device_id TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL, error TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (device_id, model, version));
@@ -86,6 +91,7 @@ class Report:
     target_version: int
     state: str
     error: str
+    variant: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +115,15 @@ class Rollout:
     reason: str
     devices: tuple[str, ...]  # the devices it reaches (paused: would reach)
     failed: int
+    # Of `devices`, how many are in each state for this version (serving, installed,
+    # downloading, retrying, failed; PENDING: nothing reported about it yet).
+    device_states: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Registry(Protocol):
     def add_device(self, device_id: str, group: str, token_hash: str) -> None: ...
     def token_hash(self, device_id: str) -> str | None: ...
+    def device_with_token(self, token_hash: str) -> str | None: ...
     def blob(self, digest: str) -> BlobInfo | None: ...
     def add_blob(self, info: BlobInfo) -> None: ...
     def add_release(
@@ -156,6 +166,9 @@ class SqliteRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(reports)")}
+        if "variant" not in columns:  # a registry made before reports carried the variant
+            self._db.execute("ALTER TABLE reports ADD COLUMN variant TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self._db.close()
@@ -174,6 +187,13 @@ class SqliteRegistry:
     def token_hash(self, device_id: str) -> str | None:
         row = self._db.execute(
             "SELECT token_hash FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def device_with_token(self, token_hash: str) -> str | None:
+        """The device holding this token (to tell a device token from an unknown one)."""
+        row = self._db.execute(
+            "SELECT device_id FROM devices WHERE token_hash = ?", (token_hash,)
         ).fetchone()
         return None if row is None else str(row[0])
 
@@ -325,55 +345,96 @@ class SqliteRegistry:
         )
         return sum(1 for r in rows if r[0] in wanted)
 
-    def _rollout_from(self, row: tuple[object, ...], groups: Mapping[str, str]) -> Rollout:
+    def _states(self, model: str, version: int, devices: Iterable[str]) -> dict[str, int]:
+        """How many of `devices` are in each state for `version` of `model` (their reports)."""
+        reports = {
+            r[0]: (r[1], r[2], r[3])
+            for r in self._db.execute(
+                "SELECT device_id, serving_version, target_version, state FROM reports "
+                "WHERE model = ?",
+                (model,),
+            )
+        }
+        counts: dict[str, int] = {}
+        for device in devices:
+            serving, target, state = reports.get(device, (0, 0, PENDING))
+            if target != version:
+                state = "serving" if serving == version else PENDING
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def _rollout_from(
+        self, row: tuple[Any, ...], groups: Mapping[str, str], superseded: bool = False
+    ) -> Rollout:
         rollout_id, model, version, scope, group, percent, state, reason = row
         devices = self._reach(row, groups)
         return Rollout(
-            id=int(rollout_id),  # type: ignore[call-overload]
+            id=int(rollout_id),
             model=str(model),
-            version=int(version),  # type: ignore[call-overload]
+            version=int(version),
             scope=str(scope),
             group=str(group),
-            canary_percent=float(percent),  # type: ignore[arg-type]
-            state=str(state),
+            canary_percent=float(percent),
+            state=SUPERSEDED if superseded else str(state),
             reason=str(reason),
             devices=tuple(devices),
-            failed=self._failed(str(model), int(version), devices),  # type: ignore[call-overload]
+            failed=self._failed(str(model), int(version), devices),
+            device_states=self._states(str(model), int(version), devices),
         )
 
     _COLUMNS = "id, model, version, scope, grp, canary_percent, state, reason"
 
     def _rollout(self, rollout_id: int) -> Rollout:
-        row = self._db.execute(
-            f"SELECT {self._COLUMNS} FROM rollouts WHERE id = ?", (rollout_id,)
-        ).fetchone()
-        return self._rollout_from(row, self._groups())
+        return next(r for r in self.rollouts() if r.id == rollout_id)
 
     def rollouts(self) -> list[Rollout]:
         groups = self._groups()
         rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
-        return [self._rollout_from(r, groups) for r in rows]
+        deciding = {
+            rollout_id
+            for device in groups
+            for rollout_id in self._deciding(device, rows, groups).values()
+        }
+        newest = {str(r[1]): int(r[0]) for r in rows if r[6] != ROLLED_BACK}
+        return [
+            self._rollout_from(
+                r,
+                groups,
+                superseded=r[6] != ROLLED_BACK
+                and r[0] not in deciding
+                and newest[str(r[1])] != r[0],
+            )
+            for r in rows
+        ]
 
-    def desired(self, device_id: str) -> dict[str, int]:
-        groups = self._groups()
-        if device_id not in groups:
-            return {}
+    def _deciding(
+        self, device_id: str, rows: list[tuple[Any, ...]], groups: Mapping[str, str]
+    ) -> dict[str, int]:
+        """model -> the id of the rollout that decides the device's version of it: the newest
+        that reaches the device (a paused one only where the device already runs it)."""
         running = {
             (r[0], r[1])
             for r in self._db.execute(
                 "SELECT model, serving_version FROM reports WHERE device_id = ?", (device_id,)
             )
         }
-        desired: dict[str, int] = {}
-        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
+        deciding: dict[str, int] = {}
         for row in rows:
             model, version, state = str(row[1]), int(row[2]), row[6]
             if state == ROLLED_BACK or device_id not in self._reach(row, groups):
                 continue
             if state == PAUSED and (model, version) not in running:
                 continue  # a paused rollout reaches no one new
-            desired[model] = version
-        return desired
+            deciding[model] = int(row[0])
+        return deciding
+
+    def desired(self, device_id: str) -> dict[str, int]:
+        groups = self._groups()
+        if device_id not in groups:
+            return {}
+        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
+        versions = {int(r[0]): int(r[2]) for r in rows}
+        return {m: versions[i] for m, i in self._deciding(device_id, rows, groups).items()}
 
     def auto_pause(self, max_failure_share: float) -> list[Rollout]:
         """Pause every active rollout where more than `max_failure_share` of the devices it
@@ -410,7 +471,7 @@ class SqliteRegistry:
                     (device_id, r.model),
                 ).fetchone()
                 self._db.execute(
-                    "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         device_id,
                         r.model,
@@ -420,6 +481,7 @@ class SqliteRegistry:
                         r.state,
                         r.error,
                         now,
+                        r.variant,
                     ),
                 )
                 if r.state == FAILED:
@@ -469,7 +531,7 @@ class SqliteRegistry:
                 Report(*row)
                 for row in self._db.execute(
                     "SELECT model, installed_version, serving_version, target_version, state, "
-                    "error FROM reports WHERE device_id = ? ORDER BY model",
+                    "error, variant FROM reports WHERE device_id = ? ORDER BY model",
                     (device_id,),
                 )
             )

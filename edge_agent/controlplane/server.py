@@ -47,17 +47,27 @@ def open_registry(data_dir: Path) -> SqliteRegistry:
 
 
 def add_device(data_dir: Path, device_id: str, group: str, token_file: Path) -> None:
-    """Enroll a device (or re-key it): its token goes to `token_file` (0600), its hash to the
-    registry."""
+    """Enroll a device (or re-key it): its token goes to `token_file` (created 0600; an existing
+    file is refused, it may be another credential), its hash to the registry."""
     if not device_id or len(device_id) > 128 or not device_id.isprintable():
         raise ConfigError(f"device id {device_id!r}: use 1-128 printable characters")
+    if token_file.exists() or token_file.is_symlink():
+        raise ConfigError(
+            f"{token_file} exists: refusing to overwrite it (it may hold another credential, "
+            "e.g. the publisher token); choose a new file for the device token"
+        )
+    if not (data_dir / REGISTRY_FILE).is_file():
+        raise ConfigError(f"{data_dir} holds no control plane registry (start it there first)")
     token = auth.new_token()
+    auth.write_secret(token_file, token)  # first: a file we cannot write enrolls nothing
     registry = open_registry(data_dir)
     try:
         registry.add_device(device_id, group, auth.token_hash(token))
+    except BaseException:
+        token_file.unlink(missing_ok=True)
+        raise
     finally:
         registry.close()
-    auth.write_secret(token_file, token)
 
 
 class ControlPlane:

@@ -77,6 +77,8 @@ def rollout_message(rollout: Rollout) -> pb.RolloutStatus:
         reason=rollout.reason,
         devices=list(rollout.devices),
         failed=rollout.failed,
+        device_count=len(rollout.devices),
+        device_states=dict(rollout.device_states),
     )
 
 
@@ -88,6 +90,7 @@ def report_message(report: Report) -> pb.ModelReport:
         target_version=report.target_version,
         state=report.state,
         error=report.error,
+        variant=report.variant,
     )
 
 
@@ -120,10 +123,11 @@ class FleetServicer:
         return None
 
     def _publisher(self, context: grpc.aio.ServicerContext) -> None:
-        token, device_id = auth.bearer(context.invocation_metadata())
+        token, _ = auth.bearer(context.invocation_metadata())
         if token and auth.same(token, self._publisher_token):
             return
-        if token and self._device_of(token, device_id):
+        # A device token, with or without its x-device-id: the caller is known, the role wrong.
+        if token and self._registry.device_with_token(auth.token_hash(token)) is not None:
             raise PermissionDenied("this call needs the publisher token, not a device token")
         raise Unauthenticated("missing or unknown publisher token")
 
@@ -227,12 +231,14 @@ class FleetServicer:
         rollout = self._registry.set_target(
             request.model, request.version, scope, request.group, request.canary_percent
         )
-        log.info(
+        log.info(  # counts only: a fleet of thousands would make one unreadable line
             "rollout.started",
+            rollout=rollout.id,
             model=rollout.model,
             version=rollout.version,
             scope=scope,
-            devices=list(rollout.devices),
+            devices=len(rollout.devices),
+            device_states=dict(rollout.device_states),
         )
         self._notify()
         return rollout_message(rollout)
@@ -297,6 +303,7 @@ class FleetServicer:
                 r.target_version,
                 r.state[:40],
                 r.error[:1000],
+                r.variant[:40],
             )
             for r in request.reports
         ]

@@ -34,9 +34,10 @@ def same(a: str, b: str) -> bool:
 
 
 def write_secret(path: Path, token: str) -> None:
-    """Create `path` with mode 0600 (never readable by others, even for a moment)."""
+    """Create `path` with mode 0600 (never readable by others, even for a moment). An existing
+    file is never overwritten: it may hold another credential (FileExistsError)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     os.chmod(path, 0o600)

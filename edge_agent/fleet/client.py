@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
+from google.protobuf import json_format
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
@@ -21,8 +22,11 @@ from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.release import (
     CHUNK_SIZE,
+    CONFIG,
     DEFAULT_LIFETIME_SECONDS,
+    GOLDEN,
     RELEASE_JSON,
+    WARMUP_DIR,
     build_release,
     parse_release,
     variant_dir,
@@ -110,13 +114,73 @@ def upload_release(
     return stub.RegisterRelease(request, metadata=meta, timeout=timeout), uploaded
 
 
+def release_extras(
+    model_file: Path,
+    config: Path | None,
+    golden: Path | None,
+    warmup: Path | None,
+    model: str,
+) -> dict[str, Path]:
+    """The files a release carries beside the graph: what was given, else, when `model_file`
+    sits in a repository layout (<repo>/<model>/<version>/model.onnx), the model's config.pbtxt
+    and warmup/ and the version's golden.npz found there."""
+    version_dir = model_file.resolve().parent
+    in_repository = version_dir.name.isdigit()
+    model_dir = version_dir.parent
+    if config is None and in_repository and (model_dir / CONFIG).is_file():
+        config = model_dir / CONFIG
+    if golden is None and in_repository and (version_dir / GOLDEN).is_file():
+        golden = version_dir / GOLDEN
+    if warmup is None and in_repository and (model_dir / WARMUP_DIR).is_dir():
+        warmup = model_dir / WARMUP_DIR
+    extras: dict[str, Path] = {}
+    if config is not None:
+        _check_config(config, model)
+        extras[CONFIG] = config
+    if golden is not None:
+        extras[GOLDEN] = golden
+    if warmup is not None:
+        if not warmup.is_dir():
+            raise ConfigError(f"--warmup {warmup}: not a directory")
+        for path in sorted(warmup.iterdir()):
+            if not path.is_file() or path.is_symlink():
+                raise ConfigError(f"{path}: warmup/ may hold plain files only")
+            extras[f"{WARMUP_DIR}/{path.name}"] = path
+    return extras
+
+
+def _check_config(path: Path, model: str) -> None:
+    """A config.pbtxt that will not load on the devices is refused here, not on every device."""
+    from google.protobuf import text_format
+
+    from edge_agent._proto import model_config_pb2 as mc
+
+    try:
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    except (OSError, UnicodeDecodeError, text_format.ParseError) as exc:
+        raise ConfigError(f"config {path}: {exc}") from exc
+    if config.name and config.name != model:
+        raise ConfigError(
+            f"config {path} names the model {config.name!r}; publishing it as {model!r} would "
+            f"fail to load on every device (publish --model {config.name} or edit the name)"
+        )
+
+
 def publish(args: argparse.Namespace) -> int:
     meta = auth.metadata(auth.read_token(args.token_file))
+    extras = release_extras(args.model_file, args.config, args.golden, args.warmup, args.model)
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch) / "release"
         variants = dict(args.variant or [])
         release = build_release(
-            args.model_file, args.model, args.version, directory, args.expires_in, None, variants
+            args.model_file,
+            args.model,
+            args.version,
+            directory,
+            args.expires_in,
+            None,
+            variants,
+            extras,
         )
         signature = signing.sign_directory(directory, args.signing_key)
         variant_signatures = {
@@ -135,13 +199,20 @@ def publish(args: argparse.Namespace) -> int:
                 args.timeout,
                 variant_signatures,
             )
-    names = ",".join(release.variant_names())
+    if args.json:
+        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+        return EXIT_OK
+    parts = []
+    for name in release.variant_names():
+        files = release.select(name).files
+        parts.append(f"{name} {len(files)} files {sum(f.size for f in files):,} B")
+    carried = ", ".join(sorted(extras)) or "no config"
     print(
-        f"published {release.model} v{release.version}: {len(release.files)} files, "
-        f"{release.size} bytes, uploaded {uploaded} bytes, variants {names}"
+        f"published {release.model} v{release.version}: {'; '.join(parts)} ({carried}); "
+        f"uploaded {uploaded:,} B (the rest was on the control plane already)"
     )
     if response.HasField("rollout"):
-        _print_rollout(response.rollout)
+        print(rollout_line(response.rollout))
     return EXIT_OK
 
 
@@ -154,15 +225,40 @@ def _target(args: argparse.Namespace) -> pb.SetTargetRequest:
     return target
 
 
-def _print_rollout(r: pb.RolloutStatus) -> None:
-    scope = pb.TargetScope.Name(r.scope).lower()
-    where = {"group": f" group={r.group}", "canary": f" canary={r.canary_percent:g}%"}.get(
-        scope, ""
+STATE_ORDER = ("serving", "installed", "downloading", "retrying", "failed", "pending")
+
+
+def _counts(states: Mapping[str, int]) -> str:
+    known = [s for s in STATE_ORDER if states.get(s)]
+    other = sorted(s for s in states if s not in STATE_ORDER and states[s])
+    return ", ".join(f"{s} {states[s]}" for s in [*known, *other]) or "-"
+
+
+def _scope(r: pb.RolloutStatus) -> str:
+    scope = str(pb.TargetScope.Name(r.scope)).lower()
+    if scope == "group":
+        return f"group {r.group}"
+    if scope == "canary":
+        return f"canary {r.canary_percent:g}%"
+    return scope
+
+
+def rollout_line(r: pb.RolloutStatus) -> str:
+    """One rollout in one line: counts, never the device list (a fleet has thousands)."""
+    return (
+        f"rollout {r.id}: {r.model} v{r.version} {_scope(r)} {r.state}: "
+        f"{r.device_count} devices ({_counts(r.device_states)})"
+        + (f"; {r.reason}" if r.reason else "")
     )
-    print(
-        f"rollout {r.id}: {r.model} v{r.version} {scope}{where} {r.state} "
-        f"devices={','.join(r.devices) or '-'} failed={r.failed}"
-        + (f" ({r.reason})" if r.reason else "")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns as wide as their widest cell, so values line up under their headers."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
     )
 
 
@@ -176,35 +272,44 @@ def fleet(args: argparse.Namespace) -> int:
     if args.action == "add-device":
         from edge_agent.controlplane.server import add_device
 
-        if args.data_dir is None or args.device_id is None or args.token_file is None:
-            raise ConfigError("add-device needs --data-dir, --device-id and --token-file")
-        add_device(args.data_dir, args.device_id, args.group or "", args.token_file)
-        print(f"device {args.device_id} enrolled; its token is in {args.token_file}")
+        add_device(args.data_dir, args.device_id, args.group or "", args.device_token_file)
+        print(f"device {args.device_id} enrolled; its token is in {args.device_token_file} (0600)")
         return EXIT_OK
-    if args.control_plane is None or args.token_file is None:
-        raise ConfigError(f"fleet {args.action} needs --control-plane and --token-file")
     meta = auth.metadata(auth.read_token(args.token_file))
     with open_channel(args.control_plane, channel_credentials(args.control_plane_ca)) as channel:
         stub = pb_grpc.FleetServiceStub(channel)
         if args.action == "status":
-            _print_status(stub.FleetStatus(pb.FleetStatusRequest(), metadata=meta, timeout=30))
-        elif args.action == "target":
-            if args.model is None or args.version is None:
-                raise ConfigError("fleet target needs --model and --version")
-            _print_rollout(stub.SetTarget(_target(args), metadata=meta, timeout=30))
+            status = stub.FleetStatus(pb.FleetStatusRequest(), metadata=meta, timeout=30)
+            _show_status(status, args.rollout, args.json)
+            return EXIT_OK
+        if args.action == "target":
+            rollout = stub.SetTarget(_target(args), metadata=meta, timeout=30)
         else:
-            if args.model is None:
-                raise ConfigError(f"fleet {args.action} needs --model")
             action = getattr(pb.ControlRolloutRequest, args.action.upper())
             request = pb.ControlRolloutRequest(model=args.model, action=action)
-            _print_rollout(stub.ControlRollout(request, metadata=meta, timeout=30))
+            rollout = stub.ControlRollout(request, metadata=meta, timeout=30)
+    if args.json:
+        print(json_format.MessageToJson(rollout, preserving_proto_field_name=True))
+    else:
+        print(rollout_line(rollout))
     return EXIT_OK
 
 
-def _print_status(status: pb.FleetStatusResponse) -> None:
-    print(
-        f"{'DEVICE':<20} {'GROUP':<10} {'LAST SEEN':<20} MODELS (serving/installed/desired)  ERROR"
-    )
+def _show_status(status: pb.FleetStatusResponse, rollout_id: int | None, as_json: bool) -> None:
+    if rollout_id is not None:
+        found = [r for r in status.rollouts if r.id == rollout_id]
+        if not found:
+            raise ConfigError(f"no rollout {rollout_id}")
+        if as_json:
+            print(json_format.MessageToJson(found[0], preserving_proto_field_name=True))
+            return
+        print(rollout_line(found[0]))
+        print(f"devices: {', '.join(found[0].devices) or '-'}")
+        return
+    if as_json:
+        print(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        return
+    rows = []
     for d in status.devices:
         seen = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_seen))
@@ -212,20 +317,48 @@ def _print_status(status: pb.FleetStatusResponse) -> None:
             else "never"
         )
         desired = {t.model: t.version for t in d.desired}
-        models = {r.model: r for r in d.models}
-        parts = []
-        for name in sorted(set(desired) | set(models)):
-            r = models.get(name)
-            serving = r.serving_version if r else 0
-            installed = r.installed_version if r else 0
-            state = r.state if r else "-"
-            parts.append(f"{name}={serving}/{installed}/{desired.get(name, '-')} {state}")
+        reports = {r.model: r for r in d.models}
+        for name in sorted(set(desired) | set(reports)) or ["-"]:
+            r = reports.get(name)
+            rows.append(
+                [
+                    d.device_id,
+                    d.group or "-",
+                    seen,
+                    name,
+                    str(r.serving_version or "-") if r else "-",
+                    (r.variant or "-") if r else "-",
+                    str(r.installed_version or "-") if r else "-",
+                    str(desired.get(name, "-")),
+                    (r.state or "-") if r else "-",
+                    d.last_error or "-",
+                ]
+            )
+    headers = [
+        "DEVICE", "GROUP", "LAST SEEN", "MODEL", "SERVING", "VARIANT", "INSTALLED", "DESIRED",
+        "STATE", "LAST ERROR",
+    ]  # fmt: skip
+    print(table(headers, rows))
+    if status.rollouts:
+        print()
         print(
-            f"{d.device_id:<20} {d.group or '-':<10} {seen:<20} {' '.join(parts) or '-'}  "
-            f"{d.last_error or '-'}"
+            table(
+                ["ROLLOUT", "MODEL", "VERSION", "SCOPE", "STATE", "DEVICES", "BY STATE", "REASON"],
+                [
+                    [
+                        str(r.id),
+                        r.model,
+                        str(r.version),
+                        _scope(r),
+                        r.state,
+                        str(r.device_count),
+                        _counts(r.device_states),
+                        r.reason or "-",
+                    ]
+                    for r in status.rollouts
+                ],
+            )
         )
-    for r in status.rollouts:
-        _print_rollout(r)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -253,19 +386,55 @@ def _variant(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def _remote(parser: argparse.ArgumentParser) -> None:
+    """How a publisher command reaches the control plane."""
+    parser.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
+    parser.add_argument(
+        "--token-file",
+        required=True,
+        type=Path,
+        help="file holding the publisher token (the control plane's DATA_DIR/publisher.token)",
+    )
+    parser.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
+    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+
+def _where(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--group", help="target the devices of this group only")
+    where.add_argument(
+        "--canary",
+        type=float,
+        metavar="PCT",
+        help="target PCT%% of the devices (a fixed cohort, chosen now)",
+    )
+
+
 def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    pub = commands.add_parser("publish", help="split, sign and publish a model version")
+    pub = commands.add_parser(
+        "publish",
+        help="split, sign and publish a model version",
+        description="Split MODEL.onnx into a release (graph + one file per large weight), "
+        "sign it, upload what the control plane lacks, register it and (unless --no-activate) "
+        "roll it out. The model's config.pbtxt, warmup/ and golden.npz travel with it: given "
+        "by flag, or found beside MODEL.onnx when it sits in a repository layout "
+        "(<repo>/<model>/<version>/model.onnx).",
+    )
     pub.add_argument("model_file", type=Path, metavar="MODEL.onnx")
-    pub.add_argument("--model", required=True)
-    pub.add_argument("--version", required=True, type=int)
-    pub.add_argument("--control-plane", required=True, help="HOST:PORT")
+    pub.add_argument("--model", required=True, help="the model's name on the devices")
+    pub.add_argument("--version", required=True, type=int, help="the version number (>= 1)")
     pub.add_argument("--signing-key", required=True, type=Path, help="P-256 private key (PEM)")
-    pub.add_argument("--token-file", required=True, type=Path, help="the publisher token")
-    pub.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
+    _remote(pub)
     pub.add_argument("--no-activate", action="store_true", help="register only, target nothing")
-    where = pub.add_mutually_exclusive_group()
-    where.add_argument("--group", help="target one device group")
-    where.add_argument("--canary", type=float, metavar="PCT", help="target PCT%% of the devices")
+    _where(pub)
+    pub.add_argument(
+        "--config",
+        type=Path,
+        help="config.pbtxt installed with the version (default: the one of the repository "
+        "layout, if any; without one, devices complete the config from the graph)",
+    )
+    pub.add_argument("--golden", type=Path, help="golden.npz checked before the version serves")
+    pub.add_argument("--warmup", type=Path, help="directory of model_warmup input files")
     pub.add_argument(
         "--expires-in",
         type=lifetime,
@@ -282,20 +451,46 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     pub.add_argument("--timeout", type=float, default=300.0, help="seconds per call")
 
     key = commands.add_parser("keygen", help="make a P-256 signing key pair")
-    key.add_argument("--private-key", required=True, type=Path)
-    key.add_argument("--public-key", required=True, type=Path)
+    key.add_argument("--private-key", required=True, type=Path, help="written 0600; never shared")
+    key.add_argument("--public-key", required=True, type=Path, help="give it to the devices")
 
     fl = commands.add_parser("fleet", help="enroll devices, show and steer rollouts")
-    fl.add_argument(
-        "action", choices=["add-device", "status", "target", "pause", "resume", "rollback"]
+    actions = fl.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    add = actions.add_parser(
+        "add-device",
+        help="enroll a device (on the control plane's host)",
+        description="Enroll a device, or give an enrolled one a new token: the registry keeps "
+        "only the token's hash; the token itself is written to --device-token-file (created "
+        "with mode 0600, never overwritten) and goes to the device.",
     )
-    fl.add_argument("--control-plane", help="HOST:PORT (all but add-device)")
-    fl.add_argument("--token-file", type=Path, help="publisher token; add-device: where to write")
-    fl.add_argument("--data-dir", type=Path, help="add-device: the control plane's data dir")
-    fl.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
-    fl.add_argument("--device-id")
-    fl.add_argument("--model")
-    fl.add_argument("--version", type=int)
-    where = fl.add_mutually_exclusive_group()
-    where.add_argument("--group", help="add-device: the device's group; target: a group")
-    where.add_argument("--canary", type=float, metavar="PCT")
+    add.add_argument("--data-dir", required=True, type=Path, help="the control plane's data dir")
+    add.add_argument("--device-id", required=True, help="the device's id (1-128 characters)")
+    add.add_argument("--group", help="the device's group (rollouts can target a group)")
+    add.add_argument(
+        "--device-token-file",
+        required=True,
+        type=Path,
+        help="where to write the new device token (must not exist)",
+    )
+
+    status = actions.add_parser("status", help="devices, their versions, and rollouts")
+    _remote(status)
+    status.add_argument(
+        "--rollout", type=int, metavar="ID", help="one rollout, with the list of its devices"
+    )
+
+    target = actions.add_parser("target", help="roll a registered version out")
+    target.add_argument("--model", required=True, help="the model to target")
+    target.add_argument("--version", required=True, type=int, help="its registered version")
+    _where(target)
+    _remote(target)
+
+    for action, text in (
+        ("pause", "pause the model's current rollout (no device starts it)"),
+        ("resume", "resume the model's paused rollout"),
+        ("rollback", "roll the model's current rollout back (devices return to the one before)"),
+    ):
+        steer = actions.add_parser(action, help=text, description=text)
+        steer.add_argument("--model", required=True, help="the model whose rollout to steer")
+        _remote(steer)

@@ -4,6 +4,9 @@
     <release>/<sha256>.bin      one file per large initializer, named by the sha256 of its bytes
     <release>/release.json      model, version, created, expires, graph digest, files, tensors
                                 and, optionally, the same for other variants (fp16, int8, ...)
+    <release>/config.pbtxt      optional: the model's config (installed as the model's config)
+    <release>/golden.npz        optional: the version's golden check (default variant only)
+    <release>/warmup/<name>     optional: the model's `model_warmup` input files
 
 Variants of one version (e.g. fp32, fp16, int8) are built into sibling directories
 (`variant_dir`), each holding its own files and the one release.json that lists them all, and
@@ -36,6 +39,11 @@ from edge_agent.errors import ReleaseRejected
 FORMAT = 1
 GRAPH = "model.onnx"
 RELEASE_JSON = "release.json"
+# Files a release may carry beside the graph and its weights (publish --config / --golden /
+# --warmup): the model's configuration travels with its weights, signed with them.
+CONFIG = "config.pbtxt"
+GOLDEN = "golden.npz"
+WARMUP_DIR = "warmup"
 EXTERNAL_MIN_BYTES = 1024
 CHUNK_SIZE = 1 << 20
 DEFAULT_VARIANT = "fp32"
@@ -139,8 +147,12 @@ def sha256_file(path: Path) -> str:
 
 
 def check_file_name(name: str) -> None:
-    """A release names files inside its own directory only: one plain component."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name == RELEASE_JSON:
+    """A release names files inside its own directory only: one plain component, or
+    `warmup/<plain name>` for the model's warmup inputs."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) == 2 and parts[0] == WARMUP_DIR:
+        parts = parts[1:]
+    if len(parts) != 1 or not _SAFE_NAME.match(parts[0]) or name in (RELEASE_JSON, WARMUP_DIR):
         raise ReleaseRejected("path", f"file name {name!r} is not a plain name inside the release")
 
 
@@ -244,8 +256,9 @@ def variant_dir(out_dir: Path, name: str) -> Path:
     return out_dir if name == DEFAULT_VARIANT else out_dir.with_name(f"{out_dir.name}-{name}")
 
 
-def _split(model_path: Path, out_dir: Path) -> Variant:
-    """Write the graph and one content-named file per large initializer into `out_dir`."""
+def _split(model_path: Path, out_dir: Path, extras: Mapping[str, Path]) -> Variant:
+    """Write the graph and one content-named file per large initializer into `out_dir`, and
+    copy `extras` (release path -> source file: config, golden, warmup inputs) beside them."""
     try:
         proto = onnx.load(str(model_path))  # external data of the source model included
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError...
@@ -274,6 +287,17 @@ def _split(model_path: Path, out_dir: Path) -> Variant:
     (out_dir / GRAPH).write_bytes(graph_bytes)
     graph_sha = hashlib.sha256(graph_bytes).hexdigest()
     files[GRAPH] = FileEntry(GRAPH, graph_sha, len(graph_bytes))
+    for name, source in sorted(extras.items()):
+        check_file_name(name)
+        if name in files:
+            raise ReleaseRejected("path", f"{name} is already a file of the release")
+        try:
+            content = source.read_bytes()
+        except OSError as exc:
+            raise ReleaseRejected("format", f"{name}: cannot read {source}: {exc}") from exc
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_bytes(content)
+        files[name] = FileEntry(name, hashlib.sha256(content).hexdigest(), len(content))
     return Variant(
         graph_sha,
         tuple(sorted(files.values(), key=lambda f: f.path)),
@@ -289,16 +313,22 @@ def build_release(
     lifetime_seconds: float = DEFAULT_LIFETIME_SECONDS,
     now: float | None = None,
     variants: Mapping[str, Path] | None = None,
+    extras: Mapping[str, Path] | None = None,
 ) -> Release:
     """Write the release for `model_path` (the fp32 default) and its other `variants` (name ->
-    model file): one directory per variant (`variant_dir`), each with the same release.json."""
+    model file): one directory per variant (`variant_dir`), each with the same release.json.
+    `extras` (release path -> file: config.pbtxt, golden.npz, warmup/<name>) go into every
+    variant, except the golden check, whose expected outputs are the default variant's."""
     check_model_name(model)
     for name in variants or {}:
         if not _SAFE_NAME.match(name) or name == DEFAULT_VARIANT:
             raise ReleaseRejected("format", f"variant name {name!r}: use a plain name, not fp32")
-    default = _split(model_path, out_dir)
+    extras = dict(extras or {})
+    shared = {k: v for k, v in extras.items() if k != GOLDEN}
+    default = _split(model_path, out_dir, extras)
     others = {
-        name: _split(path, variant_dir(out_dir, name)) for name, path in (variants or {}).items()
+        name: _split(path, variant_dir(out_dir, name), shared)
+        for name, path in (variants or {}).items()
     }
     created = time.time() if now is None else now
     release = Release(
@@ -319,7 +349,9 @@ def build_release(
 def check_directory(release: Release, directory: Path) -> None:
     """The assembled directory holds exactly the release's files, each with its digest, and
     the graph's external data matches the tensor table in name, dtype, shape and file."""
-    present = sorted(p.name for p in directory.iterdir())
+    present = sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()
+    )
     expected = sorted([*(f.path for f in release.files), RELEASE_JSON])
     if present != expected:
         raise ReleaseRejected("contract", f"release files {present} differ from {expected}")

@@ -221,7 +221,7 @@ class ModelManager:
                     name,
                     lambda: staging.stage(self._repository, name, files, config_text),
                     sorted(files),
-                    config_text is not None,
+                    ["config.pbtxt"] if config_text is not None else [],
                 )
                 self._overrides.pop(name, None)  # the config is now config.pbtxt
             elif override is not None:
@@ -271,11 +271,17 @@ class ModelManager:
                     f"model '{name}' has no version older than {current} on disk to roll back to"
                 )
             entry.withdrawn.add(current)
+            await self._in_loader(
+                staging.restore_model_files, self._repository / name, max(earlier)
+            )
             try:
                 await self._load(name)
             finally:
                 if entry.versions.get(current) and entry.versions[current].state == READY:
                     entry.withdrawn.discard(current)  # the rollback failed: it still serves
+                    await self._in_loader(
+                        staging.restore_model_files, self._repository / name, current
+                    )
             self._write_state()
             log.info("model.rolled_back", model=name, from_version=current)
 
@@ -288,11 +294,12 @@ class ModelManager:
     async def _install_from(self, name: str, version: int, source: Path) -> None:
         staging.check_model_name(name)
         async with self._lock(name):
+            # A release that carries the model's config.pbtxt / warmup/ installs them too.
             prebuilt = await self._push(
                 name,
                 lambda: staging.stage_directory(self._repository, name, version, source),
                 [version],
-                False,
+                staging.model_files_of(source),
             )
             self._registry.ensure(name).withdrawn.discard(version)
             await self._load_prebuilt(name, prebuilt)
@@ -312,6 +319,7 @@ class ModelManager:
             entry = self._registry.ensure(name)
             entry.withdrawn = {v for v in on_disk if v > version}
             self._withdrawn.pop(name, None)
+            await self._in_loader(staging.restore_model_files, self._repository / name, version)
             await self._load(name)
             self._write_state()
 
@@ -641,7 +649,7 @@ class ModelManager:
         await self._changed()
 
     async def _push(
-        self, name: str, stage: Callable[[], Path], versions: list[int], with_config: bool
+        self, name: str, stage: Callable[[], Path], versions: list[int], model_files: list[str]
     ) -> dict[int, Prebuilt]:
         """Stage the files (`stage` writes them to a staging model directory), build every staged
         version from there (it must load, warm and pass its golden check), then install them into
@@ -674,7 +682,7 @@ class ModelManager:
                 )
             try:
                 await self._in_loader(
-                    staging.install, staged, self._repository, versions, with_config
+                    staging.install, staged, self._repository, versions, model_files
                 )
             except OSError as exc:
                 for model, _, _ in built.values():

@@ -26,6 +26,7 @@ from edge_agent.errors import InvalidArgument
 STAGING = ".staging"
 REPLACED = ".replaced"
 FILE_PREFIX = "file:"
+WARMUP = "warmup"  # the model's model_warmup input files (repository/version.py)
 
 
 def check_model_name(name: str) -> None:
@@ -118,6 +119,8 @@ def stage(
             _write(staged / "config.pbtxt", config_text.encode())
         elif existing.is_file():
             _write(staged / "config.pbtxt", existing.read_bytes())
+        if (repository / model / WARMUP).is_dir():  # for the build only; not installed
+            _copy_tree(repository / model / WARMUP, staged / WARMUP)
         for version, version_files in files.items():
             for relative, content in version_files.items():
                 _write(staged / str(version) / relative, content)
@@ -129,33 +132,49 @@ def stage(
     return staged
 
 
+def _move_file(path: Path, target: Path) -> None:
+    """Move one file (its owner gives it up), copying across filesystems; never a hardlink:
+    weight files with several links are refused at load (runtime/external_data.py)."""
+    try:
+        os.rename(path, target)
+        with open(target, "rb") as moved:
+            os.fsync(moved.fileno())
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    with open(path, "rb") as src, open(target, "xb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _move_tree(source: Path, target: Path) -> None:
+    target.mkdir(exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_dir() and not path.is_symlink():
+            _move_tree(path, target / path.name)
+        else:
+            _move_file(path, target / path.name)
+    _fsync_dir(target)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, symlinks=True)
+
+
 def stage_directory(repository: Path, model: str, version: int, source: Path) -> Path:
-    """Move the files of `source` (flat; its owner gives them up) to a fresh staging model
-    directory as `version`, with the repository's config.pbtxt for this model (if any). Across
-    filesystems they are copied; never hardlinked: weight files with several links are refused
-    at load (runtime/external_data.py)."""
+    """Move the files of `source` (a synced release; its owner gives them up) to a fresh staging
+    model directory as `version`. The model's config.pbtxt and warmup/ for the build are the
+    release's when it carries them (a copy stays in the version directory, so that a rollback
+    can restore them: `model_files_of`), else the repository's."""
     check_model_name(model)
     staged = repository / STAGING / uuid.uuid4().hex / model
     target = staged / str(version)
     target.mkdir(parents=True)
     try:
-        existing = repository / model / "config.pbtxt"
-        if existing.is_file():
-            _write(staged / "config.pbtxt", existing.read_bytes())
-        for path in sorted(source.iterdir()):
-            try:
-                os.rename(path, target / path.name)
-                with open(target / path.name, "rb") as moved:
-                    os.fsync(moved.fileno())
-                continue
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-            with open(path, "rb") as src, open(target / path.name, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-        _fsync_dir(target)
+        _move_tree(source, target)
+        _stage_model_files(repository / model, target, staged)
         _fsync_dir(staged)
     except BaseException:
         discard(staged)
@@ -163,26 +182,78 @@ def stage_directory(repository: Path, model: str, version: int, source: Path) ->
     return staged
 
 
+def _stage_model_files(model_dir: Path, version_dir: Path, staged: Path) -> None:
+    """config.pbtxt and warmup/ for a staged model: the version's own copies, else the model's."""
+    for name, copy in (("config.pbtxt", shutil.copyfile), (WARMUP, _copy_tree)):
+        own = version_dir / name
+        source = own if own.exists() else model_dir / name
+        if source.exists():
+            copy(source, staged / name)
+
+
+def model_files_of(version_dir: Path) -> list[str]:
+    """The model-level files (config.pbtxt, warmup/) a version directory carries copies of."""
+    return [name for name in ("config.pbtxt", WARMUP) if (version_dir / name).exists()]
+
+
+def restore_model_files(model_dir: Path, version: int) -> None:
+    """Make the model's config.pbtxt and warmup/ the copies that `version`'s directory carries
+    (a synced release's), so that a rollback serves the version with the config it was published
+    with. A version without copies changes nothing."""
+    version_dir = model_dir / str(version)
+    own = version_dir / "config.pbtxt"
+    current = model_dir / "config.pbtxt"
+    if own.is_file() and (not current.is_file() or current.read_bytes() != own.read_bytes()):
+        write_atomically(current, own.read_bytes())
+    own_warmup = version_dir / WARMUP
+    if own_warmup.is_dir() and _tree(own_warmup) != _tree(model_dir / WARMUP):
+        fresh = model_dir / f".{WARMUP}-{uuid.uuid4().hex}"  # hidden: never taken for a version
+        _copy_tree(own_warmup, fresh)
+        if (model_dir / WARMUP).exists():
+            _set_aside(model_dir / WARMUP, model_dir)
+        os.rename(fresh, model_dir / WARMUP)
+        _fsync_dir(model_dir)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    if not root.is_dir():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
 def discard(staged: Path) -> None:
     """Remove a staging directory (the <random> level above the model directory)."""
     shutil.rmtree(staged.parent, ignore_errors=True)
 
 
-def install(staged: Path, repository: Path, versions: list[int], with_config: bool) -> None:
-    """Move the staged versions (and config.pbtxt if it was given) into the repository."""
+def install(
+    staged: Path, repository: Path, versions: list[int], model_files: list[str] | None = None
+) -> None:
+    """Move the staged versions, then the staged model-level files named in `model_files`
+    (config.pbtxt, warmup/), into the repository. What they replace is moved aside to
+    <model>/.replaced/ (kept for the operator, never served)."""
     target = repository / staged.name
     target.mkdir(exist_ok=True)
     for version in versions:
         final = target / str(version)
         if final.exists():
-            aside = target / REPLACED / f"{version}-{time.time_ns()}"
-            aside.parent.mkdir(exist_ok=True)
-            os.rename(final, aside)
+            _set_aside(final, target)
         os.rename(staged / str(version), final)
-    if with_config:
-        os.replace(staged / "config.pbtxt", target / "config.pbtxt")
+    for name in model_files or []:
+        if name == "config.pbtxt":
+            os.replace(staged / name, target / name)
+        else:  # a directory cannot be replaced in one rename: the old one is set aside first
+            if (target / name).exists():
+                _set_aside(target / name, target)
+            os.rename(staged / name, target / name)
     _fsync_dir(target)
     discard(staged)
+
+
+def _set_aside(path: Path, model_dir: Path) -> None:
+    aside = model_dir / REPLACED / f"{path.name}-{time.time_ns()}"
+    aside.parent.mkdir(exist_ok=True)
+    os.rename(path, aside)
 
 
 def clean_staging(repository: Path) -> None:

@@ -64,25 +64,37 @@ def likely_provider(execution_providers: tuple[str, ...]) -> str:
     for provider in execution_providers:
         if provider == "cpu":
             return "cpu"
-        if (
-            provider == "cuda"
-            and "CUDAExecutionProvider" in ort.get_available_providers()
-            and _NVIDIA_DEVICE.exists()
-        ):
+        if provider == "cuda" and cuda_known_unavailable() is None:
             return "cuda"
     return "cpu"
 
 
-def cuda_unavailable_reason() -> str:
-    """Our best explanation of a CUDA fallback; ORT's own error goes to stderr only."""
+def cuda_known_unavailable() -> str | None:
+    """Why CUDA cannot work here, when that is known without trying; None when it may work.
+    Where it cannot, the agent does not ask ONNX Runtime for it at all: asking prints errors
+    (`Failed to load library ... libonnxruntime_providers_cuda.so`) to stderr, outside the log."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
     if not _NVIDIA_DEVICE.exists():
         return f"no NVIDIA GPU on this machine ({_NVIDIA_DEVICE} is missing)"
-    return (
+    return None
+
+
+def cuda_unavailable_reason() -> str:
+    """Our best explanation of a CUDA fallback; ORT's own error goes to stderr only."""
+    return cuda_known_unavailable() or (
         "the CUDA provider failed to initialise: CUDA 13 / cuDNN 9 libraries missing? "
         "(pip install 'onnxruntime-gpu[cuda,cudnn]'); ONNX Runtime's own error is on stderr"
     )
+
+
+# ONNX Runtime logs to stderr by itself (no Python hook exists to route its lines into our log),
+# so its threshold follows ours: at debug its warnings show, otherwise only its errors.
+_ORT_SEVERITY = {"debug": 2, "info": 3, "warning": 3, "error": 3, "critical": 4}
+
+
+def set_runtime_log_level(level: str) -> None:
+    ort.set_default_logger_severity(_ORT_SEVERITY.get(level, 3))
 
 
 _preload_once = threading.Lock()
@@ -132,15 +144,27 @@ def create_session(model_path: Path, opts: RuntimeOptions) -> LoadedSession:
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = opts.inter_op_threads
     so.graph_optimization_level = _GRAPH_LEVELS[opts.graph_optimization_level]
+    asked = opts
     if "cuda" in opts.providers:
-        _preload_cuda_libraries()
+        known = cuda_known_unavailable()
+        if known is not None:
+            if opts.strict:
+                raise ModelLoadError(
+                    f"strict provider mode: CUDA was asked for and not obtained: {known}"
+                )
+            # Not asked at all (see cuda_known_unavailable); the CPU serves, and the fallback
+            # is reported below like any other.
+            cpu = ("cpu",)
+            opts = dataclasses.replace(opts, providers=cpu)
+        else:
+            _preload_cuda_libraries()
     try:
         session = ort.InferenceSession(str(model_path), so, providers=_provider_list(opts))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
         raise ModelLoadError(f"onnxruntime could not load {model_path.name}: {exc}") from exc
     active = [_SHORT_NAMES.get(p, p) for p in session.get_providers()]
     reason = None
-    if "cuda" in opts.providers and "cuda" not in active:
+    if "cuda" in asked.providers and "cuda" not in active:
         reason = cuda_unavailable_reason()
         if opts.strict:
             raise ModelLoadError(

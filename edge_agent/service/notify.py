@@ -31,6 +31,7 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1e6 / 2
         self._socket: socket.socket | None = None
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -59,7 +60,10 @@ class Notifier:
         )
 
     def stopping(self, status: str) -> None:
-        self.send(STOPPING="1", STATUS=status)
+        """Once: the signal handler and the shutdown both say it, systemd needs it once."""
+        if not self._stopping:
+            self._stopping = True
+            self.send(STOPPING="1", STATUS=status)
 
     def watchdog(self) -> None:
         self.send(WATCHDOG="1")

@@ -88,7 +88,7 @@ class BlobStore:
         """Fetch the blob (resuming a partial download) and move it into the store. Raises
         ReleaseRejected("digest") when chunks keep arriving corrupt or the whole does not match;
         transport errors (grpc.RpcError) pass through with the good prefix kept for next time."""
-        if chunk_size <= 0 or len(chunks) != max(1, -(-size // chunk_size)):
+        if chunk_size <= 0 or len(chunks) != -(-size // chunk_size):
             raise ReleaseRejected("format", f"blob {digest}: chunk table does not fit its size")
         part = self.partial / f"{digest}.part"
         offset = self._good_prefix(part, size, chunk_size, chunks)

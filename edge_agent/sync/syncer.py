@@ -50,6 +50,7 @@ from edge_agent.fleet.release import (
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.staging import write_atomically
+from edge_agent.repository.version import read_variant
 from edge_agent.runtime.session import likely_provider
 from edge_agent.settings import Settings
 from edge_agent.sync.store import BandwidthLimit, BlobStore
@@ -151,6 +152,7 @@ class Syncer:
     def _run(self) -> None:
         revision = ""
         attempt = 0
+        connected = False
         while not self._stop.is_set():
             try:
                 desired = self._watch(revision)
@@ -159,9 +161,18 @@ class Syncer:
                     return
                 self._count_failure("unreachable")
                 log.warning("sync.unreachable", code=exc.code().name, error=exc.details())
+                connected = False
                 attempt += 1
                 self._stop.wait(self._backoff(attempt))
                 continue
+            if not connected:  # the first answer, and the first after an outage
+                connected = True
+                log.info(
+                    "sync.connected",
+                    control_plane=self._settings.control_plane,
+                    device_id=self._settings.device_id,
+                    desired={t.model: int(t.version) for t in desired.models},
+                )
             with self._lock:
                 self.stats.last_success = time.time()
             if self._converge(desired):
@@ -263,6 +274,9 @@ class Syncer:
             target_version=version,
             state=state,
             error=error,
+            variant=read_variant(self._manager.repository / model / str(serving))
+            if serving
+            else "",
         )
 
     def _converge_model(self, model: str, version: int) -> None:
@@ -414,6 +428,7 @@ class Syncer:
         staged.mkdir(parents=True)
         try:
             for entry in release.files:
+                (staged / entry.path).parent.mkdir(exist_ok=True)
                 shutil.copyfile(sources[entry.sha256], staged / entry.path)
             (staged / RELEASE_JSON).write_bytes(release_json)
         except BaseException:
