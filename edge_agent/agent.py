@@ -22,13 +22,14 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from edge_agent.api.connections import ConnectionGuard, fit_to_fd_limit
 from edge_agent.api.security import ControlGate, ServerTls
-from edge_agent.api.server import bind, build_server, check_listen
+from edge_agent.api.server import bind, build_server, check_listen, connection_limits
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.auth import read_token
 from edge_agent.observability.logging import get_logger, set_log_level
-from edge_agent.observability.metrics import MetricsServer, SyncCollector
+from edge_agent.observability.metrics import ConnectionCollector, MetricsServer, SyncCollector
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
 from edge_agent.runtime.session import set_runtime_log_level
@@ -66,6 +67,8 @@ class Agent:
         self.metrics = MetricsServer(
             settings.metrics_address, self.registry.versions, self.registry.entries
         )
+        self.guard = ConnectionGuard()
+        self.metrics.registry.register(ConnectionCollector(self.guard.stats))
         self.port: int | None = None
         self.control_port: int | None = None
         self.metrics_port: int | None = None
@@ -79,11 +82,14 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         tls = ServerTls(self.settings) if self.settings.tls_cert is not None else None
         self._tls = tls
+        listeners = 2 if self.settings.control_address else 1
+        self._limits = fit_to_fd_limit(connection_limits(self.settings), listeners)
         server = build_server(
             self.servicer,
             self.health,
             self.settings.max_message_bytes,
-            self.settings.max_concurrent_rpcs,
+            self._limits,
+            self.guard,
             deny_control=not self.settings.control_on_inference_listener,
         )
         control = None
@@ -94,7 +100,8 @@ class Agent:
                 self.servicer,
                 self.health,
                 self.settings.max_message_bytes,
-                self.settings.max_concurrent_rpcs,
+                self._limits,
+                self.guard,
                 [ControlGate(token)],
             )
         try:
@@ -141,6 +148,10 @@ class Agent:
         await server.start()
         if control is not None:
             await control.start()
+        for port in (self.port, self.control_port):
+            if port:
+                self.guard.watch(port, self._limits)
+        self.guard.start()
         self.servicer.ready = True
         # Everything built at start lives as long as the agent: keep it out of the cyclic
         # collector's full passes, which otherwise pause the event loop for milliseconds.
@@ -261,6 +272,7 @@ class Agent:
             await control.stop(grace)
         await server.stop(grace)
         await self.registry.close()
+        self.guard.stop()
         self.metrics.stop()
         self.notifier.close()
         log.info("agent.stopped")

@@ -100,6 +100,42 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key)")
     cp.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
     cp.add_argument("--tls-client-ca", type=Path, help="PEM CA: clients need a cert from it")
+    cp.add_argument(
+        "--trusted-key",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PUBFILE",
+        help="publisher public key (PEM): releases must be signed by one (recommended); repeatable",
+    )
+    cp.add_argument("--metrics-address", default="", help="HOST:PORT for /metrics (default: off)")
+    cp.add_argument(
+        "--max-blob-bytes", type=int, default=8 << 30, help="largest blob upload (8 GiB)"
+    )
+    cp.add_argument(
+        "--max-connections",
+        type=int,
+        default=4096,
+        help="connections in total (lowered to fit the file descriptor limit)",
+    )
+    cp.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=256,
+        help="connections per client address (256; devices behind one NAT share an address)",
+    )
+    cp.add_argument(
+        "--device-rate", type=float, default=20.0, help="calls per second per device (20)"
+    )
+    cp.add_argument(
+        "--publisher-rate", type=float, default=100.0, help="calls per second, publisher (100)"
+    )
+    cp.add_argument(
+        "--upload-idle-seconds",
+        type=float,
+        default=60.0,
+        help="an upload that sends nothing for this long is cut off (60)",
+    )
     cp.add_argument("--log-level", default="info", help="debug|info|warning|error|critical")
     cp.add_argument("--log-format", default="auto", help="auto|json|console")
 
@@ -224,7 +260,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _control_plane(args: argparse.Namespace) -> int:
+    from edge_agent.api.connections import ConnectionLimits
     from edge_agent.controlplane.server import ControlPlane, ControlPlaneSettings
+    from edge_agent.controlplane.service import ServiceLimits
     from edge_agent.observability.logging import configure_logging, get_logger
 
     if args.log_level not in LOG_LEVELS or args.log_format not in LOG_FORMATS:
@@ -238,6 +276,19 @@ def _control_plane(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        trusted_keys=tuple(args.trusted_key),
+        metrics_address=args.metrics_address,
+        connections=ConnectionLimits(
+            max_connections=args.max_connections,
+            max_connections_per_peer=args.max_connections_per_peer,
+            idle_seconds=120.0,
+        ),
+        service=ServiceLimits(
+            max_blob_bytes=args.max_blob_bytes,
+            device_rate=args.device_rate,
+            publisher_rate=args.publisher_rate,
+            upload_idle_seconds=args.upload_idle_seconds,
+        ),
     )
     try:
         asyncio.run(ControlPlane(settings).run())

@@ -9,6 +9,8 @@
     ├── Unauthenticated             UNAUTHENTICATED: no or unknown credentials
     ├── PermissionDenied            PERMISSION_DENIED: valid credentials, wrong role
     ├── FailedPrecondition          FAILED_PRECONDITION: valid, but not in the current state
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED: a rate or size limit (retry later)
+    ├── Aborted                     ABORTED: superseded by a newer call (a device's new poll)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: its deadline passed before it ran
     ├── ExecutionError              INTERNAL: ONNX Runtime failed on a request that passed checks
     ├── ModelLoadError              a model version could not be loaded (kept as its reason)
@@ -28,6 +30,7 @@ class EdgeAgentError(Exception):
     """Base of every error edge-agent raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    log_each = True  # api/status.py logs each failed call (request.failed)
 
 
 class InvalidArgument(EdgeAgentError):
@@ -68,6 +71,21 @@ class FailedPrecondition(EdgeAgentError):
     to)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(EdgeAgentError):
+    """A per-caller rate or a size limit refused the call. Counted, not logged one by one: a
+    flood of them must not flood the log too."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    log_each = False
+
+
+class Aborted(EdgeAgentError):
+    """The call was superseded (a device's newer long-poll replaces its older one)."""
+
+    code = grpc.StatusCode.ABORTED
+    log_each = False
 
 
 class DeadlineExceeded(EdgeAgentError):

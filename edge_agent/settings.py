@@ -70,6 +70,13 @@ class Settings:
     # BYTES elements are also bounded at 2^20 per request.
     max_elements_per_tensor: int = 1 << 24
     max_elements_per_request: int = 1 << 25
+    # Connection hygiene, per listener (api/connections.py): connections in total (lowered to
+    # fit the file descriptor limit), per peer address, the idle timeout (no call outstanding),
+    # and how soon a new connection must make its first call.
+    max_connections: int = 4096
+    max_connections_per_peer: int = 256
+    connection_idle_seconds: float = 300.0
+    first_request_seconds: float = 10.0
 
     # TLS on the inference and control listeners (both cert and key; a client CA makes it
     # mTLS: clients without a certificate from that CA are refused in the handshake). Reloaded
@@ -109,6 +116,9 @@ class Settings:
     control_plane_ca: Path | None = None  # TLS to the control plane, verified with this CA
     sync_interval: float = 30.0
     sync_bandwidth_limit: int = 0  # bytes per second for blob downloads, 0 = unlimited
+    # The largest release (one variant's files) this device downloads; a bigger one is refused
+    # before any download (reason "size").
+    sync_max_release_bytes: int = 8 << 30
     # Which variant of a release to install, by the execution provider the agent will run: the
     # first one the release has, else its default (fp32).
     variant_preference_cuda: tuple[str, ...] = ("fp16", "fp32")
@@ -226,6 +236,9 @@ def _check(settings: Settings) -> None:
         "max_concurrent_rpcs",
         "max_elements_per_tensor",
         "max_elements_per_request",
+        "max_connections",
+        "max_connections_per_peer",
+        "sync_max_release_bytes",
     ):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
@@ -271,6 +284,9 @@ def _check(settings: Settings) -> None:
                 raise ConfigError(f"trusted_keys: {key_file} is not a file")
         if settings.device_token_file is not None and not settings.device_token_file.is_file():
             raise ConfigError(f"device_token_file: {settings.device_token_file} is not a file")
+    for key in ("connection_idle_seconds", "first_request_seconds"):
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{key}: must be positive")
     if settings.sync_interval <= 0:
         raise ConfigError("sync_interval: must be positive")
     if settings.sync_bandwidth_limit < 0:

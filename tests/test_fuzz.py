@@ -78,3 +78,42 @@ def test_element_limits(start_daemon: Callable[..., Daemon]) -> None:
                     client.infer("digits", [tensor])
                 assert "StatusCode.INVALID_ARGUMENT" in str(refused.value.status())
                 assert "max_elements_per_tensor" in str(refused.value.message())
+
+
+def test_fuzzed_fleet_calls_get_documented_codes_only(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    """Every FleetService RPC, random messages with every kind of credentials and random bytes:
+    documented codes only, the control plane stays up."""
+    from test_sync import Fleet
+
+    fleet = Fleet(tmp_path, start_daemon, "--device-rate", "100000", "--publisher-rate", "100000")
+    token = fleet.add_device("fuzz-device")
+    fleet.publish(fleet.mlp(1), 1)  # so that manifests and blobs exist to be asked for
+    examples = os.environ.get("FUZZ_EXAMPLES", "150")
+    fuzz_seed = os.environ.get("FUZZ_SEED", "1234")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "fuzz_fleet.py"),
+            fleet.address,
+            examples,
+            fuzz_seed,
+            fleet.token_file.read_text().strip(),
+            "fuzz-device",
+            token.read_text().strip(),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    internal = [e for e in fleet.cp.named("request.failed") if e.get("code") == "INTERNAL"]
+    assert result["bad"] == [], (result, internal[:3])
+    assert result["calls"] >= 9 * int(examples)
+    assert result["codes"].get("OK", 0) > 0 and result["codes"].get("INVALID_ARGUMENT", 0) > 0
+    assert fleet.cp.proc.poll() is None  # still up
+    assert not [e for e in fleet.cp.named("request.failed") if e.get("code") == "INTERNAL"]
+    assert fleet.status().devices  # and still answering

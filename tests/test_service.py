@@ -220,12 +220,14 @@ def test_sighup_picks_up_a_new_model(tmp_path: Path, start_daemon: Callable[...,
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
-def test_the_unit_file_verifies() -> None:
+@pytest.mark.parametrize("unit", ["edge-agent.service", "edge-agent-control-plane.service"])
+def test_the_unit_files_verify(unit: str) -> None:
     done = subprocess.run(
-        ["systemd-analyze", "verify", str(ROOT / "systemd" / "edge-agent.service")],
+        ["systemd-analyze", "verify", str(ROOT / "systemd" / unit)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert "edge-agent.service" not in done.stderr, done.stderr  # no warnings about our unit
+    assert unit not in done.stderr, done.stderr  # no warnings about our unit
+    assert "LimitNOFILE=65536" in (ROOT / "systemd" / unit).read_text()

@@ -188,6 +188,7 @@ class Fleet:
         *extra: str,
         token: Path | None = None,
         preexec: Callable[[], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> Daemon:
         repo = self.tmp / f"repo-{device}"
         state = self.tmp / f"state-{device}"
@@ -212,6 +213,7 @@ class Fleet:
             "2",
             *extra,
             preexec=preexec,
+            env=env,
         ).wait_started()
 
     def wait_report(self, device: str, version: int, state: str) -> pb.ModelReport:
@@ -345,6 +347,9 @@ def test_bad_releases_are_rejected_and_the_serving_version_stays(fleet: Fleet) -
     newest.write_bytes(bytes(data))
     fleet.steer("target", "--version", "6")
     rejected(6, "digest")
+    # Refused for good: nothing of it stays in the device's sync store.
+    store = fleet.tmp / "state-edge-1" / "sync"
+    assert not any((store / "blobs").iterdir()) and not any((store / "partial").iterdir())
 
     # The graph of this release with weights of another: names, dtypes and shapes must match.
     def swap_weights(directory: Path) -> None:

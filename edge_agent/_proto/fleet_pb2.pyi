@@ -246,8 +246,14 @@ class BlobChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class FleetStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token", "rollout_id")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    rollout_id: int
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., rollout_id: _Optional[int] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
     __slots__ = ("device_id", "group", "last_seen", "last_error", "models", "desired")
@@ -266,9 +272,11 @@ class DeviceStatus(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ..., last_seen: _Optional[float] = ..., last_error: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[ModelTarget, _Mapping]]] = ...) -> None: ...
 
 class FleetStatusResponse(_message.Message):
-    __slots__ = ("devices", "rollouts")
+    __slots__ = ("devices", "rollouts", "next_page_token")
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceStatus]
     rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
-    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -3,94 +3,82 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent.api.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    NotingServer,
+    server_options,
+)
 from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
-from edge_agent.api.servicer import InferenceServicer, Malformed
+from edge_agent.api.servicer import InferenceServicer
+from edge_agent.api.wire import add_service, method_handlers
 from edge_agent.errors import ConfigError
-from edge_agent.settings import parse_address
+from edge_agent.settings import Settings, parse_address
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-def _lenient(message_class: Any) -> Callable[[bytes], Any]:
-    """A deserializer that never raises: gRPC would answer a parse error with UNKNOWN and log a
-    traceback; the handler turns `Malformed` into INVALID_ARGUMENT instead."""
-
-    def parse(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            return Malformed(f"malformed {message_class.DESCRIPTOR.name}: {exc}")
-
-    return parse
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(
+        max_connections=settings.max_connections,
+        max_connections_per_peer=settings.max_connections_per_peer,
+        idle_seconds=settings.connection_idle_seconds,
+        first_request_seconds=settings.first_request_seconds,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
 
 
 def add_inference_service(
-    server: grpc.aio.Server, servicer: InferenceServicer, deny_control: bool = False
+    server: grpc.aio.Server | NotingServer,
+    servicer: InferenceServicer,
+    deny_control: bool = False,
 ) -> None:
     """What the generated add_..._to_server does, with lenient deserializers. `deny_control`:
     the control RPCs answer PERMISSION_DENIED here (decided once, at registration: nothing is
     added to the path of an inference call)."""
-    handlers = {}
-    for method in SERVICE.methods:
-        if deny_control and f"/{SERVICE.full_name}/{method.name}" in CONTROL_METHODS:
-            handlers[method.name] = control_elsewhere()
-            continue
-        request, response = (
-            getattr(pb, method.input_type.name),
-            getattr(pb, method.output_type.name),
-        )
-        kind = (
-            grpc.stream_stream_rpc_method_handler
-            if method.client_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = kind(
-            getattr(servicer, method.name),
-            request_deserializer=_lenient(request),
-            response_serializer=response.SerializeToString,
-        )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+    handlers = method_handlers(SERVICE, pb, servicer)
+    if deny_control:
+        for name in handlers:
+            if f"/{SERVICE.full_name}/{name}" in CONTROL_METHODS:
+                handlers[name] = control_elsewhere()
+    add_service(server, SERVICE, handlers)
 
 
 def build_server(
     servicer: InferenceServicer,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
-    max_concurrent_rpcs: int,
+    limits: ConnectionLimits,
+    guard: ConnectionGuard,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     deny_control: bool = False,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
         interceptors=list(interceptors),
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            # gRPC sets SO_REUSEPORT by default: a second agent would silently share the port.
-            ("grpc.so_reuseport", 0),
+            *server_options(limits),
         ],
     )
-    add_inference_service(server, servicer, deny_control)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    noting = NotingServer(server, guard)  # every handler tells the guard a call came
+    add_inference_service(noting, servicer, deny_control)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, noting)
+    names = (
+        SERVICE.full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer(names), noting
     )
     return server
 

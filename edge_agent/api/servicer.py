@@ -17,6 +17,7 @@ from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
 from edge_agent.api.infer import batch_rows, decode_request, encode_response, request_parameters
 from edge_agent.api.statistics import fill_statistics
 from edge_agent.api.status import to_status
+from edge_agent.api.wire import Malformed
 from edge_agent.errors import (
     DeadlineExceeded,
     EdgeAgentError,
@@ -36,13 +37,6 @@ from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
 ACTIVE_PROVIDER_PARAMETER = "edge_agent.active_provider"
 VARIANT_PARAMETER = "edge_agent.variant"
-
-
-class Malformed:
-    """Stands in for a request whose bytes did not parse (see api/server.py)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
 
 
 Req = TypeVar("Req")

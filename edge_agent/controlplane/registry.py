@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,9 @@ ACTIVE, PAUSED, ROLLED_BACK = "active", "paused", "rolled_back"
 SUPERSEDED = "superseded"
 FAILED = "failed"
 PENDING = "pending"  # a device of a rollout that has reported nothing about its version yet
+# Report history kept per device and model (prune): the newest rows, none older than the days.
+HISTORY_ROWS = 100
+HISTORY_DAYS = 30
 INSTALLED_STATES = ("installed", "serving")
 
 SCHEMA = """
@@ -61,6 +65,7 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE TABLE IF NOT EXISTS install_failures (
     device_id TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL, error TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (device_id, model, version));
+CREATE INDEX IF NOT EXISTS release_blobs_by_digest ON release_blobs (digest);
 CREATE TABLE IF NOT EXISTS history (
     device_id TEXT NOT NULL, model TEXT NOT NULL, at REAL NOT NULL, target_version INTEGER,
     serving_version INTEGER, state TEXT NOT NULL, error TEXT NOT NULL);
@@ -144,7 +149,10 @@ class Registry(Protocol):
     def desired(self, device_id: str) -> dict[str, int]: ...
     def record(self, device_id: str, reports: Iterable[Report], now: float) -> list[Report]: ...
     def auto_pause(self, max_failure_share: float) -> list[Rollout]: ...
-    def devices(self) -> list[Device]: ...
+    def devices(self, after: str = "", limit: int | None = None) -> list[Device]: ...
+    def may_fetch_release(self, device_id: str, model: str, version: int) -> bool: ...
+    def may_fetch_blob(self, device_id: str, digest: str) -> bool: ...
+    def prune(self, now: float) -> int: ...
 
 
 def revision(desired: Mapping[str, int]) -> str:
@@ -161,7 +169,10 @@ def canary_cohort(model: str, version: int, devices: list[str], percent: float) 
 
 class SqliteRegistry:
     def __init__(self, path: Path) -> None:
-        # One connection used from the event loop only; every call is short.
+        # One connection, used by one thread at a time (the control plane's registry thread).
+        # Created 0600: it holds token hashes and the fleet's layout.
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -522,11 +533,68 @@ class SqliteRegistry:
             )
         return changed
 
-    def devices(self) -> list[Device]:
+    # -- what a device may read ------------------------------------------------------------------
+
+    # A rollout reaches a device: the fleet, its group, or its canary cohort. Rolled back and
+    # paused ones count too: a device may read what was sent to it.
+    _REACHES = (
+        "(r.scope = 'fleet' OR (r.scope = 'group' AND r.grp = ?) OR (r.scope = 'canary' AND "
+        "EXISTS (SELECT 1 FROM cohorts c WHERE c.rollout_id = r.id AND c.device_id = ?)))"
+    )
+
+    def may_fetch_release(self, device_id: str, model: str, version: int) -> bool:
+        group = self._groups().get(device_id)
+        if group is None:
+            return False
+        row = self._db.execute(
+            f"SELECT 1 FROM rollouts r WHERE r.model = ? AND r.version = ? AND {self._REACHES} "
+            "LIMIT 1",
+            (model, version, group, device_id),
+        ).fetchone()
+        return row is not None
+
+    def may_fetch_blob(self, device_id: str, digest: str) -> bool:
+        group = self._groups().get(device_id)
+        if group is None:
+            return False
+        row = self._db.execute(
+            "SELECT 1 FROM release_blobs b JOIN rollouts r ON r.model = b.model AND "
+            f"r.version = b.version WHERE b.digest = ? AND {self._REACHES} LIMIT 1",
+            (digest, group, device_id),
+        ).fetchone()
+        return row is not None
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def prune(self, now: float) -> int:
+        """Bound what devices' reports leave behind: history older than HISTORY_DAYS or beyond
+        the newest HISTORY_ROWS per device and model, failures older than HISTORY_DAYS, reports
+        of devices no longer enrolled. Returns the rows removed."""
+        cutoff = now - HISTORY_DAYS * 86400
+        removed = 0
+        with self._db:
+            self._db.execute("BEGIN")
+            for sql, args in (
+                ("DELETE FROM history WHERE at < ?", (cutoff,)),
+                (
+                    "DELETE FROM history WHERE rowid IN (SELECT rowid FROM (SELECT rowid, "
+                    "ROW_NUMBER() OVER (PARTITION BY device_id, model ORDER BY at DESC) AS n "
+                    "FROM history) WHERE n > ?)",
+                    (HISTORY_ROWS,),
+                ),
+                ("DELETE FROM install_failures WHERE at < ?", (cutoff,)),
+                ("DELETE FROM reports WHERE device_id NOT IN (SELECT device_id FROM devices)", ()),
+            ):
+                removed += self._db.execute(sql, args).rowcount
+        return removed
+
+    def devices(self, after: str = "", limit: int | None = None) -> list[Device]:
+        """Devices in id order, those after `after`, at most `limit` (a page)."""
         out = []
-        for device_id, group, last_seen, last_error in self._db.execute(
-            "SELECT device_id, grp, last_seen, last_error FROM devices ORDER BY device_id"
-        ).fetchall():
+        sql = "SELECT device_id, grp, last_seen, last_error FROM devices WHERE device_id > ? "
+        sql += "ORDER BY device_id" + (" LIMIT ?" if limit is not None else "")
+        args: tuple[object, ...] = (after, limit) if limit is not None else (after,)
+        for device_id, group, last_seen, last_error in self._db.execute(sql, args).fetchall():
             reports = tuple(
                 Report(*row)
                 for row in self._db.execute(

@@ -1,6 +1,6 @@
 """`edge-agent control-plane serve`: the composition root of the control plane.
 
-DATA_DIR/registry.sqlite (SQLite, WAL), DATA_DIR/blobs/ (content-addressed), and
+DATA_DIR (mode 0700)/registry.sqlite (SQLite, WAL), DATA_DIR/blobs/ (content-addressed), and
 DATA_DIR/publisher.token (created on first start, mode 0600). SIGTERM/SIGINT stop it: listeners
 close, in-flight calls get the grace, long-polls answer.
 """
@@ -11,21 +11,44 @@ import asyncio
 import dataclasses
 import os
 import signal
+import stat
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.api.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    NotingServer,
+    fit_to_fd_limit,
+    server_options,
+)
+from edge_agent.api.wire import add_service, method_handlers
 from edge_agent.controlplane.blobs import FileBlobStore
 from edge_agent.controlplane.registry import SqliteRegistry
-from edge_agent.controlplane.service import FleetServicer, read_or_create_publisher_token
+from edge_agent.controlplane.service import (
+    MAX_REQUEST_BYTES,
+    FleetServicer,
+    ServiceLimits,
+    read_or_create_publisher_token,
+)
 from edge_agent.errors import ConfigError
 from edge_agent.fleet import auth
 from edge_agent.fleet.release import CHUNK_SIZE
 from edge_agent.observability.logging import get_logger
+from edge_agent.observability.metrics import ConnectionCollector
+from edge_agent.settings import parse_address
 
 log = get_logger(__name__)
 REGISTRY_FILE = "registry.sqlite"
+FLEET_SERVICE = pb.DESCRIPTOR.services_by_name["FleetService"]
+# The largest message the control plane reads: one upload chunk (1 MiB of data) or a release
+# registration, with room to spare. A device's poll is far smaller; a flood of reports is cut
+# here, before it is parsed.
+MAX_RECEIVE_BYTES = 2 * CHUNK_SIZE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +62,23 @@ class ControlPlaneSettings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Publisher public keys: RegisterRelease refuses a release no key of these signed.
+    trusted_keys: tuple[Path, ...] = ()
+    metrics_address: str = ""  # HOST:PORT for Prometheus /metrics; "" = none
+    # Devices poll with a call outstanding almost all the time, so a short idle timeout costs
+    # them nothing and frees what idle clients hold.
+    connections: ConnectionLimits = dataclasses.field(
+        default_factory=lambda: ConnectionLimits(idle_seconds=120.0)
+    )
+    service: ServiceLimits = dataclasses.field(default_factory=ServiceLimits)
 
 
 def open_registry(data_dir: Path) -> SqliteRegistry:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """The registry in `data_dir`, which is made (or narrowed to) mode 0700: it holds the
+    publisher token and the registry."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if stat.S_IMODE(data_dir.stat().st_mode) & 0o077:
+        os.chmod(data_dir, 0o700)
     return SqliteRegistry(data_dir / REGISTRY_FILE)
 
 
@@ -70,53 +106,143 @@ def add_device(data_dir: Path, device_id: str, group: str, token_file: Path) -> 
         registry.close()
 
 
+class ServiceCollector:
+    """edge_agent_controlplane_* from the service's stats, read at scrape."""
+
+    def __init__(self, servicer: FleetServicer) -> None:
+        self._servicer = servicer
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._servicer.stats
+        ignored = CounterMetricFamily(
+            "edge_agent_controlplane_reports_ignored",
+            "Device reports ignored: not about a model of the device's desired state",
+        )
+        ignored.add_metric([], stats.reports_ignored)
+        yield ignored
+        limited = CounterMetricFamily(
+            "edge_agent_controlplane_rate_limited",
+            "Calls refused with RESOURCE_EXHAUSTED by a caller's rate limit",
+            labels=["role"],
+        )
+        for role, count in sorted(stats.rate_limited.items()):
+            limited.add_metric([role], count)
+        yield limited
+        replaced = CounterMetricFamily(
+            "edge_agent_controlplane_polls_replaced",
+            "Long-polls ended because the same device started a newer one",
+        )
+        replaced.add_metric([], stats.polls_replaced)
+        yield replaced
+        refused = CounterMetricFamily(
+            "edge_agent_controlplane_fetch_refused",
+            "Manifest or blob reads refused: no rollout sent that release to the device",
+        )
+        refused.add_metric([], stats.fetch_refused)
+        yield refused
+        waiting = GaugeMetricFamily(
+            "edge_agent_controlplane_polls_waiting", "Long-polls held open now"
+        )
+        waiting.add_metric([], stats.polls_waiting)
+        yield waiting
+
+
 class ControlPlane:
     def __init__(self, settings: ControlPlaneSettings) -> None:
         self.settings = settings
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
-        data_dir = self.settings.data_dir
-        if not 0 <= self.settings.max_failure_share <= 1:
+        s = self.settings
+        if not 0 <= s.max_failure_share <= 1:
             raise ConfigError("max_failure_share must lie in [0, 1] (1: never pause)")
-        registry = open_registry(data_dir)
-        token = read_or_create_publisher_token(data_dir)
+        for key in s.trusted_keys:
+            if not key.is_file():
+                raise ConfigError(f"--trusted-key {key}: not a file")
+        os.umask(0o077)  # everything the control plane writes is its own
+        registry = open_registry(s.data_dir)
+        token = read_or_create_publisher_token(s.data_dir)
+        limits = fit_to_fd_limit(s.connections, listeners=1)
+        guard = ConnectionGuard()
         servicer = FleetServicer(
-            registry, FileBlobStore(data_dir / "blobs"), token, self.settings.max_failure_share
+            registry,
+            FileBlobStore(s.data_dir / "blobs"),
+            token,
+            s.max_failure_share,
+            s.service,
+            s.trusted_keys,
         )
         server = grpc.aio.server(
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
             options=[
-                ("grpc.max_receive_message_length", 4 * CHUNK_SIZE),
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ]
+                *server_options(limits),
+            ],
         )
-        pb_grpc.add_FleetServiceServicer_to_server(servicer, server)
+        handlers = method_handlers(FLEET_SERVICE, pb, servicer, MAX_REQUEST_BYTES)
+        add_service(NotingServer(server, guard), FLEET_SERVICE, handlers)
         try:
             credentials = self._credentials()
             if credentials is not None:
-                port = server.add_secure_port(self.settings.address, credentials)
+                port = server.add_secure_port(s.address, credentials)
             else:
-                port = server.add_insecure_port(self.settings.address)
+                port = server.add_insecure_port(s.address)
         except (RuntimeError, OSError) as exc:
-            raise ConfigError(f"cannot bind {self.settings.address}: {exc}") from exc
+            raise ConfigError(f"cannot bind {s.address}: {exc}") from exc
+        metrics = self._metrics(servicer, guard)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         await server.start()
-        host = self.settings.address.rpartition(":")[0]
+        guard.watch(port, limits)
+        guard.start()
+        pruning = asyncio.create_task(servicer.prune_forever(), name="prune")
+        host = s.address.rpartition(":")[0]
+        if not s.trusted_keys:
+            log.warning(
+                "controlplane.releases_unverified",
+                hint="without --trusted-key, RegisterRelease stores releases it cannot check "
+                "(devices still verify them)",
+            )
         log.info(
             "controlplane.started",
             address=f"{host}:{port}",
             port=port,
-            data_dir=str(data_dir),
+            data_dir=str(s.data_dir),
+            max_connections=limits.max_connections,
+            metrics_port=metrics.server_address[1] if metrics is not None else None,
             pid=os.getpid(),
         )
         try:
             await self._stop.wait()
         finally:
-            await server.stop(self.settings.shutdown_grace_seconds)
+            pruning.cancel()
+            await server.stop(s.shutdown_grace_seconds)
+            guard.stop()
+            servicer.close()
             registry.close()
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
             log.info("controlplane.stopped")
+
+    def _metrics(self, servicer: FleetServicer, guard: ConnectionGuard) -> Any:
+        if not self.settings.metrics_address:
+            return None
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        host, port = parse_address(self.settings.metrics_address, "--metrics-address")
+        registry = CollectorRegistry()
+        registry.register(ServiceCollector(servicer))
+        registry.register(ConnectionCollector(guard.stats, "edge_agent_controlplane"))
+        try:
+            server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-address {self.settings.metrics_address}: {exc}") from exc
+        return server
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings

@@ -1,19 +1,30 @@
-"""The fleet service (protos/edge_agent/_proto/fleet.proto) over a Registry and a BlobStore."""
+"""The fleet service (protos/edge_agent/_proto/fleet.proto) over a Registry and a BlobStore.
+
+Every registry call runs on the registry's own thread (`_db`), never on the event loop: a slow
+query or a big write delays that caller only. Every caller is bounded: a token bucket per device
+and one for the publisher (RESOURCE_EXHAUSTED beyond it), one live long-poll per device (a newer
+one replaces the older, which answers ABORTED), reports only about the models in the device's
+desired state (the rest are ignored and counted), blob uploads capped in size and time, a device
+reads only releases a rollout sent it, FleetStatus in pages.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.api.connections import ConnectionGuard
 from edge_agent.api.status import to_status
+from edge_agent.api.wire import Malformed
 from edge_agent.controlplane.blobs import BlobStore
 from edge_agent.controlplane.registry import (
     CANARY,
@@ -27,14 +38,16 @@ from edge_agent.controlplane.registry import (
     revision,
 )
 from edge_agent.errors import (
+    Aborted,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ReleaseRejected,
+    ResourceExhausted,
     Unauthenticated,
 )
-from edge_agent.fleet import auth
-from edge_agent.fleet.release import CHUNK_SIZE, parse_release
+from edge_agent.fleet import auth, signing
+from edge_agent.fleet.release import CHUNK_SIZE, MAX_VERSION, Release, check_fresh, parse_release
 from edge_agent.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -47,7 +60,98 @@ ACTIONS = {
     pb.ControlRolloutRequest.RESUME: "resume",
     pb.ControlRolloutRequest.ROLLBACK: "rollback",
 }
+REPORT_STATES = frozenset({"downloading", "installed", "serving", "retrying", "failed"})
+MAX_REPORTS = 256  # per poll
+# The largest request each method reads, checked before it is parsed (api/wire.py); beyond it
+# the call answers INVALID_ARGUMENT. A poll carries at most MAX_REPORTS short reports.
+MAX_REQUEST_BYTES = {
+    "WatchDesiredState": 512 << 10,
+    "MissingBlobs": 1 << 20,
+    "UploadBlob": CHUNK_SIZE + (4 << 10),
+    "RegisterRelease": 2 << 20,
+    "SetTarget": 4 << 10,
+    "ControlRollout": 4 << 10,
+    "FleetStatus": 4 << 10,
+    "GetManifest": 4 << 10,
+    "GetBlob": 4 << 10,
+}
+MAX_ERROR_CHARS = 1000
+DEFAULT_PAGE, MAX_PAGE = 500, 1000
+IGNORED_LOG_INTERVAL_S = 60.0  # per device: one log line for ignored reports, then counts only
 R = TypeVar("R")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceLimits:
+    """What one caller may cost the control plane."""
+
+    device_rate: float = 20.0  # calls per second per device (a download is one call per blob)
+    device_burst: int = 200
+    publisher_rate: float = 100.0  # scripts polling FleetStatus included
+    publisher_burst: int = 1000
+    max_blob_bytes: int = 8 << 30
+    upload_seconds: float = 3600.0  # one whole blob upload
+    upload_idle_seconds: float = 60.0  # between two messages of an upload
+
+
+@dataclasses.dataclass
+class ServiceStats:
+    """Read by the metrics collector (controlplane/server.py)."""
+
+    reports_ignored: int = 0
+    rate_limited: dict[str, int] = dataclasses.field(default_factory=dict)  # role -> count
+    polls_replaced: int = 0
+    polls_waiting: int = 0
+    fetch_refused: int = 0
+
+
+class TokenBucket:
+    """`rate` calls a second on average, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate, self._burst = rate, float(burst)
+        self._tokens, self._at = float(burst), now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def accept_reports(
+    reports: Sequence[pb.ModelReport], desired: Mapping[str, int]
+) -> tuple[list[Report], int]:
+    """The reports worth keeping: one per model of the device's desired state, in a known state,
+    with the error and variant cut to size; and how many others were ignored. Only the first
+    MAX_REPORTS are looked at (a device with more models than that does not exist)."""
+    kept: dict[str, Report] = {}
+    ignored = max(0, len(reports) - MAX_REPORTS)
+    for r in reports[:MAX_REPORTS]:
+        if r.model not in desired or r.model in kept or r.state not in REPORT_STATES:
+            ignored += 1
+            continue
+        if max(r.installed_version, r.serving_version, r.target_version) > MAX_VERSION:
+            ignored += 1
+            continue
+        kept[r.model] = Report(
+            r.model,
+            r.installed_version,
+            r.serving_version,
+            r.target_version,
+            r.state,
+            r.error[:MAX_ERROR_CHARS],
+            r.variant[:40],
+        )
+    return list(kept.values()), ignored
+
+
+def check_version(version: int) -> int:
+    if not 1 <= version <= MAX_VERSION:
+        raise InvalidArgument(f"version {version} is not in 1..2^63-1")
+    return version
 
 
 def _unary(
@@ -56,6 +160,8 @@ def _unary(
     @functools.wraps(method)
     async def wrapper(self: FleetServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.reason)
             return await method(self, request, context)
         except Exception as exc:
             code, message = to_status(exc, rpc=method.__name__)
@@ -65,7 +171,7 @@ def _unary(
     return wrapper
 
 
-def rollout_message(rollout: Rollout) -> pb.RolloutStatus:
+def rollout_message(rollout: Rollout, with_devices: bool = True) -> pb.RolloutStatus:
     return pb.RolloutStatus(
         id=rollout.id,
         model=rollout.model,
@@ -75,7 +181,7 @@ def rollout_message(rollout: Rollout) -> pb.RolloutStatus:
         canary_percent=rollout.canary_percent,
         state=rollout.state,
         reason=rollout.reason,
-        devices=list(rollout.devices),
+        devices=list(rollout.devices) if with_devices else [],
         failed=rollout.failed,
         device_count=len(rollout.devices),
         device_states=dict(rollout.device_states),
@@ -103,38 +209,77 @@ class FleetServicer:
         blobs: BlobStore,
         publisher_token: str,
         max_failure_share: float,
+        limits: ServiceLimits | None = None,
+        trusted_keys: Iterable[Path] = (),
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self._registry = registry
         self._blobs = blobs
         self._publisher_token = publisher_token
         self._max_failure_share = max_failure_share
+        self._limits = limits or ServiceLimits()
+        self._trusted_keys = list(trusted_keys)
         self._changed = asyncio.Event()  # replaced after each change; long-polls wait on it
+        # SQLite: one connection, one thread. Every registry call goes through _db.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+        self._buckets: dict[str, TokenBucket] = {}
+        self._polls: dict[str, asyncio.Event] = {}  # device -> its live long-poll's "replaced"
+        self._ignored_logged: dict[str, float] = {}
+        self.stats = ServiceStats()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _db(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _limit(self, key: str, role: str) -> None:
+        """Raise ResourceExhausted when `key` (an authenticated caller) is over its rate."""
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            rate, burst = (
+                (self._limits.publisher_rate, self._limits.publisher_burst)
+                if role == "publisher"
+                else (self._limits.device_rate, self._limits.device_burst)
+            )
+            bucket = self._buckets[key] = TokenBucket(rate, burst, now)
+        if not bucket.take(now):
+            self.stats.rate_limited[role] = self.stats.rate_limited.get(role, 0) + 1
+            raise ResourceExhausted(f"too many calls from this {role}; slow down and retry")
+
     # -- credentials ----------------------------------------------------------------------------
 
-    def _device_of(self, token: str, device_id: str) -> str | None:
-        stored = self._registry.token_hash(device_id) if device_id else None
+    async def _device_of(self, token: str, device_id: str) -> str | None:
+        if not token or not device_id or len(device_id) > 128:
+            return None
+        stored = await self._db(self._registry.token_hash, device_id)
         if stored is not None and auth.same(auth.token_hash(token), stored):
             return device_id
         return None
 
-    def _publisher(self, context: grpc.aio.ServicerContext) -> None:
+    async def _publisher(self, context: grpc.aio.ServicerContext) -> None:
         token, _ = auth.bearer(context.invocation_metadata())
         if token and auth.same(token, self._publisher_token):
+            self._limit("publisher", "publisher")
             return
         # A device token, with or without its x-device-id: the caller is known, the role wrong.
-        if token and self._registry.device_with_token(auth.token_hash(token)) is not None:
+        holder = None
+        if token:
+            holder = await self._db(self._registry.device_with_token, auth.token_hash(token))
+        if holder is not None:
             raise PermissionDenied("this call needs the publisher token, not a device token")
         raise Unauthenticated("missing or unknown publisher token")
 
-    def _device(self, context: grpc.aio.ServicerContext) -> str:
+    async def _device(self, context: grpc.aio.ServicerContext) -> str:
         token, device_id = auth.bearer(context.invocation_metadata())
-        device = self._device_of(token, device_id)
+        device = await self._device_of(token, device_id)
         if device is not None:
+            self._limit(f"device:{device}", "device")
             return device
         if token and auth.same(token, self._publisher_token):
             raise PermissionDenied("this call needs a device token (with x-device-id)")
@@ -146,13 +291,16 @@ class FleetServicer:
     async def MissingBlobs(
         self, request: pb.MissingBlobsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MissingBlobsResponse:
-        self._publisher(context)
-        missing = [
-            d
-            for d in request.digests
-            if self._registry.blob(d) is None or not self._blobs.exists(d)
-        ]
-        return pb.MissingBlobsResponse(missing=missing)
+        await self._publisher(context)
+
+        def missing() -> list[str]:
+            return [
+                d
+                for d in request.digests
+                if self._registry.blob(d) is None or not self._blobs.exists(d)
+            ]
+
+        return pb.MissingBlobsResponse(missing=await self._db(missing))
 
     @_unary
     async def UploadBlob(
@@ -160,35 +308,69 @@ class FleetServicer:
         request_iterator: AsyncIterator[pb.UploadBlobRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.UploadBlobResponse:
-        self._publisher(context)
+        await self._publisher(context)
         writer = None
         digest, size = "", 0
         try:
-            async for message in request_iterator:
-                if writer is None:
-                    digest, size = message.digest, message.size
-                    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-                        raise InvalidArgument(f"blob digest {digest!r} is not a sha256 hex")
-                    writer = self._blobs.writer(digest, size)
-                writer.write(message.data)
+            async with asyncio.timeout(self._limits.upload_seconds):
+                while True:
+                    try:  # a stalled upload holds a temporary file: bounded wait per message
+                        message = await asyncio.wait_for(
+                            anext(request_iterator), self._limits.upload_idle_seconds
+                        )
+                    except StopAsyncIteration:
+                        break
+                    if isinstance(message, Malformed):
+                        raise InvalidArgument(message.reason)
+                    if writer is None:
+                        digest, size = message.digest, message.size
+                        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                            raise InvalidArgument(f"blob digest {digest!r} is not a sha256 hex")
+                        if size > self._limits.max_blob_bytes:
+                            raise InvalidArgument(
+                                f"blob of {size} bytes is over this control plane's limit "
+                                f"{self._limits.max_blob_bytes} (--max-blob-bytes)"
+                            )
+                        writer = await asyncio.to_thread(self._blobs.writer, digest, size)
+                    await asyncio.to_thread(writer.write, message.data)
             if writer is None:
                 raise InvalidArgument("empty upload")
-            chunks = writer.commit()
+            chunks = await asyncio.to_thread(writer.commit)
             writer = None
+        except TimeoutError:
+            raise InvalidArgument(
+                f"upload of blob {digest} too slow: a message every "
+                f"{self._limits.upload_idle_seconds:g} s and the "
+                f"whole within {self._limits.upload_seconds:g} s"
+            ) from None
         finally:
             if writer is not None:
-                writer.abort()
-        self._registry.add_blob(BlobInfo(digest, size, CHUNK_SIZE, tuple(chunks)))
+                await asyncio.to_thread(writer.abort)
+        await self._db(self._registry.add_blob, BlobInfo(digest, size, CHUNK_SIZE, tuple(chunks)))
         log.info("blob.stored", digest=digest, size=size)
         return pb.UploadBlobResponse(digest=digest, size=size)
+
+    def _check_signatures(self, release: Release, request: pb.RegisterReleaseRequest) -> None:
+        """With --trusted-key: every variant's signature verifies against a publisher key and
+        covers exactly release.json and that variant's files."""
+        if not self._trusted_keys:
+            return
+        for name in release.variant_names():
+            signature = (
+                request.signature if name == release.variant else request.variant_signatures[name]
+            )
+            signed = signing.signed_files(signature, self._trusted_keys)
+            files = {f.path: f.sha256 for f in release.select(name).files}
+            signing.check_signed(signed, request.release_json, files)
 
     @_unary
     async def RegisterRelease(
         self, request: pb.RegisterReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterReleaseResponse:
-        self._publisher(context)
+        await self._publisher(context)
         try:
             release = parse_release(request.release_json)
+            check_fresh(release)
         except ReleaseRejected as exc:
             raise InvalidArgument(f"release.json: {exc}") from exc
         if not request.signature:
@@ -198,13 +380,22 @@ class FleetServicer:
             raise InvalidArgument(
                 f"variants {sorted(release.variants)} need one signature each; got {sorted(signed)}"
             )
-        for entry in release.all_files():
-            info = self._registry.blob(entry.sha256)
-            if info is None or not self._blobs.exists(entry.sha256):
-                raise InvalidArgument(f"blob {entry.sha256} ({entry.path}) was not uploaded")
-            if info.size != entry.size:
-                raise InvalidArgument(f"{entry.path}: size {entry.size} != stored {info.size}")
-        self._registry.add_release(
+        try:
+            await asyncio.to_thread(self._check_signatures, release, request)
+        except ReleaseRejected as exc:
+            raise InvalidArgument(f"refused: {exc}") from exc
+
+        def check_blobs() -> None:
+            for entry in release.all_files():
+                info = self._registry.blob(entry.sha256)
+                if info is None or not self._blobs.exists(entry.sha256):
+                    raise InvalidArgument(f"blob {entry.sha256} ({entry.path}) was not uploaded")
+                if info.size != entry.size:
+                    raise InvalidArgument(f"{entry.path}: size {entry.size} != stored {info.size}")
+
+        await self._db(check_blobs)
+        await self._db(
+            self._registry.add_release,
             release.model,
             release.version,
             request.release_json,
@@ -217,19 +408,25 @@ class FleetServicer:
             model=release.model,
             version=release.version,
             variants=release.variant_names(),
+            signature_checked=bool(self._trusted_keys),
         )
         response = pb.RegisterReleaseResponse(model=release.model, version=release.version)
         if request.activate:
             target = pb.SetTargetRequest()
             target.CopyFrom(request.target)
             target.model, target.version = release.model, release.version
-            response.rollout.CopyFrom(self._set_target(target))
+            response.rollout.CopyFrom(await self._set_target(target))
         return response
 
-    def _set_target(self, request: pb.SetTargetRequest) -> pb.RolloutStatus:
+    async def _set_target(self, request: pb.SetTargetRequest) -> pb.RolloutStatus:
         scope = SCOPES.get(request.scope, FLEET)
-        rollout = self._registry.set_target(
-            request.model, request.version, scope, request.group, request.canary_percent
+        rollout = await self._db(
+            self._registry.set_target,
+            request.model,
+            check_version(request.version),
+            scope,
+            request.group,
+            request.canary_percent,
         )
         log.info(  # counts only: a fleet of thousands would make one unreadable line
             "rollout.started",
@@ -247,18 +444,18 @@ class FleetServicer:
     async def SetTarget(
         self, request: pb.SetTargetRequest, context: grpc.aio.ServicerContext
     ) -> pb.RolloutStatus:
-        self._publisher(context)
-        return self._set_target(request)
+        await self._publisher(context)
+        return await self._set_target(request)
 
     @_unary
     async def ControlRollout(
         self, request: pb.ControlRolloutRequest, context: grpc.aio.ServicerContext
     ) -> pb.RolloutStatus:
-        self._publisher(context)
+        await self._publisher(context)
         action = ACTIONS.get(request.action)
         if action is None:
             raise InvalidArgument("action must be PAUSE, RESUME or ROLLBACK")
-        rollout = self._registry.control(request.model, action)
+        rollout = await self._db(self._registry.control, request.model, action)
         log.info(
             "rollout.changed", model=rollout.model, version=rollout.version, state=rollout.state
         )
@@ -269,45 +466,71 @@ class FleetServicer:
     async def FleetStatus(
         self, request: pb.FleetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.FleetStatusResponse:
-        self._publisher(context)
-        response = pb.FleetStatusResponse()
-        for device in self._registry.devices():
-            response.devices.append(
-                pb.DeviceStatus(
-                    device_id=device.device_id,
-                    group=device.group,
-                    last_seen=device.last_seen,
-                    last_error=device.last_error,
-                    models=[report_message(r) for r in device.reports],
-                    desired=[
-                        pb.ModelTarget(model=m, version=v)
-                        for m, v in sorted(self._registry.desired(device.device_id).items())
-                    ],
+        await self._publisher(context)
+        if request.rollout_id:
+            rollouts = await self._db(self._registry.rollouts)
+            found = [r for r in rollouts if r.id == request.rollout_id]
+            if not found:
+                raise NotFound(f"no rollout {request.rollout_id}")
+            return pb.FleetStatusResponse(rollouts=[rollout_message(found[0])])
+        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        if len(request.page_token) > 128:
+            raise InvalidArgument("page_token is not one this control plane gave")
+
+        def page() -> pb.FleetStatusResponse:
+            response = pb.FleetStatusResponse()
+            devices = self._registry.devices(request.page_token, size + 1)
+            for device in devices[:size]:
+                response.devices.append(
+                    pb.DeviceStatus(
+                        device_id=device.device_id,
+                        group=device.group,
+                        last_seen=device.last_seen,
+                        last_error=device.last_error,
+                        models=[report_message(r) for r in device.reports],
+                        desired=[
+                            pb.ModelTarget(model=m, version=v)
+                            for m, v in sorted(self._registry.desired(device.device_id).items())
+                        ],
+                    )
                 )
-            )
-        response.rollouts.extend(rollout_message(r) for r in self._registry.rollouts())
-        return response
+            if len(devices) > size:
+                response.next_page_token = devices[size - 1].device_id
+            if not request.page_token:
+                response.rollouts.extend(
+                    rollout_message(r, with_devices=False) for r in self._registry.rollouts()
+                )
+            return response
+
+        return await self._db(page)
 
     # -- devices --------------------------------------------------------------------------------
+
+    def _count_ignored(self, device: str, ignored: int) -> None:
+        self.stats.reports_ignored += ignored
+        now = time.monotonic()
+        if (
+            now - self._ignored_logged.get(device, -IGNORED_LOG_INTERVAL_S)
+            >= IGNORED_LOG_INTERVAL_S
+        ):
+            self._ignored_logged[device] = now
+            log.warning(
+                "device.reports_ignored",
+                device=device,
+                ignored=ignored,
+                why="not about a model of its desired state, repeated, or an unknown state",
+            )
 
     @_unary
     async def WatchDesiredState(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
     ) -> pb.DesiredState:
-        device = self._device(context)
-        reports = [
-            Report(
-                r.model,
-                r.installed_version,
-                r.serving_version,
-                r.target_version,
-                r.state[:40],
-                r.error[:1000],
-                r.variant[:40],
-            )
-            for r in request.reports
-        ]
-        news = self._registry.record(device, reports, time.time())
+        device = await self._device(context)
+        desired = await self._db(self._registry.desired, device)
+        reports, ignored = accept_reports(request.reports, desired)
+        if ignored:
+            self._count_ignored(device, ignored)
+        news = await self._db(self._registry.record, device, reports, time.time())
         for r in news:  # once per change: a device repeats its reports on every poll
             if r.error:
                 log.warning(
@@ -318,71 +541,130 @@ class FleetServicer:
                     error=r.error,
                 )
         failed = any(r.state == FAILED for r in news)
-        if failed and self._registry.auto_pause(self._max_failure_share):
+        paused = (
+            await self._db(self._registry.auto_pause, self._max_failure_share) if failed else []
+        )
+        if paused:
             log.warning("rollout.auto_paused")
             self._notify()
-        wait = min(request.wait_ms, MAX_WAIT_MS) / 1000
-        deadline = time.monotonic() + wait
-        while True:
-            desired = self._registry.desired(device)
-            current = revision(desired)
-            remaining = deadline - time.monotonic()
-            if current != request.known_revision or remaining <= 0:
-                break
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
-        self._registry.record(device, (), time.time())  # last seen
+        # One live long-poll per device: this one replaces an older one (which answers ABORTED).
+        older = self._polls.get(device)
+        if older is not None:
+            older.set()
+            self.stats.polls_replaced += 1
+        replaced = self._polls[device] = asyncio.Event()
+        self.stats.polls_waiting += 1
+        try:
+            current = await self._wait(device, request, replaced)
+        finally:
+            self.stats.polls_waiting -= 1
+            if self._polls.get(device) is replaced:
+                del self._polls[device]
         return pb.DesiredState(
-            revision=current,
-            models=[pb.ModelTarget(model=m, version=v) for m, v in sorted(desired.items())],
+            revision=revision(current),
+            models=[pb.ModelTarget(model=m, version=v) for m, v in sorted(current.items())],
         )
+
+    async def _wait(
+        self, device: str, request: pb.WatchRequest, replaced: asyncio.Event
+    ) -> dict[str, int]:
+        deadline = time.monotonic() + min(request.wait_ms, MAX_WAIT_MS) / 1000
+        while True:
+            desired = await self._db(self._registry.desired, device)
+            remaining = deadline - time.monotonic()
+            if revision(desired) != request.known_revision or remaining <= 0:
+                await self._db(self._registry.record, device, (), time.time())  # last seen
+                return desired
+            changed = self._changed
+            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(replaced.wait())]
+            try:
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if replaced.is_set():
+                raise Aborted("replaced by a newer long-poll of this device")
 
     @_unary
     async def GetManifest(
         self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
     ) -> pb.Manifest:
-        self._device(context)
-        found = self._registry.release(request.model, request.version)
-        if found is None:
-            raise NotFound(f"no release {request.model} v{request.version}")
-        manifest = pb.Manifest(
-            release_json=found.release_json,
-            signature=found.signature,
-            variant_signatures=found.variant_signatures,
-        )
-        for digest in found.digests:
-            info = self._registry.blob(digest)
-            if info is None:
-                raise NotFound(f"blob {digest} of {request.model} v{request.version} is missing")
-            manifest.blobs.append(
-                pb.BlobRef(
-                    digest=digest,
-                    size=info.size,
-                    chunk_size=info.chunk_size,
-                    chunk_digests=list(info.chunk_digests),
-                )
+        device = await self._device(context)
+        version = check_version(request.version)
+
+        def manifest() -> pb.Manifest:
+            # NOT_FOUND either way: a device learns nothing of releases not sent to it.
+            found = self._registry.release(request.model, version)
+            if found is None or not self._registry.may_fetch_release(
+                device, request.model, version
+            ):
+                self.stats.fetch_refused += found is not None
+                raise NotFound(f"no release {request.model} v{version} for this device")
+            answer = pb.Manifest(
+                release_json=found.release_json,
+                signature=found.signature,
+                variant_signatures=found.variant_signatures,
             )
-        return manifest
+            for digest in found.digests:
+                info = self._registry.blob(digest)
+                if info is None:
+                    raise NotFound(f"blob {digest} of {request.model} v{version} is missing")
+                answer.blobs.append(
+                    pb.BlobRef(
+                        digest=digest,
+                        size=info.size,
+                        chunk_size=info.chunk_size,
+                        chunk_digests=list(info.chunk_digests),
+                    )
+                )
+            return answer
+
+        return await self._db(manifest)
 
     async def GetBlob(
         self, request: pb.GetBlobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.BlobChunk]:
         try:
-            self._device(context)
-            if self._registry.blob(request.digest) is None or not self._blobs.exists(
-                request.digest
-            ):
-                raise NotFound(f"no blob {request.digest}")
-            f = self._blobs.open(request.digest)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.reason)
+            device = await self._device(context)
+
+            def open_blob() -> Any:
+                info = self._registry.blob(request.digest)
+                if info is None or not self._blobs.exists(request.digest):
+                    raise NotFound(f"no blob {request.digest} for this device")
+                if not self._registry.may_fetch_blob(device, request.digest):
+                    self.stats.fetch_refused += 1
+                    raise NotFound(f"no blob {request.digest} for this device")
+                if request.offset > info.size:
+                    raise InvalidArgument(f"offset {request.offset} is beyond the blob's end")
+                return self._blobs.open(request.digest)
+
+            f = await self._db(open_blob)
         except Exception as exc:
             code, message = to_status(exc, rpc="GetBlob")
             await context.abort(code, message)
             raise
         with f:
-            f.seek(request.offset)
+            await asyncio.to_thread(f.seek, request.offset)
             while data := await asyncio.to_thread(f.read, CHUNK_SIZE):
                 yield pb.BlobChunk(data=data)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    async def prune_forever(self, interval: float = 3600.0) -> None:
+        """Every `interval`, bound the report history (registry.prune); forget rate buckets and
+        log throttles of callers not seen for a while."""
+        while True:
+            try:
+                removed = await self._db(self._registry.prune, time.time())
+                if removed:
+                    log.info("registry.pruned", rows=removed)
+            except Exception:  # logged; the next round tries again
+                log.exception("registry.prune_failed")
+            self._buckets.clear()  # a full bucket is what a new one is: nothing is lost
+            self._ignored_logged.clear()
+            await asyncio.sleep(interval)
 
 
 def read_or_create_publisher_token(data_dir: Path) -> str:

@@ -34,8 +34,10 @@ from edge_agent.fleet.release import (
 
 EXIT_OK, EXIT_FAILED = 0, 1
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 4 * CHUNK_SIZE),
+    # What a device or a publisher reads: a blob chunk (1 MiB), a manifest, a status page. A
+    # hostile server cannot make it hold more than this per message.
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 2 * CHUNK_SIZE),
 ]
 
 
@@ -279,8 +281,7 @@ def fleet(args: argparse.Namespace) -> int:
     with open_channel(args.control_plane, channel_credentials(args.control_plane_ca)) as channel:
         stub = pb_grpc.FleetServiceStub(channel)
         if args.action == "status":
-            status = stub.FleetStatus(pb.FleetStatusRequest(), metadata=meta, timeout=30)
-            _show_status(status, args.rollout, args.json)
+            _show_status(fleet_status(stub, meta, args.rollout or 0), args.rollout, args.json)
             return EXIT_OK
         if args.action == "target":
             rollout = stub.SetTarget(_target(args), metadata=meta, timeout=30)
@@ -293,6 +294,21 @@ def fleet(args: argparse.Namespace) -> int:
     else:
         print(rollout_line(rollout))
     return EXIT_OK
+
+
+def fleet_status(
+    stub: pb_grpc.FleetServiceStub, meta: Sequence[tuple[str, str]], rollout_id: int = 0
+) -> pb.FleetStatusResponse:
+    """The whole fleet status, page after page (or one rollout with its devices)."""
+    whole = pb.FleetStatusResponse()
+    request = pb.FleetStatusRequest(rollout_id=rollout_id)
+    while True:
+        page = stub.FleetStatus(request, metadata=meta, timeout=60)
+        whole.devices.extend(page.devices)
+        whole.rollouts.extend(page.rollouts)
+        if not page.next_page_token:
+            return whole
+        request.page_token = page.next_page_token
 
 
 def _show_status(status: pb.FleetStatusResponse, rollout_id: int | None, as_json: bool) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from typing import Any
 import onnx
 from onnx import external_data_helper, numpy_helper
 
+from edge_agent.common.onnxgraph import nested_tensors
 from edge_agent.errors import ReleaseRejected
 
 FORMAT = 1
@@ -50,6 +52,8 @@ DEFAULT_VARIANT = "fp32"
 # Written by the agent into an installed version directory: the variant it holds.
 VARIANT_FILE = "variant"  # transfer unit: blobs stream in chunks of this size, each with its digest
 DEFAULT_LIFETIME_SECONDS = 365 * 24 * 3600
+MAX_VERSION = 2**63 - 1  # versions are stored as signed 64-bit integers
+MAX_RELEASE_JSON_BYTES = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -170,17 +174,21 @@ def _field(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> 
 
 def parse_release(raw: bytes) -> Release:
     """release.json bytes -> Release; every path and digest checked."""
+    if len(raw) > MAX_RELEASE_JSON_BYTES:
+        raise ReleaseRejected(
+            "format", f"release.json is {len(raw)} bytes, over {MAX_RELEASE_JSON_BYTES}"
+        )
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ReleaseRejected("format", f"release.json is not JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting: Recursion
+        raise ReleaseRejected("format", f"release.json is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ReleaseRejected("format", f"release.json: unsupported format {data!r:.80}")
     model = _field(data, "model", str)
     check_model_name(model)
     version = _field(data, "version", int)
-    if version < 1:
-        raise ReleaseRejected("format", f"release.json: version {version} is not positive")
+    if not 1 <= version <= MAX_VERSION:
+        raise ReleaseRejected("format", f"release.json: version {version} is not in 1..2^63-1")
     variants = {}
     extra = data.get("variants", {})
     if not isinstance(extra, dict):
@@ -193,13 +201,24 @@ def parse_release(raw: bytes) -> Release:
     return Release(
         model=model,
         version=version,
-        created=float(_field(data, "created", (int, float))),
-        expires=float(_field(data, "expires", (int, float))),
+        created=_time(data, "created"),
+        expires=_time(data, "expires"),
         graph_sha256=default.graph_sha256,
         files=default.files,
         tensors=default.tensors,
         variants=variants,
     )
+
+
+def _time(data: Mapping[str, Any], key: str) -> float:
+    value = _field(data, key, (int, float))
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ReleaseRejected("format", f"release.json: {key!r} is not a finite time")
+    return seconds
 
 
 def _parse_variant(data: Mapping[str, Any]) -> Variant:
@@ -214,7 +233,7 @@ def _parse_variant(data: Mapping[str, Any]) -> Variant:
         check_file_name(path)
         sha = _field(item, "sha256", str)
         size = _field(item, "size", int)
-        if not _DIGEST.match(sha) or size < 0:
+        if not _DIGEST.match(sha) or not 0 <= size <= MAX_VERSION:
             raise ReleaseRejected("format", f"release.json: file {path!r} has a bad digest or size")
         files.append(FileEntry(path, sha, size))
     paths = [f.path for f in files]
@@ -369,6 +388,13 @@ def check_graph_contract(release: Release, graph_path: Path) -> None:
     declared = {t.name: t for t in release.tensors}
     sizes = {f.path: f.size for f in release.files}
     seen: set[str] = set()
+    for tensor in nested_tensors(proto):  # a release externalizes graph initializers only
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise ReleaseRejected(
+                "contract",
+                f"tensor {tensor.name!r} keeps external data outside the graph's initializers "
+                "(a sparse initializer, a node attribute, a subgraph or a function)",
+            )
     for tensor in proto.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue

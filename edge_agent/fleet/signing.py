@@ -13,15 +13,17 @@ an existing, documented format lets anyone check a release with the stock `model
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_agent.errors import ReleaseRejected
+from edge_agent.fleet.release import RELEASE_JSON
 
 
 def generate_keypair(private_key: Path, public_key: Path) -> None:
@@ -53,6 +55,47 @@ def sign_directory(directory: Path, private_key: Path) -> bytes:
         )
         config.sign(directory, bundle)
         return bundle.read_bytes()
+
+
+def signed_files(signature: bytes, trusted_keys: Sequence[Path]) -> dict[str, str]:
+    """The file list a signature vouches for (path -> sha256), once the signature verifies
+    against a trusted key; no file is needed. This is what lets a device (and the control plane)
+    check a release before a byte of its blobs moves: release.json's digest must be in it, and
+    release.json's file table must match it (`check_signed`). Raises ReleaseRejected."""
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb
+
+    if not trusted_keys:
+        raise ReleaseRejected("signature", "no trusted keys configured")
+    errors = []
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle = Path(scratch) / "release.sig"
+        bundle.write_bytes(signature)
+        for key in trusted_keys:
+            try:
+                parsed = sign_sigstore_pb.Signature.read(bundle)
+                manifest = sign_ec_key.Verifier(Path(key)).verify(parsed)
+                files = {}
+                for item in manifest.resource_descriptors():
+                    if item.digest.algorithm != "sha256":
+                        raise ValueError(f"digest algorithm {item.digest.algorithm}")
+                    files[str(item.identifier)] = str(item.digest.digest_hex)
+                return files
+            except Exception as exc:  # model_signing raises ValueError and assorted others
+                errors.append(f"{Path(key).name}: {str(exc)[:200]}")
+    raise ReleaseRejected(
+        "signature", "signature not valid for any trusted key: " + "; ".join(errors)
+    )
+
+
+def check_signed(signed: Mapping[str, str], release_json: bytes, files: Mapping[str, str]) -> None:
+    """The signed file list covers exactly release.json (these bytes) and `files` (path ->
+    sha256: the variant's files as release.json lists them)."""
+    expected = {**files, RELEASE_JSON: hashlib.sha256(release_json).hexdigest()}
+    if dict(signed) != expected:
+        differ = sorted(set(signed.items()) ^ set(expected.items()))[:4]
+        raise ReleaseRejected(
+            "signature", f"the signature does not cover this release's files: {differ}"
+        )
 
 
 def verify_directory(directory: Path, signature: bytes, trusted_keys: Sequence[Path]) -> Path:

@@ -195,6 +195,35 @@ class SyncCollector:
         yield versions
 
 
+class ConnectionCollector:
+    """edge_agent_connections (open, per listener port) and edge_agent_connections_closed_total
+    (by reason: peer_cap, no_request) from api/connections.py's GuardStats."""
+
+    def __init__(self, stats: Any, prefix: str = "edge_agent") -> None:
+        self._stats = stats
+        self._prefix = prefix
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        open_now = GaugeMetricFamily(
+            f"{self._prefix}_connections",
+            "Established connections per listener port (at the guard's last scan)",
+            labels=["port"],
+        )
+        for port, count in sorted(dict(self._stats.open).items()):
+            open_now.add_metric([str(port)], count)
+        yield open_now
+        closed = CounterMetricFamily(
+            f"{self._prefix}_connections_closed",
+            "Connections the guard shut: over the per-peer cap, or no call in time",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(self._stats.closed).items()):
+            closed.add_metric([reason], count)
+        yield closed
+
+
 class MetricsServer:
     """The /metrics endpoint on its own thread (prometheus-client's HTTP server)."""
 

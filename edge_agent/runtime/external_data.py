@@ -1,34 +1,23 @@
 """Validation of ONNX external-data references before ONNX Runtime opens them.
 
-External-data `location`s are an attack surface (CVE-2024-27318 and later: `../`, absolute paths,
-symlinks, hardlinks). ONNX Runtime memory-maps what they name, so every reference must be a plain
-file name inside the version directory, naming a regular file with a single link, and its
-offset+length must lie inside that file. Anything else refuses the model.
+Every tensor counts (common/onnxgraph.py: sparse initializers, node attributes, subgraphs,
+functions), not only graph initializers. External-data `location`s are an attack surface
+(CVE-2024-27318 and later: `../`, absolute paths, symlinks, hardlinks). ONNX Runtime memory-maps
+what they name, so every reference must be a plain file name inside the version directory,
+naming a regular file with a single link, and its offset+length must lie inside that file.
+Anything else refuses the model.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
+from edge_agent.common.onnxgraph import model_tensors
 from edge_agent.errors import ModelLoadError
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_tensors(sub)
 
 
 def _check_name(location: str, tensor: str) -> None:
@@ -55,7 +44,7 @@ def validate_external_data(model_path: Path) -> list[str]:
         raise ModelLoadError(f"{model_path.name} is not a readable ONNX model: {exc}") from exc
     version_dir = model_path.parent
     referenced: list[str] = []
-    for tensor in _graph_tensors(model.graph):
+    for tensor in model_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entries = {e.key: e.value for e in tensor.external_data}

@@ -58,8 +58,10 @@ class BlobStore:
         return self.path(digest).is_file()
 
     def discard(self, digests: Iterable[str]) -> None:
+        """Remove these blobs, complete or partial."""
         for digest in digests:
             self.path(digest).unlink(missing_ok=True)
+            (self.partial / f"{digest}.part").unlink(missing_ok=True)
 
     def _good_prefix(self, part: Path, size: int, chunk_size: int, chunks: list[str]) -> int:
         """Length of the verified chunks at the start of `part`; truncates the rest."""

@@ -39,6 +39,7 @@ from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.client import channel_credentials, open_channel
 from edge_agent.fleet.release import (
+    CHUNK_SIZE,
     DEFAULT_VARIANT,
     RELEASE_JSON,
     VARIANT_FILE,
@@ -73,6 +74,7 @@ RETRYABLE_CODES = frozenset(
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
 STATE_FILE = "state.json"
+FREE_SPACE_RESERVE = 64 << 20  # bytes left free on the state dir's filesystem after a download
 
 
 @dataclasses.dataclass
@@ -309,11 +311,28 @@ class Syncer:
             )
         check_fresh(release)
         release, signature = self._choose_variant(release, manifest)
+        # Verified before a byte of the blobs moves: the signature vouches for release.json
+        # (these bytes) and for every file it lists; what arrives later is checked against it.
+        signed = signing.signed_files(signature, self._keys)
+        signing.check_signed(
+            signed, manifest.release_json, {f.path: f.sha256 for f in release.files}
+        )
+        if release.size > self._settings.sync_max_release_bytes:
+            raise ReleaseRejected(
+                "size",
+                f"{model} v{version} ({release.variant}) is {release.size} bytes, over "
+                f"sync_max_release_bytes {self._settings.sync_max_release_bytes}",
+            )
         self._report(model, version, "downloading")
-        sources, fetched = self._fetch_all(release, manifest.blobs)
+        try:
+            sources, fetched = self._fetch_all(release, manifest.blobs)
+        except ReleaseRejected as exc:  # a bad blob: nothing of this release is kept
+            if exc.reason not in TRANSIENT:
+                self._store.discard(f.sha256 for f in release.files)
+            raise
         staged = self._assemble(release, manifest.release_json, sources)
         try:
-            signing.verify_directory(staged, signature, self._keys)
+            # Every file against its signed digest, the exact file set, the graph contract.
             check_directory(release, staged)
             check_fresh(release)
             # Unsigned, written after the checks: which variant this version directory holds.
@@ -321,6 +340,9 @@ class Syncer:
             # The manager moves the files into the repository's staging (one copy when the state
             # dir is on another filesystem).
             self._on_loop(lambda: self._manager.install(model, version, staged))
+        except (ReleaseRejected, EdgeAgentError):  # refused for good: its blobs go at once
+            self._store.discard(f.sha256 for f in release.files)
+            raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         self._state.add(model, version)
@@ -392,6 +414,7 @@ class Syncer:
             with self._lock:
                 self.stats.bytes_total += count
 
+        missing: dict[str, pb.BlobRef] = {}
         for entry in release.files:
             if self._store.has(entry.sha256):
                 sources[entry.sha256] = self._store.path(entry.sha256)
@@ -403,6 +426,16 @@ class Syncer:
             ref = refs.get(entry.sha256)
             if ref is None or ref.size != entry.size:
                 raise ReleaseRejected("format", f"the manifest does not describe {entry.path}")
+            if ref.chunk_size != CHUNK_SIZE:  # a chunk is held in memory until its digest checks
+                raise ReleaseRejected(
+                    "format", f"blob {entry.sha256}: chunk size {ref.chunk_size}, not {CHUNK_SIZE}"
+                )
+            missing[entry.sha256] = ref
+        self._check_free_space(sum(r.size for r in missing.values()) + release.size)
+        for entry in release.files:
+            ref = missing.pop(entry.sha256, None)
+            if ref is None:
+                continue
             if self._stop.is_set():
                 raise ReleaseRejected("transfer", "stopping")
             sources[entry.sha256] = self._store.download(
@@ -415,6 +448,16 @@ class Syncer:
                 limit,
             )
         return sources, fetched
+
+    def _check_free_space(self, needed: int) -> None:
+        """The downloads and the assembled copy must fit, with room to spare: a full disk takes
+        the serving versions' state with it. Transient ("disk"): retried after the backoff."""
+        free = shutil.disk_usage(self._root).free
+        if free - needed < FREE_SPACE_RESERVE:
+            raise OSError(
+                f"not enough disk space: the release needs {needed} bytes, {free} are free "
+                f"(keeping {FREE_SPACE_RESERVE} in reserve)"
+            )
 
     def _fetch(self, digest: str, offset: int) -> _Pieces:
         call = self._stub.GetBlob(
