@@ -23,13 +23,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from edge_agent.api.connections import ConnectionGuard, fit_to_fd_limit
+from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.security import ControlGate, ServerTls
 from edge_agent.api.server import bind, build_server, check_listen, connection_limits
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.auth import read_token
+from edge_agent.learn.examples import ExampleStore
+from edge_agent.learn.participant import torch_available
 from edge_agent.observability.logging import get_logger, set_log_level
-from edge_agent.observability.metrics import ConnectionCollector, MetricsServer, SyncCollector
+from edge_agent.observability.metrics import (
+    ConnectionCollector,
+    ExampleCollector,
+    LearningCollector,
+    MetricsServer,
+    SyncCollector,
+)
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
 from edge_agent.runtime.session import set_runtime_log_level
@@ -68,6 +77,13 @@ class Agent:
             settings.metrics_address, self.registry.versions, self.registry.entries
         )
         self.guard = ConnectionGuard()
+        self.examples = (
+            ExampleStore(settings.state_dir / "examples", settings.examples_max_bytes)
+            if settings.state_dir is not None
+            else None
+        )
+        if self.examples is not None:
+            self.metrics.registry.register(ExampleCollector(self.examples.stats))
         self.metrics.registry.register(ConnectionCollector(self.guard.stats))
         self.port: int | None = None
         self.control_port: int | None = None
@@ -91,6 +107,7 @@ class Agent:
             self._limits,
             self.guard,
             deny_control=not self.settings.control_on_inference_listener,
+            examples=ExampleServicer(self.registry, self.examples, inference_listener=True),
         )
         control = None
         if self.settings.control_address:
@@ -103,6 +120,7 @@ class Agent:
                 self._limits,
                 self.guard,
                 [ControlGate(token)],
+                examples=ExampleServicer(self.registry, self.examples, inference_listener=False),
             )
         try:
             try:
@@ -131,9 +149,16 @@ class Agent:
             address = getattr(self.settings, key)
             if address:
                 check_listen(address, key)
+        if self.settings.learn and not torch_available():
+            raise ConfigError(
+                "learning (--learn / learn = true) needs PyTorch: install the extra with "
+                "pip install 'edge-agent[learn]'"
+            )
         if self.settings.control_plane:  # its state is read now: a bad one fails the start
-            self.syncer = Syncer(self.settings, self.manager, loop)
+            self.syncer = Syncer(self.settings, self.manager, loop, self.examples)
             self.metrics.registry.register(SyncCollector(self.syncer.stats))
+            if self.syncer.participant is not None:
+                self.metrics.registry.register(LearningCollector(self.syncer.participant.stats))
         # Sessions are built on the loader thread: the event loop stays free meanwhile.
         await self.manager.start()
         self.port = bind(server, self.settings.grpc_address, tls.credentials() if tls else None)

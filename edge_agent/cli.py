@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--sync-interval", help="long-poll wait in seconds (default 30)")
     serve.add_argument("--sync-bandwidth-limit", help="download bytes per second (0: no limit)")
+    serve.add_argument(
+        "--learn",
+        action="store_const",
+        const=True,
+        default=None,
+        help="take part in the control plane's learning tasks (needs edge-agent[learn])",
+    )
 
     control = commands.add_parser("control-plane", help="run the fleet's control plane")
     control_actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -110,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--metrics-address", default="", help="HOST:PORT for /metrics (default: off)")
     cp.add_argument(
+        "--learning-key",
+        type=Path,
+        help="P-256 private key (PEM) that signs learned releases; without it learning tasks "
+        "are refused. Devices must trust its public key (--trusted-key) explicitly",
+    )
+    cp.add_argument(
         "--max-blob-bytes", type=int, default=8 << 30, help="largest blob upload (8 GiB)"
     )
     cp.add_argument(
@@ -141,9 +154,11 @@ def _parser() -> argparse.ArgumentParser:
 
     from edge_agent.compress.cli import add_arguments as add_optimize
     from edge_agent.fleet.client import add_arguments
+    from edge_agent.learn.cli import add_arguments as add_learning
 
     add_arguments(commands)
     add_optimize(commands)
+    add_learning(commands)
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
@@ -201,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edge_agent.compress.cli import run as optimize
 
         return optimize(args)
+    if args.command in ("examples", "learn"):
+        from edge_agent.learn.cli import run as run_learning
+
+        return run_learning(args.command, args)
     if args.command in ("publish", "keygen", "fleet"):
         from edge_agent.fleet.client import run
 
@@ -240,6 +259,7 @@ def _serve(args: argparse.Namespace) -> int:
         "trusted_keys": args.trusted_key,
         "sync_interval": args.sync_interval,
         "sync_bandwidth_limit": args.sync_bandwidth_limit,
+        "learn": args.learn,
     }
     try:
         settings = load_settings(args.config, flags=flags)
@@ -278,6 +298,7 @@ def _control_plane(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         trusted_keys=tuple(args.trusted_key),
         metrics_address=args.metrics_address,
+        learning_key=args.learning_key,
         connections=ConnectionLimits(
             max_connections=args.max_connections,
             max_connections_per_peer=args.max_connections_per_peer,

@@ -119,6 +119,11 @@ class Settings:
     # The largest release (one variant's files) this device downloads; a bigger one is refused
     # before any download (reason "size").
     sync_max_release_bytes: int = 8 << 30
+    # Learning on the fleet (learn/): take part in the control plane's learning tasks (needs the
+    # `learn` extra, PyTorch); examples are kept under state_dir/examples, at most this many
+    # bytes per model (the oldest dropped first).
+    learn: bool = False
+    examples_max_bytes: int = 256 << 20
     # Which variant of a release to install, by the execution provider the agent will run: the
     # first one the release has, else its default (fp32).
     variant_preference_cuda: tuple[str, ...] = ("fp16", "fp32")
@@ -239,6 +244,7 @@ def _check(settings: Settings) -> None:
         "max_connections",
         "max_connections_per_peer",
         "sync_max_release_bytes",
+        "examples_max_bytes",
     ):
         if getattr(settings, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {getattr(settings, key)}")
@@ -287,6 +293,8 @@ def _check(settings: Settings) -> None:
     for key in ("connection_idle_seconds", "first_request_seconds"):
         if getattr(settings, key) <= 0:
             raise ConfigError(f"{key}: must be positive")
+    if settings.learn and not settings.control_plane:
+        raise ConfigError("learn: needs a control_plane (learning tasks come from it)")
     if settings.sync_interval <= 0:
         raise ConfigError("sync_interval: must be positive")
     if settings.sync_bandwidth_limit < 0:

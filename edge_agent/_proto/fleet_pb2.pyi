@@ -18,6 +18,186 @@ FLEET: TargetScope
 GROUP: TargetScope
 CANARY: TargetScope
 
+class LearningSpec(_message.Message):
+    __slots__ = ("model", "base_version", "scope", "group", "canary_percent", "trainable", "epochs", "batch_size", "lr", "optimizer", "buffer", "server_lr", "staleness_exponent", "max_staleness", "clip_norm", "trim", "int8_threshold", "max_accuracy_drop", "validation_blob", "min_examples", "train_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LR_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    TRIM_FIELD_NUMBER: _ClassVar[int]
+    INT8_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_BLOB_FIELD_NUMBER: _ClassVar[int]
+    MIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    base_version: int
+    scope: TargetScope
+    group: str
+    canary_percent: float
+    trainable: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    buffer: int
+    server_lr: float
+    staleness_exponent: float
+    max_staleness: int
+    clip_norm: float
+    trim: float
+    int8_threshold: int
+    max_accuracy_drop: float
+    validation_blob: str
+    min_examples: int
+    train_seconds: float
+    def __init__(self, model: _Optional[str] = ..., base_version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., trainable: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., buffer: _Optional[int] = ..., server_lr: _Optional[float] = ..., staleness_exponent: _Optional[float] = ..., max_staleness: _Optional[int] = ..., clip_norm: _Optional[float] = ..., trim: _Optional[float] = ..., int8_threshold: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ..., validation_blob: _Optional[str] = ..., min_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+
+class StartLearningRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: LearningSpec
+    def __init__(self, spec: _Optional[_Union[LearningSpec, _Mapping]] = ...) -> None: ...
+
+class StopLearningRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    def __init__(self, task_id: _Optional[int] = ...) -> None: ...
+
+class LearningStatusRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    def __init__(self, task_id: _Optional[int] = ...) -> None: ...
+
+class GlobalVersion(_message.Message):
+    __slots__ = ("version", "accuracy", "accepted", "released_version", "updates", "at")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    accuracy: float
+    accepted: bool
+    released_version: int
+    updates: int
+    at: float
+    def __init__(self, version: _Optional[int] = ..., accuracy: _Optional[float] = ..., accepted: _Optional[bool] = ..., released_version: _Optional[int] = ..., updates: _Optional[int] = ..., at: _Optional[float] = ...) -> None: ...
+
+class LearningTask(_message.Message):
+    __slots__ = ("id", "spec", "state", "global_version", "base_accuracy", "updates_received", "updates_applied", "dropped_stale", "clipped", "refused", "duplicates", "bytes_up", "versions", "devices", "buffered", "fp32_bytes_up")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_STALE_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    BUFFERED_FIELD_NUMBER: _ClassVar[int]
+    FP32_BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    spec: LearningSpec
+    state: str
+    global_version: int
+    base_accuracy: float
+    updates_received: int
+    updates_applied: int
+    dropped_stale: int
+    clipped: int
+    refused: int
+    duplicates: int
+    bytes_up: int
+    versions: _containers.RepeatedCompositeFieldContainer[GlobalVersion]
+    devices: int
+    buffered: int
+    fp32_bytes_up: int
+    def __init__(self, id: _Optional[int] = ..., spec: _Optional[_Union[LearningSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., base_accuracy: _Optional[float] = ..., updates_received: _Optional[int] = ..., updates_applied: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., clipped: _Optional[int] = ..., refused: _Optional[int] = ..., duplicates: _Optional[int] = ..., bytes_up: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[GlobalVersion, _Mapping]]] = ..., devices: _Optional[int] = ..., buffered: _Optional[int] = ..., fp32_bytes_up: _Optional[int] = ...) -> None: ...
+
+class LearningStatusResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[LearningTask]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[LearningTask, _Mapping]]] = ...) -> None: ...
+
+class LearningAssignment(_message.Message):
+    __slots__ = ("task_id", "model", "base_version", "global_version", "global_weights", "trainable", "epochs", "batch_size", "lr", "optimizer", "int8_threshold", "min_examples", "train_seconds", "round")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    INT8_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    model: str
+    base_version: int
+    global_version: int
+    global_weights: BlobRef
+    trainable: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    int8_threshold: int
+    min_examples: int
+    train_seconds: float
+    round: int
+    def __init__(self, task_id: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., global_version: _Optional[int] = ..., global_weights: _Optional[_Union[BlobRef, _Mapping]] = ..., trainable: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., int8_threshold: _Optional[int] = ..., min_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., round: _Optional[int] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("task_id", "update_id", "base_global_version", "examples", "size", "sha256", "data")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    update_id: str
+    base_global_version: int
+    examples: int
+    size: int
+    sha256: str
+    data: bytes
+    def __init__(self, task_id: _Optional[int] = ..., update_id: _Optional[str] = ..., base_global_version: _Optional[int] = ..., examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UpdateAck(_message.Message):
+    __slots__ = ("state", "global_version")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    global_version: int
+    def __init__(self, state: _Optional[str] = ..., global_version: _Optional[int] = ...) -> None: ...
+
 class MissingBlobsRequest(_message.Message):
     __slots__ = ("digests",)
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
@@ -185,12 +365,14 @@ class ModelTarget(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("revision", "models")
+    __slots__ = ("revision", "models", "learning")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_FIELD_NUMBER: _ClassVar[int]
     revision: str
     models: _containers.RepeatedCompositeFieldContainer[ModelTarget]
-    def __init__(self, revision: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelTarget, _Mapping]]] = ...) -> None: ...
+    learning: _containers.RepeatedCompositeFieldContainer[LearningAssignment]
+    def __init__(self, revision: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelTarget, _Mapping]]] = ..., learning: _Optional[_Iterable[_Union[LearningAssignment, _Mapping]]] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
     __slots__ = ("model", "version")

@@ -79,6 +79,26 @@ class FleetServiceStub:
                 request_serializer=edge__agent_dot___proto_dot_fleet__pb2.GetBlobRequest.SerializeToString,
                 response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.BlobChunk.FromString,
                 _registered_method=True)
+        self.StartLearning = channel.unary_unary(
+                '/edge_agent.fleet.v1.FleetService/StartLearning',
+                request_serializer=edge__agent_dot___proto_dot_fleet__pb2.StartLearningRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.LearningTask.FromString,
+                _registered_method=True)
+        self.StopLearning = channel.unary_unary(
+                '/edge_agent.fleet.v1.FleetService/StopLearning',
+                request_serializer=edge__agent_dot___proto_dot_fleet__pb2.StopLearningRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.LearningTask.FromString,
+                _registered_method=True)
+        self.LearningStatus = channel.unary_unary(
+                '/edge_agent.fleet.v1.FleetService/LearningStatus',
+                request_serializer=edge__agent_dot___proto_dot_fleet__pb2.LearningStatusRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.LearningStatusResponse.FromString,
+                _registered_method=True)
+        self.UploadUpdate = channel.stream_unary(
+                '/edge_agent.fleet.v1.FleetService/UploadUpdate',
+                request_serializer=edge__agent_dot___proto_dot_fleet__pb2.UpdateChunk.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.UpdateAck.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -149,6 +169,34 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartLearning(self, request, context):
+        """-- learning on the fleet --
+        (publisher) Start a learning task; stop one; see their progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopLearning(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LearningStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadUpdate(self, request_iterator, context):
+        """(device) One update of a task: the first message is the header, then the payload (an
+        archive of per-tensor deltas, learn/delta.py) in chunks <= 1 MiB.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +244,26 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.GetBlob,
                     request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.GetBlobRequest.FromString,
                     response_serializer=edge__agent_dot___proto_dot_fleet__pb2.BlobChunk.SerializeToString,
+            ),
+            'StartLearning': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartLearning,
+                    request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.StartLearningRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fleet__pb2.LearningTask.SerializeToString,
+            ),
+            'StopLearning': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopLearning,
+                    request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.StopLearningRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fleet__pb2.LearningTask.SerializeToString,
+            ),
+            'LearningStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.LearningStatus,
+                    request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.LearningStatusRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fleet__pb2.LearningStatusResponse.SerializeToString,
+            ),
+            'UploadUpdate': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadUpdate,
+                    request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.UpdateChunk.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fleet__pb2.UpdateAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +509,114 @@ class FleetService:
             '/edge_agent.fleet.v1.FleetService/GetBlob',
             edge__agent_dot___proto_dot_fleet__pb2.GetBlobRequest.SerializeToString,
             edge__agent_dot___proto_dot_fleet__pb2.BlobChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartLearning(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_agent.fleet.v1.FleetService/StartLearning',
+            edge__agent_dot___proto_dot_fleet__pb2.StartLearningRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fleet__pb2.LearningTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopLearning(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_agent.fleet.v1.FleetService/StopLearning',
+            edge__agent_dot___proto_dot_fleet__pb2.StopLearningRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fleet__pb2.LearningTask.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LearningStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_agent.fleet.v1.FleetService/LearningStatus',
+            edge__agent_dot___proto_dot_fleet__pb2.LearningStatusRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fleet__pb2.LearningStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadUpdate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edge_agent.fleet.v1.FleetService/UploadUpdate',
+            edge__agent_dot___proto_dot_fleet__pb2.UpdateChunk.SerializeToString,
+            edge__agent_dot___proto_dot_fleet__pb2.UpdateAck.FromString,
             options,
             channel_credentials,
             insecure,

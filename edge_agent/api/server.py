@@ -9,6 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from edge_agent._proto import examples_pb2
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent.api.connections import (
     ConnectionGuard,
@@ -16,6 +17,8 @@ from edge_agent.api.connections import (
     NotingServer,
     server_options,
 )
+from edge_agent.api.examples import SERVICE as EXAMPLES
+from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.api.wire import add_service, method_handlers
@@ -59,6 +62,7 @@ def build_server(
     guard: ConnectionGuard,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     deny_control: bool = False,
+    examples: ExampleServicer | None = None,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
         interceptors=list(interceptors),
@@ -71,9 +75,12 @@ def build_server(
     )
     noting = NotingServer(server, guard)  # every handler tells the guard a call came
     add_inference_service(noting, servicer, deny_control)
+    if examples is not None:
+        add_service(noting, EXAMPLES, method_handlers(EXAMPLES, examples_pb2, examples))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, noting)
     names = (
         SERVICE.full_name,
+        EXAMPLES.full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

@@ -14,10 +14,10 @@ from typing import Any
 
 import onnx
 
+from edge_agent.common.files import write_atomically
 from edge_agent.compress import modes, report
 from edge_agent.compress.data import load_set
 from edge_agent.errors import EdgeAgentError, InvalidArgument
-from edge_agent.repository.staging import write_atomically
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -53,7 +53,7 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    """OUT is whole or absent (staging.write_atomically), in a directory made if needed."""
+    """OUT is whole or absent (common/files.write_atomically), in a directory made if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, data)
 

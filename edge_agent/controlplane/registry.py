@@ -66,6 +66,21 @@ CREATE TABLE IF NOT EXISTS install_failures (
     device_id TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL, error TEXT NOT NULL,
     at REAL NOT NULL, PRIMARY KEY (device_id, model, version));
 CREATE INDEX IF NOT EXISTS release_blobs_by_digest ON release_blobs (digest);
+CREATE TABLE IF NOT EXISTS learning_tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, base_version INTEGER NOT NULL,
+    spec BLOB NOT NULL, validation BLOB NOT NULL, shapes TEXT NOT NULL, state TEXT NOT NULL,
+    global_version INTEGER NOT NULL, global_digest TEXT NOT NULL, round INTEGER NOT NULL,
+    base_accuracy REAL NOT NULL, counters TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS learning_devices (
+    task_id INTEGER NOT NULL, device_id TEXT NOT NULL, PRIMARY KEY (task_id, device_id));
+CREATE TABLE IF NOT EXISTS learning_updates (
+    task_id INTEGER NOT NULL, update_id TEXT NOT NULL, device_id TEXT NOT NULL,
+    base_global INTEGER NOT NULL, examples INTEGER NOT NULL, digest TEXT NOT NULL,
+    state TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (task_id, update_id));
+CREATE TABLE IF NOT EXISTS learning_versions (
+    task_id INTEGER NOT NULL, version INTEGER NOT NULL, digest TEXT NOT NULL,
+    accuracy REAL NOT NULL, accepted INTEGER NOT NULL, released INTEGER NOT NULL,
+    updates INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (task_id, version));
 CREATE TABLE IF NOT EXISTS history (
     device_id TEXT NOT NULL, model TEXT NOT NULL, at REAL NOT NULL, target_version INTEGER,
     serving_version INTEGER, state TEXT NOT NULL, error TEXT NOT NULL);
@@ -125,6 +140,43 @@ class Rollout:
     device_states: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class LearningTaskRow:
+    id: int
+    model: str
+    base_version: int
+    spec: bytes  # a serialized LearningSpec (validation set left out)
+    validation: bytes
+    shapes: dict[str, list[int]]  # the trainable tensors
+    state: str
+    global_version: int
+    global_digest: str
+    round: int
+    base_accuracy: float
+    counters: dict[str, int]
+    devices: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateRow:
+    update_id: str
+    device_id: str
+    base_global: int
+    examples: int
+    digest: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionRow:
+    version: int
+    digest: str
+    accuracy: float
+    accepted: bool
+    released: int
+    updates: int
+    at: float
+
+
 class Registry(Protocol):
     def add_device(self, device_id: str, group: str, token_hash: str) -> None: ...
     def token_hash(self, device_id: str) -> str | None: ...
@@ -153,10 +205,43 @@ class Registry(Protocol):
     def may_fetch_release(self, device_id: str, model: str, version: int) -> bool: ...
     def may_fetch_blob(self, device_id: str, digest: str) -> bool: ...
     def prune(self, now: float) -> int: ...
+    def newest_version(self, model: str) -> int: ...
+    def reach(
+        self, scope: str, group: str, canary_percent: float, model: str, version: int
+    ) -> list[str]: ...
+    def add_task(
+        self,
+        model: str,
+        base_version: int,
+        spec: bytes,
+        validation: bytes,
+        shapes: Mapping[str, list[int]],
+        devices: Iterable[str],
+        base_accuracy: float,
+        global_digest: str,
+    ) -> int: ...
+    def tasks(self, task_id: int = 0) -> list[LearningTaskRow]: ...
+    def set_task_state(self, task_id: int, state: str) -> None: ...
+    def device_tasks(self, device_id: str) -> list[LearningTaskRow]: ...
+    def count(self, task_id: int, **increments: int) -> None: ...
+    def add_update(self, task_id: int, update: UpdateRow, state: str, now: float) -> bool: ...
+    def buffered(self, task_id: int) -> list[UpdateRow]: ...
+    def update_state(self, task_id: int, update_id: str) -> str | None: ...
+    def advance(
+        self,
+        task_id: int,
+        applied: list[str],
+        version: VersionRow,
+        counters: Mapping[str, int],
+    ) -> None: ...
+    def set_released(self, task_id: int, version: int, model_version: int) -> None: ...
+    def versions(self, task_id: int) -> list[VersionRow]: ...
 
 
-def revision(desired: Mapping[str, int]) -> str:
-    return hashlib.sha256(json.dumps(sorted(desired.items())).encode()).hexdigest()[:16]
+def revision(desired: Mapping[str, int], learning: Iterable[object] = ()) -> str:
+    """Changes whenever a device's desired state does: its versions, or its learning rounds."""
+    text = json.dumps([sorted(desired.items()), sorted(map(str, learning))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def canary_cohort(model: str, version: int, devices: list[str], percent: float) -> list[str]:
@@ -562,6 +647,14 @@ class SqliteRegistry:
             f"r.version = b.version WHERE b.digest = ? AND {self._REACHES} LIMIT 1",
             (digest, group, device_id),
         ).fetchone()
+        if row is not None:
+            return True
+        # A learning task's global weights: for the devices taking part in it.
+        row = self._db.execute(
+            "SELECT 1 FROM learning_versions v JOIN learning_devices d ON d.task_id = v.task_id "
+            "WHERE v.digest = ? AND d.device_id = ? LIMIT 1",
+            (digest, device_id),
+        ).fetchone()
         return row is not None
 
     # -- housekeeping ---------------------------------------------------------------------------
@@ -587,6 +680,183 @@ class SqliteRegistry:
             ):
                 removed += self._db.execute(sql, args).rowcount
         return removed
+
+    # -- learning -------------------------------------------------------------------------------
+
+    def newest_version(self, model: str) -> int:
+        row = self._db.execute("SELECT MAX(version) FROM releases WHERE model = ?", (model,))
+        return int(row.fetchone()[0] or 0)
+
+    def reach(
+        self, scope: str, group: str, canary_percent: float, model: str, version: int
+    ) -> list[str]:
+        """The devices a target with this scope would reach now."""
+        groups = self._groups()
+        if scope == FLEET:
+            return sorted(groups)
+        if scope == GROUP:
+            return sorted(d for d, g in groups.items() if g == group)
+        return canary_cohort(model, version, sorted(groups), canary_percent)
+
+    def add_task(
+        self,
+        model: str,
+        base_version: int,
+        spec: bytes,
+        validation: bytes,
+        shapes: Mapping[str, list[int]],
+        devices: Iterable[str],
+        base_accuracy: float,
+        global_digest: str,
+    ) -> int:
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            cursor = self._db.execute(
+                "INSERT INTO learning_tasks (model, base_version, spec, validation, shapes, "
+                "state, global_version, global_digest, round, base_accuracy, created) "
+                "VALUES (?, ?, ?, ?, ?, 'running', 0, ?, 0, ?, ?)",
+                (model, base_version, spec, validation, json.dumps(dict(shapes)), global_digest,
+                 base_accuracy, now),
+            )  # fmt: skip
+            task_id = int(cursor.lastrowid or 0)
+            self._db.executemany(
+                "INSERT INTO learning_devices VALUES (?, ?)", [(task_id, d) for d in devices]
+            )
+            self._db.execute(
+                "INSERT INTO learning_versions VALUES (?, 0, ?, ?, 1, ?, 0, ?)",
+                (task_id, global_digest, base_accuracy, base_version, now),
+            )
+        return task_id
+
+    def tasks(self, task_id: int = 0) -> list[LearningTaskRow]:
+        rows = self._db.execute(
+            "SELECT id, model, base_version, spec, validation, shapes, state, global_version, "
+            "global_digest, round, base_accuracy, counters FROM learning_tasks "
+            "WHERE ? = 0 OR id = ? ORDER BY id",
+            (task_id, task_id),
+        ).fetchall()
+        out = []
+        for r in rows:
+            devices = tuple(
+                d[0]
+                for d in self._db.execute(
+                    "SELECT device_id FROM learning_devices WHERE task_id = ? ORDER BY device_id",
+                    (r[0],),
+                )
+            )
+            out.append(
+                LearningTaskRow(
+                    int(r[0]), str(r[1]), int(r[2]), bytes(r[3]), bytes(r[4]), json.loads(r[5]),
+                    str(r[6]), int(r[7]), str(r[8]), int(r[9]), float(r[10]), json.loads(r[11]),
+                    devices,
+                )
+            )  # fmt: skip
+        return out
+
+    def set_task_state(self, task_id: int, state: str) -> None:
+        self._db.execute("UPDATE learning_tasks SET state = ? WHERE id = ?", (state, task_id))
+
+    def device_tasks(self, device_id: str) -> list[LearningTaskRow]:
+        ids = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT t.id FROM learning_tasks t JOIN learning_devices d ON d.task_id = t.id "
+                "WHERE d.device_id = ? AND t.state = 'running' ORDER BY t.id",
+                (device_id,),
+            )
+        ]
+        return [t for i in ids for t in self.tasks(i)]
+
+    def count(self, task_id: int, **increments: int) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            row = self._db.execute(
+                "SELECT counters FROM learning_tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            counters = json.loads(row[0]) if row else {}
+            for key, value in increments.items():
+                counters[key] = counters.get(key, 0) + value
+            self._db.execute(
+                "UPDATE learning_tasks SET counters = ? WHERE id = ?",
+                (json.dumps(counters), task_id),
+            )
+
+    def add_update(self, task_id: int, update: UpdateRow, state: str, now: float) -> bool:
+        """Record an update; False when its id was seen before (it is not recorded again)."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO learning_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (task_id, update.update_id, update.device_id, update.base_global, update.examples,
+             update.digest, state, now),
+        )  # fmt: skip
+        return cursor.rowcount == 1
+
+    def update_state(self, task_id: int, update_id: str) -> str | None:
+        row = self._db.execute(
+            "SELECT state FROM learning_updates WHERE task_id = ? AND update_id = ?",
+            (task_id, update_id),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def buffered(self, task_id: int) -> list[UpdateRow]:
+        return [
+            UpdateRow(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]))
+            for r in self._db.execute(
+                "SELECT update_id, device_id, base_global, examples, digest FROM "
+                "learning_updates WHERE task_id = ? AND state = 'buffered' ORDER BY at",
+                (task_id,),
+            )
+        ]
+
+    def advance(
+        self, task_id: int, applied: list[str], version: VersionRow, counters: Mapping[str, int]
+    ) -> None:
+        """One aggregation, all or nothing: the updates it used are applied, the candidate is
+        recorded, the round advances, and an accepted candidate becomes the global weights. A
+        crash before this commits leaves the updates buffered, to be aggregated again."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "UPDATE learning_updates SET state = 'applied' WHERE task_id = ? AND "
+                "update_id = ? AND state = 'buffered'",
+                [(task_id, u) for u in applied],
+            )
+            self._db.execute(
+                "INSERT INTO learning_versions VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                (task_id, version.version, version.digest, version.accuracy,
+                 int(version.accepted), version.updates, version.at),
+            )  # fmt: skip
+            self._db.execute("UPDATE learning_tasks SET round = round + 1 WHERE id = ?", (task_id,))
+            if version.accepted:
+                self._db.execute(
+                    "UPDATE learning_tasks SET global_version = ?, global_digest = ? WHERE id = ?",
+                    (version.version, version.digest, task_id),
+                )
+            row = self._db.execute(
+                "SELECT counters FROM learning_tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            merged = json.loads(row[0])
+            for key, value in counters.items():
+                merged[key] = merged.get(key, 0) + value
+            self._db.execute(
+                "UPDATE learning_tasks SET counters = ? WHERE id = ?", (json.dumps(merged), task_id)
+            )
+
+    def set_released(self, task_id: int, version: int, model_version: int) -> None:
+        self._db.execute(
+            "UPDATE learning_versions SET released = ? WHERE task_id = ? AND version = ?",
+            (model_version, task_id, version),
+        )
+
+    def versions(self, task_id: int) -> list[VersionRow]:
+        return [
+            VersionRow(int(r[0]), str(r[1]), float(r[2]), bool(r[3]), int(r[4]), int(r[5]), r[6])
+            for r in self._db.execute(
+                "SELECT version, digest, accuracy, accepted, released, updates, at FROM "
+                "learning_versions WHERE task_id = ? ORDER BY version",
+                (task_id,),
+            )
+        ]
 
     def devices(self, after: str = "", limit: int | None = None) -> list[Device]:
         """Devices in id order, those after `after`, at most `limit` (a page)."""

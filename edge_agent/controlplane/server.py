@@ -65,6 +65,9 @@ class ControlPlaneSettings:
     # Publisher public keys: RegisterRelease refuses a release no key of these signed.
     trusted_keys: tuple[Path, ...] = ()
     metrics_address: str = ""  # HOST:PORT for Prometheus /metrics; "" = none
+    # Signs learned releases (learning on the fleet); read at start, never sent anywhere.
+    # Without it learning tasks are refused.
+    learning_key: Path | None = None
     # Devices poll with a call outstanding almost all the time, so a short idle timeout costs
     # them nothing and frees what idle clients hold.
     connections: ConnectionLimits = dataclasses.field(
@@ -161,6 +164,8 @@ class ControlPlane:
         for key in s.trusted_keys:
             if not key.is_file():
                 raise ConfigError(f"--trusted-key {key}: not a file")
+        if s.learning_key is not None and not s.learning_key.is_file():
+            raise ConfigError(f"--learning-key {s.learning_key}: not a file")
         os.umask(0o077)  # everything the control plane writes is its own
         registry = open_registry(s.data_dir)
         token = read_or_create_publisher_token(s.data_dir)
@@ -173,6 +178,7 @@ class ControlPlane:
             s.max_failure_share,
             s.service,
             s.trusted_keys,
+            s.learning_key,
         )
         server = grpc.aio.server(
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
@@ -200,6 +206,7 @@ class ControlPlane:
         guard.watch(port, limits)
         guard.start()
         pruning = asyncio.create_task(servicer.prune_forever(), name="prune")
+        recovering = asyncio.create_task(servicer.learning.recover(), name="learning-recovery")
         host = s.address.rpartition(":")[0]
         if not s.trusted_keys:
             log.warning(
@@ -220,6 +227,7 @@ class ControlPlane:
             await self._stop.wait()
         finally:
             pruning.cancel()
+            recovering.cancel()
             await server.stop(s.shutdown_grace_seconds)
             guard.stop()
             servicer.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,10 +23,10 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
-from edge_agent.api.connections import ConnectionGuard
 from edge_agent.api.status import to_status
 from edge_agent.api.wire import Malformed
 from edge_agent.controlplane.blobs import BlobStore
+from edge_agent.controlplane.learning import ParameterServer
 from edge_agent.controlplane.registry import (
     CANARY,
     FAILED,
@@ -74,7 +75,12 @@ MAX_REQUEST_BYTES = {
     "FleetStatus": 4 << 10,
     "GetManifest": 4 << 10,
     "GetBlob": 4 << 10,
+    "StartLearning": 16 << 10,
+    "StopLearning": 4 << 10,
+    "LearningStatus": 4 << 10,
+    "UploadUpdate": CHUNK_SIZE + (4 << 10),
 }
+MAX_UPDATE_BYTES = 256 << 20
 MAX_ERROR_CHARS = 1000
 DEFAULT_PAGE, MAX_PAGE = 500, 1000
 IGNORED_LOG_INTERVAL_S = 60.0  # per device: one log line for ignored reports, then counts only
@@ -211,7 +217,7 @@ class FleetServicer:
         max_failure_share: float,
         limits: ServiceLimits | None = None,
         trusted_keys: Iterable[Path] = (),
-        guard: ConnectionGuard | None = None,
+        learning_key: Path | None = None,
     ) -> None:
         self._registry = registry
         self._blobs = blobs
@@ -226,12 +232,14 @@ class FleetServicer:
         self._polls: dict[str, asyncio.Event] = {}  # device -> its live long-poll's "replaced"
         self._ignored_logged: dict[str, float] = {}
         self.stats = ServiceStats()
+        self.learning = ParameterServer(registry, blobs, self._db, self._notify, learning_key)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
-    async def _db(self, fn: Callable[..., R], *args: Any) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _db(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -555,26 +563,33 @@ class FleetServicer:
         replaced = self._polls[device] = asyncio.Event()
         self.stats.polls_waiting += 1
         try:
-            current = await self._wait(device, request, replaced)
+            return await self._wait(device, request, replaced)
         finally:
             self.stats.polls_waiting -= 1
             if self._polls.get(device) is replaced:
                 del self._polls[device]
+
+    def _desired_state(self, device: str) -> pb.DesiredState:
+        """Versions to run and learning tasks to take part in (on the registry thread)."""
+        desired = self._registry.desired(device)
+        learning = self.learning.assignments(device)
+        rounds = [(a.task_id, a.round, a.global_weights.digest) for a in learning]
         return pb.DesiredState(
-            revision=revision(current),
-            models=[pb.ModelTarget(model=m, version=v) for m, v in sorted(current.items())],
+            revision=revision(desired, rounds),
+            models=[pb.ModelTarget(model=m, version=v) for m, v in sorted(desired.items())],
+            learning=learning,
         )
 
     async def _wait(
         self, device: str, request: pb.WatchRequest, replaced: asyncio.Event
-    ) -> dict[str, int]:
+    ) -> pb.DesiredState:
         deadline = time.monotonic() + min(request.wait_ms, MAX_WAIT_MS) / 1000
         while True:
-            desired = await self._db(self._registry.desired, device)
+            state = await self._db(self._desired_state, device)
             remaining = deadline - time.monotonic()
-            if revision(desired) != request.known_revision or remaining <= 0:
+            if state.revision != request.known_revision or remaining <= 0:
                 await self._db(self._registry.record, device, (), time.time())  # last seen
-                return desired
+                return state
             changed = self._changed
             waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(replaced.wait())]
             try:
@@ -649,6 +664,71 @@ class FleetServicer:
             await asyncio.to_thread(f.seek, request.offset)
             while data := await asyncio.to_thread(f.read, CHUNK_SIZE):
                 yield pb.BlobChunk(data=data)
+
+    # -- learning -------------------------------------------------------------------------------
+
+    @_unary
+    async def StartLearning(
+        self, request: pb.StartLearningRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LearningTask:
+        await self._publisher(context)
+        task_id = await self.learning.start(request.spec)
+        return (await self.learning.status(task_id))[0]
+
+    @_unary
+    async def StopLearning(
+        self, request: pb.StopLearningRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LearningTask:
+        await self._publisher(context)
+        await self.learning.stop(request.task_id)
+        return (await self.learning.status(request.task_id))[0]
+
+    @_unary
+    async def LearningStatus(
+        self, request: pb.LearningStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LearningStatusResponse:
+        await self._publisher(context)
+        return pb.LearningStatusResponse(tasks=await self.learning.status(request.task_id))
+
+    @_unary
+    async def UploadUpdate(
+        self,
+        request_iterator: AsyncIterator[pb.UpdateChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.UpdateAck:
+        device = await self._device(context)
+        header: pb.UpdateChunk | None = None
+        parts: list[bytes] = []
+        received = 0
+        try:
+            async with asyncio.timeout(self._limits.upload_seconds):
+                while True:
+                    try:
+                        message = await asyncio.wait_for(
+                            anext(request_iterator), self._limits.upload_idle_seconds
+                        )
+                    except StopAsyncIteration:
+                        break
+                    if isinstance(message, Malformed):
+                        raise InvalidArgument(message.reason)
+                    if header is None:
+                        header = message
+                        if not 0 < header.size <= MAX_UPDATE_BYTES:
+                            raise InvalidArgument(
+                                f"update of {header.size} bytes: must be 1..{MAX_UPDATE_BYTES}"
+                            )
+                    received += len(message.data)
+                    if received > header.size:
+                        raise InvalidArgument(f"more than the declared {header.size} bytes")
+                    parts.append(message.data)
+        except TimeoutError:
+            raise InvalidArgument("update upload too slow") from None
+        if header is None:
+            raise InvalidArgument("empty update")
+        payload = b"".join(parts)
+        if len(payload) != header.size or hashlib.sha256(payload).hexdigest() != header.sha256:
+            raise InvalidArgument("the update's bytes do not match its declared size and sha256")
+        return await self.learning.receive(device, header, payload)
 
     # -- housekeeping ---------------------------------------------------------------------------
 

@@ -224,6 +224,60 @@ class ConnectionCollector:
         yield closed
 
 
+class ExampleCollector:
+    """edge_agent_examples_* from the example store (learn/examples.py), per model."""
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stored = GaugeMetricFamily(
+            "edge_agent_examples_stored", "Labelled examples kept for learning", labels=["model"]
+        )
+        for model, count in sorted(dict(self._stats.stored).items()):
+            stored.add_metric([model], count)
+        yield stored
+        for name, text, values in (
+            ("dropped", "Examples dropped, oldest first, to stay within the store's size",
+             self._stats.dropped),
+            ("refused", "Submissions refused as malformed", self._stats.refused),
+        ):  # fmt: skip
+            family = CounterMetricFamily(f"edge_agent_examples_{name}", text, labels=["model"])
+            for model, count in sorted(dict(values).items()):
+                family.add_metric([model], count)
+            yield family
+
+
+class LearningCollector:
+    """edge_agent_learning_* from the learner (learn/participant.py)."""
+
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        runs = CounterMetricFamily(
+            "edge_agent_learning_runs", "Local training runs by result", labels=["result"]
+        )
+        for result, count in sorted(dict(self._stats.runs).items()):
+            runs.add_metric([result], count)
+        yield runs
+        sent = CounterMetricFamily("edge_agent_learning_updates_sent", "Updates uploaded")
+        sent.add_metric([], self._stats.updates_sent)
+        yield sent
+        up = CounterMetricFamily("edge_agent_learning_bytes_up", "Update bytes uploaded")
+        up.add_metric([], self._stats.bytes_up)
+        yield up
+        last = GaugeMetricFamily(
+            "edge_agent_learning_last_run_seconds", "How long the last local run took"
+        )
+        last.add_metric([], self._stats.last_run_seconds)
+        yield last
+
+
 class MetricsServer:
     """The /metrics endpoint on its own thread (prometheus-client's HTTP server)."""
 

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, text_format
 
 from edge_agent._proto import model_config_pb2 as mc
+from edge_agent.common.files import write_atomically
 from edge_agent.errors import (
     EdgeAgentError,
     FailedPrecondition,
@@ -750,8 +751,6 @@ class ModelManager:
         withdrawn = {e.name: sorted(e.withdrawn) for e in self._registry.entries() if e.withdrawn}
         withdrawn.update({k: sorted(v) for k, v in self._withdrawn.items() if v})
         try:
-            staging.write_atomically(
-                self._state_path, json.dumps({"withdrawn": withdrawn}).encode()
-            )
+            write_atomically(self._state_path, json.dumps({"withdrawn": withdrawn}).encode())
         except OSError as exc:
             log.error("lifecycle.state_unwritable", path=str(self._state_path), error=str(exc))

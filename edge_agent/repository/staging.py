@@ -15,12 +15,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
+from edge_agent.common.files import write_atomically
 from edge_agent.errors import InvalidArgument
 
 STAGING = ".staging"
@@ -74,24 +74,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` in one rename (a temporary file beside it, fsynced): readers
-    and a crash see the old file or the new one, never part of one."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600: keep the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _write(path: Path, content: bytes) -> None:

@@ -35,6 +35,7 @@ import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.common.files import write_atomically
 from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.client import channel_credentials, open_channel
@@ -48,9 +49,10 @@ from edge_agent.fleet.release import (
     check_fresh,
     parse_release,
 )
+from edge_agent.learn.examples import ExampleStore
+from edge_agent.learn.participant import Participant
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.lifecycle import ModelManager
-from edge_agent.repository.staging import write_atomically
 from edge_agent.repository.version import read_variant
 from edge_agent.runtime.session import likely_provider
 from edge_agent.settings import Settings
@@ -117,7 +119,11 @@ class SyncState:
 
 class Syncer:
     def __init__(
-        self, settings: Settings, manager: ModelManager, loop: asyncio.AbstractEventLoop
+        self,
+        settings: Settings,
+        manager: ModelManager,
+        loop: asyncio.AbstractEventLoop,
+        examples: ExampleStore | None = None,
     ) -> None:
         assert settings.state_dir is not None and settings.device_token_file is not None
         self._settings = settings
@@ -140,14 +146,29 @@ class Syncer:
         self._rejected: dict[str, int] = {}  # model -> version rejected for good
         self._lock = threading.Lock()
         self.stats = SyncStats(installed={m: max(v) for m, v in self._state.installed.items() if v})
+        self.participant: Participant | None = None
+        if settings.learn and examples is not None:
+            self.participant = Participant(
+                self._stub,
+                self._meta,
+                self._store,
+                examples,
+                manager.repository,
+                self._serving,
+                self._root,
+            )
 
     # -- thread ---------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+        if self.participant is not None:
+            self.participant.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self.participant is not None:
+            self.participant.stop()
         self._channel.close()  # cancels the long-poll in flight
         self._thread.join(timeout=10)
 
@@ -177,6 +198,8 @@ class Syncer:
                 )
             with self._lock:
                 self.stats.last_success = time.time()
+            if self.participant is not None:
+                self.participant.assign(desired.learning)
             if self._converge(desired):
                 revision, attempt = desired.revision, 0
             else:

@@ -1,0 +1,522 @@
+"""The parameter server: learning tasks, devices' updates, buffered asynchronous aggregation,
+the validation gate, and each gated improvement shipped as a signed release.
+
+A task (StartLearning) names a model's fp32 release as its base, the devices that take part
+(fleet, group or canary cohort, fixed at start), what trains and how the server aggregates. Its
+global weights (the trainable tensors) start as the base's and live as a blob; devices learn of
+the task through the long-poll they already make (LearningAssignment) and send updates
+(UploadUpdate): deltas per trainable tensor, int8 above a size threshold. Each is checked
+(task, participant, names, shapes, dtypes, finite values, a sane norm, staleness) and stored
+before it counts; an update id seen before is acknowledged and not counted again.
+
+Once `buffer` updates are in, they are aggregated (learn/delta.py: clipped, weighted by examples
+and staleness, or a trimmed mean), the candidate is evaluated on the task's validation set in
+ONNX Runtime, and:
+- accuracy >= base accuracy - max_accuracy_drop: it becomes the global weights and a release
+  (the next version of the model), signed with the control plane's learning key and rolled out
+  to the task's devices through the ordinary rollout path;
+- else it is kept out (recorded, logged, counted) and the global weights stay.
+One aggregation is one registry transaction (`advance`): a restart mid-task loses no accepted
+update and applies none twice. Everything heavy runs on worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.controlplane.blobs import BlobStore
+from edge_agent.controlplane.registry import (
+    CANARY,
+    FLEET,
+    GROUP,
+    BlobInfo,
+    LearningTaskRow,
+    Registry,
+    UpdateRow,
+    VersionRow,
+)
+from edge_agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from edge_agent.fleet import signing
+from edge_agent.fleet.release import (
+    CHUNK_SIZE,
+    CONFIG,
+    DEFAULT_LIFETIME_SECONDS,
+    GRAPH,
+    WARMUP_DIR,
+    build_release,
+    parse_release,
+)
+from edge_agent.learn import delta
+from edge_agent.learn.onnxinfo import accuracy, apply, trainable_names, training_output
+from edge_agent.observability.logging import get_logger
+
+log = get_logger(__name__)
+R = TypeVar("R")
+Db = Callable[..., Awaitable[Any]]
+
+SCOPES = {pb.FLEET: FLEET, pb.GROUP: GROUP, pb.CANARY: CANARY}
+MAX_VALIDATION_BYTES = 64 << 20
+ABSURD_NORM = 1e3  # an update with a norm beyond this many times the global's (or 1e3) is refused
+RUNNING, STOPPED = "running", "stopped"
+
+
+def spec_defaults(spec: pb.LearningSpec) -> pb.LearningSpec:
+    """The spec with every unset field at its default (README: Learning on the fleet)."""
+    out = pb.LearningSpec()
+    out.CopyFrom(spec)
+    defaults = {
+        "trainable": "all", "epochs": 1, "batch_size": 32, "lr": 0.01, "optimizer": "sgd",
+        "buffer": 4, "server_lr": 1.0, "staleness_exponent": 0.5, "max_staleness": 10,
+        "int8_threshold": 1024, "max_accuracy_drop": 0.01, "min_examples": 16,
+        "train_seconds": 300.0,
+    }  # fmt: skip
+    for key, value in defaults.items():
+        if not getattr(out, key):
+            setattr(out, key, value)
+    if out.scope == pb.TARGET_SCOPE_UNSPECIFIED:
+        out.scope = pb.FLEET
+    return out
+
+
+def read_validation(data: bytes, inputs: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    if len(data) > MAX_VALIDATION_BYTES:
+        raise InvalidArgument(f"the validation set is over {MAX_VALIDATION_BYTES} bytes")
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+        arrays = {name: archive[name] for name in archive.files}
+    except Exception as exc:  # numpy raises ValueError, BadZipFile, ...
+        raise InvalidArgument(f"the validation set is not a readable .npz: {exc}") from exc
+    if "labels" not in arrays:
+        raise InvalidArgument("the validation set needs a `labels` array (class indices)")
+    labels = arrays.pop("labels")
+    if sorted(arrays) != sorted(inputs):
+        raise InvalidArgument(
+            f"the validation set's arrays {sorted(arrays)} are not the model's inputs {inputs}"
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or not len(labels):
+        raise InvalidArgument("`labels` must be a non-empty 1-D integer array")
+    for name, value in arrays.items():
+        if len(value) != len(labels):
+            raise InvalidArgument(
+                f"validation input {name!r} has {len(value)} rows, not {len(labels)}"
+            )
+    return arrays, labels
+
+
+class ParameterServer:
+    def __init__(
+        self,
+        registry: Registry,
+        blobs: BlobStore,
+        db: Db,
+        notify: Callable[[], None],
+        learning_key: Path | None,
+    ) -> None:
+        self._registry = registry
+        self._blobs = blobs
+        self._db = db
+        self._notify = notify
+        self._key = learning_key
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._models: dict[int, Any] = {}  # task -> its base model (onnx.ModelProto), cached
+        self._jobs: set[asyncio.Future[None]] = set()
+        self.aggregations = 0
+        self.gated_out = 0
+
+    # -- blobs ----------------------------------------------------------------------------------
+
+    def _put_blob(self, data: bytes) -> BlobInfo:
+        """Store `data` in the blob store (content-addressed; a blob already there is kept)."""
+        digest = hashlib.sha256(data).hexdigest()
+        known = self._registry.blob(digest)
+        if known is not None and self._blobs.exists(digest):
+            return known
+        writer = self._blobs.writer(digest, len(data))
+        writer.write(data)
+        chunks = writer.commit()
+        info = BlobInfo(digest, len(data), CHUNK_SIZE, tuple(chunks))
+        self._registry.add_blob(info)
+        return info
+
+    def _read_blob(self, digest: str) -> bytes:
+        with self._blobs.open(digest) as f:
+            return f.read()
+
+    def _base_model(self, task: LearningTaskRow) -> Any:
+        model = self._models.get(task.id)
+        if model is None:
+            model, _ = self._release_model(task.model, task.base_version)
+            self._models[task.id] = model
+        return model
+
+    def _release_model(self, name: str, version: int) -> tuple[Any, dict[str, bytes]]:
+        """A release's fp32 model (weights inline) and its config/warmup files."""
+        import onnx
+
+        stored = self._registry.release(name, version)
+        if stored is None:
+            raise NotFound(f"no release {name} v{version}")
+        release = parse_release(stored.release_json)
+        extras: dict[str, bytes] = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for entry in release.files:
+                (Path(scratch) / entry.path).parent.mkdir(exist_ok=True)
+                (Path(scratch) / entry.path).write_bytes(self._read_blob(entry.sha256))
+                if entry.path == CONFIG or entry.path.startswith(WARMUP_DIR + "/"):
+                    extras[entry.path] = (Path(scratch) / entry.path).read_bytes()
+            model = onnx.load(str(Path(scratch) / GRAPH))
+        return model, extras
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    async def start(self, spec: pb.LearningSpec) -> int:
+        if self._key is None:
+            raise FailedPrecondition(
+                "this control plane has no learning key (control-plane serve --learning-key "
+                "KEY): learned releases could not be signed, so learning tasks are refused"
+            )
+        spec = spec_defaults(spec)
+        if spec.trainable != "all" and not (
+            spec.trainable.startswith("last:") and spec.trainable[5:].isdigit()
+        ):
+            raise InvalidArgument(f"trainable {spec.trainable!r}: use all or last:N")
+        if spec.optimizer not in ("sgd", "adam"):
+            raise InvalidArgument(f"optimizer {spec.optimizer!r}: use sgd or adam")
+        if not 0 <= spec.trim < 0.5 or spec.clip_norm < 0 or spec.server_lr <= 0:
+            raise InvalidArgument("trim must lie in [0, 0.5), clip_norm >= 0, server_lr > 0")
+        if spec.scope == pb.GROUP and not spec.group:
+            raise InvalidArgument("a group task needs a group")
+        if spec.scope == pb.CANARY and not 0 < spec.canary_percent <= 100:
+            raise InvalidArgument("canary percent must lie in (0, 100]")
+
+        def prepare() -> int:
+            version = spec.base_version or self._registry.newest_version(spec.model)
+            if not version:
+                raise NotFound(f"no release of model {spec.model!r} to learn from")
+            model, _ = self._release_model(spec.model, version)
+            output, _ = training_output(model)
+            names, _ = trainable_names(model, output, spec.trainable)
+            values = {t.name: t for t in model.graph.initializer}
+            from onnx import numpy_helper
+
+            global_values = {n: numpy_helper.to_array(values[n]).astype(np.float32) for n in names}
+            if self._registry.blob(spec.validation_blob) is None:
+                raise InvalidArgument(
+                    f"validation blob {spec.validation_blob!r} was not uploaded (UploadBlob)"
+                )
+            validation = self._read_blob(spec.validation_blob)
+            feeds, labels = read_validation(validation, sorted(self._inputs(model)))
+            base_accuracy = accuracy(model, feeds, labels)
+            blob = self._put_blob(delta.encode(global_values))
+            devices = self._registry.reach(
+                SCOPES[spec.scope], spec.group, spec.canary_percent, spec.model, version
+            )
+            if not devices:
+                raise FailedPrecondition("no enrolled device would take part in this task")
+            stored = pb.LearningSpec()
+            stored.CopyFrom(spec)
+            stored.base_version = version
+            task_id = self._registry.add_task(
+                spec.model,
+                version,
+                stored.SerializeToString(),
+                validation,
+                {n: list(v.shape) for n, v in global_values.items()},
+                devices,
+                base_accuracy,
+                blob.digest,
+            )
+            self._models[task_id] = model
+            log.info(
+                "learn.task_started",
+                task=task_id,
+                model=spec.model,
+                base_version=version,
+                devices=len(devices),
+                trainable=sorted(names),
+                base_accuracy=round(base_accuracy, 4),
+            )
+            return task_id
+
+        task_id = await self._db(prepare)
+        self._notify()
+        return int(task_id)
+
+    async def stop(self, task_id: int) -> None:
+        tasks = await self._db(self._registry.tasks, task_id)
+        if not tasks:
+            raise NotFound(f"no learning task {task_id}")
+        await self._db(self._registry.set_task_state, task_id, STOPPED)
+        log.info("learn.task_stopped", task=task_id)
+        self._notify()
+
+    def assignments(self, device: str) -> list[pb.LearningAssignment]:
+        """The learning part of a device's desired state (called on the registry thread)."""
+        out = []
+        for task in self._registry.device_tasks(device):
+            spec = pb.LearningSpec.FromString(task.spec)
+            info = self._registry.blob(task.global_digest)
+            if info is None:
+                continue
+            out.append(
+                pb.LearningAssignment(
+                    task_id=task.id, model=task.model, base_version=task.base_version,
+                    global_version=task.global_version,
+                    global_weights=pb.BlobRef(
+                        digest=info.digest, size=info.size, chunk_size=info.chunk_size,
+                        chunk_digests=list(info.chunk_digests),
+                    ),
+                    trainable=spec.trainable, epochs=spec.epochs, batch_size=spec.batch_size,
+                    lr=spec.lr, optimizer=spec.optimizer, int8_threshold=spec.int8_threshold,
+                    min_examples=spec.min_examples, train_seconds=spec.train_seconds,
+                    round=task.round,
+                )
+            )  # fmt: skip
+        return out
+
+    async def status(self, task_id: int = 0) -> list[pb.LearningTask]:
+        def read() -> list[pb.LearningTask]:
+            out = []
+            for task in self._registry.tasks(task_id):
+                c = task.counters
+                message = pb.LearningTask(
+                    id=task.id, spec=pb.LearningSpec.FromString(task.spec), state=task.state,
+                    global_version=task.global_version, base_accuracy=task.base_accuracy,
+                    updates_received=c.get("received", 0), updates_applied=c.get("applied", 0),
+                    dropped_stale=c.get("dropped_stale", 0), clipped=c.get("clipped", 0),
+                    refused=c.get("refused", 0), duplicates=c.get("duplicates", 0),
+                    bytes_up=c.get("bytes_up", 0), fp32_bytes_up=c.get("fp32_bytes_up", 0),
+                    devices=len(task.devices), buffered=len(self._registry.buffered(task.id)),
+                )  # fmt: skip
+                for v in self._registry.versions(task.id):
+                    message.versions.append(
+                        pb.GlobalVersion(
+                            version=v.version, accuracy=v.accuracy, accepted=v.accepted,
+                            released_version=v.released, updates=v.updates, at=v.at,
+                        )
+                    )  # fmt: skip
+                out.append(message)
+            return out
+
+        if task_id:
+            found = await self._db(self._registry.tasks, task_id)
+            if not found:
+                raise NotFound(f"no learning task {task_id}")
+        return list(await self._db(read))
+
+    # -- updates --------------------------------------------------------------------------------
+
+    async def receive(self, device: str, header: pb.UpdateChunk, payload: bytes) -> pb.UpdateAck:
+        """A device's update, whole and its digest checked by the caller."""
+        tasks = await self._db(self._registry.tasks, header.task_id)
+        if not tasks:
+            raise NotFound(f"no learning task {header.task_id}")
+        task = tasks[0]
+        if device not in task.devices:
+            raise PermissionDenied(f"this device takes no part in learning task {task.id}")
+        if task.state != RUNNING:
+            raise FailedPrecondition(f"learning task {task.id} is {task.state}")
+        if not 0 < len(header.update_id) <= 64 or not header.update_id.isprintable():
+            raise InvalidArgument("update_id must be 1-64 printable characters")
+        if header.examples < 1 or header.examples > 1 << 40:
+            raise InvalidArgument(f"examples {header.examples}: not a count of examples")
+        spec = pb.LearningSpec.FromString(task.spec)
+        if header.base_global_version > task.global_version:
+            await self._db(self._registry.count, task.id, refused=1)
+            raise InvalidArgument(
+                f"update from global version {header.base_global_version}, which does not "
+                f"exist yet (the task is at {task.global_version})"
+            )
+        known = await self._db(self._registry.update_state, task.id, header.update_id)
+        if known is not None:
+            await self._db(self._registry.count, task.id, duplicates=1)
+            return pb.UpdateAck(state="duplicate", global_version=task.global_version)
+        try:
+            deltas = await asyncio.to_thread(delta.decode, payload, task.shapes)
+            global_values = delta.decode(
+                await asyncio.to_thread(self._read_blob, task.global_digest)
+            )
+            size = delta.norm(deltas)
+            limit = ABSURD_NORM * max(1.0, delta.norm(global_values))
+            if size > limit:
+                raise InvalidArgument(f"update norm {size:.3g} is absurd (over {limit:.3g})")
+        except InvalidArgument:
+            await self._db(self._registry.count, task.id, refused=1)
+            log.warning("learn.update_refused", task=task.id, device=device)
+            raise
+        staleness = task.global_version - header.base_global_version
+        state = "buffered" if staleness <= spec.max_staleness else "dropped_stale"
+        info = await self._db(self._put_blob, payload)
+        row = UpdateRow(
+            header.update_id, device, header.base_global_version, int(header.examples), info.digest
+        )
+        added = await self._db(self._registry.add_update, task.id, row, state, time.time())
+        if not added:  # the same id raced in: counted once
+            await self._db(self._registry.count, task.id, duplicates=1)
+            return pb.UpdateAck(state="duplicate", global_version=task.global_version)
+        fp32 = 4 * sum(int(np.prod(s)) for s in task.shapes.values())
+        await self._db(
+            self._registry.count, task.id, received=1, bytes_up=len(payload), fp32_bytes_up=fp32,
+            **({"dropped_stale": 1} if state == "dropped_stale" else {}),
+        )  # fmt: skip
+        log.info(
+            "learn.update_received", task=task.id, device=device, state=state,
+            staleness=staleness, bytes=len(payload), norm=round(size, 5),
+        )  # fmt: skip
+        if state == "buffered":  # the ack does not wait for the aggregation
+            job = asyncio.ensure_future(self.aggregate_when_full(task.id))
+            self._jobs.add(job)
+            job.add_done_callback(self._jobs.discard)
+        return pb.UpdateAck(state=state, global_version=task.global_version)
+
+    # -- aggregation ----------------------------------------------------------------------------
+
+    async def aggregate_when_full(self, task_id: int) -> None:
+        """Aggregate once `buffer` updates wait (one aggregation at a time per task)."""
+        lock = self._locks.setdefault(task_id, asyncio.Lock())
+        async with lock:
+            try:
+                tasks = await self._db(self._registry.tasks, task_id)
+                if not tasks or tasks[0].state != RUNNING:
+                    return
+                task = tasks[0]
+                spec = pb.LearningSpec.FromString(task.spec)
+                waiting = await self._db(self._registry.buffered, task_id)
+                if len(waiting) < spec.buffer:
+                    return
+                version = await self._db(self._aggregate, task, spec, waiting)
+                if version.accepted:
+                    released = await self._db(self._release, task, spec, version)
+                    await self._db(self._registry.set_released, task_id, version.version, released)
+            except Exception:  # logged; the updates stay buffered and the next one retries
+                log.exception("learn.aggregation_failed", task=task_id)
+                return
+        self._notify()
+
+    def _aggregate(
+        self, task: LearningTaskRow, spec: pb.LearningSpec, waiting: list[UpdateRow]
+    ) -> VersionRow:
+        settings = delta.Aggregation(
+            buffer=spec.buffer, server_lr=spec.server_lr,
+            staleness_exponent=spec.staleness_exponent, max_staleness=spec.max_staleness,
+            clip_norm=spec.clip_norm, trim=spec.trim,
+        )  # fmt: skip
+        updates, clipped = [], 0
+        for row in waiting:
+            deltas = delta.decode(self._read_blob(row.digest), task.shapes)
+            deltas, was_clipped = delta.clip(deltas, spec.clip_norm)
+            clipped += was_clipped
+            updates.append(
+                delta.Update(deltas, row.examples, task.global_version - row.base_global)
+            )
+        step = delta.aggregate(updates, settings)
+        current = delta.decode(self._read_blob(task.global_digest))
+        candidate = {n: (current[n] + step[n]).astype(np.float32) for n in current}
+        model = apply(self._base_model(task), candidate, add=False)
+        feeds, labels = read_validation(task.validation, sorted(self._inputs(model)))
+        score = accuracy(model, feeds, labels)
+        accepted = score >= task.base_accuracy - spec.max_accuracy_drop
+        digest = self._put_blob(delta.encode(candidate)).digest
+        number = max(v.version for v in self._registry.versions(task.id)) + 1
+        version = VersionRow(number, digest, score, accepted, 0, len(updates), time.time())
+        self._registry.advance(
+            task.id,
+            [u.update_id for u in waiting],
+            version,
+            {"applied": len(updates), "clipped": clipped},
+        )
+        self.aggregations += 1
+        self.gated_out += not accepted
+        log.info(
+            "learn.aggregated",
+            task=task.id,
+            candidate=number,
+            updates=len(updates),
+            clipped=clipped,
+            staleness=[u.staleness for u in updates],
+        )
+        log.log(
+            20 if accepted else 30,
+            "learn.gate",
+            task=task.id,
+            candidate=number,
+            accuracy=round(score, 4),
+            base_accuracy=round(task.base_accuracy, 4),
+            max_drop=spec.max_accuracy_drop,
+            accepted=accepted,
+        )
+        return version
+
+    @staticmethod
+    def _inputs(model: Any) -> set[str]:
+        initializers = {t.name for t in model.graph.initializer}
+        return {i.name for i in model.graph.input if i.name not in initializers}
+
+    def _release(self, task: LearningTaskRow, spec: pb.LearningSpec, version: VersionRow) -> int:
+        """The accepted candidate as the model's next release, signed with the learning key,
+        registered and rolled out to the task's devices. Returns its model version."""
+        import onnx
+
+        assert self._key is not None
+        candidate = delta.decode(self._read_blob(version.digest))
+        model = apply(self._base_model(task), candidate, add=False)
+        _, extras = self._release_model(task.model, task.base_version)
+        number = self._registry.newest_version(task.model) + 1
+        with tempfile.TemporaryDirectory() as scratch:
+            root = Path(scratch)
+            onnx.save(model, str(root / "learned.onnx"))
+            extra_files = {}
+            for name, content in extras.items():
+                (root / "extras" / name).parent.mkdir(parents=True, exist_ok=True)
+                (root / "extras" / name).write_bytes(content)
+                extra_files[name] = root / "extras" / name
+            out = root / "release"
+            release = build_release(
+                root / "learned.onnx", task.model, number, out, DEFAULT_LIFETIME_SECONDS,
+                extras=extra_files,
+            )  # fmt: skip
+            signature = signing.sign_directory(out, self._key)
+            for entry in release.files:
+                self._put_blob((out / entry.path).read_bytes())
+            release_json = (out / "release.json").read_bytes()
+        self._registry.add_release(
+            task.model, number, release_json, signature, {f.sha256 for f in release.files}
+        )
+        rollout = self._registry.set_target(
+            task.model, number, SCOPES.get(spec.scope, FLEET), spec.group, spec.canary_percent
+        )
+        log.info(
+            "learn.released",
+            task=task.id,
+            candidate=version.version,
+            model=task.model,
+            version=number,
+            rollout=rollout.id,
+            accuracy=round(version.accuracy, 4),
+        )
+        return number
+
+    async def recover(self) -> None:
+        """At start: aggregate what a crash left buffered; release an accepted global that a
+        crash left unreleased."""
+        tasks = await self._db(self._registry.tasks)
+        for task in tasks:
+            if task.state != RUNNING:
+                continue
+            versions = await self._db(self._registry.versions, task.id)
+            current = next(v for v in versions if v.version == task.global_version)
+            if current.accepted and not current.released and self._key is not None:
+                spec = pb.LearningSpec.FromString(task.spec)
+                released = await self._db(self._release, task, spec, current)
+                await self._db(self._registry.set_released, task.id, current.version, released)
+            await self.aggregate_when_full(task.id)

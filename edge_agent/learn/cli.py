@@ -1,0 +1,233 @@
+"""`edge-agent examples import` (labelled examples into an agent, through SubmitExamples) and
+`edge-agent learn start|status|stop` (learning tasks on the control plane).
+
+Errors are one line on stderr and exit 1; bad arguments exit 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from edge_agent._proto import examples_pb2 as epb
+from edge_agent._proto import examples_pb2_grpc as epb_grpc
+from edge_agent._proto import fleet_pb2 as pb
+from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.api.tensors import encode
+from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.fleet import auth
+from edge_agent.fleet.client import _upload_chunks, channel_credentials, open_channel, table
+
+EXIT_OK, EXIT_FAILED = 0, 1
+CALL_BYTES = 2 << 20  # rows per SubmitExamples call: about this many bytes
+
+
+def load_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except Exception as exc:  # numpy raises ValueError, BadZipFile, OSError, ...
+        raise ConfigError(f"{path}: not a readable .npz ({exc})") from exc
+    if "labels" not in arrays:
+        raise ConfigError(f"{path}: needs a `labels` array (one class index per row)")
+    return arrays, arrays.pop("labels")
+
+
+def import_examples(args: argparse.Namespace) -> int:
+    inputs, labels = load_npz(args.data)
+    rows = len(labels)
+    row_bytes = max(1, sum(v.nbytes // max(1, len(v)) for v in inputs.values()))
+    step = max(1, min(4096, CALL_BYTES // row_bytes))
+    meta = auth.metadata(auth.read_token(args.token_file)) if args.token_file else ()
+    credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    accepted = stored = dropped = 0
+    with open_channel(args.url, credentials) as channel:
+        stub = epb_grpc.ExampleServiceStub(channel)
+        for start in range(0, rows, step):
+            request = epb.SubmitExamplesRequest(
+                model_name=args.model, labels=labels[start : start + step].tolist()
+            )
+            for name, value in inputs.items():
+                datatype, shape, raw = encode(np.ascontiguousarray(value[start : start + step]))
+                request.inputs.add(name=name, datatype=datatype, shape=shape)
+                request.raw_input_contents.append(raw)
+            answer = stub.SubmitExamples(request, metadata=meta, timeout=60)
+            accepted += answer.accepted
+            stored, dropped = answer.stored, dropped + answer.dropped
+    print(
+        f"{args.model}: {accepted} examples accepted; the agent holds {stored} ({dropped} dropped)"
+    )
+    return EXIT_OK
+
+
+def _upload_blob(stub: pb_grpc.FleetServiceStub, meta: object, path: Path) -> str:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    missing = stub.MissingBlobs(pb.MissingBlobsRequest(digests=[digest]), metadata=meta, timeout=60)
+    if digest in missing.missing:
+        stub.UploadBlob(_upload_chunks(digest, path), metadata=meta, timeout=600)
+    return digest
+
+
+def _task_line(t: pb.LearningTask) -> str:
+    last = t.versions[-1] if t.versions else None
+    released = [v for v in t.versions if v.released_version and v.version]
+    return (
+        f"task {t.id}: {t.spec.model} from v{t.spec.base_version} {t.state}, {t.devices} devices; "
+        f"global version {t.global_version}, updates {t.updates_received} received / "
+        f"{t.updates_applied} applied / {t.dropped_stale} stale / {t.clipped} clipped / "
+        f"{t.refused} refused; accuracy base {t.base_accuracy:.4f}"
+        + (f", last candidate {last.accuracy:.4f}" if last and last.version else "")
+        + (f"; released v{released[-1].released_version}" if released else "")
+    )
+
+
+def learn(args: argparse.Namespace) -> int:
+    meta = auth.metadata(auth.read_token(args.token_file))
+    credentials = channel_credentials(args.control_plane_ca)
+    with open_channel(args.control_plane, credentials) as channel:
+        stub = pb_grpc.FleetServiceStub(channel)
+        if args.action == "start":
+            spec = pb.LearningSpec(
+                model=args.model,
+                base_version=args.base_version or 0,
+                trainable=args.trainable,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                optimizer=args.optimizer,
+                buffer=args.buffer,
+                server_lr=args.server_lr,
+                staleness_exponent=args.staleness_exponent,
+                max_staleness=args.max_staleness,
+                clip_norm=args.clip_norm,
+                trim=args.trim,
+                int8_threshold=args.int8_threshold,
+                max_accuracy_drop=args.max_accuracy_drop,
+                min_examples=args.min_examples,
+                train_seconds=args.train_seconds,
+                scope=pb.FLEET,
+            )
+            if args.group:
+                spec.scope, spec.group = pb.GROUP, args.group
+            elif args.canary is not None:
+                spec.scope, spec.canary_percent = pb.CANARY, args.canary
+            load_npz(args.validation)  # a bad file fails here, not on the control plane
+            spec.validation_blob = _upload_blob(stub, meta, args.validation)
+            task = stub.StartLearning(
+                pb.StartLearningRequest(spec=spec), metadata=meta, timeout=300
+            )
+            if args.json:
+                print(json_format.MessageToJson(task, preserving_proto_field_name=True))
+            else:
+                print(task.id)
+            return EXIT_OK
+        if args.action == "stop":
+            task = stub.StopLearning(
+                pb.StopLearningRequest(task_id=args.task), metadata=meta, timeout=60
+            )
+            print(json_format.MessageToJson(task) if args.json else _task_line(task))
+            return EXIT_OK
+        status = stub.LearningStatus(
+            pb.LearningStatusRequest(task_id=args.task or 0), metadata=meta, timeout=60
+        )
+    if args.json:
+        print(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        return EXIT_OK
+    for task in status.tasks:
+        print(_task_line(task))
+        rows = [
+            [
+                str(v.version), f"{v.accuracy:.4f}", "yes" if v.accepted else "no",
+                f"v{v.released_version}" if v.released_version else "-", str(v.updates),
+            ]
+            for v in task.versions
+        ]  # fmt: skip
+        print(table(["GLOBAL", "ACCURACY", "ACCEPTED", "RELEASED", "UPDATES"], rows))
+        if task.fp32_bytes_up:
+            share = task.bytes_up / task.fp32_bytes_up
+            print(f"uplink: {task.bytes_up:,} B, {share:.0%} of the same updates in fp32")
+    return EXIT_OK
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    try:
+        return import_examples(args) if command == "examples" else learn(args)
+    except grpc.RpcError as exc:
+        print(f"edge-agent {command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except (EdgeAgentError, OSError, json.JSONDecodeError) as exc:
+        print(f"edge-agent {command}: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    examples = commands.add_parser("examples", help="hand an agent labelled examples")
+    actions = examples.add_subparsers(dest="action", required=True, metavar="ACTION")
+    imp = actions.add_parser(
+        "import",
+        help="send the examples of an .npz to an agent (SubmitExamples)",
+        description="Send every row of DATA (arrays named after the model's inputs, plus "
+        "`labels`: one class index per row) to the agent, which checks and keeps them for "
+        "learning.",
+    )
+    imp.add_argument(
+        "--url", default="127.0.0.1:8003", help="HOST:PORT of the agent's control listener"
+    )
+    imp.add_argument("--model", required=True, help="the model the examples are for")
+    imp.add_argument("--data", required=True, type=Path, help=".npz of inputs and labels")
+    imp.add_argument("--token-file", type=Path, help="the control listener's bearer token")
+    imp.add_argument("--tls-ca", type=Path, help="PEM CA to verify a TLS listener with")
+    imp.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
+    imp.add_argument("--tls-key", type=Path, help="PEM client key (mTLS)")
+
+    learn_parser = commands.add_parser("learn", help="start, watch and stop learning tasks")
+    steps = learn_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def remote(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--control-plane", required=True, help="HOST:PORT")
+        parser.add_argument("--token-file", required=True, type=Path, help="publisher token")
+        parser.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS")
+        parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+
+    start = steps.add_parser("start", help="start a learning task; prints its id")
+    remote(start)
+    start.add_argument("--model", required=True, help="the model to train")
+    start.add_argument("--validation", required=True, type=Path, help=".npz with labels: the gate")
+    start.add_argument("--base-version", type=int, help="release to start from (newest)")
+    where = start.add_mutually_exclusive_group()
+    where.add_argument("--group", help="only the devices of this group take part")
+    where.add_argument("--canary", type=float, metavar="PCT", help="PCT%% of the devices")
+    start.add_argument("--buffer", type=int, default=4, help="K: updates per aggregation (4)")
+    start.add_argument("--trainable", default="all", help="all | last:N (all)")
+    start.add_argument("--epochs", type=int, default=1, help="local epochs per round (1)")
+    start.add_argument("--batch-size", type=int, default=32, help="local batch size (32)")
+    start.add_argument("--lr", type=float, default=0.01, help="local learning rate (0.01)")
+    start.add_argument("--optimizer", default="sgd", help="sgd | adam (sgd)")
+    start.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1)")
+    start.add_argument(
+        "--staleness-exponent", type=float, default=0.5, help="a in (1+tau)^-a (0.5)"
+    )
+    start.add_argument("--max-staleness", type=int, default=10, help="older updates dropped")
+    start.add_argument("--clip-norm", type=float, default=0.0, help="L2 clip per update (0: off)")
+    start.add_argument("--trim", type=float, default=0.0, help="trimmed-mean share per side")
+    start.add_argument(
+        "--int8-threshold", type=int, default=1024, help="int8 deltas above this many elements"
+    )
+    start.add_argument(
+        "--max-accuracy-drop", type=float, default=0.01, help="the gate: below base - D, no release"
+    )
+    start.add_argument(
+        "--min-examples", type=int, default=16, help="a device trains from this many"
+    )
+    start.add_argument("--train-seconds", type=float, default=300.0, help="local time budget")
+    for name in ("status", "stop"):
+        step = steps.add_parser(name, help=f"{name} learning tasks")
+        remote(step)
+        step.add_argument("--task", type=int, required=name == "stop", help="the task id")

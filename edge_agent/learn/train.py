@@ -1,0 +1,145 @@
+"""Training an ONNX model's initializers on labelled examples, with PyTorch autograd.
+
+The training output is the model's first float output of rank 2 (class scores); when a Softmax
+produces it, the Softmax's input (the logits) is trained with cross-entropy, else the output
+itself is taken as logits. `trainable`:
+- "all": every float initializer the training output depends on;
+- "last:N": the last N weight-carrying layers (Gemm, MatMul, Conv, ConvTranspose with an
+  initializer weight) and everything after them (their biases, batch norms). The frozen part
+  before them runs once in ONNX Runtime to produce features, and only the head runs in PyTorch
+  for every epoch: what a weak device can afford.
+The converted module is checked against ONNX Runtime on the examples before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edge_agent.errors import InvalidArgument
+from edge_agent.learn.graph import OnnxModule, check_against_onnxruntime
+from edge_agent.learn.onnxinfo import (
+    features,
+    initializer_values,
+    trainable_names,
+    training_output,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    trainable: str = "all"  # "all" or "last:N"
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "sgd"  # sgd | adam
+    seconds: float = 600.0  # time budget: training stops at the end of the epoch past it
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trainable != "all" and not (
+            self.trainable.startswith("last:") and self.trainable[5:].isdigit()
+        ):
+            raise InvalidArgument(f"trainable {self.trainable!r}: use all or last:N")
+        if self.optimizer not in ("sgd", "adam"):
+            raise InvalidArgument(f"optimizer {self.optimizer!r}: use sgd or adam")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise InvalidArgument("epochs, batch_size and lr must be positive")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    deltas: dict[str, np.ndarray]
+    loss_before: float
+    loss_after: float
+    epochs: int
+    examples: int
+    seconds: float
+    check_error: float
+
+
+def train(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    spec: TrainSpec,
+    loss: Any = None,
+    masks: Mapping[str, np.ndarray] | None = None,
+) -> TrainResult:
+    """Train `model`'s initializers on the examples; returns trained - original per trainable
+    tensor. `loss(logits, labels, rows)` replaces cross-entropy (distillation); `masks` (name ->
+    0/1 array) keep those weights' zeros at zero (fine-tuning a pruned model)."""
+    import torch
+
+    torch.manual_seed(spec.seed)
+    started = time.monotonic()
+    output, _ = training_output(model)
+    names, inputs = trainable_names(model, output, spec.trainable)
+    values = initializer_values(model)
+    data = features(model, feeds, inputs)
+    module = OnnxModule(model.graph, inputs, [output], names, values)
+    rows_checked = min(32, len(labels))
+    check_error = check_against_onnxruntime(
+        model,
+        module,
+        {k: v[:rows_checked] for k, v in feeds.items()},
+        {k: v[:rows_checked] for k, v in data.items()},
+    )
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in data.items()}
+    target = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    rows = int(target.shape[0])
+    parameters = list(module.parameters_by_name.values())
+    if not parameters:
+        raise InvalidArgument("nothing to train: no float initializer feeds the output")
+    optimizer = (
+        torch.optim.Adam(parameters, lr=spec.lr)
+        if spec.optimizer == "adam"
+        else torch.optim.SGD(parameters, lr=spec.lr)
+    )
+    mask_tensors = {
+        name: torch.from_numpy(np.asarray(m, dtype=np.float32))
+        for name, m in (masks or {}).items()
+        if name in module.parameters_by_name
+    }
+
+    def objective(batch: Any, index: Any) -> Any:
+        logits = module(batch)[output]
+        if loss is not None:
+            return loss(logits, target[index], index)
+        return torch.nn.functional.cross_entropy(logits, target[index])
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            everything = torch.arange(rows)
+            return float(objective(tensors, everything))
+
+    before = evaluate()
+    epochs = 0
+    generator = torch.Generator().manual_seed(spec.seed)
+    for _ in range(spec.epochs):
+        order = torch.randperm(rows, generator=generator)
+        for start in range(0, rows, spec.batch_size):
+            index = order[start : start + spec.batch_size]
+            batch = {k: v[index] for k, v in tensors.items()}
+            optimizer.zero_grad()
+            objective(batch, index).backward()
+            optimizer.step()
+            if mask_tensors:
+                with torch.no_grad():
+                    for name, mask in mask_tensors.items():
+                        module.parameters_by_name[name].mul_(mask)
+        epochs += 1
+        if time.monotonic() - started > spec.seconds:
+            break
+    deltas = {
+        name: (p.detach().numpy() - values[name]).astype(np.float32)
+        for name, p in module.parameters_by_name.items()
+    }
+    return TrainResult(
+        deltas, before, evaluate(), epochs, rows, time.monotonic() - started, check_error
+    )
