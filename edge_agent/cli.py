@@ -153,11 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--log-format", default="auto", help="auto|json|console")
 
     from edge_agent.compress.cli import add_arguments as add_optimize
+    from edge_agent.compress.cli import add_distill_arguments
     from edge_agent.fleet.client import add_arguments
     from edge_agent.learn.cli import add_arguments as add_learning
 
     add_arguments(commands)
     add_optimize(commands)
+    add_distill_arguments(commands)
     add_learning(commands)
 
     infer = commands.add_parser("infer", help="send one inference request to an agent")
@@ -212,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "control-plane":
         return _control_plane(args)
-    if args.command == "optimize":
+    if args.command in ("optimize", "distill"):
         from edge_agent.compress.cli import run as optimize
 
         return optimize(args)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +16,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_sync import Fleet
 
 from conftest import ROOT, Daemon, wait_for
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.fleet import auth, signing
 from edge_agent.learn import delta
-from test_sync import Fleet
 
 pytest.importorskip("torch", reason="the learn extra (PyTorch) is part of the test install")
 
@@ -139,7 +138,11 @@ def test_the_fleet_learns_and_ships_a_signed_gated_release(fleet: LearningFleet)
         version = wait_for(released, "a learned release", timeout=60)
     except AssertionError:
         for name, a in [("cp", fleet.cp), *agents.items()]:
-            print(name, [e for e in a.events if "learn" in e.get("event", "") or "error" in str(e)][-6:], a.stderr[-5:])
+            print(
+                name,
+                [e for e in a.events if "learn" in e.get("event", "") or "error" in str(e)][-6:],
+                a.stderr[-5:],
+            )
         raise
     assert version == 2
     for d in devices:  # rolled out through the ordinary rollout path, to every device
@@ -180,3 +183,355 @@ def _serving_version(fleet: Fleet, device: str) -> int:
                 if r.model == "digits":
                     return int(r.serving_version)
     return 0
+
+
+def digits_split(tmp: Path) -> tuple[Path, Path]:
+    """scikit-learn's digits, split as scripts/make_digits_model.py does: the shipped model was
+    trained on `train.npz`; `validation.npz` is the shipped held-out set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32), digits.target.astype(np.int64)
+    x_train, x_val, y_train, _ = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    assert np.allclose(x_val, np.load(DIGITS / "validation.npz")["input"])
+    np.savez(tmp / "train.npz", input=x_train, labels=y_train)
+    return tmp / "train.npz", DIGITS / "validation.npz"
+
+
+def small_student(path: Path, hidden: int = 15) -> Path:
+    """An untrained MLP 64 -> hidden -> 10 with the shipped model's inputs and outputs."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {
+        "w1": (rng.standard_normal((64, hidden)) * 0.1).astype(np.float32),
+        "b1": np.zeros(hidden, np.float32),
+        "w2": (rng.standard_normal((hidden, 10)) * 0.1).astype(np.float32),
+        "b2": np.zeros(10, np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["l"]),
+        helper.make_node("Add", ["l", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        helper.make_node("ArgMax", ["logits"], ["label"], axis=-1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "student",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def ort_top1(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"input": x})[0].argmax(axis=1)  # type: ignore[no-any-return]
+
+
+def nonzero_params(path: Path) -> tuple[int, int]:
+    model = onnx.load(str(path))
+    values = [numpy_helper.to_array(t) for t in model.graph.initializer]
+    return sum(v.size for v in values), sum(int(np.count_nonzero(v)) for v in values)
+
+
+def test_distill_and_fine_tune_through_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    train_npz, validation_npz = digits_split(tmp_path)
+    val = np.load(validation_npz)
+    x, y = val["input"].astype(np.float32), val["labels"]
+    teacher = DIGITS / "1" / "model.onnx"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edge_agent", *args], cwd=ROOT, capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+
+    # Distillation: a student 4x smaller than the teacher, trained on its soft outputs.
+    student = small_student(tmp_path / "student.onnx")
+    out = tmp_path / "distilled.onnx"
+    done = cli(
+        "distill", "--teacher", str(teacher), "--student", str(student), "--data",
+        str(train_npz), "--validation", str(validation_npz), "--out", str(out),
+        "--report", str(tmp_path / "d.json"), "--max-accuracy-drop", "0.05",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "d.json").read_text())
+    teacher_top, out_top = ort_top1(teacher, x), ort_top1(out, x)
+    assert report["size_bytes"] == {"before": teacher.stat().st_size, "after": out.stat().st_size}
+    assert report["parameters"]["before"]["total"] == nonzero_params(teacher)[0]
+    total, _ = nonzero_params(out)
+    assert report["parameters"]["after"]["total"] == total
+    assert report["parameters"]["before"]["total"] >= 4 * total  # >= 4x smaller
+    v = report["validation"]
+    assert v["accuracy_before"] == pytest.approx(float(np.mean(teacher_top == y)))
+    assert v["accuracy_after"] == pytest.approx(float(np.mean(out_top == y)))
+    assert v["top1_agreement"] == pytest.approx(float(np.mean(teacher_top == out_top)))
+    assert v["student_accuracy_before"] == pytest.approx(float(np.mean(ort_top1(student, x) == y)))
+    assert v["accuracy_after"] > v["student_accuracy_before"] + 0.5  # it learned
+    # The guard: a bound it cannot meet leaves no OUT and exits 1.
+    refused = cli(
+        "distill", "--teacher", str(teacher), "--student", str(student), "--data",
+        str(train_npz), "--out", str(tmp_path / "no.onnx"), "--epochs", "1",
+        "--max-accuracy-drop", "0.0001", "--validation", str(validation_npz),
+    )  # fmt: skip
+    assert refused.returncode == 1 and not (tmp_path / "no.onnx").exists()
+
+    # Pruning 50%, then fine-tuning with the mask held fixed: the zeros stay, accuracy returns.
+    pruned_only, tuned = tmp_path / "pruned.onnx", tmp_path / "tuned.onnx"
+    assert cli(
+        "optimize", str(teacher), "--mode", "prune", "--out", str(pruned_only),
+    ).returncode == 0  # fmt: skip
+    done = cli(
+        "optimize", str(teacher), "--mode", "prune", "--fine-tune", str(train_npz),
+        "--validation", str(validation_npz), "--out", str(tuned), "--report",
+        str(tmp_path / "p.json"), "--max-accuracy-drop", "0.02",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["fine_tuned"] is True
+    matrices = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(tuned)).graph.initializer
+        if len(t.dims) == 2
+    ]
+    pruned_matrices = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(pruned_only)).graph.initializer
+        if len(t.dims) == 2
+    ]
+    for m, p in zip(matrices, pruned_matrices, strict=True):
+        assert np.all(m[p == 0] == 0)  # the pruning mask held
+    assert report["parameters"]["after"]["nonzero"] == nonzero_params(tuned)[1]
+    tuned_accuracy = float(np.mean(ort_top1(tuned, x) == y))
+    pruned_accuracy = float(np.mean(ort_top1(pruned_only, x) == y))
+    assert report["validation"]["accuracy_after"] == pytest.approx(tuned_accuracy)
+    assert tuned_accuracy > pruned_accuracy + 0.1  # pruning alone: ~0.75
+
+
+def test_the_agent_without_the_extra_refuses_learning(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no torch in this test')\n")
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    key = tmp_path / "k.pub"
+    key.write_text("x")
+    (tmp_path / "state").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "serve", "--learn", "--control-plane",
+         "127.0.0.1:1", "--device-id", "d", "--device-token-file", str(token),
+         "--trusted-key", str(key), "--state-dir", str(tmp_path / "state"),
+         "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
+         "--control-address", "127.0.0.1:0", "--model-repository", str(ROOT / "models")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "shadow")},
+    )  # fmt: skip
+    assert done.returncode == 78
+    assert "pip install 'edge-agent[learn]'" in done.stderr
+
+
+class FakeDevice:
+    """A device speaking the real protocol without an agent: it polls for its assignment,
+    fetches the global weights, and uploads updates it makes up (honest, poisoned, malformed)."""
+
+    def __init__(self, fleet: LearningFleet, device: str) -> None:
+        self.meta = auth.metadata(auth.read_token(fleet.tmp / f"{device}.token"), device)
+        self.stub = pb_grpc.FleetServiceStub(grpc.insecure_channel(fleet.address))
+
+    def assignment(self) -> pb.LearningAssignment:
+        state = self.stub.WatchDesiredState(pb.WatchRequest(wait_ms=0), metadata=self.meta)
+        (task,) = state.learning
+        return task
+
+    def global_weights(self) -> dict[str, np.ndarray]:
+        ref = self.assignment().global_weights
+        data = b"".join(
+            c.data
+            for c in self.stub.GetBlob(pb.GetBlobRequest(digest=ref.digest), metadata=self.meta)
+        )
+        return delta.decode(data)
+
+    def upload(
+        self, payload: bytes, update_id: str | None = None, base: int | None = None, task: int = 0
+    ) -> pb.UpdateAck:
+        assignment = self.assignment()
+        header = pb.UpdateChunk(
+            task_id=task or assignment.task_id,
+            update_id=update_id or uuid.uuid4().hex,
+            base_global_version=assignment.global_version if base is None else base,
+            examples=50,
+            size=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+            data=payload,
+        )
+        return self.stub.UploadUpdate(iter([header]), metadata=self.meta, timeout=30)
+
+
+def test_updates_replayed_poisoned_malformed_and_a_restart(fleet: LearningFleet) -> None:
+    parts = split()
+    base = weak_base(fleet.tmp / "base" / "digits" / "1" / "model.onnx")
+    devices = [f"d{i}" for i in range(4)]
+    for d in devices:
+        fleet.add_device(d)
+    fleet.cli(
+        "publish", str(base), "--model", "digits", "--version", "1", "--control-plane",
+        fleet.address, "--signing-key", str(fleet.key), "--token-file", str(fleet.token_file),
+    )  # fmt: skip
+    validation = fleet.npz("validation", *parts["validation"])
+    task_id = int(
+        fleet.learn(
+            "start", "--model", "digits", "--validation", str(validation), "--buffer", "4",
+            "--trainable", "last:1", "--clip-norm", "5", "--trim", "0.25",
+            "--max-accuracy-drop", "0.0",
+        ).stdout
+    )  # fmt: skip
+    fake = {d: FakeDevice(fleet, d) for d in devices}
+    current = fake["d0"].global_weights()
+    assert sorted(current) == ["b2", "w2"]
+    shipped = onnx.load(str(DIGITS / "1" / "model.onnx"))
+    good = {t.name: numpy_helper.to_array(t) for t in shipped.graph.initializer}
+    honest = {n: 0.5 * (good[n] - current[n]) for n in current}  # halfway to a good head
+
+    def refused(payload: bytes, **kwargs: Any) -> str:
+        with pytest.raises(grpc.RpcError) as bad:
+            fake["d1"].upload(payload, **kwargs)
+        return f"{bad.value.code().name}: {bad.value.details()}"
+
+    # Malformed updates: refused with the reason, counted, never aggregated.
+    assert "not the task's trainable" in refused(delta.encode({"w1": honest["w2"]}))
+    assert "shape" in refused(delta.encode({"w2": honest["w2"][:5], "b2": honest["b2"]}))
+    nan = {**honest, "b2": np.full(10, np.nan, np.float32)}
+    assert "NaN" in refused(delta.encode(nan))
+    absurd = {n: v * 1e9 for n, v in honest.items()}
+    assert "absurd" in refused(delta.encode(absurd))
+    assert "not a tensor set" in refused(b"\x10\x00\x00\x00garbage")
+    assert "does not exist yet" in refused(delta.encode(honest), base=99)
+    assert refused(delta.encode(honest), task=999).startswith("NOT_FOUND")
+    stranger = fleet.add_device("stranger")  # enrolled after the task: not a participant
+    outsider = auth.metadata(auth.read_token(stranger), "stranger")
+    valid = delta.encode(honest)
+    header = pb.UpdateChunk(
+        task_id=task_id, update_id="x", examples=1, size=len(valid),
+        sha256=hashlib.sha256(valid).hexdigest(), data=valid,
+    )  # fmt: skip
+    with pytest.raises(grpc.RpcError) as not_part:
+        fake["d0"].stub.UploadUpdate(iter([header]), metadata=outsider, timeout=10)
+    assert not_part.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert fleet.task(task_id).refused == 7
+
+    # Two honest updates, one of them replayed: applied once.
+    payload = delta.encode(honest, int8_threshold=16)
+    assert fake["d0"].upload(payload, update_id="u-0").state == "buffered"
+    assert fake["d0"].upload(payload, update_id="u-0").state == "duplicate"
+    assert fake["d1"].upload(payload, update_id="u-1").state == "buffered"
+    assert fleet.task(task_id).buffered == 2
+    # The control plane restarts with two accepted updates in its buffer: none is lost.
+    fleet.restart_control_plane(kill=True)
+    fake = {d: FakeDevice(fleet, d) for d in devices}
+    assert fleet.task(task_id).buffered == 2
+    assert fake["d0"].upload(payload, update_id="u-0").state == "duplicate"  # still known
+    # A poisoned device: its update scaled x100 and sign-flipped; clipped and trimmed away.
+    poison = {n: -100 * v for n, v in honest.items()}
+    fake["d2"].upload(delta.encode(poison), update_id="u-2")
+    fake["d3"].upload(payload, update_id="u-3")
+
+    def aggregated() -> pb.LearningTask | None:
+        task = fleet.task(task_id)
+        return task if len(task.versions) > 1 else None
+
+    task = wait_for(aggregated, "the first aggregation")
+    assert task.updates_applied == 4 and task.duplicates == 2 and task.clipped >= 1
+    candidate = task.versions[1]
+    assert candidate.updates == 4
+    assert candidate.accuracy >= task.base_accuracy  # the poison did not pull it below the gate
+    assert candidate.accepted and candidate.accuracy > task.base_accuracy + 0.2
+    assert wait_for(lambda: fleet.task(task_id).versions[1].released_version, "its release") == 2
+    assert fleet.task(task_id).global_version == 1
+
+
+def test_examples_are_checked_and_kept_within_bounds(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    from edge_agent._proto import examples_pb2 as epb
+    from edge_agent._proto import examples_pb2_grpc as epb_grpc
+
+    repo = tmp_path / "repo"
+    import shutil
+
+    shutil.copytree(DIGITS, repo / "digits")
+    state = tmp_path / "state"
+    state.mkdir()
+    agent = start_daemon(
+        "--model-repository", str(repo), "--state-dir", str(state),
+        "--execution-providers", "cpu", env={"EDGE_AGENT_EXAMPLES_MAX_BYTES": "12000"},
+    ).wait_started()  # fmt: skip
+    x, y = split()["edge-0"]
+
+    def request(rows: np.ndarray, labels: Any, **tensor: Any) -> epb.SubmitExamplesRequest:
+        r = epb.SubmitExamplesRequest(model_name="digits", labels=list(labels))
+        fields = {"name": "input", "datatype": "FP32", "shape": list(rows.shape), **tensor}
+        r.inputs.add(**fields)
+        r.raw_input_contents.append(rows.astype(np.float32).tobytes())
+        return r
+
+    def submit(address: str, r: epb.SubmitExamplesRequest) -> Any:
+        with grpc.insecure_channel(address) as channel:
+            return epb_grpc.ExampleServiceStub(channel).SubmitExamples(r, timeout=10)
+
+    def refused(r: epb.SubmitExamplesRequest, address: str | None = None) -> str:
+        with pytest.raises(grpc.RpcError) as bad:
+            submit(address or agent.control_url, r)
+        return f"{bad.value.code().name}: {bad.value.details()}"
+
+    assert submit(agent.control_url, request(x[:10], y[:10])).accepted == 10
+    store = state / "examples" / "digits"
+    kept = sorted(p.name for p in store.iterdir())
+    bad = {
+        "names": refused(request(x[:4], y[:4], name="pixels")),
+        "shape": refused(request(x[:4, :32], y[:4], shape=[4, 32])),
+        "dtype": refused(request(x[:4], y[:4], datatype="FP64")),
+        "nan": refused(request(np.full((2, 64), np.nan), [1, 2])),
+        "label range": refused(request(x[:2], [3, 10])),
+        "label count": refused(request(x[:3], y[:2])),
+    }
+    assert "unknown input 'pixels'" in bad["names"]
+    assert "shape" in bad["shape"] and "FP64" in bad["dtype"] and "NaN" in bad["nan"]
+    assert "0..9" in bad["label range"] and "one label per row" in bad["label count"]
+    assert all(v.startswith("INVALID_ARGUMENT") for v in bad.values()), bad
+    assert sorted(p.name for p in store.iterdir()) == kept  # nothing of them stored
+    # The inference listener takes examples only for models that say so.
+    denied = refused(request(x[:2], y[:2]), agent.url)
+    assert denied.startswith("PERMISSION_DENIED") and "accept_examples" in denied
+    # The store keeps at most examples_max_bytes: the oldest submissions go first.
+    dropped = 0
+    for start in range(0, 80, 10):
+        dropped += submit(
+            agent.control_url, request(x[start : start + 10], y[start : start + 10])
+        ).dropped
+    assert dropped > 0
+    assert sum(p.stat().st_size for p in store.iterdir()) <= 12000
+    text = (
+        __import__("urllib.request").request.urlopen(agent.metrics_url, timeout=10).read().decode()
+    )
+    assert 'edge_agent_examples_refused_total{model="digits"} 6.0' in text
+    assert 'edge_agent_examples_dropped_total{model="digits"}' in text

@@ -40,6 +40,15 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         help="refuse OUT when accuracy falls by more than D (0.01 = one point); needs labels",
     )
     opt.add_argument(
+        "--fine-tune",
+        type=Path,
+        metavar="DATA.npz",
+        help="prune: then train on these labelled examples with the pruning mask held fixed "
+        "(needs edge-agent[learn])",
+    )
+    opt.add_argument("--fine-tune-epochs", type=int, default=20, help="fine-tune: epochs (20)")
+    opt.add_argument("--fine-tune-lr", type=float, default=0.001, help="fine-tune: Adam lr")
+    opt.add_argument(
         "--fp16-io",
         action="store_true",
         help="fp16: make inputs and outputs float16 too (default: they stay float32)",
@@ -50,6 +59,85 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         metavar="OP,OP",
         help="fp16: more op types to keep in float32 (beyond ONNX Runtime's default list)",
     )
+
+
+def add_distill_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    dist = commands.add_parser(
+        "distill",
+        help="train a smaller student on a teacher's soft outputs, and report",
+        description="Knowledge distillation (needs edge-agent[learn]): the student learns the "
+        "teacher's softened outputs (temperature T) and, where DATA has labels, the labels "
+        "(weight 1 - alpha). The report compares the student with the teacher.",
+    )
+    dist.add_argument("--teacher", required=True, type=Path, metavar="T.onnx")
+    dist.add_argument("--student", required=True, type=Path, metavar="S.onnx")
+    dist.add_argument("--data", required=True, type=Path, metavar="X.npz", help="training inputs")
+    dist.add_argument("--out", required=True, type=Path, metavar="OUT.onnx")
+    dist.add_argument("--temperature", type=float, default=4.0, help="T (4)")
+    dist.add_argument("--alpha", type=float, default=0.7, help="weight of the soft loss (0.7)")
+    dist.add_argument("--epochs", type=int, default=30, help="(30)")
+    dist.add_argument("--lr", type=float, default=0.003, help="Adam learning rate (0.003)")
+    dist.add_argument(
+        "--validation", type=Path, metavar="NPZ", help="inputs + labels to measure (default DATA)"
+    )
+    dist.add_argument("--report", type=Path, metavar="REPORT.json")
+    dist.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="D",
+        help="refuse OUT when the student is more than D below the teacher; needs labels",
+    )
+
+
+def build_distilled(args: argparse.Namespace) -> dict[str, Any]:
+    from edge_agent.compress.finetune import distill
+
+    teacher, student = _load_model(args.teacher), _load_model(args.student)
+    feeds, labels = load_set(args.data, student, "data")
+    validation, val_labels = (
+        load_set(args.validation, student, "validation")
+        if args.validation is not None
+        else (feeds, labels)
+    )
+    if args.max_accuracy_drop is not None and val_labels is None:
+        raise InvalidArgument("--max-accuracy-drop needs labels in the validation set")
+    out = distill(
+        teacher, student, feeds, labels, args.temperature, args.alpha, args.epochs, args.lr
+    )
+    data = out.SerializeToString()
+    teacher_bytes = args.teacher.read_bytes()
+    teacher_session = report.session(teacher.SerializeToString())
+    result: dict[str, Any] = {
+        "mode": "distill",
+        "model": str(args.teacher),
+        "student": str(args.student),
+        "out": str(args.out),
+        "temperature": args.temperature,
+        "alpha": args.alpha,
+        "size_bytes": {"before": len(teacher_bytes), "after": len(data)},
+        "compression_rate": (len(teacher_bytes) - len(data)) / len(teacher_bytes),
+        "parameters": {"before": report.parameters(teacher), "after": report.parameters(out)},
+        "compressed_size_bytes": {
+            "before": report.compressed_sizes(teacher_bytes),
+            "after": report.compressed_sizes(data),
+        },
+        "validation": report.accuracy_report(
+            teacher_session, report.session(data), validation, val_labels
+        ),
+        "latency_ms_median": report.latency_report(
+            teacher, teacher_session, report.session(data), validation
+        ),
+        "max_accuracy_drop": args.max_accuracy_drop,
+    }
+    if val_labels is not None:
+        untrained = report.accuracy_report(
+            teacher_session, report.session(student.SerializeToString()), validation, val_labels
+        )
+        result["validation"]["student_accuracy_before"] = untrained["accuracy_after"]
+    drop = result["validation"].get("accuracy_drop")
+    result["accepted"] = args.max_accuracy_drop is None or drop <= args.max_accuracy_drop
+    result["_model_bytes"] = data
+    return result
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -89,6 +177,13 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         model = modes.fp16(args.model_file, not args.fp16_io, blocked)
     else:
         model = modes.prune(args.model_file, args.sparsity)
+        if args.fine_tune is not None:
+            from edge_agent.compress.finetune import fine_tune
+
+            feeds, tune_labels = load_set(args.fine_tune, source, "fine-tune")
+            model = fine_tune(model, feeds, tune_labels, args.fine_tune_epochs, args.fine_tune_lr)
+    if args.fine_tune is not None and args.mode != "prune":
+        raise InvalidArgument("--fine-tune goes with --mode prune")
     data = model.SerializeToString()
     try:
         after = report.session(data)
@@ -116,6 +211,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.mode == "prune":
         result["sparsity"] = args.sparsity
+        result["fine_tuned"] = args.fine_tune is not None
     if validation is not None:
         result["validation"] = report.accuracy_report(before, after, validation, labels)
     drop = (result["validation"] or {}).get("accuracy_drop")
@@ -163,9 +259,9 @@ def _table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = build(args)
+        result = build_distilled(args) if args.command == "distill" else build(args)
     except (EdgeAgentError, OSError) as exc:
-        print(f"edge-agent optimize: {exc}", file=sys.stderr)
+        print(f"edge-agent {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
     data = result.pop("_model_bytes")
     print(_table(result))
@@ -174,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     if not result["accepted"]:
         drop = result["validation"]["accuracy_drop"]
         print(
-            f"edge-agent optimize: accuracy dropped by {drop:.4f} > --max-accuracy-drop "
+            f"edge-agent {args.command}: accuracy dropped by {drop:.4f} > --max-accuracy-drop "
             f"{args.max_accuracy_drop}; {args.out} not written",
             file=sys.stderr,
         )

@@ -77,7 +77,7 @@ def spec_defaults(spec: pb.LearningSpec) -> pb.LearningSpec:
     defaults = {
         "trainable": "all", "epochs": 1, "batch_size": 32, "lr": 0.01, "optimizer": "sgd",
         "buffer": 4, "server_lr": 1.0, "staleness_exponent": 0.5, "max_staleness": 10,
-        "int8_threshold": 1024, "max_accuracy_drop": 0.01, "min_examples": 16,
+        "int8_threshold": 256, "max_accuracy_drop": 0.01, "min_examples": 16,
         "train_seconds": 300.0,
     }  # fmt: skip
     for key, value in defaults.items():
@@ -323,6 +323,7 @@ class ParameterServer:
             raise NotFound(f"no learning task {header.task_id}")
         task = tasks[0]
         if device not in task.devices:
+            await self._db(self._registry.count, task.id, refused=1)
             raise PermissionDenied(f"this device takes no part in learning task {task.id}")
         if task.state != RUNNING:
             raise FailedPrecondition(f"learning task {task.id} is {task.state}")

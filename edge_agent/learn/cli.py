@@ -218,7 +218,7 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     start.add_argument("--clip-norm", type=float, default=0.0, help="L2 clip per update (0: off)")
     start.add_argument("--trim", type=float, default=0.0, help="trimmed-mean share per side")
     start.add_argument(
-        "--int8-threshold", type=int, default=1024, help="int8 deltas above this many elements"
+        "--int8-threshold", type=int, default=256, help="int8 deltas above this many elements"
     )
     start.add_argument(
         "--max-accuracy-drop", type=float, default=0.01, help="the gate: below base - D, no release"

@@ -1,8 +1,8 @@
 """One local training run, in a process of its own: `python -m edge_agent.learn.worker JOB.json`.
 
-The agent starts it (learn/participant.py) at the lowest CPU priority (nice 19), with one
-PyTorch thread unless the job says otherwise and a time budget, so that serving never waits on
-training; a crash or a hang here costs the run, never the daemon. JOB.json:
+The agent starts it (learn/participant.py); it puts itself at the lowest CPU priority (nice 19,
+SCHED_IDLE) with one PyTorch thread unless the job says otherwise, and a time budget, so that
+serving never waits on training; a crash or a hang here costs the run, never the daemon. JOB.json:
 
     {"model_dir": ..., "model_file": "model.onnx", "examples": X.npz, "global": G.npz | null,
      "spec": {TrainSpec fields}, "out": DIR, "threads": 1}
@@ -27,6 +27,10 @@ def main(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     with contextlib.suppress(OSError):  # already at the lowest priority
         os.nice(19)
+    # SCHED_IDLE (Linux): the CPU only when nothing else wants it, below any nice value; serving
+    # keeps its latency while a device trains.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     import onnx
     import torch
 
