@@ -130,8 +130,10 @@ class ParameterServer:
         self._locks: dict[int, asyncio.Lock] = {}
         self._models: dict[int, Any] = {}  # task -> its base model (onnx.ModelProto), cached
         self._jobs: set[asyncio.Future[None]] = set()
-        self.aggregations = 0
+        self.aggregations = 0  # read by the metrics collector
         self.gated_out = 0
+        self.updates = 0
+        self.refused = 0
 
     # -- blobs ----------------------------------------------------------------------------------
 
@@ -351,9 +353,10 @@ class ParameterServer:
             limit = ABSURD_NORM * max(1.0, delta.norm(global_values))
             if size > limit:
                 raise InvalidArgument(f"update norm {size:.3g} is absurd (over {limit:.3g})")
-        except InvalidArgument:
+        except InvalidArgument as exc:
+            self.refused += 1
             await self._db(self._registry.count, task.id, refused=1)
-            log.warning("learn.update_refused", task=task.id, device=device)
+            log.warning("learn.update_refused", task=task.id, device=device, error=str(exc)[:300])
             raise
         staleness = task.global_version - header.base_global_version
         state = "buffered" if staleness <= spec.max_staleness else "dropped_stale"
@@ -365,6 +368,7 @@ class ParameterServer:
         if not added:  # the same id raced in: counted once
             await self._db(self._registry.count, task.id, duplicates=1)
             return pb.UpdateAck(state="duplicate", global_version=task.global_version)
+        self.updates += 1
         fp32 = 4 * sum(int(np.prod(s)) for s in task.shapes.values())
         await self._db(
             self._registry.count, task.id, received=1, bytes_up=len(payload), fp32_bytes_up=fp32,

@@ -150,6 +150,16 @@ class ServiceCollector:
         )
         waiting.add_metric([], stats.polls_waiting)
         yield waiting
+        learning = self._servicer.learning
+        for name, text, value in (
+            ("learning_aggregations", "Aggregations of buffered updates", learning.aggregations),
+            ("learning_gated_out", "Candidates below the validation gate", learning.gated_out),
+            ("learning_updates", "Updates received (all tasks)", learning.updates),
+            ("learning_updates_refused", "Updates refused as malformed", learning.refused),
+        ):
+            family = CounterMetricFamily(f"edge_agent_controlplane_{name}", text)
+            family.add_metric([], value)
+            yield family
 
 
 class ControlPlane:
