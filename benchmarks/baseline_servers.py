@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
 from edge_agent._proto import model_config_pb2 as mc
-from edge_agent.api.tensors import ORT_TYPES, config_type_name, decode_raw, encode
+from edge_agent.common.tensors import ORT_TYPES, config_type_name, decode_raw, encode
 
 MODEL = "model"
 OPTIONS = [

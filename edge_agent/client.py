@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
-from edge_agent.api.tensors import decode_raw, encode
+from edge_agent.common.tensors import decode_raw, encode
 from edge_agent.errors import ConfigError, InvalidArgument
 from edge_agent.fleet.client import channel_credentials
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_agent.api.tensors import (
+from edge_agent.common.tensors import (
     NUMPY_DTYPES,
     check_shape,
     decode_raw,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent._proto import grpc_service_pb2 as pb
-from edge_agent.api.tensors import bytes_to_text, check_shape, decode_raw, decode_typed, encode
+from edge_agent.common.tensors import bytes_to_text, check_shape, decode_raw, decode_typed, encode
 from edge_agent.errors import InvalidArgument
 from edge_agent.repository.version import ModelVersion
 

@@ -20,7 +20,7 @@ from edge_agent._proto import examples_pb2 as epb
 from edge_agent._proto import examples_pb2_grpc as epb_grpc
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
-from edge_agent.api.tensors import encode
+from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
 from edge_agent.fleet.client import _upload_chunks, channel_credentials, open_channel, table

@@ -86,6 +86,11 @@ class AgentCollector:
             "gauge",
         )
         batch_size = Metric("edge_agent_batch_size", "Rows per model execution", "histogram")
+        demoted = Metric(
+            "edge_agent_inline_demotions",
+            "Versions moved from inline to threaded execution by a slow run",
+            "counter",
+        )
         for model in self._versions():
             labels = {"model": model.name, "version": str(model.version)}
             s = model.stats.snapshot()
@@ -107,6 +112,9 @@ class AgentCollector:
                     s.rejections.get(cause, 0),
                 )
             _add(pending, labels, model.scheduler.pending())
+            demoted.add_sample(
+                "edge_agent_inline_demotions_total", labels, model.scheduler.demotions
+            )
             _add(provider, labels, 1, provider=model.provider)
             counts = {size: b.compute_infer.count for size, b in s.batches.items()}
             for bound in BATCH_BUCKETS:
@@ -124,6 +132,7 @@ class AgentCollector:
         yield pending
         yield provider
         yield batch_size
+        yield demoted
         yield from self._lifecycle()
 
     def _lifecycle(self) -> Iterator[Metric]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from edge_agent._proto import model_config_pb2 as mc
-from edge_agent.api.tensors import ORT_TYPES, config_type_name, protocol_datatype
+from edge_agent.common.tensors import ORT_TYPES, config_type_name, protocol_datatype
 from edge_agent.errors import ModelLoadError
 from edge_agent.runtime.session import RuntimeOptions
 from edge_agent.scheduling.policy import QueuePolicy, SchedulerPolicy

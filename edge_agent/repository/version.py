@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent._proto import model_config_pb2 as mc
-from edge_agent.api.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, protocol_datatype
+from edge_agent.common.onnxgraph import data_dependent_ops
+from edge_agent.common.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, protocol_datatype
 from edge_agent.errors import EdgeAgentError, ModelLoadError
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
@@ -44,8 +45,10 @@ from edge_agent.settings import Settings
 
 log = get_logger(__name__)
 
-# A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline).
+# A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline);
+# an inline run longer than INLINE_LIMIT_S demotes it to execution threads.
 INLINE_BUDGET_S = 200e-6
+INLINE_LIMIT_S = 2e-3
 WARMUP_DIR = "warmup"
 
 
@@ -170,21 +173,50 @@ def _build(
     samples = warmup_samples(complete, inputs, model_dir)
     golden = read_golden(model_dir / str(version) / GOLDEN_FILE, set(inputs))
     largest, runs = 0.0, 0
+    warmed = True
     for each in sessions:
-        largest, runs = _warm(each.session, complete, inputs)
+        try:
+            largest, runs = _warm(each.session, complete, inputs)
+        except ModelLoadError as exc:
+            # The synthetic warmup invents sizes (1 for every dynamic dimension), which a valid
+            # model may refuse (e.g. a minimum length along a dynamic axis). Triton does not warm
+            # up at all without model_warmup: serve it, say why, and never run it inline.
+            warmed = False
+            log.warning("model.warmup_skipped", model=name, version=version, reason=str(exc)[:500])
         for sample_name, count, feeds in samples:
             for _ in range(count):
                 _run(each.session, feeds, f"model_warmup '{sample_name}'")
                 runs += 1
         if golden is not None:
             check_golden(each.session, *golden)
-    inline = cfg.inline_execution(complete)
-    if inline is None:
-        inline = largest <= INLINE_BUDGET_S
-    policy = dataclasses.replace(policy, inline=inline)
+    forced = cfg.inline_execution(complete)
+    inline = bool(forced) if forced is not None else _inline_auto(path, inputs, warmed, largest)
+    policy = dataclasses.replace(
+        policy, inline=inline, inline_forced=forced is True, inline_limit_s=INLINE_LIMIT_S
+    )
     built = ModelVersion(name, version, complete, sessions, policy, runs)
     built.variant = read_variant(model_dir / str(version))
     return built
+
+
+def _inline_auto(
+    path: Path, inputs: dict[str, cfg.TensorSpec], warmed: bool, largest: float
+) -> bool:
+    """Inline execution, decided: only a model whose warmup shows its largest batch runs
+    within INLINE_BUDGET_S, and whose cost that warmup can show: every non-batch dimension
+    fixed (a dynamic one was warmed at size 1) and no data-dependent op (Loop, If, NMS, TopK with
+    a runtime k, ...: zeros say nothing of a real input's cost)."""
+    if not warmed or largest > INLINE_BUDGET_S:
+        return False
+    if any(d < 0 for spec in inputs.values() for d in spec.dims):
+        return False
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnx raises DecodeError, OSError, ...; ORT loaded it already
+        return False
+    return not data_dependent_ops(graph)
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:

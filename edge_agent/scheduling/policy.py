@@ -30,6 +30,10 @@ class SchedulerPolicy:
     # a few microseconds the two thread handoffs per batch cost more than the run itself; the
     # registry turns this on when warmup shows the largest batch runs within INLINE_BUDGET_S.
     inline: bool = False
+    # An inline run longer than this demotes the version to execution threads at once (its
+    # cost depends on its inputs after all); not when the config forces inline execution.
+    inline_limit_s: float = 2e-3
+    inline_forced: bool = False
 
     def level_of(self, priority: int) -> int:
         """Queue index for a request's `priority` parameter (0 = the default level). Without

@@ -78,6 +78,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._idle: asyncio.Event | None = None
+        self.demotions = 0  # inline runs that took too long (0 or 1: a version demotes once)
 
     # -- callers ---------------------------------------------------------------------------------
 
@@ -142,12 +143,41 @@ class Scheduler:
         self._stats.record_queue(0)
         self._free -= 1
         try:
-            ((ok, value),) = self._compute([request])
+            ((ok, value),) = self._compute_inline([request])
         finally:
             self._free += 1
         if ok:
             return value
         raise value
+
+    def _compute_inline(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
+        """_compute on the event loop, timed: a run over the limit demotes the version."""
+        started = time.perf_counter()
+        values = self._compute(batch)
+        took = time.perf_counter() - started
+        if took > self.policy.inline_limit_s and not self.policy.inline_forced:
+            self._demote(took)
+        return values
+
+    def _demote(self, took: float) -> None:
+        """Inline no more: from now on this version runs on execution threads, so that one slow
+        request can never again hold the event loop (every model's requests, health checks and
+        the watchdog) behind it."""
+        self.policy = dataclasses.replace(self.policy, inline=False)
+        self.demotions += 1
+        if self._loop is not None:
+            for i in range(self.policy.instances):
+                thread = threading.Thread(
+                    target=self._work, name=f"exec-{self.label}-{i}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        log.warning(
+            "model.inline_demoted",
+            model=self.label,
+            run_seconds=round(took, 6),
+            limit_seconds=self.policy.inline_limit_s,
+        )
 
     async def close(self) -> None:
         """Refuse new requests, let queued and running ones finish, stop the threads."""
@@ -197,7 +227,7 @@ class Scheduler:
             if self.policy.inline:
                 # Cheaper than any thread handoff (see SchedulerPolicy.inline); then let the
                 # handlers whose futures just resolved run before the next batch.
-                self._complete(batch, self._compute(batch))
+                self._complete(batch, self._compute_inline(batch))
                 await asyncio.sleep(0)
             else:
                 self._jobs.put(batch)

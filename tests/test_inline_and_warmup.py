@@ -1,0 +1,230 @@
+"""Inline execution that cannot block the event loop, and a warmup that does not refuse a valid
+model (issue 15, items 1 and 2), against the real daemon with tritonclient."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import Daemon, wait_for
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def looping(path: Path) -> Path:
+    """y = x @ W applied `n` times (a Loop whose trip count is an input): cost set by an input."""
+    w = numpy_helper.from_array(np.eye(256, dtype=np.float32) * 0.5, "w")
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["state", "w"], ["next"]),
+            helper.make_node("Identity", ["c"], ["c_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 256]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("next", TensorProto.FLOAT, [1, 256]),
+        ],
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "cond")
+            ),
+            helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body),
+        ],
+        "looping",
+        [
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        [w],
+    )  # fmt: skip
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def one_hot(path: Path) -> Path:
+    """The sum of a one-hot row of `depth + 1` values: cheap on zeros, as slow as `depth` asks,
+    and no op the graph rule knows as data-dependent (the run-time demotion must catch it)."""
+    one = numpy_helper.from_array(np.array([1], np.int64), "one")
+    values = numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "values")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["depth", "one"], ["size"]),
+            helper.make_node("OneHot", ["index", "size", "values"], ["hot"], axis=-1),
+            helper.make_node("ReduceSum", ["hot"], ["y"], keepdims=0),
+        ],
+        "one_hot",
+        [
+            helper.make_tensor_value_info("index", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("depth", TensorProto.INT64, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [one, values],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def needs_length(path: Path) -> Path:
+    """x[:, 1:3] reshaped to [1, 2]: fine for every real input of length >= 3, impossible for
+    the synthetic warmup's length 1 along the dynamic axis."""
+    starts = numpy_helper.from_array(np.array([1], np.int64), "starts")
+    ends = numpy_helper.from_array(np.array([3], np.int64), "ends")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    shape = numpy_helper.from_array(np.array([1, 2], np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["part"]),
+            helper.make_node("Reshape", ["part", "shape"], ["y"]),
+        ],
+        "needs_length",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "length"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [starts, ends, axes, shape],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def repository(tmp: Path) -> Path:
+    import modelgen
+
+    repo = tmp / "repo"
+    modelgen.copy_shipped(repo)
+    looping(repo / "looping" / "1" / "model.onnx")
+    (repo / "looping" / "config.pbtxt").write_text(
+        "max_batch_size: 0\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
+    )
+    one_hot(repo / "one_hot" / "1" / "model.onnx")
+    (repo / "one_hot" / "config.pbtxt").write_text("max_batch_size: 0\n")
+    needs_length(repo / "needs_length" / "1" / "model.onnx")
+    (repo / "needs_length" / "config.pbtxt").write_text("max_batch_size: 0\n")
+    return repo
+
+
+def call(url: str, model: str, feeds: dict[str, np.ndarray], timeout: float = 60) -> Any:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    with grpcclient.InferenceServerClient(url) as client:
+        tensors = []
+        for name, value in feeds.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        return client.infer(model, tensors, client_timeout=timeout)
+
+
+def test_inline_is_decided_by_the_graph_and_by_observed_runs(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    agent = start_daemon(
+        "--model-repository", str(repository(tmp_path)), "--execution-providers", "cpu"
+    ).wait_started()
+    loaded = {e["model"]: e for e in agent.named("model.loaded")}
+    assert loaded["digits"]["inline"] is True  # fixed dims, fast, no data-dependent op
+    assert loaded["looping"]["inline"] is False  # a Loop: never inline, whatever warmup says
+    assert loaded["one_hot"]["inline"] is True  # nothing in the graph says so: warmup decides
+
+    # One slow request demotes the version at once; it still gets its answer.
+    slow = {"index": np.array([3], np.int64), "depth": np.array([30_000_000], np.int64)}
+    assert call(agent.url, "one_hot", slow).as_numpy("y") == 1.0
+    (demoted,) = wait_for(lambda: agent.named("model.inline_demoted"), "the demotion")
+    assert demoted["model"] == "one_hot/1" and demoted["run_seconds"] > 0.002
+
+    # A slow request of a data-dependent model runs on a thread: meanwhile other models'
+    # requests and health checks are answered (before it finishes: the event loop is free).
+    finished: list[float] = []
+    feeds = {"n": np.array(300_000, np.int64), "x": np.ones((1, 256), np.float32)}
+
+    def slow_call() -> None:
+        call(agent.url, "looping", feeds)
+        finished.append(time.monotonic())
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    time.sleep(0.2)  # the slow request is running
+    x = np.load(Path(__file__).parents[1] / "models" / "digits" / "sample.npy")
+    answered = []
+    with grpcclient.InferenceServerClient(agent.url) as client:
+        for _ in range(5):
+            assert client.is_server_live()
+            assert call(agent.url, "digits", {"input": x.astype(np.float32).reshape(1, 64)})
+            answered.append(time.monotonic())
+    thread.join()
+    assert finished and max(answered) < finished[0], (answered, finished)
+    import urllib.request
+
+    metrics = urllib.request.urlopen(agent.metrics_url, timeout=10).read().decode()
+    assert 'edge_agent_inline_demotions_total{model="one_hot",version="1"} 1.0' in metrics
+
+
+def test_overload_on_an_input_dependent_model_is_answered_unavailable(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    agent = start_daemon(
+        "--model-repository", str(repository(tmp_path)), "--execution-providers", "cpu"
+    ).wait_started()
+    codes: list[str] = []
+    feeds = {"n": np.array(3_000, np.int64), "x": np.ones((1, 256), np.float32)}
+
+    def client() -> None:
+        for _ in range(4):
+            try:
+                call(agent.url, "looping", feeds)
+                codes.append("OK")
+            except InferenceServerException as exc:
+                codes.append(str(exc.status()))
+
+    threads = [threading.Thread(target=client) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {"OK", "StatusCode.UNAVAILABLE"}, set(codes)
+    assert "OK" in codes and "StatusCode.UNAVAILABLE" in codes
+
+
+def test_a_model_the_synthetic_warmup_cannot_run_still_serves(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    agent = start_daemon(
+        "--model-repository", str(repository(tmp_path)), "--execution-providers", "cpu"
+    ).wait_started()
+    (skipped,) = [e for e in agent.named("model.warmup_skipped") if e["model"] == "needs_length"]
+    assert "warmup inference at batch size 1 failed" in skipped["reason"]
+    loaded = {e["model"]: e for e in agent.named("model.loaded")}
+    assert loaded["needs_length"]["inline"] is False
+    x = np.arange(5, dtype=np.float32).reshape(1, 5)
+    assert np.array_equal(call(agent.url, "needs_length", {"x": x}).as_numpy("y"), [[1.0, 2.0]])
+    # A configured model_warmup stays fatal, as before.
+    model = tmp_path / "repo" / "needs_length"
+    (model / "config.pbtxt").write_text(
+        'max_batch_size: 0\nmodel_warmup [ { name: "real" inputs { key: "x" value { '
+        "data_type: TYPE_FP32 dims: [ 1, 1 ] zero_data: true } } } ]\n"
+    )
+    again = start_daemon(
+        "--model-repository", str(tmp_path / "repo"), "--execution-providers", "cpu"
+    ).wait_started()
+    failed = [e for e in again.named("model.load_failed") if e["model"] == "needs_length"]
+    assert failed and "model_warmup 'real'" in failed[0]["reason"]
