@@ -44,7 +44,7 @@ from edge_agent.repository.registry import READY, ModelRegistry
 from edge_agent.runtime.session import set_runtime_log_level
 from edge_agent.service.notify import Notifier
 from edge_agent.service.reload import NOT_FOR_MODELS, plan
-from edge_agent.settings import Settings, repository_source
+from edge_agent.settings import Settings, grpc_addresses, repository_source
 from edge_agent.sync.syncer import Syncer
 
 log = get_logger(__name__)
@@ -145,8 +145,11 @@ class Agent:
             repository_source=repository_source(self.settings.model_repository),
         )
         # A taken port fails the start now, with its reason, not after every model is warm.
-        for key in ("grpc_address", "control_address", "metrics_address"):
-            address = getattr(self.settings, key)
+        listen = [("grpc_address", a) for a in grpc_addresses(self.settings)]
+        listen += [
+            (key, getattr(self.settings, key)) for key in ("control_address", "metrics_address")
+        ]
+        for key, address in listen:
             if address:
                 check_listen(address, key)
         if self.settings.learn and not torch_available():
@@ -161,7 +164,13 @@ class Agent:
                 self.metrics.registry.register(LearningCollector(self.syncer.participant.stats))
         # Sessions are built on the loader thread: the event loop stays free meanwhile.
         await self.manager.start()
-        self.port = bind(server, self.settings.grpc_address, tls.credentials() if tls else None)
+        self.unix_sockets: list[str] = []
+        for address in grpc_addresses(self.settings):
+            bound = bind(server, address, tls.credentials() if tls else None)
+            if address.startswith("unix:"):
+                self.unix_sockets.append(address[5:])
+            elif self.port is None:
+                self.port = bound
         if control is not None:
             self.control_port = bind(
                 control,
@@ -173,20 +182,24 @@ class Agent:
         await server.start()
         if control is not None:
             await control.start()
-        for port in (self.port, self.control_port):
-            if port:
-                self.guard.watch(port, self._limits)
+        for path in self.unix_sockets:  # co-located clients: who may connect is the file's mode
+            os.chmod(path, int(self.settings.unix_socket_mode, 8))
+        for watched in (self.port, self.control_port):
+            if watched:
+                self.guard.watch(watched, self._limits)
         self.guard.start()
         self.servicer.ready = True
         # Everything built at start lives as long as the agent: keep it out of the cyclic
         # collector's full passes, which otherwise pause the event loop for milliseconds.
         gc.freeze()
         await self._publish_health()
-        host = self.settings.grpc_address.rpartition(":")[0]
+        tcp = [a for a in grpc_addresses(self.settings) if not a.startswith("unix:")]
+        host = tcp[0].rpartition(":")[0] if tcp else ""
         log.info(
             "agent.started",
-            grpc_address=f"{host}:{self.port}",
+            grpc_address=f"{host}:{self.port}" if tcp else "",
             port=self.port,
+            unix_sockets=self.unix_sockets,
             control_port=self.control_port,
             tls=tls is not None,
             metrics_port=self.metrics_port,
@@ -215,10 +228,13 @@ class Agent:
 
     def _status(self) -> str:
         serving = sum(1 for e in self.registry.entries() if e.ready_versions())
-        host = self.settings.grpc_address.rpartition(":")[0]
+        where = ", ".join(
+            f"{a.rpartition(':')[0]}:{self.port}" if not a.startswith("unix:") else a
+            for a in grpc_addresses(self.settings)
+        )
         sync = f"; syncing from {self.settings.control_plane}" if self.syncer else ""
         models = "model" if serving == 1 else "models"
-        return f"serving {serving} {models} on {host}:{self.port}{sync}"
+        return f"serving {serving} {models} on {where}{sync}"
 
     async def _keepalive(self) -> None:
         """WATCHDOG=1 from the serving loop itself: if the loop stalls, systemd notices."""

@@ -54,7 +54,11 @@ def repository_source(repository: Path) -> str:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     model_repository: Path = dataclasses.field(default_factory=default_model_repository)
+    # The inference listener: HOST:PORT, unix:PATH (co-located clients), or several of them
+    # comma-separated (e.g. "0.0.0.0:8001,unix:/run/edge-agent/grpc.sock").
     grpc_address: str = "0.0.0.0:8001"
+    # Mode of the unix sockets the agent listens on (connecting needs write permission).
+    unix_socket_mode: str = "0660"
     # Prometheus /metrics (Triton's metrics port).
     metrics_address: str = "0.0.0.0:8002"
     log_level: str = "info"
@@ -152,6 +156,10 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def grpc_addresses(settings: Settings) -> list[str]:
+    return [a.strip() for a in settings.grpc_address.split(",") if a.strip()]
+
+
 def parse_address(value: str, key: str = "address") -> tuple[str, int]:
     """HOST:PORT (IPv6 as [::1]:PORT) -> (host, port); raises ConfigError."""
     host, sep, port_text = value.rpartition(":")
@@ -213,7 +221,21 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _check(settings: Settings) -> None:
-    parse_address(settings.grpc_address, "grpc_address")
+    for address in grpc_addresses(settings):
+        if address.startswith("unix:"):
+            if not address[5:].startswith("/"):
+                raise ConfigError(f"grpc_address: {address!r}: give an absolute socket path")
+        else:
+            parse_address(address, "grpc_address")
+    if not grpc_addresses(settings):
+        raise ConfigError("grpc_address: at least one address is required")
+    try:
+        if not 0 <= int(settings.unix_socket_mode, 8) <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"unix_socket_mode: {settings.unix_socket_mode!r} is not an octal mode like 0660"
+        ) from None
     parse_address(settings.metrics_address, "metrics_address")
     choices = {
         "log_level": LOG_LEVELS,

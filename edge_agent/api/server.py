@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -97,7 +98,14 @@ def bind(
     key: str = "grpc_address",
 ) -> int:
     """Bind the listener (TLS with `credentials`); returns the port (the real one when asked
-    for port 0; 0 for a unix socket)."""
+    for port 0; 0 for a unix socket). A socket file left by an earlier run is replaced; any
+    other file at that path is refused."""
+    if address.startswith("unix:"):
+        path = Path(address[5:])
+        if path.is_socket():
+            path.unlink()
+        elif path.exists() or path.is_symlink():
+            raise ConfigError(f"{key}: {path} exists and is not a socket")
     try:
         if credentials is not None:
             port = int(server.add_secure_port(address, credentials))

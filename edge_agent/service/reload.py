@@ -37,6 +37,14 @@ NEEDS_RESTART = frozenset(
         "control_on_inference_listener",
         "tls_client_ca",
         "control_plane_ca",
+        "unix_socket_mode",
+        "max_connections",
+        "max_connections_per_peer",
+        "connection_idle_seconds",
+        "first_request_seconds",
+        "sync_max_release_bytes",
+        "learn",
+        "examples_max_bytes",
     }
 )
 
