@@ -27,6 +27,7 @@ from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.security import ControlGate, ServerTls
 from edge_agent.api.server import bind, build_server, check_listen, connection_limits
 from edge_agent.api.servicer import InferenceServicer
+from edge_agent.api.shm import SharedMemory
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.auth import read_token
 from edge_agent.learn.examples import ExampleStore
@@ -69,6 +70,7 @@ class Agent:
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings, self.registry)
         self.servicer = InferenceServicer(self.registry, self.manager)
+        self.servicer.shm = SharedMemory(settings.allow_shared_memory)
         self._apply_limits(settings)
         self.health = health.aio.HealthServicer()
         self.manager.on_change(self._publish_health)

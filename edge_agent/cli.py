@@ -48,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse to serve a model on CPU when CUDA was asked for",
     )
     serve.add_argument("--max-message-bytes", help="gRPC message size limit, both ways")
+    serve.add_argument(
+        "--allow-shared-memory",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve Triton's system shared memory extension to clients on this host",
+    )
     serve.add_argument("--max-concurrent-rpcs", help="RPCs in progress at once (default 512)")
     serve.add_argument("--model-control-mode", help="none|poll|explicit (default none)")
     serve.add_argument("--repository-poll-secs", help="poll mode: seconds between scans (15)")
@@ -262,6 +269,7 @@ def _serve(args: argparse.Namespace) -> int:
         "sync_interval": args.sync_interval,
         "sync_bandwidth_limit": args.sync_bandwidth_limit,
         "learn": args.learn,
+        "allow_shared_memory": args.allow_shared_memory,
     }
     try:
         settings = load_settings(args.config, flags=flags)

@@ -4,6 +4,7 @@
     ├── InvalidArgument             INVALID_ARGUMENT: the request itself is wrong
     │   └── ReleaseRejected         a fleet release failed a check (`reason`: a short label)
     ├── NotFound                    NOT_FOUND: no such model or version
+    ├── AlreadyExists               ALREADY_EXISTS: e.g. a shared memory region registered twice
     ├── Unavailable                 UNAVAILABLE: exists but cannot serve now (retryable)
     │   └── QueueFull               UNAVAILABLE: the model's bounded queue is full (retry later)
     ├── Unauthenticated             UNAUTHENTICATED: no or unknown credentials
@@ -44,6 +45,12 @@ class ReleaseRejected(InvalidArgument):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class AlreadyExists(EdgeAgentError):
+    """It exists already (a shared memory region registered twice)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
 
 
 class Unauthenticated(EdgeAgentError):

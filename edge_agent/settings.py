@@ -59,6 +59,8 @@ class Settings:
     grpc_address: str = "0.0.0.0:8001"
     # Mode of the unix sockets the agent listens on (connecting needs write permission).
     unix_socket_mode: str = "0660"
+    # Triton's system shared memory extension, for clients on this host (api/shm.py).
+    allow_shared_memory: bool = False
     # Prometheus /metrics (Triton's metrics port).
     metrics_address: str = "0.0.0.0:8002"
     log_level: str = "info"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent.api.shm import Region, SharedMemory, uses_shared_memory
 from edge_agent.common.tensors import bytes_to_text, check_shape, decode_raw, decode_typed, encode
 from edge_agent.errors import InvalidArgument
 from edge_agent.repository.version import ModelVersion
@@ -51,16 +52,25 @@ def decode_request(
     model: ModelVersion,
     max_per_tensor: int = 1 << 24,
     max_per_request: int = 1 << 25,
+    shm: SharedMemory | None = None,
+    held: list[tuple[Region, memoryview]] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Checked input arrays by name, and the output names to compute."""
+    """Checked input arrays by name, and the output names to compute. Inputs that name a
+    shared memory region (api/shm.py) are read from it; the regions acquired go to `held`, to
+    be released when the response is built."""
     budget = ElementBudget(max_per_tensor, max_per_request)
     raw = request.raw_input_contents
+    in_shm = [bool(t.parameters) and uses_shared_memory(t.parameters) for t in request.inputs]
+    if any(in_shm) and (shm is None or held is None):
+        raise InvalidArgument("this listener takes no shared memory")
     if raw and any(t.HasField("contents") for t in request.inputs):
         raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")
-    if raw and len(raw) != len(request.inputs):
+    if raw and len(raw) != len(request.inputs) - sum(in_shm):
         raise InvalidArgument(
-            f"request has {len(request.inputs)} inputs but {len(raw)} raw_input_contents"
+            f"request has {len(request.inputs) - sum(in_shm)} inputs outside shared memory "
+            f"but {len(raw)} raw_input_contents"
         )
+    next_raw = 0
     feeds: dict[str, np.ndarray] = {}
     batch_sizes: set[int] = set()
     for index, tensor in enumerate(request.inputs):
@@ -80,8 +90,14 @@ def decode_request(
         shape = list(tensor.shape)
         check_shape(tensor.name, shape, spec.dims, model.max_batch_size)
         budget.spend(tensor.name, tensor.datatype, shape)
-        if raw:
-            feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[index])
+        if in_shm[index]:
+            assert shm is not None and held is not None
+            region, view = shm.acquire(tensor.parameters, f"input '{tensor.name}'")
+            held.append((region, view))
+            feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, view)
+        elif raw:
+            feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[next_raw])
+            next_raw += 1
         elif tensor.HasField("contents"):
             feeds[tensor.name] = decode_typed(tensor.name, tensor.datatype, shape, tensor.contents)
         else:
@@ -138,8 +154,29 @@ def batch_rows(feeds: dict[str, np.ndarray], model: ModelVersion) -> int:
     return int(next(iter(feeds.values())).shape[0])
 
 
+def output_regions(
+    request: pb.ModelInferRequest,
+    shm: SharedMemory | None,
+    held: list[tuple[Region, memoryview]],
+) -> dict[str, memoryview]:
+    """The shared memory each requested output is to be written to (checked before the run)."""
+    targets: dict[str, memoryview] = {}
+    for output in request.outputs:
+        if output.parameters and uses_shared_memory(output.parameters):
+            if shm is None:
+                raise InvalidArgument("this listener takes no shared memory")
+            region, view = shm.acquire(output.parameters, f"output '{output.name}'")
+            held.append((region, view))
+            targets[output.name] = view
+    return targets
+
+
 def encode_response(
-    request: pb.ModelInferRequest, model: ModelVersion, names: list[str], arrays: list[np.ndarray]
+    request: pb.ModelInferRequest,
+    model: ModelVersion,
+    names: list[str],
+    arrays: list[np.ndarray],
+    targets: dict[str, memoryview] | None = None,
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=model.name, model_version=str(model.version), id=request.id
@@ -147,5 +184,14 @@ def encode_response(
     for name, array in zip(names, arrays, strict=True):
         datatype, shape, data = encode(array)
         response.outputs.add(name=name, datatype=datatype, shape=shape)
+        target = targets.get(name) if targets else None
+        if target is not None:
+            if len(data) > len(target):
+                raise InvalidArgument(
+                    f"output '{name}' needs {len(data)} bytes; its shared memory region has "
+                    f"{len(target)}"
+                )
+            target[: len(data)] = data
+            data = b""  # as Triton: an empty entry keeps the indices aligned
         response.raw_output_contents.append(data)
     return response

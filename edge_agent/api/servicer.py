@@ -14,7 +14,14 @@ import grpc
 import edge_agent
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
-from edge_agent.api.infer import batch_rows, decode_request, encode_response, request_parameters
+from edge_agent.api.infer import (
+    batch_rows,
+    decode_request,
+    encode_response,
+    output_regions,
+    request_parameters,
+)
+from edge_agent.api.shm import SharedMemory
 from edge_agent.api.statistics import fill_statistics
 from edge_agent.api.status import to_status
 from edge_agent.api.wire import Malformed
@@ -74,6 +81,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self.max_elements_per_request = 1 << 25
         self._manager = manager
         self.ready = False  # set by the agent once startup is complete, cleared on shutdown
+        self.shm = SharedMemory(enabled=False)  # the agent's allow_shared_memory
 
     @_handler
     async def ServerLive(
@@ -98,9 +106,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
+        extensions = (*EXTENSIONS, "system_shared_memory") if self.shm.enabled else EXTENSIONS
         return pb.ServerMetadataResponse(
-            name="edge-agent", version=edge_agent.__version__, extensions=EXTENSIONS
+            name="edge-agent", version=edge_agent.__version__, extensions=extensions
         )
+
+    @_handler
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size,
+                )
+            )  # fmt: skip
+        return response
+
+    @_handler
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shm.register(
+            context.peer(), request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_handler
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @_handler
     async def ModelMetadata(
@@ -183,15 +222,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         # Waits only while a drain_first swap is under way; from here to the scheduler's queue
         # there is no await, so a version retired meanwhile still answers this request.
         model = await self._registry.acquire(request.model_name, request.model_version, deadline)
+        held: list[Any] = []  # shared memory regions this request reads or writes
         try:
             feeds, outputs = decode_request(
-                request, model, self.max_elements_per_tensor, self.max_elements_per_request
+                request,
+                model,
+                self.max_elements_per_tensor,
+                self.max_elements_per_request,
+                self.shm,
+                held,
             )
+            targets = output_regions(request, self.shm, held) if request.outputs else None
             response: pb.ModelInferResponse = await model.scheduler.infer(
                 feeds,
                 outputs,
                 batch_rows(feeds, model),
-                functools.partial(encode_response, request, model, outputs),
+                functools.partial(encode_response, request, model, outputs, targets=targets),
                 priority=priority,
                 deadline=deadline,
             )
@@ -202,6 +248,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             reason, cause = _failure_kind(exc)
             model.stats.record_failure(time.monotonic_ns() - started, reason, cause)
             raise
+        finally:
+            if held:
+                self.shm.release(held)
         model.stats.record_success(time.monotonic_ns() - started)
         return response
 

@@ -78,12 +78,14 @@ def _dtype(name: str, datatype: str) -> np.dtype[Any]:
         raise InvalidArgument(f"input '{name}': unsupported datatype {datatype!r}") from None
 
 
-def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
+def decode_raw(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview
+) -> np.ndarray:
     """Raw little-endian bytes -> array, zero-copy for fixed-size types (read-only view)."""
     dtype = _dtype(name, datatype)
     count = element_count(name, shape)
     if datatype == "BYTES":
-        return decode_bytes_elements(name, raw, count).reshape(tuple(shape))
+        return decode_bytes_elements(name, bytes(raw), count).reshape(tuple(shape))
     expected = count * dtype.itemsize
     if expected != len(raw):
         raise InvalidArgument(

@@ -38,6 +38,7 @@ NEEDS_RESTART = frozenset(
         "tls_client_ca",
         "control_plane_ca",
         "unix_socket_mode",
+        "allow_shared_memory",
         "max_connections",
         "max_connections_per_peer",
         "connection_idle_seconds",

@@ -1,0 +1,177 @@
+"""Triton's system shared memory extension: co-located clients pass tensors through POSIX
+shared memory instead of the gRPC message.
+
+A client creates a region (shm_open + mmap; tritonclient.utils.shared_memory does it), registers
+it (SystemSharedMemoryRegister: name, key, offset, byte_size), and names it in a request:
+per input or requested output the parameters `shared_memory_region` (string),
+`shared_memory_offset` and `shared_memory_byte_size` (int64). Inputs are read as zero-copy views
+into the mapping; outputs are written into the client's region, and the response carries their
+name, datatype and shape with an empty raw_output_contents entry (indices stay aligned).
+
+Triton's answers: a name registered twice ALREADY_EXISTS; a region beyond its object, an offset
+or size beyond the region, an output region too small (the message names the size needed)
+INVALID_ARGUMENT; an unknown region NOT_FOUND. Unregistering a region that requests are using
+defers the unmap until the last one finishes. Off unless `allow_shared_memory`; registration is
+accepted only from a peer on this host (loopback or a unix socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import mmap
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from edge_agent.api.connections import parse_peer
+from edge_agent.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+
+SHM_ROOT = Path("/dev/shm")
+REGION, OFFSET, SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
+
+
+@dataclasses.dataclass
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    mapping: mmap.mmap
+    users: int = 0
+    unregistered: bool = False
+
+
+def is_local_peer(peer: str) -> bool:
+    """A unix socket, or a loopback address."""
+    if peer.startswith("unix:") or peer.startswith("unix-abstract:"):
+        return True
+    parsed = parse_peer(peer)
+    if parsed is None:
+        return False
+    import ipaddress
+
+    return ipaddress.ip_address(parsed[0]).is_loopback
+
+
+class SharedMemory:
+    def __init__(self, enabled: bool, root: Path = SHM_ROOT) -> None:
+        self.enabled = enabled
+        self._root = root
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise FailedPrecondition(
+                "system shared memory is off on this agent (allow_shared_memory)"
+            )
+
+    def register(self, peer: str, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._check_enabled()
+        if not is_local_peer(peer):
+            raise PermissionDenied("shared memory is registered from this host only")
+        if not name:
+            raise InvalidArgument("a shared memory region needs a name")
+        if not key.startswith("/") or "/" in key[1:] or key in ("/", "/.", "/..") or "\0" in key:
+            raise InvalidArgument(f"shared memory key {key!r} is not a POSIX name like /region")
+        with self._lock:
+            if name in self._regions:
+                raise AlreadyExists(f"shared memory region '{name}' is already registered")
+        path = self._root / key[1:]
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise InvalidArgument(f"shared memory key {key!r}: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if offset < 0 or byte_size <= 0 or offset + byte_size > size:
+                raise InvalidArgument(
+                    f"region '{name}': offset {offset} + byte_size {byte_size} lies beyond the "
+                    f"{size} bytes of {key!r}"
+                )
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        with self._lock:
+            if name in self._regions:
+                mapping.close()
+                raise AlreadyExists(f"shared memory region '{name}' is already registered")
+            self._regions[name] = Region(name, key, offset, byte_size, mapping)
+
+    def status(self, name: str) -> list[Region]:
+        self._check_enabled()
+        with self._lock:
+            if name:
+                if name not in self._regions:
+                    raise NotFound(f"no shared memory region '{name}'")
+                return [self._regions[name]]
+            return list(self._regions.values())
+
+    def unregister(self, name: str) -> None:
+        """One region ("" = all). A region in use is unmapped when its last request ends."""
+        self._check_enabled()
+        with self._lock:
+            names = [name] if name else list(self._regions)
+            if name and name not in self._regions:
+                raise NotFound(f"no shared memory region '{name}'")
+            for each in names:
+                region = self._regions.pop(each)
+                region.unregistered = True
+                if region.users == 0:
+                    _close(region.mapping)
+
+    def acquire(self, parameters: Any, what: str) -> tuple[Region, memoryview]:
+        """The region a tensor's parameters name, held until `release`, and its bytes."""
+        self._check_enabled()
+        name = parameters[REGION].string_param
+        offset = _int(parameters, OFFSET, 0)
+        with self._lock:
+            region = self._regions.get(name)
+            if region is None:
+                raise NotFound(f"{what}: no shared memory region '{name}'")
+            size = _int(parameters, SIZE, region.byte_size - offset)
+            if offset < 0 or size < 0 or offset + size > region.byte_size:
+                raise InvalidArgument(
+                    f"{what}: offset {offset} + byte_size {size} lies beyond region '{name}' "
+                    f"({region.byte_size} bytes)"
+                )
+            region.users += 1
+        start = region.offset + offset
+        return region, memoryview(region.mapping)[start : start + size]
+
+    def release(self, held: list[tuple[Region, memoryview]]) -> None:
+        for region, view in held:
+            with contextlib.suppress(BufferError):  # arrays made from it may outlive this call
+                view.release()
+            with self._lock:
+                region.users -= 1
+                if region.unregistered and region.users == 0:
+                    _close(region.mapping)
+
+
+def _close(mapping: mmap.mmap) -> None:
+    # Arrays still viewing it: it is unmapped when the last of them is collected.
+    with contextlib.suppress(BufferError):
+        mapping.close()
+
+
+def uses_shared_memory(parameters: Any) -> bool:
+    return REGION in parameters
+
+
+def _int(parameters: Any, key: str, default: int) -> int:
+    if key not in parameters:
+        return default
+    parameter = parameters[key]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"parameter '{key}' must be an integer")
+    return int(getattr(parameter, kind))
