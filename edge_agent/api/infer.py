@@ -66,8 +66,9 @@ def decode_request(
     if raw and any(t.HasField("contents") for t in request.inputs):
         raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")
     if raw and len(raw) != len(request.inputs) - sum(in_shm):
+        outside = " outside shared memory" if any(in_shm) else ""
         raise InvalidArgument(
-            f"request has {len(request.inputs) - sum(in_shm)} inputs outside shared memory "
+            f"request has {len(request.inputs) - sum(in_shm)} inputs{outside} "
             f"but {len(raw)} raw_input_contents"
         )
     next_raw = 0
