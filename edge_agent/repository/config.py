@@ -300,6 +300,7 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
         cudnn_conv_algo_search=settings.cudnn_conv_algo_search,
         cuda_arena_extend_strategy=settings.cuda_arena_extend_strategy,
         cuda_use_tf32=settings.cuda_use_tf32,
+        spinning=settings.ort_spinning,
     )
     changes: dict[str, object] = {}
     instances = instance_count(config)

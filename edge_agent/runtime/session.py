@@ -49,6 +49,7 @@ class RuntimeOptions:
     cudnn_conv_algo_search: str = "HEURISTIC"
     cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
     cuda_use_tf32: bool = True
+    spinning: bool = True  # ONNX Runtime's thread pools spin-wait between runs (its default)
 
 
 @dataclasses.dataclass
@@ -144,6 +145,11 @@ def create_session(model_path: Path, opts: RuntimeOptions) -> LoadedSession:
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = opts.inter_op_threads
     so.graph_optimization_level = _GRAPH_LEVELS[opts.graph_optimization_level]
+    if not opts.spinning:
+        # ORT's pool threads spin-wait after each run by default; on a small device under
+        # load their spinning takes the CPU that gRPC and the event loop need.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     asked = opts
     if "cuda" in opts.providers:
         known = cuda_known_unavailable()
