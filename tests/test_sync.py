@@ -1008,3 +1008,81 @@ def test_fleet_status_reads_clearly(fleet: Fleet) -> None:
     )  # fmt: skip
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
     assert agent.named("sync.connected")  # the agent said when it first reached the plane
+
+
+def test_enrollment_by_api(fleet: Fleet) -> None:
+    """EnrollDevices (bulk, all or nothing), token rotation, RevokeDevice, and the CLI's
+    `fleet add-device --control-plane`."""
+    stub, meta = fleet.stub()
+
+    def code(call: Callable[[], Any]) -> grpc.StatusCode:
+        try:
+            call()
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    def enrolled() -> set[str]:
+        return {d.device_id for d in fleet.status().devices}
+
+    def enroll(*devices: tuple[str, str], rotate: bool = False) -> Any:
+        request = pb.EnrollDevicesRequest(
+            devices=[pb.DeviceEnrollment(device_id=i, group=g) for i, g in devices], rotate=rotate
+        )
+        return stub.EnrollDevices(request, metadata=meta, timeout=10)
+
+    def poll(device: str, token: str) -> grpc.StatusCode:
+        device_meta = auth.metadata(token, device)
+        request = pb.WatchRequest(wait_ms=0)
+        return code(lambda: stub.WatchDesiredState(request, metadata=device_meta, timeout=10))
+
+    answer = enroll(("cam-1", "lobby"), ("cam-2", "lobby"), ("cam-3", ""))
+    tokens = {t.device_id: t.token for t in answer.tokens}
+    assert set(tokens) == {"cam-1", "cam-2", "cam-3"} and enrolled() >= set(tokens)
+    assert all(poll(d, t) == grpc.StatusCode.OK for d, t in tokens.items())
+    # Refused whole: duplicate ids, a bad group, an already enrolled device, the wrong role.
+    for bad in (
+        lambda: enroll(("cam-9", ""), ("cam-9", "")),
+        lambda: enroll(("cam-9", "no/such group")),
+        lambda: enroll(("cam-9", ""), ("cam-1", "")),
+    ):
+        assert code(bad) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+    assert "cam-9" not in enrolled()  # nothing half-written
+    device_meta = auth.metadata(tokens["cam-1"], "cam-1")
+    request = pb.EnrollDevicesRequest(devices=[pb.DeviceEnrollment(device_id="cam-9")])
+    assert code(
+        lambda: stub.EnrollDevices(request, metadata=device_meta, timeout=10)
+    ) == grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+    # Rotation: the old token stops working, the new one works.
+    rotated = enroll(("cam-2", "lobby"), rotate=True).tokens[0].token
+    assert poll("cam-2", tokens["cam-2"]) == grpc.StatusCode.UNAUTHENTICATED
+    assert poll("cam-2", rotated) == grpc.StatusCode.OK
+    # Revocation: refused at its next request.
+    stub.RevokeDevice(pb.RevokeDeviceRequest(device_id="cam-3"), metadata=meta, timeout=10)
+    assert poll("cam-3", tokens["cam-3"]) == grpc.StatusCode.UNAUTHENTICATED
+    revoke_unknown = pb.RevokeDeviceRequest(device_id="nobody")
+    assert code(
+        lambda: stub.RevokeDevice(revoke_unknown, metadata=meta, timeout=10)
+    ) == grpc.StatusCode.NOT_FOUND  # fmt: skip
+    # The CLI through the API: the new token goes to a new 0600 file, never over another.
+    out = fleet.tmp / "cam-4.token"
+    fleet.cli(
+        "fleet", "add-device", "--control-plane", fleet.address, "--token-file",
+        str(fleet.token_file), "--device-id", "cam-4", "--group", "lobby",
+        "--device-token-file", str(out),
+    )  # fmt: skip
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert poll("cam-4", out.read_text().strip()) == grpc.StatusCode.OK
+    again = fleet.cli(
+        "fleet", "add-device", "--control-plane", fleet.address, "--token-file",
+        str(fleet.token_file), "--device-id", "cam-5", "--device-token-file", str(out),
+        check=False,
+    )  # fmt: skip
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+    fleet.cli(
+        "fleet", "revoke-device", "--device-id", "cam-4", "--control-plane", fleet.address,
+        "--token-file", str(fleet.token_file),
+    )  # fmt: skip
+    assert "cam-4" not in enrolled()
+    log = "".join(map(str, fleet.cp.events)) + "".join(fleet.cp.stderr)
+    assert not any(t in log for t in [*tokens.values(), rotated])  # tokens are never logged

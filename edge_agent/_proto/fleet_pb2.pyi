@@ -462,3 +462,43 @@ class FleetStatusResponse(_message.Message):
     rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
     next_page_token: str
     def __init__(self, devices: _Optional[_Iterable[_Union[DeviceStatus, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeviceEnrollment(_message.Message):
+    __slots__ = ("device_id", "group")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    group: str
+    def __init__(self, device_id: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+
+class EnrollDevicesRequest(_message.Message):
+    __slots__ = ("devices", "rotate")
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_FIELD_NUMBER: _ClassVar[int]
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceEnrollment]
+    rotate: bool
+    def __init__(self, devices: _Optional[_Iterable[_Union[DeviceEnrollment, _Mapping]]] = ..., rotate: _Optional[bool] = ...) -> None: ...
+
+class DeviceToken(_message.Message):
+    __slots__ = ("device_id", "token")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    token: str
+    def __init__(self, device_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+
+class EnrollDevicesResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[DeviceToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[DeviceToken, _Mapping]]] = ...) -> None: ...
+
+class RevokeDeviceRequest(_message.Message):
+    __slots__ = ("device_id",)
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    def __init__(self, device_id: _Optional[str] = ...) -> None: ...
+
+class RevokeDeviceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

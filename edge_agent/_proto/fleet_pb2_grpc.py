@@ -64,6 +64,16 @@ class FleetServiceStub:
                 request_serializer=edge__agent_dot___proto_dot_fleet__pb2.FleetStatusRequest.SerializeToString,
                 response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.FleetStatusResponse.FromString,
                 _registered_method=True)
+        self.EnrollDevices = channel.unary_unary(
+                '/edge_agent.fleet.v1.FleetService/EnrollDevices',
+                request_serializer=edge__agent_dot___proto_dot_fleet__pb2.EnrollDevicesRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.EnrollDevicesResponse.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/edge_agent.fleet.v1.FleetService/RevokeDevice',
+                request_serializer=edge__agent_dot___proto_dot_fleet__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fleet__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
         self.WatchDesiredState = channel.unary_unary(
                 '/edge_agent.fleet.v1.FleetService/WatchDesiredState',
                 request_serializer=edge__agent_dot___proto_dot_fleet__pb2.WatchRequest.SerializeToString,
@@ -142,6 +152,21 @@ class FleetServiceServicer:
 
     def FleetStatus(self, request, context):
         """Devices, their versions, last seen and last error; rollouts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnrollDevices(self, request, context):
+        """Enroll devices (bulk), or give enrolled ones new tokens (rotate); each token is answered
+        once and stored only as its sha256. All or nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Remove a device: its token is refused from its next request on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -229,6 +254,16 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.FleetStatus,
                     request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.FleetStatusRequest.FromString,
                     response_serializer=edge__agent_dot___proto_dot_fleet__pb2.FleetStatusResponse.SerializeToString,
+            ),
+            'EnrollDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollDevices,
+                    request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.EnrollDevicesRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fleet__pb2.EnrollDevicesResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=edge__agent_dot___proto_dot_fleet__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fleet__pb2.RevokeDeviceResponse.SerializeToString,
             ),
             'WatchDesiredState': grpc.unary_unary_rpc_method_handler(
                     servicer.WatchDesiredState,
@@ -428,6 +463,60 @@ class FleetService:
             '/edge_agent.fleet.v1.FleetService/FleetStatus',
             edge__agent_dot___proto_dot_fleet__pb2.FleetStatusRequest.SerializeToString,
             edge__agent_dot___proto_dot_fleet__pb2.FleetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_agent.fleet.v1.FleetService/EnrollDevices',
+            edge__agent_dot___proto_dot_fleet__pb2.EnrollDevicesRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fleet__pb2.EnrollDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edge_agent.fleet.v1.FleetService/RevokeDevice',
+            edge__agent_dot___proto_dot_fleet__pb2.RevokeDeviceRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fleet__pb2.RevokeDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,11 +19,11 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from edge_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 FLEET, GROUP, CANARY = "fleet", "group", "canary"
 ACTIVE, PAUSED, ROLLED_BACK = "active", "paused", "rolled_back"
@@ -181,6 +181,8 @@ class Registry(Protocol):
     def add_device(self, device_id: str, group: str, token_hash: str) -> None: ...
     def token_hash(self, device_id: str) -> str | None: ...
     def device_with_token(self, token_hash: str) -> str | None: ...
+    def enroll(self, devices: Sequence[tuple[str, str, str]], rotate: bool) -> None: ...
+    def revoke(self, device_id: str) -> None: ...
     def blob(self, digest: str) -> BlobInfo | None: ...
     def add_blob(self, info: BlobInfo) -> None: ...
     def add_release(
@@ -285,6 +287,34 @@ class SqliteRegistry:
             "SELECT token_hash FROM devices WHERE device_id = ?", (device_id,)
         ).fetchone()
         return None if row is None else str(row[0])
+
+    def enroll(self, devices: Sequence[tuple[str, str, str]], rotate: bool) -> None:
+        """(device id, group, token hash) each, in one transaction: new devices, or (rotate)
+        enrolled ones given new tokens and groups. Nothing is written if one does not fit."""
+        with self._db:
+            self._db.execute("BEGIN")
+            for device_id, group, token_hash in devices:
+                exists = self.token_hash(device_id) is not None
+                if exists != rotate:
+                    state = "already enrolled" if exists else "not enrolled"
+                    raise (FailedPrecondition if rotate else AlreadyExists)(
+                        f"device {device_id!r} is {state}"
+                        + ("" if rotate else " (rotate its token with rotate=true)")
+                    )
+                self._db.execute(
+                    "INSERT INTO devices (device_id, token_hash, grp, created) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (device_id) DO UPDATE SET token_hash = excluded.token_hash, "
+                    "grp = excluded.grp",
+                    (device_id, token_hash, group, time.time()),
+                )
+
+    def revoke(self, device_id: str) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            if self.token_hash(device_id) is None:
+                raise NotFound(f"no device {device_id!r}")
+            self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
+            self._db.execute("DELETE FROM reports WHERE device_id = ?", (device_id,))
 
     def device_with_token(self, token_hash: str) -> str | None:
         """The device holding this token (to tell a device token from an unknown one)."""

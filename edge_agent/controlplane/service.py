@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import functools
 import hashlib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,8 +80,19 @@ MAX_REQUEST_BYTES = {
     "StopLearning": 4 << 10,
     "LearningStatus": 4 << 10,
     "UploadUpdate": CHUNK_SIZE + (4 << 10),
+    "EnrollDevices": 2 << 20,
+    "RevokeDevice": 4 << 10,
 }
 MAX_UPDATE_BYTES = 256 << 20
+MAX_ENROLL = 10_000
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_device_id(device_id: str) -> None:
+    if not device_id or len(device_id) > 128 or not device_id.isprintable():
+        raise InvalidArgument(f"device id {device_id!r}: use 1-128 printable characters")
+
+
 MAX_ERROR_CHARS = 1000
 DEFAULT_PAGE, MAX_PAGE = 500, 1000
 IGNORED_LOG_INTERVAL_S = 60.0  # per device: one log line for ignored reports, then counts only
@@ -664,6 +676,46 @@ class FleetServicer:
             await asyncio.to_thread(f.seek, request.offset)
             while data := await asyncio.to_thread(f.read, CHUNK_SIZE):
                 yield pb.BlobChunk(data=data)
+
+    # -- enrollment -----------------------------------------------------------------------------
+
+    @_unary
+    async def EnrollDevices(
+        self, request: pb.EnrollDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EnrollDevicesResponse:
+        await self._publisher(context)
+        if not 0 < len(request.devices) <= MAX_ENROLL:
+            raise InvalidArgument(f"enroll 1..{MAX_ENROLL} devices per call")
+        ids = [d.device_id for d in request.devices]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise InvalidArgument(f"device ids given twice: {duplicates[:5]}")
+        for d in request.devices:
+            check_device_id(d.device_id)
+            if d.group and not GROUP_NAME.match(d.group):
+                raise InvalidArgument(f"group {d.group!r}: use letters, digits, '.', '_', '-'")
+        tokens = {d.device_id: auth.new_token() for d in request.devices}
+        rows = [
+            (d.device_id, d.group, auth.token_hash(tokens[d.device_id])) for d in request.devices
+        ]
+        await self._db(self._registry.enroll, rows, request.rotate)
+        log.info("devices.enrolled", count=len(rows), rotated=request.rotate)  # never the tokens
+        self._notify()
+        return pb.EnrollDevicesResponse(
+            tokens=[pb.DeviceToken(device_id=i, token=t) for i, t in tokens.items()]
+        )
+
+    @_unary
+    async def RevokeDevice(
+        self, request: pb.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeDeviceResponse:
+        await self._publisher(context)
+        await self._db(self._registry.revoke, request.device_id)
+        log.info("device.revoked", device=request.device_id)
+        older = self._polls.pop(request.device_id, None)
+        if older is not None:  # its long-poll ends now
+            older.set()
+        return pb.RevokeDeviceResponse()
 
     # -- learning -------------------------------------------------------------------------------
 

@@ -271,17 +271,45 @@ def keygen(args: argparse.Namespace) -> int:
 
 
 def fleet(args: argparse.Namespace) -> int:
-    if args.action == "add-device":
+    if args.action == "add-device" and args.data_dir is not None:
         from edge_agent.controlplane.server import add_device
 
         add_device(args.data_dir, args.device_id, args.group or "", args.device_token_file)
         print(f"device {args.device_id} enrolled; its token is in {args.device_token_file} (0600)")
+        return EXIT_OK
+    if args.action == "add-device":
+        if args.control_plane is None or args.token_file is None:
+            raise ConfigError("add-device needs --data-dir, or --control-plane and --token-file")
+        out = args.device_token_file
+        if out.exists() or out.is_symlink():
+            raise ConfigError(
+                f"{out} exists: refusing to overwrite it (it may hold another credential); "
+                "choose a new file for the device token"
+            )
+        meta = auth.metadata(auth.read_token(args.token_file))
+        credentials = channel_credentials(args.control_plane_ca)
+        with open_channel(args.control_plane, credentials) as channel:
+            request = pb.EnrollDevicesRequest(
+                devices=[pb.DeviceEnrollment(device_id=args.device_id, group=args.group or "")],
+                rotate=args.rotate,
+            )
+            answer = pb_grpc.FleetServiceStub(channel).EnrollDevices(
+                request, metadata=meta, timeout=30
+            )
+        auth.write_secret(out, answer.tokens[0].token)
+        print(f"device {args.device_id} enrolled; its token is in {out} (0600)")
         return EXIT_OK
     meta = auth.metadata(auth.read_token(args.token_file))
     with open_channel(args.control_plane, channel_credentials(args.control_plane_ca)) as channel:
         stub = pb_grpc.FleetServiceStub(channel)
         if args.action == "status":
             _show_status(fleet_status(stub, meta, args.rollout or 0), args.rollout, args.json)
+            return EXIT_OK
+        if args.action == "revoke-device":
+            stub.RevokeDevice(
+                pb.RevokeDeviceRequest(device_id=args.device_id), metadata=meta, timeout=30
+            )
+            print(f"device {args.device_id} revoked")
             return EXIT_OK
         if args.action == "target":
             rollout = stub.SetTarget(_target(args), metadata=meta, timeout=30)
@@ -478,9 +506,26 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         help="enroll a device (on the control plane's host)",
         description="Enroll a device, or give an enrolled one a new token: the registry keeps "
         "only the token's hash; the token itself is written to --device-token-file (created "
-        "with mode 0600, never overwritten) and goes to the device.",
+        "with mode 0600, never overwritten) and goes to the device. On the control plane's "
+        "host with --data-dir, or from anywhere through the API with --control-plane and the "
+        "publisher's --token-file.",
     )
-    add.add_argument("--data-dir", required=True, type=Path, help="the control plane's data dir")
+    where_enroll = add.add_mutually_exclusive_group(required=True)
+    where_enroll.add_argument(
+        "--data-dir", type=Path, help="the control plane's data dir (on its host)"
+    )
+    where_enroll.add_argument(
+        "--control-plane", help="HOST:PORT: enroll through the API (EnrollDevices)"
+    )
+    add.add_argument(
+        "--token-file", type=Path, help="with --control-plane: the publisher token (read)"
+    )
+    add.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
+    add.add_argument(
+        "--rotate",
+        action="store_true",
+        help="with --control-plane: a new token for an enrolled one",
+    )
     add.add_argument("--device-id", required=True, help="the device's id (1-128 characters)")
     add.add_argument("--group", help="the device's group (rollouts can target a group)")
     add.add_argument(
@@ -489,6 +534,12 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         type=Path,
         help="where to write the new device token (must not exist)",
     )
+
+    revoke = actions.add_parser(
+        "revoke-device", help="remove a device: its token is refused from its next request on"
+    )
+    revoke.add_argument("--device-id", required=True, help="the device to revoke")
+    _remote(revoke)
 
     status = actions.add_parser("status", help="devices, their versions, and rollouts")
     _remote(status)
