@@ -242,6 +242,18 @@ def ort_top1(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(["probabilities"], {"input": x})[0].argmax(axis=1)  # type: ignore[no-any-return]
 
 
+def compressed(path: Path) -> dict[str, int]:
+    import gzip
+
+    import zstandard
+
+    data = path.read_bytes()
+    return {
+        "gzip": len(gzip.compress(data, 9)),
+        "zstd": len(zstandard.ZstdCompressor(level=19).compress(data)),
+    }
+
+
 def nonzero_params(path: Path) -> tuple[int, int]:
     model = onnx.load(str(path))
     values = [numpy_helper.to_array(t) for t in model.graph.initializer]
@@ -285,6 +297,11 @@ def test_distill_and_fine_tune_through_the_cli(tmp_path: Path) -> None:
     assert v["top1_agreement"] == pytest.approx(float(np.mean(teacher_top == out_top)))
     assert v["student_accuracy_before"] == pytest.approx(float(np.mean(ort_top1(student, x) == y)))
     assert v["accuracy_after"] > v["student_accuracy_before"] + 0.5  # it learned
+    assert report["compressed_size_bytes"]["after"] == compressed(out)
+    assert report["compressed_size_bytes"]["before"] == compressed(teacher)
+    assert report["compression_rate"] == pytest.approx(
+        1 - out.stat().st_size / teacher.stat().st_size
+    )
     # The guard: a bound it cannot meet leaves no OUT and exits 1.
     refused = cli(
         "distill", "--teacher", str(teacher), "--student", str(student), "--data",
@@ -319,6 +336,9 @@ def test_distill_and_fine_tune_through_the_cli(tmp_path: Path) -> None:
     for m, p in zip(matrices, pruned_matrices, strict=True):
         assert np.all(m[p == 0] == 0)  # the pruning mask held
     assert report["parameters"]["after"]["nonzero"] == nonzero_params(tuned)[1]
+    assert report["parameters"]["after"]["total"] == nonzero_params(tuned)[0]
+    assert report["size_bytes"]["after"] == tuned.stat().st_size
+    assert report["compressed_size_bytes"]["after"] == compressed(tuned)
     tuned_accuracy = float(np.mean(ort_top1(tuned, x) == y))
     pruned_accuracy = float(np.mean(ort_top1(pruned_only, x) == y))
     assert report["validation"]["accuracy_after"] == pytest.approx(tuned_accuracy)
