@@ -332,43 +332,50 @@ class FleetServicer:
         writer = None
         digest, size = "", 0
         try:
-            async with asyncio.timeout(self._limits.upload_seconds):
-                while True:
-                    try:  # a stalled upload holds a temporary file: bounded wait per message
-                        message = await asyncio.wait_for(
-                            anext(request_iterator), self._limits.upload_idle_seconds
+            async for message in self._uploaded(request_iterator):
+                if writer is None:
+                    digest, size = message.digest, message.size
+                    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+                        raise InvalidArgument(f"blob digest {digest!r} is not a sha256 hex")
+                    if size > self._limits.max_blob_bytes:
+                        raise InvalidArgument(
+                            f"blob of {size} bytes is over this control plane's limit "
+                            f"{self._limits.max_blob_bytes} (--max-blob-bytes)"
                         )
-                    except StopAsyncIteration:
-                        break
-                    if isinstance(message, Malformed):
-                        raise InvalidArgument(message.reason)
-                    if writer is None:
-                        digest, size = message.digest, message.size
-                        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-                            raise InvalidArgument(f"blob digest {digest!r} is not a sha256 hex")
-                        if size > self._limits.max_blob_bytes:
-                            raise InvalidArgument(
-                                f"blob of {size} bytes is over this control plane's limit "
-                                f"{self._limits.max_blob_bytes} (--max-blob-bytes)"
-                            )
-                        writer = await asyncio.to_thread(self._blobs.writer, digest, size)
-                    await asyncio.to_thread(writer.write, message.data)
+                    writer = await asyncio.to_thread(self._blobs.writer, digest, size)
+                await asyncio.to_thread(writer.write, message.data)
             if writer is None:
                 raise InvalidArgument("empty upload")
             chunks = await asyncio.to_thread(writer.commit)
             writer = None
-        except TimeoutError:
-            raise InvalidArgument(
-                f"upload of blob {digest} too slow: a message every "
-                f"{self._limits.upload_idle_seconds:g} s and the "
-                f"whole within {self._limits.upload_seconds:g} s"
-            ) from None
         finally:
             if writer is not None:
                 await asyncio.to_thread(writer.abort)
         await self._db(self._registry.add_blob, BlobInfo(digest, size, CHUNK_SIZE, tuple(chunks)))
         log.info("blob.stored", digest=digest, size=size)
         return pb.UploadBlobResponse(digest=digest, size=size)
+
+    async def _uploaded(self, request_iterator: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The messages of a client stream (UploadBlob, UploadUpdate), each parsed and within
+        the bounds: a stalled upload holds a temporary file or memory, so every message must
+        come within upload_idle_seconds and the whole within upload_seconds."""
+        limits = self._limits
+        deadline = time.monotonic() + limits.upload_seconds
+        while True:
+            # (Not asyncio.timeout around the loop: its scope would span the yields.)
+            wait = min(limits.upload_idle_seconds, deadline - time.monotonic())
+            try:
+                message = await asyncio.wait_for(anext(request_iterator), max(wait, 0))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise InvalidArgument(
+                    f"upload too slow: a message every {limits.upload_idle_seconds:g} s and the "
+                    f"whole within {limits.upload_seconds:g} s"
+                ) from None
+            if isinstance(message, Malformed):
+                raise InvalidArgument(message.reason)
+            yield message
 
     def _check_signatures(self, release: Release, request: pb.RegisterReleaseRequest) -> None:
         """With --trusted-key: every variant's signature verifies against a publisher key and
@@ -752,29 +759,17 @@ class FleetServicer:
         header: pb.UpdateChunk | None = None
         parts: list[bytes] = []
         received = 0
-        try:
-            async with asyncio.timeout(self._limits.upload_seconds):
-                while True:
-                    try:
-                        message = await asyncio.wait_for(
-                            anext(request_iterator), self._limits.upload_idle_seconds
-                        )
-                    except StopAsyncIteration:
-                        break
-                    if isinstance(message, Malformed):
-                        raise InvalidArgument(message.reason)
-                    if header is None:
-                        header = message
-                        if not 0 < header.size <= MAX_UPDATE_BYTES:
-                            raise InvalidArgument(
-                                f"update of {header.size} bytes: must be 1..{MAX_UPDATE_BYTES}"
-                            )
-                    received += len(message.data)
-                    if received > header.size:
-                        raise InvalidArgument(f"more than the declared {header.size} bytes")
-                    parts.append(message.data)
-        except TimeoutError:
-            raise InvalidArgument("update upload too slow") from None
+        async for message in self._uploaded(request_iterator):
+            if header is None:
+                header = message
+                if not 0 < header.size <= MAX_UPDATE_BYTES:
+                    raise InvalidArgument(
+                        f"update of {header.size} bytes: must be 1..{MAX_UPDATE_BYTES}"
+                    )
+            received += len(message.data)
+            if received > header.size:
+                raise InvalidArgument(f"more than the declared {header.size} bytes")
+            parts.append(message.data)
         if header is None:
             raise InvalidArgument("empty update")
         payload = b"".join(parts)
