@@ -128,7 +128,9 @@ class ParameterServer:
         self._notify = notify
         self._key = learning_key
         self._locks: dict[int, asyncio.Lock] = {}
-        self._models: dict[int, Any] = {}  # task -> its base model (onnx.ModelProto), cached
+        # task -> (its base model, an onnx.ModelProto; the base release's config/warmup files)
+        self._models: dict[int, tuple[Any, dict[str, bytes]]] = {}
+        self._norms: dict[str, float] = {}  # global weights digest -> L2 norm
         self._jobs: set[asyncio.Future[None]] = set()
         self.aggregations = 0  # read by the metrics collector
         self.gated_out = 0
@@ -154,12 +156,18 @@ class ParameterServer:
         with self._blobs.open(digest) as f:
             return f.read()
 
-    def _base_model(self, task: LearningTaskRow) -> Any:
-        model = self._models.get(task.id)
-        if model is None:
-            model, _ = self._release_model(task.model, task.base_version)
-            self._models[task.id] = model
-        return model
+    def _base(self, task: LearningTaskRow) -> tuple[Any, dict[str, bytes]]:
+        """The task's base model and its config/warmup files, read from the blobs once."""
+        base = self._models.get(task.id)
+        if base is None:
+            base = self._models[task.id] = self._release_model(task.model, task.base_version)
+        return base
+
+    def _global_norm(self, digest: str) -> float:
+        """L2 norm of a global weights blob (for the absurd-norm check), computed once."""
+        if digest not in self._norms:
+            self._norms[digest] = delta.norm(delta.decode(self._read_blob(digest)))
+        return self._norms[digest]
 
     def _release_model(self, name: str, version: int) -> tuple[Any, dict[str, bytes]]:
         """A release's fp32 model (weights inline) and its config/warmup files."""
@@ -205,7 +213,7 @@ class ParameterServer:
             version = spec.base_version or self._registry.newest_version(spec.model)
             if not version:
                 raise NotFound(f"no release of model {spec.model!r} to learn from")
-            model, _ = self._release_model(spec.model, version)
+            model, extras = self._release_model(spec.model, version)
             output, _ = training_output(model)
             names, _ = trainable_names(model, output, spec.trainable)
             values = {t.name: t for t in model.graph.initializer}
@@ -238,7 +246,7 @@ class ParameterServer:
                 base_accuracy,
                 blob.digest,
             )
-            self._models[task_id] = model
+            self._models[task_id] = (model, extras)
             log.info(
                 "learn.task_started",
                 task=task_id,
@@ -346,11 +354,9 @@ class ParameterServer:
             return pb.UpdateAck(state="duplicate", global_version=task.global_version)
         try:
             deltas = await asyncio.to_thread(delta.decode, payload, task.shapes)
-            global_values = delta.decode(
-                await asyncio.to_thread(self._read_blob, task.global_digest)
-            )
             size = delta.norm(deltas)
-            limit = ABSURD_NORM * max(1.0, delta.norm(global_values))
+            global_norm = await asyncio.to_thread(self._global_norm, task.global_digest)
+            limit = ABSURD_NORM * max(1.0, global_norm)
             if size > limit:
                 raise InvalidArgument(f"update norm {size:.3g} is absurd (over {limit:.3g})")
         except InvalidArgument as exc:
@@ -427,7 +433,7 @@ class ParameterServer:
         step = delta.aggregate(updates, settings)
         current = delta.decode(self._read_blob(task.global_digest))
         candidate = {n: (current[n] + step[n]).astype(np.float32) for n in current}
-        model = apply(self._base_model(task), candidate, add=False)
+        model = apply(self._base(task)[0], candidate, add=False)
         feeds, labels = read_validation(task.validation, sorted(self._inputs(model)))
         score = accuracy(model, feeds, labels)
         accepted = score >= task.base_accuracy - spec.max_accuracy_drop
@@ -474,8 +480,8 @@ class ParameterServer:
 
         assert self._key is not None
         candidate = delta.decode(self._read_blob(version.digest))
-        model = apply(self._base_model(task), candidate, add=False)
-        _, extras = self._release_model(task.model, task.base_version)
+        base, extras = self._base(task)
+        model = apply(base, candidate, add=False)
         number = self._registry.newest_version(task.model) + 1
         with tempfile.TemporaryDirectory() as scratch:
             root = Path(scratch)

@@ -64,7 +64,8 @@ def open_channel(address: str, credentials: grpc.ChannelCredentials | None = Non
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def _upload_chunks(digest: str, path: Path) -> Iterator[pb.UploadBlobRequest]:
+def upload_chunks(digest: str, path: Path) -> Iterator[pb.UploadBlobRequest]:
+    """UploadBlob's messages for the file at `path`: digest and size first, then 1 MiB chunks."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         first = True
@@ -102,7 +103,7 @@ def upload_release(
     for name in release.variant_names():
         for entry in release.select(name).files:
             if entry.sha256 in missing:
-                chunks = _upload_chunks(entry.sha256, variant_dir(directory, name) / entry.path)
+                chunks = upload_chunks(entry.sha256, variant_dir(directory, name) / entry.path)
                 stub.UploadBlob(chunks, metadata=meta, timeout=timeout)
                 missing.discard(entry.sha256)
                 uploaded += entry.size

@@ -23,7 +23,7 @@ from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
-from edge_agent.fleet.client import _upload_chunks, channel_credentials, open_channel, table
+from edge_agent.fleet.client import channel_credentials, open_channel, table, upload_chunks
 
 EXIT_OK, EXIT_FAILED = 0, 1
 CALL_BYTES = 2 << 20  # rows per SubmitExamples call: about this many bytes
@@ -72,7 +72,7 @@ def _upload_blob(stub: pb_grpc.FleetServiceStub, meta: object, path: Path) -> st
     digest = hashlib.sha256(data).hexdigest()
     missing = stub.MissingBlobs(pb.MissingBlobsRequest(digests=[digest]), metadata=meta, timeout=60)
     if digest in missing.missing:
-        stub.UploadBlob(_upload_chunks(digest, path), metadata=meta, timeout=600)
+        stub.UploadBlob(upload_chunks(digest, path), metadata=meta, timeout=600)
     return digest
 
 
