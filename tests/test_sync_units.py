@@ -165,6 +165,35 @@ def test_signatures(releases: tuple[Path, Path], tmp_path: Path) -> None:
         signing.verify_directory(v1, b"garbage", keys)
 
 
+def test_the_signed_file_list_is_checked_before_any_file(
+    releases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """signed_files verifies the bundle alone (no file needed: a device checks it before any
+    download); check_signed holds release.json's bytes and file table to that signed list."""
+    v1, _ = releases
+    signing.generate_keypair(tmp_path / "a.pem", tmp_path / "a.pub")
+    signing.generate_keypair(tmp_path / "b.pem", tmp_path / "b.pub")
+    signature = signing.sign_directory(v1, tmp_path / "a.pem")
+    release_json = (v1 / "release.json").read_bytes()
+    release = parse_release(release_json)
+    files = {f.path: f.sha256 for f in release.files}
+    signed = signing.signed_files(signature, [tmp_path / "b.pub", tmp_path / "a.pub"])
+    signing.check_signed(signed, release_json, files)  # the release as signed: accepted
+    with pytest.raises(ReleaseRejected, match="signature"):
+        signing.signed_files(signature, [tmp_path / "b.pub"])  # an untrusted key
+    with pytest.raises(ReleaseRejected, match="signature"):
+        signing.signed_files(b"garbage", [tmp_path / "a.pub"])
+    data = load(v1)
+    data["expires"] += 1e9  # another release.json under the same signature
+    with pytest.raises(ReleaseRejected, match="does not cover"):
+        signing.check_signed(signed, json.dumps(data).encode(), files)
+    first = next(iter(files))
+    with pytest.raises(ReleaseRejected, match="does not cover"):  # a file swapped in the table
+        signing.check_signed(signed, release_json, {**files, first: "0" * 64})
+    with pytest.raises(ReleaseRejected, match="does not cover"):  # a file left out
+        signing.check_signed(signed, release_json, {k: v for k, v in files.items() if k != first})
+
+
 # -- downloads ------------------------------------------------------------------------------------
 
 

@@ -1,9 +1,12 @@
 """Release signatures: the OpenSSF Model Signing format (`model-signing`), key-based, P-256.
 
 `sign_directory` signs every file of a release directory (release.json included) and returns the
-signature bundle (a sigstore bundle; JSON). `verify_directory` checks a bundle against a directory
-with each trusted public key in turn; a directory that differs from what was signed in any file,
-an extra file or a missing one, fails.
+signature bundle (a sigstore bundle; JSON). Devices and the control plane check a bundle before
+any file moves: `signed_files` verifies it against the trusted keys and returns the file list it
+vouches for, `check_signed` holds release.json to it, and each file is then checked against its
+digest as it arrives (sync/, fleet/release.check_directory). `verify_directory` is the stock
+whole-directory verification (what the `model_signing` CLI does); the tests use it to show that
+our bundles verify with it.
 
 Why this format and not our own: measured on the 2-core dev VM, `model-signing` adds ~70 MB of
 installed packages (sigstore, pydantic, ...), imports in 0.3 s and verifies a 60 MB release in
