@@ -106,6 +106,26 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--data-dir", required=True, type=Path, help="state directory (created)")
     cp.add_argument("--address", default="0.0.0.0:8010", help="HOST:PORT (0.0.0.0:8010)")
     cp.add_argument(
+        "--database",
+        default="",
+        metavar="URL",
+        help="postgresql://USER@HOST:PORT/DB shared by replicas (default: SQLite in DATA_DIR); "
+        "its password from PGPASSWORD or ~/.pgpass, never in the URL",
+    )
+    cp.add_argument(
+        "--blob-store",
+        default="",
+        metavar="URL",
+        help="s3://BUCKET/PREFIX?endpoint=URL (default: DATA_DIR/blobs); credentials from "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a credentials file",
+    )
+    cp.add_argument(
+        "--publisher-token-file",
+        type=Path,
+        help="the publisher token (replicas share one; default DATA_DIR/publisher.token, "
+        "created on first start)",
+    )
+    cp.add_argument(
         "--max-failure-share",
         type=float,
         default=0.2,
@@ -309,6 +329,9 @@ def _control_plane(args: argparse.Namespace) -> int:
         trusted_keys=tuple(args.trusted_key),
         metrics_address=args.metrics_address,
         learning_key=args.learning_key,
+        database=args.database,
+        blob_store=args.blob_store,
+        publisher_token_file=args.publisher_token_file,
         connections=ConnectionLimits(
             max_connections=args.max_connections,
             max_connections_per_peer=args.max_connections_per_peer,

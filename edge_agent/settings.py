@@ -113,7 +113,8 @@ class Settings:
     state_dir: Path | None = None
 
     # Weight sync from a control plane (sync/); off while control_plane is empty. Needs
-    # device_id, device_token_file, trusted_keys (public keys, PEM) and state_dir.
+    # device_id, device_token_file, trusted_keys (public keys, PEM) and state_dir. Several
+    # replicas: "HOST:PORT,HOST:PORT" (the next takes over when one stops answering).
     control_plane: str = ""
     device_id: str = ""
     device_token_file: Path | None = None
@@ -308,7 +309,9 @@ def _check(settings: Settings) -> None:
                 "control_token_file or tls_client_ca so that not anyone can load models"
             )
     if settings.control_plane:
-        parse_address(settings.control_plane, "control_plane")
+        addresses = [a.strip() for a in settings.control_plane.split(",")]
+        for address in addresses:  # one, or several replicas: HOST:PORT,HOST:PORT
+            parse_address(address, "control_plane")
         for key in ("device_id", "device_token_file", "trusted_keys", "state_dir"):
             if not getattr(settings, key):
                 raise ConfigError(f"{key}: required when control_plane is set")

@@ -221,3 +221,14 @@ def client(server: Daemon) -> Iterator[Any]:
 
     with grpcclient.InferenceServerClient(server.url) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def scale_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """PostgreSQL and SeaweedFS for this session (tests/services.py): started on first use,
+    stopped at the end."""
+    import services
+
+    root = tmp_path_factory.mktemp("services")
+    with services.postgres() as pg, services.seaweedfs(root / "s3") as s3:
+        yield pg, s3

@@ -68,12 +68,27 @@ def metric(agent: Daemon, name: str) -> float:
 class Fleet:
     """A control plane, its keys and tokens, and helpers to publish and to start agents."""
 
-    def __init__(self, tmp: Path, start: Callable[..., Daemon], *cp_args: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        start: Callable[..., Daemon],
+        *cp_args: str,
+        scale: tuple[str, str, dict[str, str]] | None = None,
+    ) -> None:
+        """`scale`: (database URL, blob store URL, environment with the S3 credentials) to run
+        the control plane on PostgreSQL + S3 instead of the embedded default."""
         self.tmp = tmp
         self.start = start
         self.data = tmp / "cp"
+        self.database = scale[0] if scale else ""
+        self.blob_store = scale[1] if scale else ""
+        self.cp_env = scale[2] if scale else None
+        if scale:
+            cp_args = ("--database", self.database, "--blob-store", self.blob_store, *cp_args)
         self.cp_args = cp_args
-        self.cp = start("--data-dir", str(self.data), *cp_args, kind=ControlPlaneProcess)
+        self.cp = start(
+            "--data-dir", str(self.data), *cp_args, kind=ControlPlaneProcess, env=self.cp_env
+        )
         self.cp.wait_started()
         self.address = self.cp.url
         self.token_file = self.data / "publisher.token"
@@ -108,6 +123,7 @@ class Fleet:
             *self.cp_args,
             kind=ControlPlaneProcess,
             address=False,
+            env=self.cp_env,
         ).wait_started()
 
     def steer(self, action: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -127,11 +143,16 @@ class Fleet:
     def add_device(self, device: str, group: str = "") -> Path:
         token = self.tmp / f"{device}.token"
         args = ["--group", group] if group else []
+        # The embedded registry is a file here; a database is reached through the API.
+        where = (
+            ["--control-plane", self.address, "--token-file", str(self.token_file)]
+            if self.database
+            else ["--data-dir", str(self.data)]
+        )
         self.cli(
             "fleet",
             "add-device",
-            "--data-dir",
-            str(self.data),
+            *where,
             "--device-id",
             device,
             "--device-token-file",
@@ -167,6 +188,16 @@ class Fleet:
             *extra,
             check=check,
         )
+
+    def sql(self, query: str) -> list[tuple[Any, ...]]:
+        """A read-only query of the registry, wherever it lives."""
+        if self.database:
+            import psycopg
+
+            with psycopg.connect(self.database) as conn:
+                return [tuple(r) for r in conn.execute(query).fetchall()]
+        with sqlite3.connect(f"file:{self.data / 'registry.sqlite'}?mode=ro", uri=True) as db:
+            return [tuple(r) for r in db.execute(query)]
 
     def stub(self) -> tuple[pb_grpc.FleetServiceStub, Any]:
         channel = grpc.insecure_channel(self.address)
@@ -225,9 +256,18 @@ class Fleet:
         return wait_for(done, f"{device} reports v{version} {state}")  # type: ignore[no-any-return]
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> Iterator[Fleet]:
-    yield Fleet(tmp_path, start_daemon)
+@pytest.fixture(params=["embedded", "scale"])
+def fleet(
+    request: pytest.FixtureRequest, tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> Iterator[Fleet]:
+    """The fleet suite runs twice: on the embedded default (SQLite + a directory) and on
+    PostgreSQL + an S3-compatible server (SeaweedFS), each test with a fresh database and
+    bucket prefix."""
+    if request.param == "scale":
+        pg, s3 = request.getfixturevalue("scale_services")
+        yield Fleet(tmp_path, start_daemon, scale=(pg.new_database(), s3.new_url(), s3.env()))
+    else:
+        yield Fleet(tmp_path, start_daemon)
 
 
 def test_publish_then_one_layer_update_under_load(fleet: Fleet) -> None:
@@ -749,10 +789,12 @@ def test_credentials(fleet: Fleet) -> None:
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
     # Secrets: the token files are private, device tokens are stored hashed, none is logged.
     assert (fleet.data / "publisher.token").stat().st_mode & 0o777 == 0o600
+    # The S3 credentials (scale backend) appear nowhere either.
+    for secret in (fleet.cp_env or {}).values():
+        assert secret not in "".join(map(str, fleet.cp.events)) + "".join(fleet.cp.stderr)
     assert token.stat().st_mode & 0o777 == 0o600
     device_token = auth.read_token(token)
-    with sqlite3.connect(fleet.data / "registry.sqlite") as db:
-        stored = [row[0] for row in db.execute("SELECT token_hash FROM devices")]
+    stored = [row[0] for row in fleet.sql("SELECT token_hash FROM devices")]
     assert stored == [auth.token_hash(device_token)]
     logs = "".join(map(str, fleet.cp.events)) + "".join(fleet.cp.stderr)
     assert device_token not in logs and auth.read_token(fleet.token_file) not in logs

@@ -9,21 +9,27 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import modelgen
 from edge_agent.controlplane.blobs import FileBlobStore
+from edge_agent.controlplane.database import PostgresDatabase
 from edge_agent.controlplane.registry import (
     CANARY,
     FLEET,
     GROUP,
+    MIGRATIONS,
     Report,
     SqliteRegistry,
+    SqlRegistry,
     canary_cohort,
+    migrate,
     revision,
 )
-from edge_agent.errors import InvalidArgument, ReleaseRejected
+from edge_agent.controlplane.s3 import S3BlobStore, parse_s3_url
+from edge_agent.errors import ConfigError, InvalidArgument, ReleaseRejected
 from edge_agent.fleet import signing
 from edge_agent.fleet.release import (
     build_release,
@@ -379,9 +385,14 @@ def test_bandwidth_limit_sleeps_to_the_rate() -> None:
 # -- the control plane's rules --------------------------------------------------------------------
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[SqliteRegistry]:
-    reg = SqliteRegistry(tmp_path / "r.sqlite")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRegistry]:
+    """The registry's rules hold on both databases (PostgreSQL: a fresh database each)."""
+    if request.param == "postgresql":
+        pg, _ = request.getfixturevalue("scale_services")
+        reg: SqlRegistry = SqlRegistry(PostgresDatabase(pg.new_database()))
+    else:
+        reg = SqliteRegistry(tmp_path / "r.sqlite")
     for version in (1, 2, 3):
         reg.add_release("m", version, b"{}", b"sig", set())
     for device, group in (("a", "lab"), ("b", "lab"), ("c", ""), ("d", "")):
@@ -398,7 +409,7 @@ def test_canary_cohort_is_stable_and_rounded_up() -> None:
     assert canary_cohort("m", 2, devices, 100) == sorted(devices)
 
 
-def test_desired_state_by_scope(registry: SqliteRegistry) -> None:
+def test_desired_state_by_scope(registry: SqlRegistry) -> None:
     assert registry.desired("a") == {}
     registry.set_target("m", 1, FLEET, "", 0)
     assert all(registry.desired(d) == {"m": 1} for d in "abcd")
@@ -415,7 +426,7 @@ def test_desired_state_by_scope(registry: SqliteRegistry) -> None:
         registry.set_target("m", 1, CANARY, "", 0)
 
 
-def test_pause_resume_rollback(registry: SqliteRegistry) -> None:
+def test_pause_resume_rollback(registry: SqlRegistry) -> None:
     registry.set_target("m", 1, FLEET, "", 0)
     registry.set_target("m", 2, FLEET, "", 0)
     registry.record("a", [Report("m", 2, 2, 2, "serving", "")], 0.0)
@@ -432,7 +443,7 @@ def test_pause_resume_rollback(registry: SqliteRegistry) -> None:
     assert registry.desired("a") == {}
 
 
-def test_auto_pause_above_the_failure_share(registry: SqliteRegistry) -> None:
+def test_auto_pause_above_the_failure_share(registry: SqlRegistry) -> None:
     rollout = registry.set_target("m", 2, FLEET, "", 0)
     assert len(rollout.devices) == 4
     registry.record("a", [Report("m", 1, 1, 2, "failed", "signature: bad")], 1.0)
@@ -450,14 +461,27 @@ def test_auto_pause_above_the_failure_share(registry: SqliteRegistry) -> None:
     assert devices["b"].last_error == "m v2: digest: bad" and devices["a"].last_seen == 4.0
 
 
-def test_a_release_is_immutable(registry: SqliteRegistry) -> None:
+def test_a_release_is_immutable(registry: SqlRegistry) -> None:
     registry.add_release("m", 1, b"{}", b"sig", set())  # identical: fine
     with pytest.raises(Exception, match="immutable"):
         registry.add_release("m", 1, b"{ }", b"sig", set())
 
 
-def test_blob_store_writes_whole_checked_blobs(tmp_path: Path) -> None:
-    store = FileBlobStore(tmp_path)
+@pytest.fixture(params=["directory", "s3"])
+def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Any, Path]]:
+    """A blob store and its local spool directory: the embedded one, and S3 (SeaweedFS)."""
+    if request.param == "s3":
+        _, s3 = request.getfixturevalue("scale_services")
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in s3.env().items():
+                patch.setenv(name, value)
+            yield S3BlobStore(s3.new_url(), tmp_path / "spool"), tmp_path / "spool"
+    else:
+        yield FileBlobStore(tmp_path), tmp_path / "tmp"
+
+
+def test_blob_store_writes_whole_checked_blobs(blob_store: tuple[Any, Path]) -> None:
+    store, spool = blob_store
     digest = hashlib.sha256(BLOB).hexdigest()
     writer = store.writer(digest, len(BLOB))
     writer.write(BLOB[:100])
@@ -465,15 +489,67 @@ def test_blob_store_writes_whole_checked_blobs(tmp_path: Path) -> None:
     writer.write(BLOB[100:])
     assert writer.commit() == [hashlib.sha256(BLOB).hexdigest()]  # one chunk (< 1 MiB)
     assert store.exists(digest) and store.size(digest) == len(BLOB)
+    with store.open(digest) as f:  # reads at an offset (a download resumed elsewhere)
+        f.seek(100)
+        assert f.read(50) == BLOB[100:150]
+        assert f.read() == BLOB[150:]
+        assert f.read(10) == b""
     wrong = store.writer("0" * 64, len(BLOB))
     wrong.write(BLOB)
     with pytest.raises(InvalidArgument, match="digest"):
         wrong.commit()
+    assert not store.exists("0" * 64)
     too_much = store.writer(digest, 10)
     with pytest.raises(InvalidArgument, match="more than"):
         too_much.write(BLOB)
     too_much.abort()
-    assert not list((tmp_path / "tmp").iterdir())
+    short = store.writer(hashlib.sha256(b"x" * 20).hexdigest(), 20)
+    short.write(b"x" * 10)
+    with pytest.raises(InvalidArgument, match="declared"):
+        short.commit()
+    assert not list(spool.iterdir())  # nothing left behind
+
+
+def test_s3_urls_are_checked() -> None:
+    assert parse_s3_url("s3://b/p/q?endpoint=http://h:1") == (
+        "b",
+        "p/q/",
+        "http://h:1",
+        "us-east-1",
+    )
+    assert parse_s3_url("s3://b") == ("b", "", "", "us-east-1")
+    for bad in (
+        "http://b/p",
+        "s3:///p",
+        "s3://key:secret@b/p",
+        "s3://b/p?endpoint=ftp://h",
+        "s3://b/p?token=1",
+    ):
+        with pytest.raises(ConfigError):
+            parse_s3_url(bad)
+
+
+def test_a_poll_that_brings_nothing_new_writes_nothing(registry: SqlRegistry) -> None:
+    report = Report("m", 1, 1, 1, "serving", "")
+    assert registry.record("a", [report], 1.0) == [report]
+    history = registry.database.execute("SELECT COUNT(*) FROM history").fetchone()
+    assert registry.record("a", [report], 2.0) == []  # the same again: no write at all
+    assert registry.database.execute("SELECT COUNT(*) FROM history").fetchone() == history
+    assert {d.device_id: d.last_seen for d in registry.devices()}["a"] == 1.0
+    registry.touch({"a": 5.0, "b": 6.0})  # last seen: written in batches
+    registry.touch({"a": 3.0})  # never moves back
+    seen = {d.device_id: d.last_seen for d in registry.devices()}
+    assert seen["a"] == 5.0 and seen["b"] == 6.0
+
+
+def test_the_schema_is_versioned(registry: SqlRegistry) -> None:
+    assert registry.schema_version == len(MIGRATIONS)
+    assert migrate(registry.database) == len(MIGRATIONS)  # again: nothing to do
+    count = registry.database.execute("SELECT COUNT(*) FROM schema_version").fetchone()
+    assert count == (len(MIGRATIONS),)
+    registry.database.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+    with pytest.raises(ConfigError, match="newer than this control plane"):
+        migrate(registry.database)
 
 
 def test_a_release_with_variants(tmp_path: Path) -> None:

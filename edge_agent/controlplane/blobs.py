@@ -1,13 +1,15 @@
 """Content-addressed blob storage. `BlobStore` is what the service needs; `FileBlobStore` keeps
-blobs as files under DATA_DIR/blobs/sha256/<2 hex>/<digest>, each written to a temporary file,
-checked against its digest and size, fsynced and renamed in, so a reader never sees a partial blob.
-An S3-compatible store would implement the same four methods."""
+blobs as files under DATA_DIR/blobs/sha256/<2 hex>/<digest>, `S3BlobStore` (s3.py) as objects in
+an S3-compatible bucket. Either way a blob is first spooled to a local temporary file and checked
+against its digest and size, then made visible at once (a rename; an S3 PUT or completed
+multipart upload), so a reader never sees a partial or wrong blob."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -34,13 +36,22 @@ class BlobStore(Protocol):
 
     def size(self, digest: str) -> int: ...
 
+    def describe(self) -> str:
+        """Where the blobs are, for logs (no credentials)."""
+        ...
 
-class _FileWriter:
-    def __init__(self, store: FileBlobStore, digest: str, size: int) -> None:
-        self._store = store
+
+class SpooledWriter:
+    """Writes a blob to a temporary file in `spool`, computing its digest and chunk digests on
+    the way; `commit` checks them and hands the file to `publish`, which makes it visible."""
+
+    def __init__(
+        self, spool: Path, digest: str, size: int, publish: Callable[[Path, str], None]
+    ) -> None:
+        self._publish = publish
         self._digest = digest
         self._size = size
-        self._temporary = store.root / "tmp" / f"{digest}.{uuid.uuid4().hex}"
+        self._temporary = spool / f"{digest}.{uuid.uuid4().hex}"
         self._file = open(self._temporary, "xb")  # noqa: SIM115 (closed in commit / abort)
         self._hash = hashlib.sha256()
         self._chunk = hashlib.sha256()
@@ -77,18 +88,13 @@ class _FileWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            final = self._store.path(self._digest)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._temporary, final)
-            fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._publish(self._temporary, self._digest)
             return self._chunks
         except BaseException:
             self.abort()
             raise
+        finally:
+            self._temporary.unlink(missing_ok=True)  # published by a copy (S3)
 
     def abort(self) -> None:
         self._file.close()
@@ -109,10 +115,23 @@ class FileBlobStore:
         return self.path(digest).is_file()
 
     def writer(self, digest: str, size: int) -> BlobWriter:
-        return _FileWriter(self, digest, size)
+        return SpooledWriter(self.root / "tmp", digest, size, self._move_in)
+
+    def _move_in(self, temporary: Path, digest: str) -> None:
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temporary, final)
+        fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def open(self, digest: str) -> BinaryIO:
         return open(self.path(digest), "rb")
 
     def size(self, digest: str) -> int:
         return self.path(digest).stat().st_size
+
+    def describe(self) -> str:
+        return str(self.root)

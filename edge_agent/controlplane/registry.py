@@ -1,7 +1,8 @@
 """The control plane's state: releases, blobs' chunk digests, devices, rollouts, reports.
 
-`Registry` is what the service needs; `SqliteRegistry` keeps it in one SQLite file in WAL mode
-(the embedded default). A PostgreSQL registry would implement the same methods.
+`Registry` is what the service needs; `SqlRegistry` keeps it in a SQL database: one SQLite file
+in WAL mode (the embedded default, `SqliteRegistry`) or PostgreSQL (database.py), with a
+versioned schema (`MIGRATIONS`).
 
 Desired state: for each model, the newest rollout that reaches the device decides its version.
 A rollout reaches the fleet, a group, or a fixed canary cohort (chosen when it is created: the
@@ -16,14 +17,22 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from edge_agent.controlplane.database import Database, SqliteDatabase, postgres_schema
+from edge_agent.errors import (
+    AlreadyExists,
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+from edge_agent.observability.logging import get_logger
+
+log = get_logger(__name__)
 
 FLEET, GROUP, CANARY = "fleet", "group", "canary"
 ACTIVE, PAUSED, ROLLED_BACK = "active", "paused", "rolled_back"
@@ -202,6 +211,9 @@ class Registry(Protocol):
     def rollouts(self) -> list[Rollout]: ...
     def desired(self, device_id: str) -> dict[str, int]: ...
     def record(self, device_id: str, reports: Iterable[Report], now: float) -> list[Report]: ...
+    def touch(self, seen: Mapping[str, float]) -> None: ...
+    def notify(self, payload: str) -> None: ...
+    def size_bytes(self) -> int: ...
     def auto_pause(self, max_failure_share: float) -> list[Rollout]: ...
     def devices(self, after: str = "", limit: int | None = None) -> list[Device]: ...
     def may_fetch_release(self, device_id: str, model: str, version: int) -> bool: ...
@@ -254,19 +266,61 @@ def canary_cohort(model: str, version: int, devices: list[str], percent: float) 
     return sorted(sorted(devices, key=rank)[:count])
 
 
-class SqliteRegistry:
-    def __init__(self, path: Path) -> None:
-        # One connection, used by one thread at a time (the control plane's registry thread).
-        # Created 0600: it holds token hashes and the fleet's layout.
-        if not path.exists():
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(reports)")}
-        if "variant" not in columns:  # a registry made before reports carried the variant
-            self._db.execute("ALTER TABLE reports ADD COLUMN variant TEXT NOT NULL DEFAULT ''")
+def _schema_v1(db: Database) -> None:
+    schema = SCHEMA if db.dialect == "sqlite" else postgres_schema(SCHEMA)
+    for statement in schema.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    if db.dialect == "sqlite":  # a registry made before versioning and before reports' variant
+        columns = {r[1] for r in db.execute("PRAGMA table_info(reports)")}
+        if "variant" not in columns:
+            db.execute("ALTER TABLE reports ADD COLUMN variant TEXT NOT NULL DEFAULT ''")
+
+
+# The schema's history: MIGRATIONS[n - 1] brings a database from version n - 1 to n. Append,
+# never edit: a database records the version it has reached (table schema_version).
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_schema_v1,)
+
+
+def migrate(db: Database) -> int:
+    """Create or bring the schema up to date, once even with several replicas starting together
+    (the decision lock); returns the version reached. A newer schema than this code knows is
+    refused: an older control plane must not write to it."""
+    with db.transaction(decision=True):
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = int(row[0] or 0) if row else 0
+        if current > len(MIGRATIONS):
+            raise ConfigError(
+                f"the database's schema is version {current}, newer than this control plane's "
+                f"{len(MIGRATIONS)}: upgrade edge-agent"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            MIGRATIONS[version - 1](db)
+            db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+            log.info("registry.migrated", schema_version=version, dialect=db.dialect)
+    return len(MIGRATIONS)
+
+
+class SqlRegistry:
+    """The registry on a SQL database (database.py: SQLite or PostgreSQL). Used by one thread
+    of a process at a time (the control plane's registry thread); several processes may share
+    a PostgreSQL database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.schema_version = migrate(db)
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    def size_bytes(self) -> int:
+        return self._db.size_bytes()
+
+    def notify(self, payload: str) -> None:
+        """Tell the other replicas that desired state changed (database.Database.notify)."""
+        self._db.notify(payload)
 
     def close(self) -> None:
         self._db.close()
@@ -291,8 +345,7 @@ class SqliteRegistry:
     def enroll(self, devices: Sequence[tuple[str, str, str]], rotate: bool) -> None:
         """(device id, group, token hash) each, in one transaction: new devices, or (rotate)
         enrolled ones given new tokens and groups. Nothing is written if one does not fit."""
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db.transaction():
             for device_id, group, token_hash in devices:
                 exists = self.token_hash(device_id) is not None
                 if exists != rotate:
@@ -309,8 +362,7 @@ class SqliteRegistry:
                 )
 
     def revoke(self, device_id: str) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db.transaction():
             if self.token_hash(device_id) is None:
                 raise NotFound(f"no device {device_id!r}")
             self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,))
@@ -338,7 +390,9 @@ class SqliteRegistry:
 
     def add_blob(self, info: BlobInfo) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO blobs VALUES (?, ?, ?, ?)",
+            "INSERT INTO blobs VALUES (?, ?, ?, ?) ON CONFLICT (digest) DO UPDATE SET "
+            "size = excluded.size, chunk_size = excluded.chunk_size, "
+            "chunk_digests = excluded.chunk_digests",
             (info.digest, info.size, info.chunk_size, json.dumps(list(info.chunk_digests))),
         )
 
@@ -361,8 +415,7 @@ class SqliteRegistry:
                 f"release {model} v{version} already exists with other content; versions are "
                 "immutable, publish a new version"
             )
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db.transaction():
             self._db.execute(
                 "INSERT INTO releases VALUES (?, ?, ?, ?, ?, ?)",
                 (
@@ -410,14 +463,13 @@ class SqliteRegistry:
             raise InvalidArgument(f"canary percent must lie in (0, 100], got {canary_percent}")
         if scope not in (FLEET, GROUP, CANARY):
             raise InvalidArgument(f"unknown target scope {scope!r}")
-        with self._db:
-            self._db.execute("BEGIN")
-            cursor = self._db.execute(
+        with self._db.transaction(decision=True):
+            row = self._db.execute(
                 "INSERT INTO rollouts (model, version, scope, grp, canary_percent, state, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (model, version, scope, group, canary_percent, ACTIVE, time.time()),
-            )
-            rollout_id = int(cursor.lastrowid or 0)
+            ).fetchone()
+            rollout_id = int(row[0]) if row else 0
             if scope == CANARY:
                 cohort = canary_cohort(model, version, self._device_ids(), canary_percent)
                 self._db.executemany(
@@ -555,64 +607,108 @@ class SqliteRegistry:
         return deciding
 
     def desired(self, device_id: str) -> dict[str, int]:
-        groups = self._groups()
-        if device_id not in groups:
+        """model -> version for one device. Costs O(rollouts), not O(devices): every waiting
+        long-poll asks this when a change reaches it."""
+        row = self._db.execute("SELECT grp FROM devices WHERE device_id = ?", (device_id,))
+        found = row.fetchone()
+        if found is None:
             return {}
-        rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
-        versions = {int(r[0]): int(r[2]) for r in rows}
-        return {m: versions[i] for m, i in self._deciding(device_id, rows, groups).items()}
+        group = str(found[0])
+        running = {
+            (str(r[0]), int(r[1]))
+            for r in self._db.execute(
+                "SELECT model, serving_version FROM reports WHERE device_id = ?", (device_id,)
+            )
+        }
+        cohorts = {
+            int(r[0])
+            for r in self._db.execute(
+                "SELECT rollout_id FROM cohorts WHERE device_id = ?", (device_id,)
+            )
+        }
+        desired: dict[str, int] = {}
+        for rollout_id, model, version, scope, grp, _, state, _ in self._db.execute(
+            f"SELECT {self._COLUMNS} FROM rollouts WHERE state != ? ORDER BY id", (ROLLED_BACK,)
+        ):
+            reaches = (
+                scope == FLEET
+                or (scope == GROUP and grp == group)
+                or (scope == CANARY and int(rollout_id) in cohorts)
+            )
+            if not reaches or (state == PAUSED and (str(model), int(version)) not in running):
+                continue  # a paused rollout reaches no one new
+            desired[str(model)] = int(version)
+        return desired
 
     def auto_pause(self, max_failure_share: float) -> list[Rollout]:
         """Pause every active rollout where more than `max_failure_share` of the devices it
         reaches report a failed install of its version."""
-        paused = []
-        for rollout in self.rollouts():
-            if rollout.state != ACTIVE or not rollout.devices:
-                continue
-            if rollout.failed / len(rollout.devices) > max_failure_share:
-                reason = (
-                    f"auto-paused: {rollout.failed} of {len(rollout.devices)} devices failed "
-                    f"to install (limit {max_failure_share:.0%})"
-                )
-                self._db.execute(
-                    "UPDATE rollouts SET state = ?, reason = ? WHERE id = ?",
-                    (PAUSED, reason, rollout.id),
-                )
-                paused.append(self._rollout(rollout.id))
-        return paused
+        # A decision: taken once, under the lock, even when reports of several devices reach
+        # several replicas at the same moment (the second sees the rollout paused already).
+        paused_ids = []
+        with self._db.transaction(decision=True):
+            for rollout in self.rollouts():
+                if rollout.state != ACTIVE or not rollout.devices:
+                    continue
+                if rollout.failed / len(rollout.devices) > max_failure_share:
+                    reason = (
+                        f"auto-paused: {rollout.failed} of {len(rollout.devices)} devices "
+                        f"failed to install (limit {max_failure_share:.0%})"
+                    )
+                    self._db.execute(
+                        "UPDATE rollouts SET state = ?, reason = ? WHERE id = ?",
+                        (PAUSED, reason, rollout.id),
+                    )
+                    paused_ids.append(rollout.id)
+        return [self._rollout(i) for i in paused_ids]
 
     # -- reports --------------------------------------------------------------------------------
 
     def record(self, device_id: str, reports: Iterable[Report], now: float) -> list[Report]:
-        """Store the device's reports (and that it was seen); returns those that differ from
-        what it reported before (a device repeats its reports on every poll)."""
-        reports = list(reports)
+        """Store what differs in the device's reports from what it reported before, and
+        returns those with a new state (a device repeats its reports on every poll, and a poll
+        that brings nothing new writes nothing: no write, no fsync per poll). That the device was
+        seen is written in batches (`touch`)."""
+        stored = {
+            str(r[0]): tuple(r[1:])
+            for r in self._db.execute(
+                "SELECT model, installed_version, serving_version, target_version, state, error, "
+                "variant FROM reports WHERE device_id = ?",
+                (device_id,),
+            )
+        }
+        fresh = [
+            r
+            for r in reports
+            if stored.get(r.model)
+            != (r.installed_version, r.serving_version, r.target_version, r.state, r.error,
+                r.variant)
+        ]  # fmt: skip
+        # The last error stays until another replaces it: a device that failed and went back
+        # to its old version still shows why.
+        errors = [f"{r.model} v{r.target_version}: {r.error}" for r in fresh if r.error]
+        if not fresh:
+            return []
         changed = []
-        with self._db:
-            self._db.execute("BEGIN")
-            for r in reports:
-                before = self._db.execute(
-                    "SELECT serving_version, target_version, state, error FROM reports "
-                    "WHERE device_id = ? AND model = ?",
-                    (device_id, r.model),
-                ).fetchone()
+        with self._db.transaction():
+            for r in fresh:
+                before = stored.get(r.model)
                 self._db.execute(
-                    "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        device_id,
-                        r.model,
-                        r.installed_version,
-                        r.serving_version,
-                        r.target_version,
-                        r.state,
-                        r.error,
-                        now,
-                        r.variant,
-                    ),
-                )
+                    "INSERT INTO reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (device_id, model) DO UPDATE SET "
+                    "installed_version = excluded.installed_version, "
+                    "serving_version = excluded.serving_version, "
+                    "target_version = excluded.target_version, state = excluded.state, "
+                    "error = excluded.error, updated = excluded.updated, "
+                    "variant = excluded.variant",
+                    (device_id, r.model, r.installed_version, r.serving_version,
+                     r.target_version, r.state, r.error, now, r.variant),
+                )  # fmt: skip
                 if r.state == FAILED:
                     self._db.execute(
-                        "INSERT OR REPLACE INTO install_failures VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO install_failures VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT (device_id, model, version) DO UPDATE SET "
+                        "error = excluded.error, at = excluded.at",
                         (device_id, r.model, r.target_version, r.error, now),
                     )
                 elif r.state in INSTALLED_STATES:
@@ -621,23 +717,18 @@ class SqliteRegistry:
                         "AND version = ?",
                         (device_id, r.model, r.target_version),
                     )
-                if before != (r.serving_version, r.target_version, r.state, r.error):
+                if before is None or before[1:5] != (
+                    r.serving_version,
+                    r.target_version,
+                    r.state,
+                    r.error,
+                ):
                     changed.append(r)
                     self._db.execute(
                         "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            device_id,
-                            r.model,
-                            now,
-                            r.target_version,
-                            r.serving_version,
-                            r.state,
-                            r.error,
-                        ),
-                    )
-            # The last error stays until another replaces it: a device that failed and went
-            # back to its old version still shows why.
-            errors = [f"{r.model} v{r.target_version}: {r.error}" for r in reports if r.error]
+                        (device_id, r.model, now, r.target_version, r.serving_version, r.state,
+                         r.error),
+                    )  # fmt: skip
             if errors:
                 self._db.execute(
                     "UPDATE devices SET last_error = ? WHERE device_id = ?",
@@ -647,6 +738,16 @@ class SqliteRegistry:
                 "UPDATE devices SET last_seen = ? WHERE device_id = ?", (now, device_id)
             )
         return changed
+
+    def touch(self, seen: Mapping[str, float]) -> None:
+        """When devices were last seen, many in one transaction (batched by the service: one
+        write per interval, not one per poll)."""
+        if seen:
+            with self._db.transaction():
+                self._db.executemany(
+                    "UPDATE devices SET last_seen = ? WHERE device_id = ? AND last_seen < ?",
+                    [(at, device, at) for device, at in seen.items()],
+                )
 
     # -- what a device may read ------------------------------------------------------------------
 
@@ -695,14 +796,14 @@ class SqliteRegistry:
         of devices no longer enrolled. Returns the rows removed."""
         cutoff = now - HISTORY_DAYS * 86400
         removed = 0
-        with self._db:
-            self._db.execute("BEGIN")
+        rowid = self._db.rowid
+        with self._db.transaction():
             for sql, args in (
                 ("DELETE FROM history WHERE at < ?", (cutoff,)),
                 (
-                    "DELETE FROM history WHERE rowid IN (SELECT rowid FROM (SELECT rowid, "
-                    "ROW_NUMBER() OVER (PARTITION BY device_id, model ORDER BY at DESC) AS n "
-                    "FROM history) WHERE n > ?)",
+                    f"DELETE FROM history WHERE {rowid} IN (SELECT {rowid} FROM (SELECT "
+                    f"{rowid}, ROW_NUMBER() OVER (PARTITION BY device_id, model ORDER BY at "
+                    "DESC) AS n FROM history) AS ranked WHERE n > ?)",
                     (HISTORY_ROWS,),
                 ),
                 ("DELETE FROM install_failures WHERE at < ?", (cutoff,)),
@@ -714,8 +815,10 @@ class SqliteRegistry:
     # -- learning -------------------------------------------------------------------------------
 
     def newest_version(self, model: str) -> int:
-        row = self._db.execute("SELECT MAX(version) FROM releases WHERE model = ?", (model,))
-        return int(row.fetchone()[0] or 0)
+        row = self._db.execute(
+            "SELECT MAX(version) FROM releases WHERE model = ?", (model,)
+        ).fetchone()
+        return int(row[0] or 0) if row else 0
 
     def reach(
         self, scope: str, group: str, canary_percent: float, model: str, version: int
@@ -740,16 +843,15 @@ class SqliteRegistry:
         global_digest: str,
     ) -> int:
         now = time.time()
-        with self._db:
-            self._db.execute("BEGIN")
-            cursor = self._db.execute(
+        with self._db.transaction():
+            row = self._db.execute(
                 "INSERT INTO learning_tasks (model, base_version, spec, validation, shapes, "
                 "state, global_version, global_digest, round, base_accuracy, created) "
-                "VALUES (?, ?, ?, ?, ?, 'running', 0, ?, 0, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, 'running', 0, ?, 0, ?, ?) RETURNING id",
                 (model, base_version, spec, validation, json.dumps(dict(shapes)), global_digest,
                  base_accuracy, now),
-            )  # fmt: skip
-            task_id = int(cursor.lastrowid or 0)
+            ).fetchone()  # fmt: skip
+            task_id = int(row[0]) if row else 0
             self._db.executemany(
                 "INSERT INTO learning_devices VALUES (?, ?)", [(task_id, d) for d in devices]
             )
@@ -799,8 +901,7 @@ class SqliteRegistry:
         return [t for i in ids for t in self.tasks(i)]
 
     def count(self, task_id: int, **increments: int) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db.transaction():
             row = self._db.execute(
                 "SELECT counters FROM learning_tasks WHERE id = ?", (task_id,)
             ).fetchone()
@@ -815,7 +916,7 @@ class SqliteRegistry:
     def add_update(self, task_id: int, update: UpdateRow, state: str, now: float) -> bool:
         """Record an update; False when its id was seen before (it is not recorded again)."""
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO learning_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO learning_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (task_id, update.update_id, update.device_id, update.base_global, update.examples,
              update.digest, state, now),
         )  # fmt: skip
@@ -844,8 +945,7 @@ class SqliteRegistry:
         """One aggregation, all or nothing: the updates it used are applied, the candidate is
         recorded, the round advances, and an accepted candidate becomes the global weights. A
         crash before this commits leaves the updates buffered, to be aggregated again."""
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._db.transaction():
             self._db.executemany(
                 "UPDATE learning_updates SET state = 'applied' WHERE task_id = ? AND "
                 "update_id = ? AND state = 'buffered'",
@@ -865,7 +965,7 @@ class SqliteRegistry:
             row = self._db.execute(
                 "SELECT counters FROM learning_tasks WHERE id = ?", (task_id,)
             ).fetchone()
-            merged = json.loads(row[0])
+            merged = json.loads(row[0]) if row else {}
             for key, value in counters.items():
                 merged[key] = merged.get(key, 0) + value
             self._db.execute(
@@ -905,3 +1005,10 @@ class SqliteRegistry:
             )
             out.append(Device(device_id, group, last_seen, last_error, reports))
         return out
+
+
+class SqliteRegistry(SqlRegistry):
+    """The embedded default: one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(SqliteDatabase(path))

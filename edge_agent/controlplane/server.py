@@ -1,8 +1,11 @@
 """`edge-agent control-plane serve`: the composition root of the control plane.
 
-DATA_DIR (mode 0700)/registry.sqlite (SQLite, WAL), DATA_DIR/blobs/ (content-addressed), and
-DATA_DIR/publisher.token (created on first start, mode 0600). SIGTERM/SIGINT stop it: listeners
-close, in-flight calls get the grace, long-polls answer.
+Embedded default: DATA_DIR (mode 0700)/registry.sqlite (SQLite, WAL) and DATA_DIR/blobs/
+(content-addressed). At fleet scale: `--database postgresql://...` and `--blob-store
+s3://BUCKET/PREFIX?endpoint=URL`, shared by any number of replicas (changes reach the others'
+long-polls through LISTEN/NOTIFY). The publisher token: DATA_DIR/publisher.token (created on first
+start, mode 0600), or `--publisher-token-file` (the same file for every replica). SIGTERM/SIGINT
+stop it: listeners close, in-flight calls get the grace, long-polls answer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import os
 import signal
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,9 @@ from edge_agent.api.connections import (
     server_options,
 )
 from edge_agent.api.wire import add_service, method_handlers
-from edge_agent.controlplane.blobs import FileBlobStore
-from edge_agent.controlplane.registry import SqliteRegistry
+from edge_agent.controlplane.blobs import BlobStore, FileBlobStore
+from edge_agent.controlplane.database import PostgresDatabase, describe, open_database
+from edge_agent.controlplane.registry import SqliteRegistry, SqlRegistry
 from edge_agent.controlplane.service import (
     MAX_REQUEST_BYTES,
     FleetServicer,
@@ -74,15 +79,30 @@ class ControlPlaneSettings:
         default_factory=lambda: ConnectionLimits(idle_seconds=120.0)
     )
     service: ServiceLimits = dataclasses.field(default_factory=ServiceLimits)
+    # "" = SQLite in DATA_DIR; postgresql://USER@HOST/DB (a password belongs in PGPASSWORD or
+    # ~/.pgpass, not here: the URL is logged with any password masked, but it shows in ps).
+    database: str = ""
+    blob_store: str = ""  # "" = DATA_DIR/blobs; s3://BUCKET/PREFIX?endpoint=URL
+    publisher_token_file: Path | None = None  # "" = DATA_DIR/publisher.token
 
 
-def open_registry(data_dir: Path) -> SqliteRegistry:
-    """The registry in `data_dir`, which is made (or narrowed to) mode 0700: it holds the
-    publisher token and the registry."""
+def open_registry(data_dir: Path, database: str = "") -> SqlRegistry:
+    """The registry: SQLite in `data_dir`, or the database `database` names. `data_dir` is made
+    (or narrowed to) mode 0700: it holds the publisher token (and the SQLite registry)."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if stat.S_IMODE(data_dir.stat().st_mode) & 0o077:
         os.chmod(data_dir, 0o700)
-    return SqliteRegistry(data_dir / REGISTRY_FILE)
+    if not database:
+        return SqliteRegistry(data_dir / REGISTRY_FILE)
+    return SqlRegistry(open_database(database, data_dir))
+
+
+def open_blob_store(data_dir: Path, spec: str) -> BlobStore:
+    if not spec:
+        return FileBlobStore(data_dir / "blobs")
+    from edge_agent.controlplane.s3 import S3BlobStore
+
+    return S3BlobStore(spec, data_dir / "spool")
 
 
 def add_device(data_dir: Path, device_id: str, group: str, token_file: Path) -> None:
@@ -177,13 +197,18 @@ class ControlPlane:
         if s.learning_key is not None and not s.learning_key.is_file():
             raise ConfigError(f"--learning-key {s.learning_key}: not a file")
         os.umask(0o077)  # everything the control plane writes is its own
-        registry = open_registry(s.data_dir)
-        token = read_or_create_publisher_token(s.data_dir)
+        registry = open_registry(s.data_dir, s.database)
+        try:
+            blobs = open_blob_store(s.data_dir, s.blob_store)
+            token = read_or_create_publisher_token(s.data_dir, s.publisher_token_file)
+        except BaseException:
+            registry.close()
+            raise
         limits = fit_to_fd_limit(s.connections, listeners=1)
         guard = ConnectionGuard()
         servicer = FleetServicer(
             registry,
-            FileBlobStore(s.data_dir / "blobs"),
+            blobs,
             token,
             s.max_failure_share,
             s.service,
@@ -216,6 +241,8 @@ class ControlPlane:
         guard.watch(port, limits)
         guard.start()
         pruning = asyncio.create_task(servicer.prune_forever(), name="prune")
+        flushing = asyncio.create_task(servicer.flush_seen_forever(), name="last-seen")
+        listening = self._listen(registry, servicer, loop)
         recovering = asyncio.create_task(servicer.learning.recover(), name="learning-recovery")
         host = s.address.rpartition(":")[0]
         if not s.trusted_keys:
@@ -229,6 +256,9 @@ class ControlPlane:
             address=f"{host}:{port}",
             port=port,
             data_dir=str(s.data_dir),
+            database=describe(s.database) if s.database else "sqlite",
+            schema_version=registry.schema_version,
+            blob_store=blobs.describe(),
             max_connections=limits.max_connections,
             metrics_port=metrics.server_address[1] if metrics is not None else None,
             pid=os.getpid(),
@@ -238,7 +268,14 @@ class ControlPlane:
         finally:
             pruning.cancel()
             recovering.cancel()
+            flushing.cancel()
             await server.stop(s.shutdown_grace_seconds)
+            if listening is not None:
+                listening.set()
+            try:
+                await servicer.flush_seen()
+            except Exception as exc:  # the database is gone: when devices were seen is lost
+                log.warning("registry.touch_failed", error=str(exc))
             guard.stop()
             servicer.close()
             registry.close()
@@ -246,6 +283,25 @@ class ControlPlane:
                 metrics.shutdown()
                 metrics.server_close()
             log.info("controlplane.stopped")
+
+    @staticmethod
+    def _listen(
+        registry: SqlRegistry, servicer: FleetServicer, loop: asyncio.AbstractEventLoop
+    ) -> threading.Event | None:
+        """With PostgreSQL: a thread LISTENing for the other replicas' changes, each handed to
+        the service on the loop. Returns the event that stops it."""
+        db = registry.database
+        if not isinstance(db, PostgresDatabase):
+            return None
+        stop = threading.Event()
+
+        def deliver(payload: str) -> None:
+            loop.call_soon_threadsafe(servicer.remote_change, payload)
+
+        threading.Thread(
+            target=db.listen, args=(deliver, stop), name="registry-listen", daemon=True
+        ).start()
+        return stop
 
     def _metrics(self, servicer: FleetServicer, guard: ConnectionGuard) -> Any:
         if not self.settings.metrics_address:

@@ -11,11 +11,14 @@ reads only releases a rollout sent it, FleetStatus in pages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +44,7 @@ from edge_agent.controlplane.registry import (
 )
 from edge_agent.errors import (
     Aborted,
+    ConfigError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -55,6 +59,7 @@ from edge_agent.observability.logging import get_logger
 log = get_logger(__name__)
 
 MAX_WAIT_MS = 60_000
+SEEN_FLUSH_S = 5.0  # how stale the stored last_seen may be (FleetStatus adds this replica's)
 SCOPES = {pb.FLEET: FLEET, pb.GROUP: GROUP, pb.CANARY: CANARY}
 SCOPE_ENUM = {v: k for k, v in SCOPES.items()}
 ACTIONS = {
@@ -218,6 +223,17 @@ def report_message(report: Report) -> pb.ModelReport:
     )
 
 
+class Poll:
+    """A device's live long-poll: woken when its desired state may have changed, or when a
+    newer poll of the same device replaces it."""
+
+    __slots__ = ("changed", "replaced")
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.replaced = False
+
+
 class FleetServicer:
     """Registered with fleet_pb2_grpc.add_FleetServiceServicer_to_server (by method name)."""
 
@@ -237,13 +253,17 @@ class FleetServicer:
         self._max_failure_share = max_failure_share
         self._limits = limits or ServiceLimits()
         self._trusted_keys = list(trusted_keys)
-        self._changed = asyncio.Event()  # replaced after each change; long-polls wait on it
-        # SQLite: one connection, one thread. Every registry call goes through _db.
+        # One connection, one thread: every registry call goes through _db.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
         self._buckets: dict[str, TokenBucket] = {}
-        self._polls: dict[str, asyncio.Event] = {}  # device -> its live long-poll's "replaced"
+        self._polls: dict[str, Poll] = {}  # device -> its live long-poll
+        # Devices seen since the last flush (touch): one write per interval, not one per poll.
+        self._seen: dict[str, float] = {}
+        # Tells this replica's own notices from others' (PostgreSQL LISTEN/NOTIFY).
+        self.replica = uuid.uuid4().hex[:12]
         self._ignored_logged: dict[str, float] = {}
         self.stats = ServiceStats()
+        self._background: set[asyncio.Task[None]] = set()
         self.learning = ParameterServer(registry, blobs, self._db, self._notify, learning_key)
 
     def close(self) -> None:
@@ -253,9 +273,40 @@ class FleetServicer:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _notify(self, devices: Iterable[str] | None = None) -> None:
+        """Desired state changed for `devices` (None: possibly for any): wake their long-polls
+        here (O(devices affected)), and tell the other replicas through the database."""
+        devices = None if devices is None else sorted(set(devices))
+        self._wake(devices)
+        listed = json.dumps(devices) if devices is not None else ""
+        # NOTIFY payloads are limited to 8000 bytes: a longer list becomes "everyone".
+        payload = f"{self.replica} {listed if devices is not None and len(listed) < 7000 else '*'}"
+        task = asyncio.get_running_loop().create_task(self._db(self._registry.notify, payload))
+        self._background.add(task)
+        task.add_done_callback(self._notified)
+
+    def _notified(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The other replicas' polls then see the change at their next wake or timeout.
+            log.warning("registry.notify_failed", error=str(task.exception()))
+
+    def _wake(self, devices: Iterable[str] | None) -> None:
+        polls = self._polls.values() if devices is None else map(self._polls.get, devices)
+        for poll in polls:
+            if poll is not None:
+                poll.changed.set()
+
+    def remote_change(self, payload: str) -> None:
+        """A notice from the database (another replica's change); on the event loop."""
+        replica, _, listed = payload.partition(" ")
+        if replica == self.replica:
+            return  # ours: woken already
+        try:
+            devices = None if listed in ("*", "") else [str(d) for d in json.loads(listed)]
+        except (ValueError, TypeError):
+            devices = None
+        self._wake(devices)
 
     def _limit(self, key: str, role: str) -> None:
         """Raise ResourceExhausted when `key` (an authenticated caller) is over its rate."""
@@ -464,7 +515,7 @@ class FleetServicer:
             devices=len(rollout.devices),
             device_states=dict(rollout.device_states),
         )
-        self._notify()
+        self._notify(rollout.devices)
         return rollout_message(rollout)
 
     @_unary
@@ -486,7 +537,8 @@ class FleetServicer:
         log.info(
             "rollout.changed", model=rollout.model, version=rollout.version, state=rollout.state
         )
-        self._notify()
+        # A rollback or pause moves its devices (back) to the rollout before it.
+        self._notify(rollout.devices)
         return rollout_message(rollout)
 
     @_unary
@@ -512,7 +564,7 @@ class FleetServicer:
                     pb.DeviceStatus(
                         device_id=device.device_id,
                         group=device.group,
-                        last_seen=device.last_seen,
+                        last_seen=max(device.last_seen, self._seen.get(device.device_id, 0.0)),
                         last_error=device.last_error,
                         models=[report_message(r) for r in device.reports],
                         desired=[
@@ -572,20 +624,21 @@ class FleetServicer:
             await self._db(self._registry.auto_pause, self._max_failure_share) if failed else []
         )
         if paused:
-            log.warning("rollout.auto_paused")
-            self._notify()
+            log.warning("rollout.auto_paused", rollouts=[r.id for r in paused])
+            self._notify(d for r in paused for d in r.devices)
         # One live long-poll per device: this one replaces an older one (which answers ABORTED).
         older = self._polls.get(device)
         if older is not None:
-            older.set()
+            older.replaced = True
+            older.changed.set()
             self.stats.polls_replaced += 1
-        replaced = self._polls[device] = asyncio.Event()
+        poll = self._polls[device] = Poll()
         self.stats.polls_waiting += 1
         try:
-            return await self._wait(device, request, replaced)
+            return await self._wait(device, request, poll)
         finally:
             self.stats.polls_waiting -= 1
-            if self._polls.get(device) is replaced:
+            if self._polls.get(device) is poll:
                 del self._polls[device]
 
     def _desired_state(self, device: str) -> pb.DesiredState:
@@ -599,24 +652,18 @@ class FleetServicer:
             learning=learning,
         )
 
-    async def _wait(
-        self, device: str, request: pb.WatchRequest, replaced: asyncio.Event
-    ) -> pb.DesiredState:
+    async def _wait(self, device: str, request: pb.WatchRequest, poll: Poll) -> pb.DesiredState:
         deadline = time.monotonic() + min(request.wait_ms, MAX_WAIT_MS) / 1000
         while True:
+            poll.changed.clear()  # before reading: a change made while we read wakes us again
             state = await self._db(self._desired_state, device)
             remaining = deadline - time.monotonic()
             if state.revision != request.known_revision or remaining <= 0:
-                await self._db(self._registry.record, device, (), time.time())  # last seen
+                self._seen[device] = time.time()
                 return state
-            changed = self._changed
-            waits = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(replaced.wait())]
-            try:
-                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-            if replaced.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poll.changed.wait(), remaining)
+            if poll.replaced:
                 raise Aborted("replaced by a newer long-poll of this device")
 
     @_unary
@@ -707,7 +754,7 @@ class FleetServicer:
         ]
         await self._db(self._registry.enroll, rows, request.rotate)
         log.info("devices.enrolled", count=len(rows), rotated=request.rotate)  # never the tokens
-        self._notify()
+        self._notify(tokens)
         return pb.EnrollDevicesResponse(
             tokens=[pb.DeviceToken(device_id=i, token=t) for i, t in tokens.items()]
         )
@@ -721,7 +768,9 @@ class FleetServicer:
         log.info("device.revoked", device=request.device_id)
         older = self._polls.pop(request.device_id, None)
         if older is not None:  # its long-poll ends now
-            older.set()
+            older.replaced = True
+            older.changed.set()
+        self._notify([request.device_id])  # and on the other replicas: its desired state is {}
         return pb.RevokeDeviceResponse()
 
     # -- learning -------------------------------------------------------------------------------
@@ -779,6 +828,24 @@ class FleetServicer:
 
     # -- housekeeping ---------------------------------------------------------------------------
 
+    async def flush_seen(self) -> None:
+        """Write when devices were last seen (batched: one transaction per interval)."""
+        seen, self._seen = self._seen, {}
+        try:
+            await self._db(self._registry.touch, seen)
+        except Exception:
+            for device, at in seen.items():  # kept for the next round
+                self._seen[device] = max(at, self._seen.get(device, 0.0))
+            raise
+
+    async def flush_seen_forever(self, interval: float = SEEN_FLUSH_S) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.flush_seen()
+            except Exception as exc:  # the database is away: the next round tries again
+                log.warning("registry.touch_failed", error=str(exc))
+
     async def prune_forever(self, interval: float = 3600.0) -> None:
         """Every `interval`, bound the report history (registry.prune); forget rate buckets and
         log throttles of callers not seen for a while."""
@@ -794,7 +861,13 @@ class FleetServicer:
             await asyncio.sleep(interval)
 
 
-def read_or_create_publisher_token(data_dir: Path) -> str:
+def read_or_create_publisher_token(data_dir: Path, path: Path | None = None) -> str:
+    """DATA_DIR/publisher.token, created on first start; or `path`, which must exist (replicas
+    share one token: a missing file is a mistake, not a reason to make a second token)."""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"--publisher-token-file {path}: not a file")
+        return auth.read_token(path)
     path = data_dir / "publisher.token"
     if not path.exists():
         auth.write_secret(path, auth.new_token())

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -62,6 +64,57 @@ def open_channel(address: str, credentials: grpc.ChannelCredentials | None = Non
     if credentials is not None:
         return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def split_addresses(addresses: str) -> list[str]:
+    """ "HOST:PORT,HOST:PORT" -> the addresses, in order (several control-plane replicas)."""
+    return [a.strip() for a in addresses.split(",") if a.strip()]
+
+
+class FailoverStub:
+    """A FleetService stub over one of several control-plane replicas. Calls go to the current
+    replica; `fail_over` moves to the next one (the caller decides when: a call that found the
+    replica unreachable). Any replica serves any device, and a blob download resumes wherever it
+    stopped, so moving loses nothing. Thread-safe: the sync thread and the learning thread share
+    it."""
+
+    def __init__(self, addresses: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.addresses = split_addresses(addresses)
+        if not self.addresses:
+            raise ConfigError("control_plane: no address given")
+        self._credentials = credentials
+        self._lock = threading.Lock()
+        self._index = 0
+        self._channel = open_channel(self.addresses[0], credentials)
+        self._stub = pb_grpc.FleetServiceStub(self._channel)
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self._index]
+
+    def __getattr__(self, method: str) -> Any:
+        with self._lock:
+            return getattr(self._stub, method)
+
+    def fail_over(self) -> str | None:
+        """Move to the next replica; returns its address (None with a single one)."""
+        if len(self.addresses) == 1:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            old = self._channel
+            self._index = (self._index + 1) % len(self.addresses)
+            self._channel = open_channel(self.addresses[self._index], self._credentials)
+            self._stub = pb_grpc.FleetServiceStub(self._channel)
+        old.close()
+        return self.address
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._channel.close()
 
 
 def upload_chunks(digest: str, path: Path) -> Iterator[pb.UploadBlobRequest]:

@@ -32,6 +32,7 @@ import grpc
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.errors import EdgeAgentError
+from edge_agent.fleet.client import FailoverStub
 from edge_agent.fleet.release import CHUNK_SIZE
 from edge_agent.learn.delta import encode
 from edge_agent.learn.examples import ExampleStore
@@ -66,7 +67,7 @@ def torch_available() -> bool:
 class Participant:
     def __init__(
         self,
-        stub: pb_grpc.FleetServiceStub,
+        stub: pb_grpc.FleetServiceStub | FailoverStub,
         metadata: Sequence[tuple[str, str]],
         store: BlobStore,
         examples: ExampleStore,

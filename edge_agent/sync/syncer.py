@@ -34,11 +34,10 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
-from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.common.files import write_atomically
 from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
-from edge_agent.fleet.client import channel_credentials, open_channel
+from edge_agent.fleet.client import FailoverStub, channel_credentials
 from edge_agent.fleet.release import (
     CHUNK_SIZE,
     DEFAULT_VARIANT,
@@ -135,15 +134,17 @@ class Syncer:
         self._state = SyncState(self._root / STATE_FILE)
         self._keys = [Path(k) for k in settings.trusted_keys]
         self._meta = auth.metadata(auth.read_token(settings.device_token_file), settings.device_id)
-        self._channel = open_channel(
+        # One or several replicas ("HOST:PORT,HOST:PORT"): calls go to one, the next takes over
+        # when it stops answering.
+        self._stub = FailoverStub(
             settings.control_plane,
             channel_credentials(settings.control_plane_ca, settings.tls_cert, settings.tls_key),
         )
-        self._stub = pb_grpc.FleetServiceStub(self._channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
         self._reports: dict[str, pb.ModelReport] = {}
         self._rejected: dict[str, int] = {}  # model -> version rejected for good
+        self._unreachable = False  # the last converge lost the control plane
         self._lock = threading.Lock()
         self.stats = SyncStats(installed={m: max(v) for m, v in self._state.installed.items() if v})
         self.participant: Participant | None = None
@@ -169,7 +170,7 @@ class Syncer:
         self._stop.set()
         if self.participant is not None:
             self.participant.stop()
-        self._channel.close()  # cancels the long-poll in flight
+        self._stub.close()  # cancels the long-poll in flight
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -183,16 +184,23 @@ class Syncer:
                 if self._stop.is_set():
                     return
                 self._count_failure("unreachable")
-                log.warning("sync.unreachable", code=exc.code().name, error=exc.details())
+                log.warning(
+                    "sync.unreachable",
+                    control_plane=self._stub.address,
+                    code=exc.code().name,
+                    error=exc.details(),
+                )
                 connected = False
                 attempt += 1
+                if exc.code() in RETRYABLE_CODES:
+                    self._fail_over(attempt)
                 self._stop.wait(self._backoff(attempt))
                 continue
             if not connected:  # the first answer, and the first after an outage
                 connected = True
                 log.info(
                     "sync.connected",
-                    control_plane=self._settings.control_plane,
+                    control_plane=self._stub.address,
                     device_id=self._settings.device_id,
                     desired={t.model: int(t.version) for t in desired.models},
                 )
@@ -205,7 +213,14 @@ class Syncer:
             else:
                 revision = ""  # ask again at once after the backoff: the cause may be gone
                 attempt += 1
+                if self._unreachable:  # a download cut: the next replica resumes it
+                    self._fail_over(attempt)
                 self._stop.wait(self._backoff(attempt))
+
+    def _fail_over(self, attempt: int) -> None:
+        address = self._stub.fail_over()
+        if address is not None:
+            log.warning("sync.fail_over", control_plane=address, attempt=attempt)
 
     @staticmethod
     def _backoff(attempt: int) -> float:
@@ -240,6 +255,7 @@ class Syncer:
         """Bring every model to its desired version; False when a transient failure means the
         whole should be tried again soon."""
         settled = True
+        self._unreachable = False
         for target in desired.models:
             model, version = target.model, int(target.version)
             if self._stop.is_set():
@@ -250,6 +266,7 @@ class Syncer:
                 settled &= self._failed(model, version, exc.reason, str(exc))
             except grpc.RpcError as exc:
                 reason = "unreachable" if exc.code() in RETRYABLE_CODES else "control_plane"
+                self._unreachable |= reason == "unreachable"
                 settled &= self._failed(
                     model, version, reason, f"{exc.code().name}: {exc.details()}"
                 )
