@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-S3_KEY, S3_SECRET = "edge-agent-test", "edge-agent-test-secret"
+S3_KEY, S3_SECRET = "EATESTACCESSKEY1", "ea-test-secret-4f1c9b"
 BUCKET = "edge-agent-test"
 
 

@@ -199,6 +199,34 @@ class Fleet:
         with sqlite3.connect(f"file:{self.data / 'registry.sqlite'}?mode=ro", uri=True) as db:
             return [tuple(r) for r in db.execute(query)]
 
+    def tamper_blob(self, digest: str) -> None:
+        """Flip a byte of a stored blob, behind the control plane's back."""
+        if not self.blob_store:
+            path = self.data / "blobs" / "sha256" / digest[:2] / digest
+            data = bytearray(path.read_bytes())
+            data[10] ^= 0xFF
+            path.write_bytes(bytes(data))
+            return
+        import boto3
+        import botocore.config
+
+        from edge_agent.controlplane.s3 import parse_s3_url
+
+        bucket, prefix, endpoint, region = parse_s3_url(self.blob_store)
+        assert self.cp_env is not None
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            aws_access_key_id=self.cp_env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.cp_env["AWS_SECRET_ACCESS_KEY"],
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
+        )
+        key = f"{prefix}sha256/{digest[:2]}/{digest}"
+        data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        data[10] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
     def stub(self) -> tuple[pb_grpc.FleetServiceStub, Any]:
         channel = grpc.insecure_channel(self.address)
         return pb_grpc.FleetServiceStub(channel), auth.metadata(auth.read_token(self.token_file))
@@ -380,11 +408,11 @@ def test_bad_releases_are_rejected_and_the_serving_version_stays(fleet: Fleet) -
     # A blob tampered with on the control plane (after upload): every chunk fails its digest.
     v6 = fleet.mlp(6)
     fleet.publish(v6, 6, "--no-activate")
-    blobs = sorted((fleet.data / "blobs" / "sha256").rglob("*"), key=lambda p: p.stat().st_mtime)
-    newest = [p for p in blobs if p.is_file()][-1]  # v6's graph (new, uploaded last)
-    data = bytearray(newest.read_bytes())
-    data[10] ^= 0xFF
-    newest.write_bytes(bytes(data))
+    (only_v6,) = fleet.sql(
+        "SELECT digest FROM release_blobs WHERE version = 6 AND digest NOT IN "
+        "(SELECT digest FROM release_blobs WHERE version != 6)"
+    )[:1]
+    fleet.tamper_blob(only_v6[0])
     fleet.steer("target", "--version", "6")
     rejected(6, "digest")
     # Refused for good: nothing of it stays in the device's sync store.
