@@ -18,6 +18,11 @@ EXIT_OK = 0
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
 
 
+# Every device holds one long-poll almost all the time: a control plane replica's call cap is
+# about its fleet size (a held poll is a coroutine and a few KiB).
+CP_MAX_CONCURRENT_RPCS = 20_000
+
+
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """How `infer` and `models` reach a listener with TLS or a token."""
     parser.add_argument("--tls-ca", help="PEM CA to verify a TLS listener with")
@@ -157,6 +162,13 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=4096,
         help="connections in total (lowered to fit the file descriptor limit)",
+    )
+    cp.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=CP_MAX_CONCURRENT_RPCS,
+        help=f"calls in flight at once, held long-polls included: about one per device "
+        f"({CP_MAX_CONCURRENT_RPCS}); beyond it a call answers RESOURCE_EXHAUSTED",
     )
     cp.add_argument(
         "--max-connections-per-peer",
@@ -335,6 +347,7 @@ def _control_plane(args: argparse.Namespace) -> int:
         connections=ConnectionLimits(
             max_connections=args.max_connections,
             max_connections_per_peer=args.max_connections_per_peer,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
             idle_seconds=120.0,
         ),
         service=ServiceLimits(

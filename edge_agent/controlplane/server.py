@@ -76,7 +76,7 @@ class ControlPlaneSettings:
     # Devices poll with a call outstanding almost all the time, so a short idle timeout costs
     # them nothing and frees what idle clients hold.
     connections: ConnectionLimits = dataclasses.field(
-        default_factory=lambda: ConnectionLimits(idle_seconds=120.0)
+        default_factory=lambda: ConnectionLimits(idle_seconds=120.0, max_concurrent_rpcs=20_000)
     )
     service: ServiceLimits = dataclasses.field(default_factory=ServiceLimits)
     # "" = SQLite in DATA_DIR; postgresql://USER@HOST/DB (a password belongs in PGPASSWORD or
@@ -220,6 +220,11 @@ class ControlPlane:
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                # gRPC core cancels calls that wait for the (Python) server to pick them up
+                # beyond 1,000 (its default): a fleet reconnecting at once, every device opening
+                # a long-poll, got CANCELLED by the hundred. Let the call cap bound them instead.
+                ("grpc.server.max_pending_requests", limits.max_concurrent_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", limits.max_concurrent_rpcs),
                 *server_options(limits),
             ],
         )
@@ -260,6 +265,7 @@ class ControlPlane:
             schema_version=registry.schema_version,
             blob_store=blobs.describe(),
             max_connections=limits.max_connections,
+            max_concurrent_rpcs=limits.max_concurrent_rpcs,
             metrics_port=metrics.server_address[1] if metrics is not None else None,
             pid=os.getpid(),
         )
