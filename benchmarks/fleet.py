@@ -170,7 +170,8 @@ def start_control_plane(
     proc = subprocess.Popen(
         [
             *EA, "control-plane", "serve", "--data-dir", str(work / name),
-            "--address", f"127.0.0.1:{port}", "--log-level", os.environ.get("FLEET_LOG_LEVEL", "warning"),
+            "--address", f"127.0.0.1:{port}",
+            "--log-level", os.environ.get("FLEET_LOG_LEVEL", "warning"),
             # A simulated site: every device behind one address, many per connection.
             "--device-rate", "1000",
             "--publisher-rate", "10000", *extra,
@@ -349,7 +350,7 @@ def main() -> None:
         parser.error("several replicas need --backend scale (PostgreSQL + S3)")
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ea-fleet-")))
