@@ -18,6 +18,7 @@ import gc
 import os
 import signal
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -92,6 +93,9 @@ class Agent:
         self.metrics_port: int | None = None
         self._tls: ServerTls | None = None
         self.syncer: Syncer | None = None
+        self._http: list[Any] = []  # aiohttp runners of the HTTP listeners
+        self.http_port: int | None = None
+        self.http_control_port: int | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,7 +153,13 @@ class Agent:
         # A taken port fails the start now, with its reason, not after every model is warm.
         listen = [("grpc_address", a) for a in grpc_addresses(self.settings)]
         listen += [
-            (key, getattr(self.settings, key)) for key in ("control_address", "metrics_address")
+            (key, getattr(self.settings, key))
+            for key in (
+                "control_address",
+                "metrics_address",
+                "http_address",
+                "http_control_address",
+            )
         ]
         for key, address in listen:
             if address:
@@ -182,6 +192,7 @@ class Agent:
             )
         self.metrics_port = self.metrics.start()
         await server.start()
+        await self._start_http()
         if control is not None:
             await control.start()
         for path in self.unix_sockets:  # co-located clients: who may connect is the file's mode
@@ -203,6 +214,8 @@ class Agent:
             port=self.port,
             unix_sockets=self.unix_sockets,
             control_port=self.control_port,
+            http_port=self.http_port,
+            http_control_port=self.http_control_port,
             tls=tls is not None,
             metrics_port=self.metrics_port,
             model_repository=str(self.settings.model_repository),
@@ -298,6 +311,39 @@ class Agent:
         if self.servicer.ready:
             await self.health.set("", SERVING)
 
+    async def _start_http(self) -> None:
+        """The HTTP/REST listeners (api/http.py), on this loop, over the same servicer."""
+        s = self.settings
+        if not s.http_address and not s.http_control_address:
+            return
+        from edge_agent.api import http
+
+        tls = http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        token = read_token(s.control_token_file) if s.control_token_file is not None else None
+        for address, control in ((s.http_address, False), (s.http_control_address, True)):
+            if not address:
+                continue
+            front = http.HttpFrontEnd(
+                self.servicer,
+                s.max_message_bytes,
+                s.max_concurrent_rpcs,
+                control=control,
+                control_too=s.control_on_inference_listener,
+                token=token,
+            )
+            try:
+                runner, port = await http.start(
+                    front.app(), address, s.connection_idle_seconds, tls
+                )
+            except OSError as exc:
+                key = "http_control_address" if control else "http_address"
+                raise ConfigError(f"{key}: cannot listen on {address}: {exc.strerror}") from exc
+            self._http.append(runner)
+            if control:
+                self.http_control_port = port
+            else:
+                self.http_port = port
+
     async def _shutdown(
         self, server: grpc.aio.Server, control: grpc.aio.Server | None = None
     ) -> None:
@@ -311,6 +357,8 @@ class Agent:
             await asyncio.to_thread(self.syncer.stop)
         await self.manager.stop()
         grace = self.settings.shutdown_grace_seconds
+        for runner in self._http:
+            await runner.cleanup()
         if control is not None:
             await control.stop(grace)
         await server.stop(grace)

@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         "--control-address", help="HOST:PORT or unix:PATH for load/unload (127.0.0.1:8003)"
     )
     serve.add_argument("--control-token-file", help="bearer token the control listener requires")
+    serve.add_argument(
+        "--http-address", help="HOST:PORT for KServe v2 over HTTP/REST (default: off; Triton: 8000)"
+    )
+    serve.add_argument(
+        "--http-control-address", help="HOST:PORT for the HTTP repository endpoints (default: off)"
+    )
     serve.add_argument("--control-plane", help="HOST:PORT of the control plane to sync from")
     serve.add_argument("--control-plane-ca", help="PEM CA to verify a TLS control plane with")
     serve.add_argument("--device-id", help="this device's id on the control plane")
@@ -294,6 +300,8 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_key": args.tls_key,
         "tls_client_ca": args.tls_client_ca,
         "control_address": args.control_address,
+        "http_address": args.http_address,
+        "http_control_address": args.http_control_address,
         "control_token_file": args.control_token_file,
         "device_id": args.device_id,
         "device_token_file": args.device_token_file,

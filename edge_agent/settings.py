@@ -95,6 +95,10 @@ class Settings:
     control_address: str = "127.0.0.1:8003"
     control_token_file: Path | None = None
     control_on_inference_listener: bool = False  # also serve them on grpc_address (unsafe)
+    # KServe v2 over HTTP/REST (Triton's port 8000): HOST:PORT, "" = off. The repository
+    # endpoints are served on http_control_address (same rules as control_address).
+    http_address: str = ""
+    http_control_address: str = ""
 
     # Model lifecycle (Triton's meanings): none = load every model at start and never change;
     # poll = also rescan the repository every repository_poll_secs; explicit = load only
@@ -306,6 +310,19 @@ def _check(settings: Settings) -> None:
         ):
             raise ConfigError(
                 f"control_address: {settings.control_address} is not loopback: set "
+                "control_token_file or tls_client_ca so that not anyone can load models"
+            )
+    if settings.http_address:
+        parse_address(settings.http_address, "http_address")
+    if settings.http_control_address:
+        parse_address(settings.http_control_address, "http_control_address")
+        if (
+            not is_loopback(settings.http_control_address)
+            and settings.control_token_file is None
+            and settings.tls_client_ca is None
+        ):
+            raise ConfigError(
+                f"http_control_address: {settings.http_control_address} is not loopback: set "
                 "control_token_file or tls_client_ca so that not anyone can load models"
             )
     if settings.control_plane:

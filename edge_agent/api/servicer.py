@@ -71,6 +71,7 @@ def _handler(
             raise AssertionError("unreachable: abort raises") from exc
 
     wrapped.__name__ = fn.__name__
+    wrapped.__wrapped__ = fn  # type: ignore[attr-defined]  # the HTTP front end calls it bare
     return wrapped
 
 
@@ -180,7 +181,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, context.time_remaining())
+        return await self.infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -192,7 +193,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 yield pb.ModelStreamInferResponse(error_message=message)
                 continue
             try:
-                response = await self._infer(request)
+                response = await self.infer(request)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -208,9 +209,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 continue
             yield pb.ModelStreamInferResponse(infer_response=response)
 
-    async def _infer(
+    async def infer(
         self, request: pb.ModelInferRequest, time_remaining: float | None = None
     ) -> pb.ModelInferResponse:
+        """One inference, whatever the front end (gRPC, HTTP): limits, scheduler, statistics."""
         started = time.monotonic_ns()
         if not request.model_name:
             raise InvalidArgument("model_name is empty")

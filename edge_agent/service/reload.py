@@ -33,6 +33,8 @@ NEEDS_RESTART = frozenset(
         "variant_preference_cpu",
         "loader_nice",
         "control_address",
+        "http_address",
+        "http_control_address",
         "control_token_file",
         "control_on_inference_listener",
         "tls_client_ca",
