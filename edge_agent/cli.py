@@ -131,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a credentials file",
     )
     cp.add_argument(
+        "--dashboard-address",
+        default="",
+        metavar="HOST:PORT",
+        help="serve the read-only fleet dashboard here (default: off); the publisher token "
+        "logs in (Bearer header or the login form)",
+    )
+    cp.add_argument(
         "--publisher-token-file",
         type=Path,
         help="the publisher token (replicas share one; default DATA_DIR/publisher.token, "
@@ -352,6 +359,7 @@ def _control_plane(args: argparse.Namespace) -> int:
         database=args.database,
         blob_store=args.blob_store,
         publisher_token_file=args.publisher_token_file,
+        dashboard_address=args.dashboard_address,
         connections=ConnectionLimits(
             max_connections=args.max_connections,
             max_connections_per_peer=args.max_connections_per_peer,

@@ -40,6 +40,10 @@ class BlobStore(Protocol):
         """Where the blobs are, for logs (no credentials)."""
         ...
 
+    def total_bytes(self) -> int:
+        """What the store holds, for the dashboard."""
+        ...
+
 
 class SpooledWriter:
     """Writes a blob to a temporary file in `spool`, computing its digest and chunk digests on
@@ -135,3 +139,6 @@ class FileBlobStore:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.root / "sha256").rglob("*") if p.is_file())

@@ -128,6 +128,18 @@ class S3BlobStore:
         # botocore's messages name the operation and the code, never the secret key.
         return str(exc).strip()[:300]
 
+    def total_bytes(self) -> int:
+        total = 0
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{self.prefix}sha256/"
+            )
+            for listing in pages:
+                total += sum(int(o["Size"]) for o in listing.get("Contents", []))
+        except (self._errors.BotoCoreError, self._errors.ClientError) as exc:
+            raise Unavailable(f"blob store: {self._reason(exc)}") from exc
+        return total
+
     def key(self, digest: str) -> str:
         return f"{self.prefix}sha256/{digest[:2]}/{digest}"
 

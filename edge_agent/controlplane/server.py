@@ -30,6 +30,7 @@ from edge_agent.api.connections import (
     fit_to_fd_limit,
     server_options,
 )
+from edge_agent.api.server import check_listen
 from edge_agent.api.wire import add_service, method_handlers
 from edge_agent.controlplane.blobs import BlobStore, FileBlobStore
 from edge_agent.controlplane.database import PostgresDatabase, describe, open_database
@@ -84,6 +85,7 @@ class ControlPlaneSettings:
     database: str = ""
     blob_store: str = ""  # "" = DATA_DIR/blobs; s3://BUCKET/PREFIX?endpoint=URL
     publisher_token_file: Path | None = None  # "" = DATA_DIR/publisher.token
+    dashboard_address: str = ""  # HOST:PORT for the read-only fleet dashboard; "" = none
 
 
 def open_registry(data_dir: Path, database: str = "") -> SqlRegistry:
@@ -239,6 +241,14 @@ class ControlPlane:
         except (RuntimeError, OSError) as exc:
             raise ConfigError(f"cannot bind {s.address}: {exc}") from exc
         metrics = self._metrics(servicer, guard)
+        dashboard = None
+        if s.dashboard_address:
+            from edge_agent.controlplane import dashboard as pages
+
+            check_listen(s.dashboard_address, "--dashboard-address")
+            tls = self._ssl() if s.tls_cert is not None else None
+            board = pages.Dashboard(servicer.db, registry, blobs, token, tls=tls is not None)
+            dashboard, dashboard_port = await pages.start(board.app(), s.dashboard_address, tls)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
@@ -267,6 +277,7 @@ class ControlPlane:
             max_connections=limits.max_connections,
             max_concurrent_rpcs=limits.max_concurrent_rpcs,
             metrics_port=metrics.server_address[1] if metrics is not None else None,
+            dashboard_port=dashboard_port if dashboard is not None else None,
             pid=os.getpid(),
         )
         try:
@@ -275,6 +286,8 @@ class ControlPlane:
             pruning.cancel()
             recovering.cancel()
             flushing.cancel()
+            if dashboard is not None:
+                await dashboard.cleanup()
             await server.stop(s.shutdown_grace_seconds)
             if listening is not None:
                 listening.set()
@@ -323,6 +336,13 @@ class ControlPlane:
         except OSError as exc:
             raise ConfigError(f"--metrics-address {self.settings.metrics_address}: {exc}") from exc
         return server
+
+    def _ssl(self) -> Any:
+        """The gRPC listener's TLS settings for the dashboard's HTTPS (mTLS with a client CA)."""
+        from edge_agent.api.http import ssl_context
+
+        s = self.settings
+        return ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         s = self.settings

@@ -269,6 +269,10 @@ class FleetServicer:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
+    async def db(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """Run a registry call on the registry thread (the dashboard reads through this)."""
+        return await self._db(fn, *args, **kwargs)
+
     async def _db(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
