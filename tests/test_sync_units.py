@@ -24,12 +24,14 @@ from edge_agent.controlplane.registry import (
     Report,
     SqliteRegistry,
     SqlRegistry,
+    UpdateRow,
+    VersionRow,
     canary_cohort,
     migrate,
     revision,
 )
 from edge_agent.controlplane.s3 import S3BlobStore, parse_s3_url
-from edge_agent.errors import ConfigError, InvalidArgument, ReleaseRejected
+from edge_agent.errors import Aborted, ConfigError, InvalidArgument, ReleaseRejected
 from edge_agent.fleet import signing
 from edge_agent.fleet.release import (
     build_release,
@@ -644,3 +646,17 @@ def test_an_empty_blob_downloads(tmp_path: Path) -> None:
         digest, 0, CHUNK, [], FakeServer(b"").fetch, lambda n: None, BandwidthLimit(0)
     )
     assert path.read_bytes() == b""
+
+
+def test_an_aggregation_is_decided_once(registry: SqlRegistry) -> None:
+    """Two replicas aggregating the same buffered updates: the second is refused whole."""
+    task = registry.add_task("m", 1, b"spec", b"val", {"w": [2]}, ["a", "b"], 0.5, "d0")
+    for update_id in ("u1", "u2"):
+        assert registry.add_update(task, UpdateRow(update_id, "a", 0, 10, "dx"), "buffered", 1.0)
+    candidate = VersionRow(1, "d1", 0.6, True, 0, 2, 2.0)
+    registry.advance(task, ["u1", "u2"], candidate, {"applied": 2})
+    with pytest.raises(Aborted, match="aggregated already"):
+        registry.advance(task, ["u1", "u2"], candidate, {"applied": 2})
+    (row,) = registry.tasks(task)
+    assert row.round == 1 and row.global_version == 1 and row.counters["applied"] == 2
+    assert [v.version for v in registry.versions(task)] == [0, 1]

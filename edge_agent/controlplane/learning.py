@@ -45,7 +45,13 @@ from edge_agent.controlplane.registry import (
     UpdateRow,
     VersionRow,
 )
-from edge_agent.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from edge_agent.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from edge_agent.fleet import signing
 from edge_agent.fleet.release import (
     CHUNK_SIZE,
@@ -409,6 +415,9 @@ class ParameterServer:
                 if version.accepted:
                     released = await self._db(self._release, task, spec, version)
                     await self._db(self._registry.set_released, task_id, version.version, released)
+            except Aborted as exc:  # another replica took this buffer: decided once
+                log.info("learn.aggregated_elsewhere", task=task_id, reason=str(exc))
+                return
             except Exception:  # logged; the updates stay buffered and the next one retries
                 log.exception("learn.aggregation_failed", task=task_id)
                 return

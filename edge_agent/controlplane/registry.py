@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from edge_agent.controlplane.database import Database, SqliteDatabase, postgres_schema
 from edge_agent.errors import (
+    Aborted,
     AlreadyExists,
     ConfigError,
     FailedPrecondition,
@@ -901,7 +902,8 @@ class SqlRegistry:
         return [t for i in ids for t in self.tasks(i)]
 
     def count(self, task_id: int, **increments: int) -> None:
-        with self._db.transaction():
+        # A read-modify-write of the counters: under the lock, or two replicas lose counts.
+        with self._db.transaction(decision=True):
             row = self._db.execute(
                 "SELECT counters FROM learning_tasks WHERE id = ?", (task_id,)
             ).fetchone()
@@ -944,8 +946,22 @@ class SqlRegistry:
     ) -> None:
         """One aggregation, all or nothing: the updates it used are applied, the candidate is
         recorded, the round advances, and an accepted candidate becomes the global weights. A
-        crash before this commits leaves the updates buffered, to be aggregated again."""
-        with self._db.transaction():
+        crash before this commits leaves the updates buffered, to be aggregated again. Under
+        the decision lock: of two replicas aggregating the same buffer, the second is refused
+        (Aborted), so an aggregation is decided once."""
+        with self._db.transaction(decision=True):
+            marks = ", ".join("?" * len(applied))
+            still = self._db.execute(
+                "SELECT COUNT(*) FROM learning_updates WHERE task_id = ? AND state = 'buffered' "
+                f"AND update_id IN ({marks})",
+                (task_id, *applied),
+            ).fetchone()
+            taken = self._db.execute(
+                "SELECT 1 FROM learning_versions WHERE task_id = ? AND version = ?",
+                (task_id, version.version),
+            ).fetchone()
+            if (still[0] if still else 0) != len(applied) or taken is not None:
+                raise Aborted("these updates were aggregated already (by another replica)")
             self._db.executemany(
                 "UPDATE learning_updates SET state = 'applied' WHERE task_id = ? AND "
                 "update_id = ? AND state = 'buffered'",
