@@ -111,3 +111,36 @@ def test_swaps_on_cuda_under_load_fail_nothing(start_daemon: Any, tmp_path: Path
     assert [e["provider"] for e in loaded] == ["cuda"] * 6
     assert all(e["warmup_runs"] == 16 + 2 for e in loaded)  # every batch size, per instance
     assert not daemon.named("runtime.provider_fallback")
+
+
+@pytest.mark.parametrize("mode", ["io_binding", "cuda_graph"])
+def test_io_binding_and_cuda_graphs_match_the_plain_path(
+    start_daemon: Any, tmp_path: Path, mode: str
+) -> None:
+    """On CUDA, IOBinding is the default (auto) and CUDA graphs are one parameter away: both
+    answer what plain session.run answers, at every batch size the batcher forms."""
+    modelgen.copy_shipped(tmp_path)
+    config = tmp_path / "digits" / "config.pbtxt"
+    extra = 'parameters { key: "use_tf32" value: { string_value: "false" } }\n'
+    if mode == "cuda_graph":
+        extra += 'parameters { key: "cuda_graph" value: { string_value: "true" } }\n'
+    config.write_text(config.read_text() + extra)
+    daemon = start_daemon(
+        "--model-repository", str(tmp_path), "--strict-provider"
+    ).wait_started()  # fmt: skip
+    (loaded,) = daemon.named("model.loaded")
+    assert loaded["provider"] == "cuda" and loaded["execution"] == mode
+    assert not daemon.named("model.cuda_graph_unavailable")
+    data = np.load(modelgen.SHIPPED / "digits" / "validation.npz")["input"]
+    plain = ort.InferenceSession(
+        str(modelgen.SHIPPED / "digits" / "1" / "model.onnx"),
+        providers=[("CUDAExecutionProvider", {"use_tf32": "0"})],
+    )
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        for rows in (1, 3, 64, 3, 1):  # a captured shape replayed after others
+            batch = data[:rows]
+            tensor = grpcclient.InferInput("input", list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(batch)
+            got = client.infer("digits", [tensor]).as_numpy("probabilities")
+            want = plain.run(["probabilities"], {"input": batch})[0]
+            np.testing.assert_allclose(got, want, atol=1e-5)

@@ -14,6 +14,7 @@ from google.protobuf import text_format
 from edge_agent._proto import model_config_pb2 as mc
 from edge_agent.common.tensors import ORT_TYPES, config_type_name, protocol_datatype
 from edge_agent.errors import ModelLoadError
+from edge_agent.runtime.binding import IO_BINDING_MODES
 from edge_agent.runtime.session import RuntimeOptions
 from edge_agent.scheduling.policy import QueuePolicy, SchedulerPolicy
 from edge_agent.settings import CUDNN_SEARCH, GRAPH_LEVELS, PROVIDERS, Settings
@@ -286,8 +287,8 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
 
     Parameter keys (string values): execution_providers ("cuda,cpu"), strict_provider,
     intra_op_thread_count, inter_op_thread_count, graph_optimization_level, cudnn_conv_algo_search,
-    gpu_mem_limit, arena_extend_strategy, use_tf32. The *_thread_count names are Triton's ONNX
-    backend's.
+    gpu_mem_limit, arena_extend_strategy, use_tf32, io_binding (auto|on|off), cuda_graph. The
+    *_thread_count names are Triton's ONNX backend's.
     """
     opts = RuntimeOptions(
         providers=settings.execution_providers,
@@ -328,6 +329,12 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
             changes["providers"] = providers
         if (value := _param(config, "strict_provider")) is not None:
             changes["strict"] = value.strip().lower() in ("1", "true", "yes", "on")
+        if (value := _param(config, "io_binding")) is not None:
+            if value.strip().lower() not in IO_BINDING_MODES:
+                raise ValueError(f"io_binding {value!r}: use one of {IO_BINDING_MODES}")
+            changes["io_binding"] = value.strip().lower()
+        if (value := _param(config, "cuda_graph")) is not None:
+            changes["cuda_graph"] = value.strip().lower() in ("1", "true", "yes", "on")
         if (value := _param(config, "use_tf32")) is not None:
             changes["cuda_use_tf32"] = value.strip().lower() in ("1", "true", "yes", "on")
         for key, field in (

@@ -87,11 +87,17 @@ class ModelVersion:
     def provider(self) -> str:
         return self._provider
 
+    @property
+    def execution_mode(self) -> str:
+        """run | io_binding | cuda_graph (runtime/binding.py)."""
+        runner = self.sessions[0].runner if self.sessions else None
+        return runner.mode if runner is not None else "run"
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """One execution on a free instance's session; ORT's errors become ours."""
         loaded = self._free_sessions.get()
         try:
-            result: list[np.ndarray] = loaded.session.run(outputs, feeds)
+            result: list[np.ndarray] = loaded.run(outputs, feeds)
         except Exception as exc:
             raise translate_run_error(exc, self.name) from exc
         finally:
@@ -176,7 +182,7 @@ def _build(
     warmed = True
     for each in sessions:
         try:
-            largest, runs = _warm(each.session, complete, inputs)
+            largest, runs = _warm(each, complete, inputs)
         except ModelLoadError as exc:
             # The synthetic warmup invents sizes (1 for every dynamic dimension), which a valid
             # model may refuse (e.g. a minimum length along a dynamic axis). Triton does not warm
@@ -185,7 +191,7 @@ def _build(
             log.warning("model.warmup_skipped", model=name, version=version, reason=str(exc)[:500])
         for sample_name, count, feeds in samples:
             for _ in range(count):
-                _run(each.session, feeds, f"model_warmup '{sample_name}'")
+                _run(each, feeds, f"model_warmup '{sample_name}'")
                 runs += 1
         if golden is not None:
             check_golden(each.session, *golden)
@@ -219,16 +225,18 @@ def _inline_auto(
     return not data_dependent_ops(graph)
 
 
-def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[Any]:
+def _run(loaded: LoadedSession, feeds: dict[str, np.ndarray], what: str) -> list[Any]:
+    """One warmup run, the way serving runs (IOBinding, CUDA graphs: captured here)."""
+    names = [o.name for o in loaded.session.get_outputs()]
     try:
-        result: list[Any] = session.run(None, feeds)
+        result: list[Any] = loaded.run(names, feeds)
     except Exception as exc:
         raise ModelLoadError(f"{what} failed: {exc}") from exc
     return result
 
 
 def _warm(
-    session: Any, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]
+    session: LoadedSession, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]
 ) -> tuple[float, int]:
     """One run at every batch size the batcher can produce. Returns the best of three runs of
     the largest, seconds (it decides inline execution), and the number of runs."""

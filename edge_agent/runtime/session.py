@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from edge_agent.errors import EdgeAgentError, ExecutionError, InvalidArgument, ModelLoadError
 from edge_agent.observability.logging import get_logger
+from edge_agent.runtime.binding import Runner, choose_io_binding
 
 log = get_logger(__name__)
 
@@ -50,6 +51,8 @@ class RuntimeOptions:
     cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
     cuda_use_tf32: bool = True
     spinning: bool = True  # ONNX Runtime's thread pools spin-wait between runs (its default)
+    io_binding: str = "auto"  # auto (on with CUDA) | on | off: runtime/binding.py
+    cuda_graph: bool = False  # ONNX Runtime's enable_cuda_graph, per batch size (CUDA only)
 
 
 @dataclasses.dataclass
@@ -57,6 +60,13 @@ class LoadedSession:
     session: ort.InferenceSession
     provider: str  # the first active provider: "cuda" or "cpu"
     fallback_reason: str | None  # why CUDA was asked for and not obtained
+    runner: Runner | None = None  # how it executes (IOBinding, CUDA graphs); set at creation
+
+    def run(self, outputs: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        if self.runner is None or outputs is None:
+            result: list[Any] = self.session.run(outputs, feeds)
+            return result
+        return self.runner.run(outputs, feeds)
 
 
 def likely_provider(execution_providers: tuple[str, ...]) -> str:
@@ -133,6 +143,8 @@ def _provider_list(opts: RuntimeOptions) -> list[str | tuple[str, dict[str, str]
             }
             if opts.cuda_gpu_mem_limit:
                 cuda["gpu_mem_limit"] = str(opts.cuda_gpu_mem_limit)
+            if opts.cuda_graph:
+                cuda["enable_cuda_graph"] = "1"
             providers.append(("CUDAExecutionProvider", cuda))
         else:
             providers.append(_ORT_NAMES[name])
@@ -167,7 +179,17 @@ def create_session(model_path: Path, opts: RuntimeOptions) -> LoadedSession:
     try:
         session = ort.InferenceSession(str(model_path), so, providers=_provider_list(opts))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... classes
-        raise ModelLoadError(f"onnxruntime could not load {model_path.name}: {exc}") from exc
+        if not opts.cuda_graph or "cuda" not in opts.providers:
+            raise ModelLoadError(f"onnxruntime could not load {model_path.name}: {exc}") from exc
+        # CUDA graphs need every node on the CUDA provider; without them the model still serves.
+        log.warning("model.cuda_graph_unavailable", model=model_path.name, reason=str(exc)[:300])
+        opts = dataclasses.replace(opts, cuda_graph=False)
+        try:
+            session = ort.InferenceSession(str(model_path), so, providers=_provider_list(opts))
+        except Exception as again:
+            raise ModelLoadError(
+                f"onnxruntime could not load {model_path.name}: {again}"
+            ) from again
     active = [_SHORT_NAMES.get(p, p) for p in session.get_providers()]
     reason = None
     if "cuda" in asked.providers and "cuda" not in active:
@@ -176,7 +198,23 @@ def create_session(model_path: Path, opts: RuntimeOptions) -> LoadedSession:
             raise ModelLoadError(
                 f"strict provider mode: CUDA was asked for and not obtained: {reason}"
             )
-    return LoadedSession(session=session, provider=active[0], fallback_reason=reason)
+    if opts.cuda_graph and active[0] != "cuda":
+        log.warning(
+            "model.cuda_graph_unavailable",
+            model=model_path.name,
+            reason="CUDA graphs need the CUDA provider; this session runs on the CPU",
+        )
+    strings = any(
+        t.type == "tensor(string)" for t in (*session.get_inputs(), *session.get_outputs())
+    )
+    runner = Runner(
+        session,
+        active[0],
+        opts.cuda_device_id,
+        io_binding=choose_io_binding(opts.io_binding, active[0], strings),
+        cuda_graph=opts.cuda_graph and active[0] == "cuda" and not strings,
+    )
+    return LoadedSession(session=session, provider=active[0], fallback_reason=reason, runner=runner)
 
 
 def warmup_feeds(
