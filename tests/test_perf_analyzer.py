@@ -42,8 +42,7 @@ def test_perf_analyzer_reports_a_throughput(server: Any) -> None:
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="perf_analyzer ships for x86_64 only")
 def test_perf_analyzer_over_system_shared_memory(start_daemon: Any) -> None:
     """perf_analyzer --shared-memory system: regions registered, inputs and outputs through
-    them. (At exit it also asks to unregister CUDA regions, which this agent does not serve
-    yet: it prints a warning and still exits 0.)"""
+    them. (At exit it also unregisters every CUDA region: answered, so no warning.)"""
     daemon = start_daemon(
         "--model-repository", str(Path(__file__).resolve().parents[1] / "models"),
         "--execution-providers", "cpu", "--allow-shared-memory",
@@ -58,3 +57,4 @@ def test_perf_analyzer_over_system_shared_memory(start_daemon: Any) -> None:
     throughput = re.search(r"Throughput: ([0-9.]+) infer/sec", result.stdout)
     assert throughput is not None and float(throughput.group(1)) > 0, result.stdout[-3000:]
     assert not daemon.named("request.failed")
+    assert "unimplemented" not in (result.stdout + result.stderr).lower()

@@ -3,6 +3,7 @@ shared memory utilities (issue 15, item 3)."""
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -142,3 +143,97 @@ def test_unregister_while_in_use_waits_for_the_last_request(tmp_path: Path) -> N
     # (no assert before this point: pytest's assertion rewriting keeps views alive)
     assert in_use and content == bytes(range(4, 12)) and closed
     assert not memory.status("")
+
+
+def test_cuda_shared_memory_rpcs(start_daemon: Callable[..., Daemon]) -> None:
+    """Triton's CUDA shared memory RPCs are served: status and unregister everywhere; a
+    registration needs a CUDA device, and says so where there is none."""
+    import tritonclient.grpc as grpcclient
+
+    agent = start_daemon(
+        "--model-repository", str(ROOT / "models"), "--execution-providers", "cpu",
+        "--allow-shared-memory",
+    ).wait_started()  # fmt: skip
+    gpu = Path("/dev/nvidiactl").exists() and "CUDAExecutionProvider" in (
+        ort.get_available_providers()
+    )
+    handle = base64.b64encode(bytes(64))  # tritonclient sends it base64, decodes it to 64 bytes
+    with grpcclient.InferenceServerClient(agent.url) as client:
+        assert ("cuda_shared_memory" in client.get_server_metadata().extensions) is gpu
+        assert client.get_cuda_shared_memory_status().regions == {}
+        refused = code_of(lambda: client.register_cuda_shared_memory("c", handle, 0, 256))
+        if gpu:  # a zero handle is no real allocation
+            assert "INVALID_ARGUMENT" in refused and "cudaIpcOpenMemHandle" in refused
+        else:
+            assert "FAILED_PRECONDITION" in refused and "needs a CUDA device" in refused
+        short = base64.b64encode(bytes(10))
+        assert "INVALID_ARGUMENT" in code_of(
+            lambda: client.register_cuda_shared_memory("c", short, 0, 256)
+        )
+        assert "64 bytes" in code_of(lambda: client.register_cuda_shared_memory("c", short, 0, 8))
+        # One table of names with system regions, as Triton's.
+        key = f"/ea-test-{os.getpid()}"
+        path = Path("/dev/shm") / key[1:]
+        path.write_bytes(bytes(64))
+        try:
+            client.register_system_shared_memory("taken", key, 64)
+            taken = code_of(lambda: client.register_cuda_shared_memory("taken", handle, 0, 8))
+            assert "ALREADY_EXISTS" in taken
+            # Each kind's status and unregister see only that kind.
+            assert client.get_cuda_shared_memory_status().regions == {}
+            assert "NOT_FOUND" in code_of(lambda: client.unregister_cuda_shared_memory("taken"))
+            client.unregister_cuda_shared_memory()  # all (of none): what perf_analyzer does
+            assert list(client.get_system_shared_memory_status().regions) == ["taken"]
+            client.unregister_system_shared_memory()
+        finally:
+            path.unlink()
+
+
+class FakeCuda:
+    """A CUDA runtime stand-in over host bytes, for the staging rules (the real one is tested
+    on a GPU: tests/test_gpu.py)."""
+
+    def __init__(self, size: int) -> None:
+        self.device = bytearray(range(size))
+        self.closed: list[int] = []
+
+    def to_host(self, pointer: int, size: int) -> bytearray:
+        return bytearray(self.device[pointer : pointer + size])
+
+    def to_device(self, pointer: int, data: Any) -> None:
+        self.device[pointer : pointer + len(data)] = bytes(data)
+
+    def close(self, pointer: int) -> None:
+        self.closed.append(pointer)
+
+
+def test_cuda_regions_stage_through_host_copies() -> None:
+    from tritonclient.grpc import service_pb2 as pb
+
+    from edge_agent.api.cuda_shm import CudaRegion
+    from edge_agent.api.shm import SharedMemory
+
+    fake = FakeCuda(32)
+    memory = SharedMemory(enabled=True)
+    memory._regions["c"] = CudaRegion("c", 0, 32, 0, fake)  # as register_cuda leaves it
+
+    def tensor(offset: int, size: int) -> Any:
+        parameters = pb.ModelInferRequest.InferInputTensor().parameters
+        parameters["shared_memory_region"].string_param = "c"
+        parameters["shared_memory_offset"].int64_param = offset
+        parameters["shared_memory_byte_size"].int64_param = size
+        return parameters
+
+    held = [memory.acquire(tensor(4, 8), "input 'x'")]
+    assert bytes(held[0][1]) == bytes(range(4, 12))  # a copy of the device bytes
+    out = memory.acquire(tensor(16, 8), "output 'y'", output=True)
+    out[1][:3] = b"abc"  # the response writes its output here...
+    held.append(out)
+    memory.unregister("c", CudaRegion)  # in use: released when the last request ends
+    assert fake.closed == []
+    memory.release(held)
+    assert fake.device[16:24] == b"abc" + bytes(range(19, 24))  # ...and it reaches the device
+    assert fake.device[4:12] == bytes(range(4, 12))  # inputs are never written back
+    assert fake.closed == [0]
+    with pytest.raises(Exception, match="no shared memory region"):
+        memory.acquire(tensor(0, 8), "input 'x'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent._proto import grpc_service_pb2 as pb
-from edge_agent.api.shm import Region, SharedMemory, uses_shared_memory
+from edge_agent.api.shm import Held, SharedMemory, uses_shared_memory
 from edge_agent.common.tensors import bytes_to_text, check_shape, decode_raw, decode_typed, encode
 from edge_agent.errors import InvalidArgument
 from edge_agent.repository.version import ModelVersion
@@ -53,7 +53,7 @@ def decode_request(
     max_per_tensor: int = 1 << 24,
     max_per_request: int = 1 << 25,
     shm: SharedMemory | None = None,
-    held: list[tuple[Region, memoryview]] | None = None,
+    held: list[Held] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Checked input arrays by name, and the output names to compute. Inputs that name a
     shared memory region (api/shm.py) are read from it; the regions acquired go to `held`, to
@@ -158,7 +158,7 @@ def batch_rows(feeds: dict[str, np.ndarray], model: ModelVersion) -> int:
 def output_regions(
     request: pb.ModelInferRequest,
     shm: SharedMemory | None,
-    held: list[tuple[Region, memoryview]],
+    held: list[Held],
 ) -> dict[str, memoryview]:
     """The shared memory each requested output is to be written to (checked before the run)."""
     targets: dict[str, memoryview] = {}
@@ -166,7 +166,7 @@ def output_regions(
         if output.parameters and uses_shared_memory(output.parameters):
             if shm is None:
                 raise InvalidArgument("this listener takes no shared memory")
-            region, view = shm.acquire(output.parameters, f"output '{output.name}'")
+            region, view = shm.acquire(output.parameters, f"output '{output.name}'", output=True)
             held.append((region, view))
             targets[output.name] = view
     return targets

@@ -14,6 +14,7 @@ import grpc
 import edge_agent
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
+from edge_agent.api.cuda_shm import CudaRegion
 from edge_agent.api.infer import (
     batch_rows,
     decode_request,
@@ -38,6 +39,7 @@ from edge_agent.repository.lifecycle import ROLLBACK_PARAMETER, LoadRequest, Mod
 from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
 from edge_agent.repository.scan import model_dirs
 from edge_agent.repository.staging import FILE_PREFIX, parse_files
+from edge_agent.runtime.session import cuda_known_unavailable
 from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
 
 # What ServerMetadata advertises: only what is implemented (perf_analyzer acts on this list).
@@ -107,7 +109,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        extensions = (*EXTENSIONS, "system_shared_memory") if self.shm.enabled else EXTENSIONS
+        extensions: tuple[str, ...] = EXTENSIONS
+        if self.shm.enabled:
+            extensions += ("system_shared_memory",)
+            if cuda_known_unavailable() is None:
+                extensions += ("cuda_shared_memory",)
         return pb.ServerMetadataResponse(
             name="edge-agent", version=edge_agent.__version__, extensions=extensions
         )
@@ -141,6 +147,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     ) -> pb.SystemSharedMemoryUnregisterResponse:
         self.shm.unregister(request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_handler
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name, CudaRegion):
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    @_handler
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        # Opening an IPC handle can take a while (a context on the device): off the loop.
+        await asyncio.to_thread(
+            self.shm.register_cuda,
+            context.peer(),
+            request.name,
+            request.raw_handle,
+            request.device_id,
+            request.byte_size,
+        )
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @_handler
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.shm.unregister(request.name, CudaRegion)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     @_handler
     async def ModelMetadata(

@@ -13,6 +13,9 @@ or size beyond the region, an output region too small (the message names the siz
 INVALID_ARGUMENT; an unknown region NOT_FOUND. Unregistering a region that requests are using
 defers the unmap until the last one finishes. Off unless `allow_shared_memory`; registration is
 accepted only from a peer on this host (loopback or a unix socket).
+
+CUDA regions (api/cuda_shm.py) share the one table of names, as in Triton: a request names
+either kind the same way; each kind has its own Status / Unregister.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.api.connections import parse_peer
+from edge_agent.api.cuda_shm import CudaRegion, CudaRuntime, check_registration
 from edge_agent.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -61,11 +65,23 @@ def is_local_peer(peer: str) -> bool:
     return ipaddress.ip_address(parsed[0]).is_loopback
 
 
+@dataclasses.dataclass
+class Staged:
+    """A request's host copy of part of a CUDA region; an output's goes back on release."""
+
+    region: CudaRegion
+    offset: int
+    output: bool
+
+
+Held = tuple[Region | Staged, memoryview]  # what a request holds until its response is built
+
+
 class SharedMemory:
     def __init__(self, enabled: bool, root: Path = SHM_ROOT) -> None:
         self.enabled = enabled
         self._root = root
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[str, Region | CudaRegion] = {}
         self._lock = threading.Lock()
 
     def _check_enabled(self) -> None:
@@ -106,30 +122,56 @@ class SharedMemory:
                 raise AlreadyExists(f"shared memory region '{name}' is already registered")
             self._regions[name] = Region(name, key, offset, byte_size, mapping)
 
-    def status(self, name: str) -> list[Region]:
+    def register_cuda(
+        self, peer: str, name: str, raw_handle: bytes, device_id: int, byte_size: int
+    ) -> None:
+        self._check_enabled()
+        if not is_local_peer(peer):
+            raise PermissionDenied("shared memory is registered from this host only")
+        if not name:
+            raise InvalidArgument("a shared memory region needs a name")
+        check_registration(raw_handle, device_id, byte_size)
+        with self._lock:
+            if name in self._regions:
+                raise AlreadyExists(f"shared memory region '{name}' is already registered")
+        runtime = CudaRuntime.get()
+        pointer = runtime.open(raw_handle, device_id)
+        with self._lock:
+            if name in self._regions:
+                runtime.close(pointer)
+                raise AlreadyExists(f"shared memory region '{name}' is already registered")
+            self._regions[name] = CudaRegion(name, device_id, byte_size, pointer, runtime)
+
+    def status(self, name: str, kind: type = Region) -> list[Any]:
+        """Registered regions of one kind (Region: system; CudaRegion), or the one named."""
         self._check_enabled()
         with self._lock:
             if name:
-                if name not in self._regions:
+                region = self._regions.get(name)
+                if not isinstance(region, kind):
                     raise NotFound(f"no shared memory region '{name}'")
-                return [self._regions[name]]
-            return list(self._regions.values())
+                return [region]
+            return [r for r in self._regions.values() if isinstance(r, kind)]
 
-    def unregister(self, name: str) -> None:
-        """One region ("" = all). A region in use is unmapped when its last request ends."""
+    def unregister(self, name: str, kind: type = Region) -> None:
+        """One region of this kind ("" = all of them). A region in use is released when its
+        last request ends."""
         self._check_enabled()
         with self._lock:
-            names = [name] if name else list(self._regions)
-            if name and name not in self._regions:
+            if name and not isinstance(self._regions.get(name), kind):
                 raise NotFound(f"no shared memory region '{name}'")
+            names = [name] if name else [n for n, r in self._regions.items() if isinstance(r, kind)]
             for each in names:
                 region = self._regions.pop(each)
                 region.unregistered = True
                 if region.users == 0:
-                    _close(region.mapping)
+                    _close_region(region)
 
-    def acquire(self, parameters: Any, what: str) -> tuple[Region, memoryview]:
-        """The region a tensor's parameters name, held until `release`, and its bytes."""
+    def acquire(
+        self, parameters: Any, what: str, output: bool = False
+    ) -> tuple[Region | Staged, memoryview]:
+        """The region a tensor's parameters name, held until `release`, and its bytes (for a
+        CUDA region, a host copy; an output's is copied back at release)."""
         self._check_enabled()
         name = parameters[REGION].string_param
         offset = _int(parameters, OFFSET, 0)
@@ -144,17 +186,45 @@ class SharedMemory:
                     f"({region.byte_size} bytes)"
                 )
             region.users += 1
+        if isinstance(region, CudaRegion):
+            try:
+                return Staged(region, offset, output), region.read(offset, size)
+            except BaseException:
+                self.release([(Staged(region, offset, False), memoryview(b""))])
+                raise
         start = region.offset + offset
         return region, memoryview(region.mapping)[start : start + size]
 
-    def release(self, held: list[tuple[Region, memoryview]]) -> None:
-        for region, view in held:
+    def release(self, held: list[Held]) -> None:
+        """Give back what a request held; CUDA outputs are copied to the device first (an error
+        there fails the request)."""
+        failure: BaseException | None = None
+        for handle, view in held:
+            region: Region | CudaRegion
+            if isinstance(handle, Staged):
+                region = handle.region
+                if handle.output and failure is None:
+                    try:
+                        region.write_back(handle.offset, view)
+                    except BaseException as exc:
+                        failure = exc
+            else:
+                region = handle
             with contextlib.suppress(BufferError):  # arrays made from it may outlive this call
                 view.release()
             with self._lock:
                 region.users -= 1
                 if region.unregistered and region.users == 0:
-                    _close(region.mapping)
+                    _close_region(region)
+        if failure is not None:
+            raise failure
+
+
+def _close_region(region: Region | CudaRegion) -> None:
+    if isinstance(region, CudaRegion):
+        region.close()
+    else:
+        _close(region.mapping)
 
 
 def _close(mapping: mmap.mmap) -> None:

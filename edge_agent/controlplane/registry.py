@@ -512,6 +512,13 @@ class SqlRegistry:
             )
         ]
 
+    def _group(self, device_id: str) -> str | None:
+        """One device's group (None: not enrolled), without reading every device: a rollout
+        asks this once per device and blob."""
+        row = self._db.execute("SELECT grp FROM devices WHERE device_id = ?", (device_id,))
+        found = row.fetchone()
+        return None if found is None else str(found[0])
+
     def _groups(self) -> dict[str, str]:
         return {r[0]: r[1] for r in self._db.execute("SELECT device_id, grp FROM devices")}
 
@@ -760,7 +767,7 @@ class SqlRegistry:
     )
 
     def may_fetch_release(self, device_id: str, model: str, version: int) -> bool:
-        group = self._groups().get(device_id)
+        group = self._group(device_id)
         if group is None:
             return False
         row = self._db.execute(
@@ -771,7 +778,7 @@ class SqlRegistry:
         return row is not None
 
     def may_fetch_blob(self, device_id: str, digest: str) -> bool:
-        group = self._groups().get(device_id)
+        group = self._group(device_id)
         if group is None:
             return False
         row = self._db.execute(

@@ -1,6 +1,6 @@
 """HTTP/REST beside gRPC on the same daemon (BENCHMARKS.md "HTTP"):
 
-    .venv/bin/python benchmarks/http.py [--quick] [--out FILE.json]
+    .venv/bin/python benchmarks/rest.py [--quick] [--out FILE.json]
 
 For the shipped `digits` model and the wide MLP (784-4096-4096-10), one daemon per model with
 both listeners; Triton's perf_analyzer at concurrency 1, 16, 64 over gRPC, HTTP with binary
