@@ -80,10 +80,16 @@ def wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 120) -> N
 
 
 class Server:
-    def __init__(self, command: list[str], port: int) -> None:
+    def __init__(self, command: list[str], port: int, log: Path | None = None) -> None:
+        """`log`: where its stdout (the JSON log) goes; nowhere by default."""
         self.port = port
+        self._log = open(log, "w") if log is not None else None  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
+            command,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
         )
         wait_port(port, self.proc)
 
@@ -99,6 +105,8 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        if self._log is not None:
+            self._log.close()
 
 
 def daemon(repo: Path) -> Server:

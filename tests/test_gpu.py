@@ -144,3 +144,41 @@ def test_io_binding_and_cuda_graphs_match_the_plain_path(
             got = client.infer("digits", [tensor]).as_numpy("probabilities")
             want = plain.run(["probabilities"], {"input": batch})[0]
             np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cuda_shared_memory_in_and_out(start_daemon: Any, tmp_path: Path) -> None:
+    """A co-located GPU client: the input in a CUDA region it registered, the output written
+    into another; the answers are the model's."""
+    cudashm = pytest.importorskip("tritonclient.utils.cuda_shared_memory")
+    modelgen.copy_shipped(tmp_path)
+    daemon = start_daemon(
+        "--model-repository", str(tmp_path), "--strict-provider", "--allow-shared-memory"
+    ).wait_started()  # fmt: skip
+    data = np.load(modelgen.SHIPPED / "digits" / "validation.npz")["input"][:8]
+    want = ort.InferenceSession(
+        str(modelgen.SHIPPED / "digits" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(["probabilities"], {"input": data})[0]
+    source = cudashm.create_shared_memory_region("in", data.nbytes, 0)
+    target = cudashm.create_shared_memory_region("out", want.nbytes, 0)
+    try:
+        cudashm.set_shared_memory_region(source, [data])
+        with grpcclient.InferenceServerClient(daemon.url) as client:
+            assert "cuda_shared_memory" in client.get_server_metadata().extensions
+            client.register_cuda_shared_memory("in", cudashm.get_raw_handle(source), 0, data.nbytes)
+            client.register_cuda_shared_memory(
+                "out", cudashm.get_raw_handle(target), 0, want.nbytes
+            )
+            assert set(client.get_cuda_shared_memory_status().regions) == {"in", "out"}
+            tensor = grpcclient.InferInput("input", list(data.shape), "FP32")
+            tensor.set_shared_memory("in", data.nbytes)
+            output = grpcclient.InferRequestedOutput("probabilities")
+            output.set_shared_memory("out", want.nbytes)
+            result = client.infer("digits", [tensor], outputs=[output])
+            assert result.get_output("probabilities") is not None
+            got = cudashm.get_contents_as_numpy(target, np.float32, list(want.shape))
+            np.testing.assert_allclose(got, want, atol=2e-3)
+            client.unregister_cuda_shared_memory()
+            assert client.get_cuda_shared_memory_status().regions == {}
+    finally:
+        cudashm.destroy_shared_memory_region(source)
+        cudashm.destroy_shared_memory_region(target)
