@@ -414,10 +414,19 @@ def test_bad_releases_are_rejected_and_the_serving_version_stays(fleet: Fleet) -
     )[:1]
     fleet.tamper_blob(only_v6[0])
     fleet.steer("target", "--version", "6")
-    rejected(6, "digest")
-    # Refused for good: nothing of it stays in the device's sync store.
+    # The store is at fault, not the release (its manifest is signed): the device retries, and
+    # the rollout neither counts it failed nor advances on it.
+    retrying = fleet.wait_report("edge-1", 6, "retrying")
+    assert retrying.error.startswith("digest:") and retrying.serving_version == 3
+    six = next(r for r in fleet.status().rollouts if r.version == 6)
+    assert six.failed == 0 and six.state == "active"
+    assert serves(agent, v3)
+    # Nothing corrupt is kept: the bad blob never enters the device's store.
     store = fleet.tmp / "state-edge-1" / "sync"
-    assert not any((store / "blobs").iterdir()) and not any((store / "partial").iterdir())
+    assert not (store / "blobs" / only_v6[0]).exists()
+    assert all(p.stat().st_size == 0 for p in (store / "partial").glob(f"{only_v6[0]}*"))
+    fleet.steer("rollback")  # v6 withdrawn: the device stops retrying it
+    fleet.wait_report("edge-1", 3, "serving")
 
     # The graph of this release with weights of another: names, dtypes and shapes must match.
     def swap_weights(directory: Path) -> None:

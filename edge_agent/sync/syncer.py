@@ -60,7 +60,10 @@ from edge_agent.sync.store import BandwidthLimit, BlobStore
 log = get_logger(__name__)
 T = TypeVar("T")
 
-TRANSIENT = frozenset({"unreachable", "transfer", "disk", "internal"})
+# Failures that are retried (reported "retrying", never counted against the release). "digest":
+# the signed manifest's chunk digests come from the publisher, so bytes that do not match them
+# mean the store or the path is at fault (a corrupt object in the bucket), not the release.
+TRANSIENT = frozenset({"unreachable", "transfer", "disk", "internal", "digest"})
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
