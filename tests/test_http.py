@@ -200,3 +200,35 @@ def test_perf_analyzer_over_http(agent: Daemon) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     throughput = re.search(r"Throughput: ([0-9.]+) infer/sec", result.stdout)
     assert throughput is not None and float(throughput.group(1)) > 0, result.stdout[-3000:]
+
+
+def test_https_and_mtls_follow_the_grpc_tls_settings(tmp_path: Path, start_daemon: Any) -> None:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from test_security import make_pki
+
+    pki = make_pki(tmp_path)
+    daemon = start_daemon(
+        "--model-repository", str(ROOT / "models"), "--execution-providers", "cpu",
+        "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]),
+        "--tls-client-ca", str(pki["ca"]), "--http-address", "127.0.0.1:0",
+    ).wait_started()  # fmt: skip
+    url = f"https://localhost:{daemon.named('agent.started')[0]['http_port']}/v2/health/ready"
+
+    def get(context: ssl.SSLContext | None) -> int:
+        try:
+            with urllib.request.urlopen(url.replace("https", "http") if context is None else url,
+                                        timeout=10, context=context) as answer:  # fmt: skip
+                return int(answer.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, ssl.SSLError, ConnectionError):
+            return -1
+
+    trusting = ssl.create_default_context(cafile=str(pki["ca"]))
+    assert get(None) == -1  # plaintext against TLS
+    assert get(trusting) == -1  # no client certificate: refused in the handshake
+    trusting.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
+    assert get(trusting) == 200
