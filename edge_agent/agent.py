@@ -106,15 +106,33 @@ class Agent:
         self._tls = tls
         listeners = 2 if self.settings.control_address else 1
         self._limits = fit_to_fd_limit(connection_limits(self.settings), listeners)
-        server = build_server(
-            self.servicer,
-            self.health,
-            self.settings.max_message_bytes,
-            self._limits,
-            self.guard,
-            deny_control=not self.settings.control_on_inference_listener,
-            examples=ExampleServicer(self.registry, self.examples, inference_listener=True),
-        )
+        examples = ExampleServicer(self.registry, self.examples, inference_listener=True)
+        server: Any
+        if self.settings.front_end == "sync":
+            from edge_agent.api.sync_front import build_sync_server
+
+            server = build_sync_server(
+                self.servicer,
+                self.registry,
+                self.health,
+                self.settings.max_message_bytes,
+                self._limits,
+                self.guard,
+                loop,
+                self.settings.front_end_threads,
+                deny_control=not self.settings.control_on_inference_listener,
+                examples=examples,
+            )
+        else:
+            server = build_server(
+                self.servicer,
+                self.health,
+                self.settings.max_message_bytes,
+                self._limits,
+                self.guard,
+                deny_control=not self.settings.control_on_inference_listener,
+                examples=examples,
+            )
         control = None
         if self.settings.control_address:
             token_file = self.settings.control_token_file
@@ -214,6 +232,7 @@ class Agent:
             port=self.port,
             unix_sockets=self.unix_sockets,
             control_port=self.control_port,
+            front_end=self.settings.front_end,
             http_port=self.http_port,
             http_control_port=self.http_control_port,
             tls=tls is not None,

@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--control-token-file", help="bearer token the control listener requires")
     serve.add_argument(
+        "--front-end",
+        choices=("aio", "sync"),
+        help="the inference listener's gRPC server: aio (default) or sync (thread pool)",
+    )
+    serve.add_argument(
         "--http-address", help="HOST:PORT for KServe v2 over HTTP/REST (default: off; Triton: 8000)"
     )
     serve.add_argument(
@@ -308,6 +313,7 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_client_ca": args.tls_client_ca,
         "control_address": args.control_address,
         "http_address": args.http_address,
+        "front_end": args.front_end,
         "http_control_address": args.http_control_address,
         "control_token_file": args.control_token_file,
         "device_id": args.device_id,

@@ -69,6 +69,12 @@ class Unavailable(EdgeAgentError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Retiring(Unavailable):
+    """A version being swapped out refused a request that reached it late (a caller on another
+    thread, between finding the version and queueing): the caller asks again, and finds the
+    new one."""
+
+
 class QueueFull(Unavailable):
     """Admission refused: the queue of the request's priority level is full."""
 

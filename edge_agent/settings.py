@@ -99,6 +99,10 @@ class Settings:
     # endpoints are served on http_control_address (same rules as control_address).
     http_address: str = ""
     http_control_address: str = ""
+    # The inference listener's gRPC server: "aio" (asyncio; the default) or "sync" (gRPC's
+    # thread pool, handler threads running idle models themselves: api/sync_front.py).
+    front_end: str = "aio"
+    front_end_threads: int = 64  # "sync": handler threads (requests in flight at once)
 
     # Model lifecycle (Triton's meanings): none = load every model at start and never change;
     # poll = also rescan the repository every repository_poll_secs; explicit = load only
@@ -312,6 +316,10 @@ def _check(settings: Settings) -> None:
                 f"control_address: {settings.control_address} is not loopback: set "
                 "control_token_file or tls_client_ca so that not anyone can load models"
             )
+    if settings.front_end not in ("aio", "sync"):
+        raise ConfigError(f"front_end: 'aio' or 'sync', got {settings.front_end!r}")
+    if settings.front_end_threads < 1:
+        raise ConfigError("front_end_threads: at least 1")
     if settings.http_address:
         parse_address(settings.http_address, "http_address")
     if settings.http_control_address:

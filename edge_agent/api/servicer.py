@@ -288,7 +288,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             model.stats.record_failure(time.monotonic_ns() - started, CANCELED, "cancelled")
             raise
         except Exception as exc:
-            reason, cause = _failure_kind(exc)
+            reason, cause = failure_kind(exc)
             model.stats.record_failure(time.monotonic_ns() - started, reason, cause)
             raise
         finally:
@@ -380,7 +380,7 @@ def load_request(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadR
     return LoadRequest(config_json, parse_files(files), rollback)
 
 
-def _failure_kind(exc: BaseException) -> tuple[str, str | None]:
+def failure_kind(exc: BaseException) -> tuple[str, str | None]:
     """(Triton's failure reason, our rejection cause or None) for the metrics."""
     if isinstance(exc, QueueFull):
         return REJECTED, "queue_full"

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import DeadlineExceeded, QueueFull, Unavailable
+from edge_agent.errors import DeadlineExceeded, QueueFull, Retiring, Unavailable
 from edge_agent.observability.logging import get_logger
 from edge_agent.scheduling.batching import collate, shape_key, split, union_outputs
 from edge_agent.scheduling.policy import SchedulerPolicy
@@ -41,6 +41,44 @@ Finish = Callable[[list[np.ndarray]], Any]
 QUEUED, TAKEN = "queued", "taken"
 
 
+class ThreadFuture:
+    """The result slot of a request queued by a caller on another thread (the sync front end):
+    the same calls the scheduler makes on an asyncio.Future, and `result()` blocks. The first
+    outcome wins (an execution thread and the loop may race to set one)."""
+
+    __slots__ = ("_error", "_event", "_lock", "_value")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def set_result(self, value: Any) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._value = value
+                self._event.set()
+
+    def set_exception(self, error: BaseException) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._error = error
+                self._event.set()
+
+    def cancel(self) -> None:
+        self.set_exception(Unavailable("the request was cancelled"))
+
+    def result(self) -> Any:
+        self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 @dataclasses.dataclass(eq=False)  # identity equality: deque.remove finds this very request
 class Pending:
     feeds: dict[str, np.ndarray]
@@ -48,7 +86,7 @@ class Pending:
     rows: int
     key: Hashable
     finish: Finish
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | ThreadFuture
     level: int
     enqueued_ns: int  # time.monotonic_ns(), for the queue statistics
     enqueued_at: float  # loop.time(), for the queue delay
@@ -79,6 +117,9 @@ class Scheduler:
         self._closing = False
         self._idle: asyncio.Event | None = None
         self.demotions = 0  # inline runs that took too long (0 or 1: a version demotes once)
+        # Callers on other threads (the sync front end) read and take `_free` too: every change
+        # of it, and of the queues, happens under this lock (uncontended on the loop's side).
+        self._lock = threading.Lock()
 
     # -- callers ---------------------------------------------------------------------------------
 
@@ -117,7 +158,7 @@ class Scheduler:
             rows,
             shape_key(feeds),
             finish,
-            loop.create_future(),
+            future := loop.create_future(),
             level,
             time.monotonic_ns(),
             loop.time(),
@@ -129,10 +170,11 @@ class Scheduler:
             return self._run_now(request)
         if deadline is not None:
             request.timer = loop.call_at(deadline, self._expire, request)
-        waiting.append(request)
+        with self._lock:
+            waiting.append(request)
         self._signal()
         try:
-            return await request.future
+            return await future
         except asyncio.CancelledError:
             # The caller went away (client cancel, gRPC deadline): leave the queue.
             self._withdraw(request)
@@ -141,14 +183,101 @@ class Scheduler:
     def _run_now(self, request: Pending) -> Any:
         request.state = TAKEN
         self._stats.record_queue(0)
-        self._free -= 1
+        with self._lock:
+            self._free -= 1
         try:
             ((ok, value),) = self._compute_inline([request])
         finally:
-            self._free += 1
+            with self._lock:
+                self._free += 1
         if ok:
             return value
         raise value
+
+    # -- callers on other threads (the sync front end) ---------------------------------------
+
+    def run_here(self, request: Pending) -> tuple[bool, Any]:
+        """From a caller's thread: when an instance is free and nothing waits, run the request
+        on that very thread (no hand-off at all: what a naive server does); (False, None)
+        otherwise, and the caller queues it (`queue_from_thread`). Raises what the run raised."""
+        if request.deadline is not None and request.deadline <= time.monotonic():
+            # loop.time() is time.monotonic(): the same clock as the loop's checks.
+            raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        with self._lock:
+            if self._closing or self._loop is None or not self._free or self.pending():
+                return False, None
+            self._free -= 1
+        request.state = TAKEN
+        try:
+            self._stats.record_queue(0)
+            ((ok, value),) = self._compute([request])
+        finally:
+            with self._lock:
+                self._free += 1
+                wake = bool(self.pending()) or self._closing
+            if wake:  # a request queued meanwhile waits for this instance; close() for idle
+                self._loop.call_soon_threadsafe(self._released)
+        if ok:
+            return True, value
+        raise value
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def start_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the batcher and the execution threads (on the loop's thread)."""
+        self._start(loop)
+
+    def queue_from_thread(self, request: Pending, priority: int) -> None:
+        """From a caller's thread: queue `request` (its future a ThreadFuture) on the loop; its
+        outcome, or QueueFull / DeadlineExceeded / shutting down, arrives in the future."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._admit_queued, request, priority)
+
+    def withdraw_from_thread(self, request: Pending) -> None:
+        """The caller went away (the client cancelled): leave the queue, if still in it."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._withdraw, request)
+
+    def _admit_queued(self, request: Pending, priority: int) -> None:
+        assert self._loop is not None
+        try:
+            if self._closing:
+                raise Retiring(f"model {self.label} is shutting down")
+            level = self.policy.level_of(priority)
+            waiting, queue_policy = self._queues[level], self.policy.levels[level]
+            if len(waiting) >= queue_policy.max_queue_size:
+                raise QueueFull(
+                    f"model {self.label}: queue full ({queue_policy.max_queue_size} requests "
+                    "waiting"
+                    + (f" at priority {level + 1}" if len(self._queues) > 1 else "")
+                    + "); retry later"
+                )
+            deadline = request.deadline
+            if queue_policy.default_timeout_s is not None and queue_policy.reject_on_timeout:
+                policy_deadline = self._loop.time() + queue_policy.default_timeout_s
+                deadline = policy_deadline if deadline is None else min(deadline, policy_deadline)
+            if deadline is not None and deadline <= self._loop.time():
+                raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        except Exception as exc:
+            request.future.set_exception(exc)
+            return
+        if request.future.done():  # cancelled before it reached the loop
+            return
+        request.level, request.deadline = level, deadline
+        request.enqueued_at = self._loop.time()
+        if deadline is not None:
+            request.timer = self._loop.call_at(deadline, self._expire, request)
+        with self._lock:
+            waiting.append(request)
+        self._signal()
+
+    def _released(self) -> None:
+        """On the loop, after a caller's thread gave back an instance."""
+        self._signal()
+        if self._idle is not None and not self.pending() and self._free == self.policy.instances:
+            self._idle.set()
 
     def _compute_inline(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
         """_compute on the event loop, timed: a run over the limit demotes the version."""
@@ -223,7 +352,8 @@ class Scheduler:
             batch = await self._collect()
             if not batch:
                 continue
-            self._free -= 1
+            with self._lock:
+                self._free -= 1
             if self.policy.inline:
                 # Cheaper than any thread handoff (see SchedulerPolicy.inline); then let the
                 # handlers whose futures just resolved run before the next batch.
@@ -235,19 +365,21 @@ class Scheduler:
     def _complete(self, batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
         """On the loop: answer each request of an executed batch and free its instance."""
         for request, (ok, value) in zip(batch, values, strict=True):
-            if request.future.done():  # cancelled while running
+            if request.future.done():  # cancelled while running (or answered by its thread)
                 continue
             if ok:
                 request.future.set_result(value)
             else:
                 request.future.set_exception(value)
-        self._free += 1
+        with self._lock:
+            self._free += 1
         self._signal()
         if self._idle is not None and not self.pending() and self._free == self.policy.instances:
             self._idle.set()
 
     def _take(self, level: int) -> Pending:
-        request = self._queues[level].popleft()
+        with self._lock:
+            request = self._queues[level].popleft()
         request.state = TAKEN
         if request.timer is not None:
             request.timer.cancel()
@@ -329,22 +461,35 @@ class Scheduler:
 
     def _expire(self, request: Pending) -> None:
         if request.state == QUEUED and not request.future.done():
-            self._queues[request.level].remove(request)
+            with self._lock:
+                self._queues[request.level].remove(request)
             request.future.set_exception(self._expired())
 
     def _withdraw(self, request: Pending) -> None:
-        if request.state == QUEUED:
-            self._queues[request.level].remove(request)
+        if request.state == QUEUED and request in self._queues[request.level]:
+            with self._lock:
+                self._queues[request.level].remove(request)
             request.state = TAKEN
             if request.timer is not None:
                 request.timer.cancel()
+            if isinstance(request.future, ThreadFuture):
+                request.future.cancel()
 
     # -- execution (a pool thread) ---------------------------------------------------------------
 
     def _work(self) -> None:
         assert self._loop is not None
         while (batch := self._jobs.get()) is not None:
-            self._loop.call_soon_threadsafe(self._complete, batch, self._compute(batch))
+            values = self._compute(batch)
+            # Callers waiting on a thread get their answer from here, without a trip through
+            # the loop; the loop then frees the instance and answers the others.
+            for request, (ok, value) in zip(batch, values, strict=True):
+                if isinstance(request.future, ThreadFuture):
+                    if ok:
+                        request.future.set_result(value)
+                    else:
+                        request.future.set_exception(value)
+            self._loop.call_soon_threadsafe(self._complete, batch, values)
 
     def _compute(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
         """Collate, run, split, finish: on an execution thread (or inline on the loop)."""

@@ -34,6 +34,8 @@ NEEDS_RESTART = frozenset(
         "loader_nice",
         "control_address",
         "http_address",
+        "front_end",
+        "front_end_threads",
         "http_control_address",
         "control_token_file",
         "control_on_inference_listener",
