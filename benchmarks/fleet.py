@@ -15,8 +15,9 @@ Steps, against real control-plane processes (SQLite + directory, or PostgreSQL +
 started here from tests/services.py):
 1. enroll N devices (EnrollDevices, bulk); publish the wide MLP v1 (80 MB): the devices start
    with it installed (its blobs known to them), so that the update is what moves;
-2. at rest: every device holds a long-poll; for REST seconds a probe device polls with an unknown
-   revision (answered at once): round-trip p50/p99; control-plane CPU and resident memory;
+2. at rest (devices started spread over 10 s, each answered once and holding its next poll):
+   for REST seconds a probe device polls with an unknown revision (answered at once):
+   round-trip p50/p99; control-plane CPU and resident memory;
 3. a one-layer update of the wide MLP (v2: only its last matrix changes, ~160 KB): seconds from
    the start of publishing (what `edge-agent publish` does: split, sign, upload what is missing,
    register and target) until every device serves it;
@@ -57,6 +58,7 @@ from edge_agent.fleet import auth, signing  # noqa: E402
 
 EA = [sys.executable, "-m", "edge_agent"]
 PER_CHANNEL = 100
+SPREAD_S = 10.0  # devices start spread over this long
 # Each channel its own TCP connection (gRPC would share one between channels to one address).
 DETAILS: list[str] = []  # the first errors the devices saw, for the report
 T0 = time.monotonic()
@@ -73,6 +75,7 @@ class Device:
         self.reached: dict[tuple[str, int], float] = {}
         self.errors: Counter[str] = Counter()
         self.bytes = 0
+        self.answered = 0  # long-polls answered
 
     def reports(self) -> list[pb.ModelReport]:
         return [
@@ -86,7 +89,9 @@ class Device:
             for m, v in sorted(self.serving.items())
         ]
 
-    async def run(self, stub: Any, stop: asyncio.Event) -> None:
+    async def run(self, stub: Any, stop: asyncio.Event, spread: float = 0.0) -> None:
+        # A fleet at rest is not in step: devices start (and so time out) spread over `spread`.
+        await asyncio.sleep(random.uniform(0, spread))
         revision = ""
         while not stop.is_set():
             try:
@@ -96,6 +101,7 @@ class Device:
                 state = await stub.WatchDesiredState(
                     request, metadata=self.meta, timeout=WAIT_MS / 1000 + 30
                 )
+                self.answered += 1
                 for target in state.models:
                     if self.serving.get(target.model) != target.version:
                         await self.install(stub, target.model, target.version)
@@ -245,11 +251,17 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
             for i in range(max(1, (len(devices) + PER_CHANNEL - 1) // PER_CHANNEL))
         ]
         stubs = [pb_grpc.FleetServiceStub(c) for c in channels]
+        spread = SPREAD_S
         tasks = [
-            asyncio.create_task(d.run(stubs[i // PER_CHANNEL], stop)) for i, d in enumerate(devices)
+            asyncio.create_task(d.run(stubs[i // PER_CHANNEL], stop, spread))
+            for i, d in enumerate(devices)
         ]
-        # Let every device connect, get its first answer and ask again (then it waits).
-        await asyncio.sleep(max(5.0, args.devices / 500))
+        # Every device connected, had its first answer and asked again (then it waits): rest.
+        started = time.monotonic()
+        while any(d.answered == 0 for d in devices) and time.monotonic() - started < 600:
+            await asyncio.sleep(0.5)
+        result["connected_seconds"] = round(time.monotonic() - started, 1)
+        await asyncio.sleep(2.0)
 
         # 2. at rest.
         probe = Device("probe", tokens["probe"], have, {"wide": 1})

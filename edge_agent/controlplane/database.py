@@ -191,12 +191,14 @@ class PostgresDatabase:
         self._psycopg = psycopg
         self.url = url
         self._local = threading.local()  # the connection of the transaction open on a thread
+        # No check on checkout (a round trip per statement): each registry thread keeps the
+        # connection it took (`_pinned`); one that breaks is handed back (the pool replaces a
+        # broken connection) and the statement answers UNAVAILABLE; the next takes a new one.
         self._pool = psycopg_pool.ConnectionPool(
             url,
             min_size=1,
             max_size=max_connections,
             kwargs={"autocommit": True},
-            check=psycopg_pool.ConnectionPool.check_connection,
             open=False,
             name="registry",
         )
@@ -207,14 +209,31 @@ class PostgresDatabase:
                 f"cannot connect to the database {describe(url)} within 15 s"
             ) from exc
 
+    def _pinned(self) -> Any:
+        """This thread's connection, taken from the pool on first use."""
+        conn = getattr(self._local, "pinned", None)
+        if conn is None or conn.closed:
+            if conn is not None:
+                self._release()
+            conn = self._pool.getconn(timeout=10)
+            self._local.pinned = conn
+        return conn
+
+    def _release(self) -> None:
+        conn = getattr(self._local, "pinned", None)
+        self._local.pinned = None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                self._pool.putconn(conn)  # a broken one is discarded and replaced by the pool
+
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Any]:
         held = getattr(self._local, "conn", None)
-        if held is not None:
+        if held is not None:  # inside a transaction
             yield held
             return
-        with self._unavailable(), self._pool.connection(timeout=10) as conn:
-            yield conn
+        with self._unavailable():
+            yield self._pinned()
 
     @contextlib.contextmanager
     def _unavailable(self) -> Iterator[None]:
@@ -223,6 +242,7 @@ class PostgresDatabase:
         try:
             yield
         except (self._psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            self._release()
             raise Unavailable(f"the database is unavailable ({type(exc).__name__}); retry") from exc
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
@@ -249,18 +269,16 @@ class PostgresDatabase:
         if getattr(self._local, "conn", None) is not None:  # nested: part of the outer one
             yield
             return
-        with (
-            self._unavailable(),
-            self._pool.connection(timeout=10) as conn,
-            conn.transaction(),
-        ):
-            self._local.conn = conn
-            try:
-                if decision:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (DECISION_LOCK,))
-                yield
-            finally:
-                self._local.conn = None
+        with self._unavailable():
+            conn = self._pinned()
+            with conn.transaction():
+                self._local.conn = conn
+                try:
+                    if decision:
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (DECISION_LOCK,))
+                    yield
+                finally:
+                    self._local.conn = None
 
     def notify(self, payload: str) -> None:
         # Sent at commit when inside a transaction: listeners never see a change before it is
@@ -294,4 +312,5 @@ class PostgresDatabase:
                 backoff = min(backoff * 2, 10.0)
 
     def close(self) -> None:
+        self._release()
         self._pool.close()

@@ -111,6 +111,9 @@ class S3BlobStore:
                 max_pool_connections=16,
             ),
         )
+        # Blobs are content-addressed and never change: a size learnt once (HEAD, or our own
+        # upload) saves a HEAD on every later read. Bounded; an eviction only costs a HEAD.
+        self._sizes: dict[str, int] = {}
         self._spool = spool
         spool.mkdir(parents=True, exist_ok=True)
         for leftover in spool.iterdir():  # uploads cut off by a crash
@@ -143,6 +146,18 @@ class S3BlobStore:
     def key(self, digest: str) -> str:
         return f"{self.prefix}sha256/{digest[:2]}/{digest}"
 
+    def _known_size(self, digest: str) -> int | None:
+        size = self._sizes.get(digest)
+        if size is not None:
+            return size
+        head = self._head(digest)
+        if head is None:
+            return None
+        if len(self._sizes) >= 100_000:
+            self._sizes.clear()
+        size = self._sizes[digest] = int(head["ContentLength"])
+        return size
+
     def _head(self, digest: str) -> dict[str, Any] | None:
         try:
             head: dict[str, Any] = self._client.head_object(
@@ -157,13 +172,13 @@ class S3BlobStore:
             raise Unavailable(f"blob store: {self._reason(exc)}") from exc
 
     def exists(self, digest: str) -> bool:
-        return self._head(digest) is not None
+        return self._known_size(digest) is not None
 
     def size(self, digest: str) -> int:
-        head = self._head(digest)
-        if head is None:
+        size = self._known_size(digest)
+        if size is None:
             raise FileNotFoundError(self.key(digest))
-        return int(head["ContentLength"])
+        return size
 
     def writer(self, digest: str, size: int) -> BlobWriter:
         return SpooledWriter(self._spool, digest, size, self._upload)
@@ -179,12 +194,13 @@ class S3BlobStore:
         stored = self._head(digest)
         if stored is None or int(stored["ContentLength"]) != size:
             raise InvalidArgument(f"blob {digest}: the store holds another size than was written")
+        self._sizes[digest] = size
 
     def open(self, digest: str) -> BinaryIO:
-        head = self._head(digest)
-        if head is None:
+        size = self._known_size(digest)
+        if size is None:
             raise FileNotFoundError(self.key(digest))
-        reader = _RangeReader(self, self.key(digest), int(head["ContentLength"]))
+        reader = _RangeReader(self, self.key(digest), size)
         return cast(BinaryIO, reader)  # read, seek, close: all GetBlob and learning use
 
     def get_range(self, key: str, first: int, last: int) -> bytes:

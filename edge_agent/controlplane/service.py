@@ -59,7 +59,9 @@ from edge_agent.observability.logging import get_logger
 log = get_logger(__name__)
 
 MAX_WAIT_MS = 60_000
-SEEN_FLUSH_S = 5.0  # how stale the stored last_seen may be (FleetStatus adds this replica's)
+SEEN_FLUSH_S = 5.0
+TOKEN_CACHE_S = 30.0  # how long a replica trusts a device's token hash without reading it
+MAX_TOKEN_CACHE = 200_000  # how stale the stored last_seen may be (FleetStatus adds this replica's)
 SCOPES = {pb.FLEET: FLEET, pb.GROUP: GROUP, pb.CANARY: CANARY}
 SCOPE_ENUM = {v: k for k, v in SCOPES.items()}
 ACTIONS = {
@@ -259,6 +261,7 @@ class FleetServicer:
         self._polls: dict[str, Poll] = {}  # device -> its live long-poll
         # Devices seen since the last flush (touch): one write per interval, not one per poll.
         self._seen: dict[str, float] = {}
+        self._tokens: dict[str, tuple[str, float]] = {}  # device -> (token hash, until)
         # Tells this replica's own notices from others' (PostgreSQL LISTEN/NOTIFY).
         self.replica = uuid.uuid4().hex[:12]
         self._ignored_logged: dict[str, float] = {}
@@ -296,6 +299,12 @@ class FleetServicer:
             log.warning("registry.notify_failed", error=str(task.exception()))
 
     def _wake(self, devices: Iterable[str] | None) -> None:
+        if devices is None:
+            self._tokens.clear()
+        else:
+            devices = list(devices)
+            for device in devices:  # enrolled again, rotated, revoked: read the token anew
+                self._tokens.pop(device, None)
         polls = self._polls.values() if devices is None else map(self._polls.get, devices)
         for poll in polls:
             if poll is not None:
@@ -332,10 +341,23 @@ class FleetServicer:
     async def _device_of(self, token: str, device_id: str) -> str | None:
         if not token or not device_id or len(device_id) > 128:
             return None
-        stored = await self._db(self._registry.token_hash, device_id)
-        if stored is not None and auth.same(auth.token_hash(token), stored):
+        # A device's token hash, kept TOKEN_CACHE_S (every call needs it; a database round trip
+        # each is most of a poll's cost). Revocation and rotation drop it at once here, and on
+        # the other replicas through their change notices.
+        now = time.monotonic()
+        given = auth.token_hash(token)
+        cached = self._tokens.get(device_id)
+        if cached is not None and cached[1] > now and auth.same(given, cached[0]):
             return device_id
-        return None
+        # Not cached, expired, or another token (perhaps one given since): the database says.
+        stored = await self._db(self._registry.token_hash, device_id)
+        if stored is None:
+            self._tokens.pop(device_id, None)
+            return None
+        if len(self._tokens) >= MAX_TOKEN_CACHE:
+            self._tokens.clear()
+        self._tokens[device_id] = (stored, now + TOKEN_CACHE_S)
+        return device_id if auth.same(given, stored) else None
 
     async def _publisher(self, context: grpc.aio.ServicerContext) -> None:
         token, _ = auth.bearer(context.invocation_metadata())
@@ -639,15 +661,18 @@ class FleetServicer:
         poll = self._polls[device] = Poll()
         self.stats.polls_waiting += 1
         try:
-            return await self._wait(device, request, poll)
+            # The desired state just read serves the first look, unless the reports changed it.
+            first = desired if not news and not paused else None
+            return await self._wait(device, request, poll, first)
         finally:
             self.stats.polls_waiting -= 1
             if self._polls.get(device) is poll:
                 del self._polls[device]
 
-    def _desired_state(self, device: str) -> pb.DesiredState:
+    def _desired_state(self, device: str, desired: dict[str, int] | None = None) -> pb.DesiredState:
         """Versions to run and learning tasks to take part in (on the registry thread)."""
-        desired = self._registry.desired(device)
+        if desired is None:
+            desired = self._registry.desired(device)
         learning = self.learning.assignments(device)
         rounds = [(a.task_id, a.round, a.global_weights.digest) for a in learning]
         return pb.DesiredState(
@@ -656,11 +681,18 @@ class FleetServicer:
             learning=learning,
         )
 
-    async def _wait(self, device: str, request: pb.WatchRequest, poll: Poll) -> pb.DesiredState:
+    async def _wait(
+        self,
+        device: str,
+        request: pb.WatchRequest,
+        poll: Poll,
+        first: dict[str, int] | None = None,
+    ) -> pb.DesiredState:
         deadline = time.monotonic() + min(request.wait_ms, MAX_WAIT_MS) / 1000
         while True:
             poll.changed.clear()  # before reading: a change made while we read wakes us again
-            state = await self._db(self._desired_state, device)
+            state = await self._db(self._desired_state, device, first)
+            first = None
             remaining = deadline - time.monotonic()
             if state.revision != request.known_revision or remaining <= 0:
                 self._seen[device] = time.time()
