@@ -7,6 +7,7 @@ where batching pays; a small CNN, which gains little from batching on a CPU), at
 requests and concurrency 1, 4, 16, 64, with Triton's perf_analyzer as the client:
 
   daemon        edge-agent with dynamic batching (1 instance, no queue delay)
+  daemon-sync   the same with the sync front end (front_end = "sync", api/sync_front.py)
   daemon-nobatch edge-agent, dynamic batching off (one request per execution, same limiter)
   naive         sync grpcio + thread pool, one session.run per request
                 (benchmarks/baseline_servers.py)
@@ -109,7 +110,7 @@ class Server:
             self._log.close()
 
 
-def daemon(repo: Path) -> Server:
+def daemon(repo: Path, front_end: str = "aio") -> Server:
     port = free_port()
     return Server(
         [
@@ -127,6 +128,8 @@ def daemon(repo: Path) -> Server:
             "cpu",
             "--log-level",
             "warning",
+            "--front-end",
+            front_end,
         ],
         port,
     )
@@ -231,6 +234,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter windows, for a smoke run")
     parser.add_argument("--models", default="digits,wide_mlp,small_cnn")
     parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--systems", default="", help="only these (comma-separated)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -249,12 +253,17 @@ def main() -> None:
             entry: dict[str, Any] = {"in_process": in_process(model, shape, args.quick)}
             systems = {
                 "daemon": lambda m=model, n=name: daemon(repository(work, n, m, BATCHING % 1024)),
+                "daemon-sync": lambda m=model, n=name: daemon(
+                    repository(work, n + "-sync", m, BATCHING % 1024), "sync"
+                ),
                 "daemon-nobatch": lambda m=model, n=name: daemon(repository(work, n, m, "")),
                 "naive": lambda m=model: baseline("naive", m),
                 "nowork": lambda m=model: baseline("nowork", m),
                 "nowork-aio": lambda m=model: baseline("nowork-aio", m),
             }
             for system, start in systems.items():
+                if args.systems and system not in args.systems.split(","):
+                    continue
                 server = start()
                 try:
                     entry[system] = {}
@@ -264,7 +273,8 @@ def main() -> None:
                 finally:
                     server.stop()
             results["models"][name] = entry
-        results["overload"] = overload(work, args.quick)
+        if not args.systems:
+            results["overload"] = overload(work, args.quick)
     args.out.write_text(json.dumps(results, indent=2))
     print(report(results))
 
@@ -305,28 +315,37 @@ def report(results: dict[str, Any]) -> str:
             f"{c_limit:,.0f}/s at batch {ip['best']['batch']}; batch 1 p50 "
             f"{ip['batch1_p50_ms']:.3f} ms, p99 {ip['batch1_p99_ms']:.3f} ms.",
             "",
-            "| concurrency | daemon | daemon, batching off | naive | no-work sync | "
-            "no-work aio | L | daemon / L | daemon / naive | daemon / no-work | "
-            "batching on / off |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| concurrency | daemon (aio) | daemon (sync) | daemon, batching off | naive | "
+            "no-work sync | no-work aio | L | aio / naive | sync / naive | sync / no-work | "
+            "sync / L |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        for c in entry["daemon"]:
-            d, nb, nv = entry["daemon"][c], entry["daemon-nobatch"][c], entry["naive"][c]
+
+        def cell(x: dict[str, float] | None) -> str:
+            if not x:
+                return "—"
+            return f"{x['throughput']:,.0f}/s ({x['p50_ms']:.2f} / {x['p99_ms']:.2f} ms)"
+
+        def ratio(a: dict[str, float] | None, b: float) -> str:
+            return f"{a['throughput'] / b:.2f}" if a else "—"
+
+        for c in entry["naive"]:
+            d = entry.get("daemon", {}).get(c)
+            sync = entry.get("daemon-sync", {}).get(c)
+            nb = entry.get("daemon-nobatch", {}).get(c)
+            nv = entry["naive"][c]
             rs, ra = entry["nowork"][c], entry["nowork-aio"][c]
             r = max(rs["throughput"], ra["throughput"])
             limit = 1 / (1 / r + 1 / c_limit)
-
-            def cell(x: dict[str, float]) -> str:
-                return f"{x['throughput']:,.0f}/s ({x['p50_ms']:.2f} / {x['p99_ms']:.2f} ms)"
-
             lines.append(
-                f"| {c} | {cell(d)} | {cell(nb)} | {cell(nv)} | {cell(rs)} | {cell(ra)} | "
-                f"{limit:,.0f}/s | {d['throughput'] / limit:.2f} | "
-                f"{d['throughput'] / nv['throughput']:.2f} | {d['throughput'] / r:.2f} | "
-                f"{d['throughput'] / nb['throughput']:.2f} |"
+                f"| {c} | {cell(d)} | {cell(sync)} | {cell(nb)} | {cell(nv)} | {cell(rs)} | "
+                f"{cell(ra)} | {limit:,.0f}/s | {ratio(d, nv['throughput'])} | "
+                f"{ratio(sync, nv['throughput'])} | {ratio(sync, r)} | {ratio(sync, limit)} |"
             )
         lines.append("")
-    o = results["overload"]
+    o = results.get("overload")
+    if not o:
+        return "\n".join(lines)
     lines += [
         "### Overload (digits, threaded execution, max_queue_size 8)",
         "",
