@@ -371,6 +371,7 @@ def _control_plane(args: argparse.Namespace) -> int:
             max_connections_per_peer=args.max_connections_per_peer,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             idle_seconds=120.0,
+            first_request_seconds=30.0,  # see ControlPlaneSettings.connections
         ),
         service=ServiceLimits(
             max_blob_bytes=args.max_blob_bytes,

@@ -180,7 +180,9 @@ class PostgresDatabase:
     dialect = "postgresql"
     rowid = "ctid"
 
-    def __init__(self, url: str, max_connections: int = 4) -> None:
+    def __init__(self, url: str, max_connections: int = 8) -> None:
+        # The registry's threads (registry.POSTGRES_THREADS) keep one each; the thread that
+        # opened it (the schema migration) one more.
         try:
             import psycopg
             import psycopg_pool

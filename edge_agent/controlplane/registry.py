@@ -43,6 +43,7 @@ FAILED = "failed"
 PENDING = "pending"  # a device of a rollout that has reported nothing about its version yet
 # Report history kept per device and model (prune): the newest rows, none older than the days.
 HISTORY_ROWS = 100
+POSTGRES_THREADS = 4  # registry threads (and pool connections) on PostgreSQL
 HISTORY_DAYS = 30
 INSTALLED_STATES = ("installed", "serving")
 
@@ -188,6 +189,8 @@ class VersionRow:
 
 
 class Registry(Protocol):
+    threads: int
+
     def add_device(self, device_id: str, group: str, token_hash: str) -> None: ...
     def token_hash(self, device_id: str) -> str | None: ...
     def device_with_token(self, token_hash: str) -> str | None: ...
@@ -311,6 +314,8 @@ class SqlRegistry:
     def __init__(self, db: Database) -> None:
         self._db = db
         self.schema_version = migrate(db)
+        # Threads that may use it at once: SQLite's one connection wants one.
+        self.threads = 1 if db.dialect == "sqlite" else POSTGRES_THREADS
 
     @property
     def database(self) -> Database:

@@ -77,7 +77,11 @@ class ControlPlaneSettings:
     # Devices poll with a call outstanding almost all the time, so a short idle timeout costs
     # them nothing and frees what idle clients hold.
     connections: ConnectionLimits = dataclasses.field(
-        default_factory=lambda: ConnectionLimits(idle_seconds=120.0, max_concurrent_rpcs=20_000)
+        # A replica under a reconnecting fleet may take seconds to run a connection's first
+        # call: a first-call deadline of 10 s (the agent's) closed good connections then.
+        default_factory=lambda: ConnectionLimits(
+            idle_seconds=120.0, max_concurrent_rpcs=20_000, first_request_seconds=30.0
+        )
     )
     service: ServiceLimits = dataclasses.field(default_factory=ServiceLimits)
     # "" = SQLite in DATA_DIR; postgresql://USER@HOST/DB (a password belongs in PGPASSWORD or

@@ -255,8 +255,12 @@ class FleetServicer:
         self._max_failure_share = max_failure_share
         self._limits = limits or ServiceLimits()
         self._trusted_keys = list(trusted_keys)
-        # One connection, one thread: every registry call goes through _db.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry")
+        # Every registry call goes through _db, on the registry's threads: one for SQLite (one
+        # connection), several for PostgreSQL (a pool connection each; queries wait on the
+        # network, not the GIL).
+        self._executor = ThreadPoolExecutor(
+            max_workers=registry.threads, thread_name_prefix="registry"
+        )
         self._buckets: dict[str, TokenBucket] = {}
         self._polls: dict[str, Poll] = {}  # device -> its live long-poll
         # Devices seen since the last flush (touch): one write per interval, not one per poll.
