@@ -101,6 +101,10 @@ class Settings:
     http_control_address: str = ""
     # The inference listener's gRPC server: "aio" (asyncio; the default) or "sync" (gRPC's
     # thread pool, handler threads running idle models themselves: api/sync_front.py).
+    # Pause between the warmup runs of a version loaded while another serves (a swap): on a GPU
+    # the new version's warmup otherwise takes the device from serving. 0 = none (the CPU's
+    # loader already runs at a lower priority: loader_nice).
+    swap_warmup_pause_ms: float = 0.0
     front_end: str = "aio"
     front_end_threads: int = 64  # "sync": handler threads (requests in flight at once)
 
@@ -316,6 +320,8 @@ def _check(settings: Settings) -> None:
                 f"control_address: {settings.control_address} is not loopback: set "
                 "control_token_file or tls_client_ca so that not anyone can load models"
             )
+    if not 0 <= settings.swap_warmup_pause_ms <= 1000:
+        raise ConfigError("swap_warmup_pause_ms: 0..1000")
     if settings.front_end not in ("aio", "sync"):
         raise ConfigError(f"front_end: 'aio' or 'sync', got {settings.front_end!r}")
     if settings.front_end_threads < 1:

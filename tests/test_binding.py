@@ -125,3 +125,21 @@ def test_a_bad_io_binding_value_is_refused(
     assert failed and "io_binding 'sometimes'" in failed[0]["reason"]
     with grpcclient.InferenceServerClient(daemon.url) as client:
         assert not client.is_model_ready("digits")
+
+
+def test_a_swap_paces_its_warmup(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    """swap_warmup_pause_ms: the version loaded while another serves pauses between its warmup
+    runs. Sleeps make it a lower bound, not a timing race."""
+    modelgen.versioned(tmp_path / "m" / "1", 1)
+    (tmp_path / "m" / "config.pbtxt").write_text("max_batch_size: 8\ndynamic_batching {}\n")
+    daemon = start_daemon(
+        "--model-repository", str(tmp_path), "--execution-providers", "cpu",
+        "--model-control-mode", "explicit", "--load-model", "m",
+        env={"EDGE_AGENT_SWAP_WARMUP_PAUSE_MS": "100"},
+    ).wait_started()  # fmt: skip
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        modelgen.versioned(tmp_path / "m" / "2", 2)
+        client.load_model("m")
+    first, second = daemon.named("model.loaded")
+    assert first["warmup_runs"] == second["warmup_runs"] == 8 + 2
+    assert second["seconds"] >= second["warmup_runs"] * 0.1

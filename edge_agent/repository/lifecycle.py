@@ -469,6 +469,7 @@ class ModelManager:
                     source[1],
                     self._settings,
                     self._priority,
+                    any(v.state == READY for v in entry.versions.values()),
                 )
             except ModelLoadError as exc:
                 results[version] = str(exc)

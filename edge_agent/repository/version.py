@@ -127,14 +127,17 @@ def build_version(
     batch_given: bool,
     settings: Settings,
     priority: Priority | None = None,
+    swapping: bool = False,
 ) -> ModelVersion:
     """Load, complete, warm and check one version; raises ModelLoadError with the reason.
     `priority`: the threads ONNX Runtime spawns meanwhile go back to serving priority at the end
-    (runtime/priority.py)."""
+    (runtime/priority.py). `swapping`: another version serves meanwhile, and the warmup pauses
+    `swap_warmup_pause_ms` between its runs (on a GPU, serving's kernels get in between)."""
+    pause = settings.swap_warmup_pause_ms / 1000 if swapping else 0.0
     if priority is None:
-        return _build(model_dir, version, config, batch_given, settings)
+        return _build(model_dir, version, config, batch_given, settings, pause)
     with priority.spawned() as spawned:
-        built = _build(model_dir, version, config, batch_given, settings)
+        built = _build(model_dir, version, config, batch_given, settings, pause)
     priority.restore(spawned)
     return built
 
@@ -145,6 +148,7 @@ def _build(
     config: mc.ModelConfig,
     batch_given: bool,
     settings: Settings,
+    pause: float = 0.0,
 ) -> ModelVersion:
     name = model_dir.name
     filename = config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME
@@ -182,7 +186,7 @@ def _build(
     warmed = True
     for each in sessions:
         try:
-            largest, runs = _warm(each, complete, inputs)
+            largest, runs = _warm(each, complete, inputs, pause)
         except ModelLoadError as exc:
             # The synthetic warmup invents sizes (1 for every dynamic dimension), which a valid
             # model may refuse (e.g. a minimum length along a dynamic axis). Triton does not warm
@@ -236,7 +240,10 @@ def _run(loaded: LoadedSession, feeds: dict[str, np.ndarray], what: str) -> list
 
 
 def _warm(
-    session: LoadedSession, config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]
+    session: LoadedSession,
+    config: mc.ModelConfig,
+    inputs: dict[str, cfg.TensorSpec],
+    pause: float = 0.0,
 ) -> tuple[float, int]:
     """One run at every batch size the batcher can produce. Returns the best of three runs of
     the largest, seconds (it decides inline execution), and the number of runs."""
@@ -256,6 +263,8 @@ def _warm(
             runs += 1
             if size == largest:
                 best = min(best, time.perf_counter() - started)
+            if pause:
+                time.sleep(pause)
     return best, runs
 
 
