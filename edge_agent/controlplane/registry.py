@@ -527,50 +527,35 @@ class SqlRegistry:
     def _groups(self) -> dict[str, str]:
         return {r[0]: r[1] for r in self._db.execute("SELECT device_id, grp FROM devices")}
 
-    def _failed(self, model: str, version: int, devices: Iterable[str]) -> int:
-        """Devices that failed to install this version (and have not installed it since)."""
-        wanted = set(devices)
-        rows = self._db.execute(
-            "SELECT device_id FROM install_failures WHERE model = ? AND version = ?",
-            (model, version),
-        )
-        return sum(1 for r in rows if r[0] in wanted)
-
-    def _states(self, model: str, version: int, devices: Iterable[str]) -> dict[str, int]:
-        """How many of `devices` are in each state for `version` of `model` (their reports)."""
-        reports = {
-            r[0]: (r[1], r[2], r[3])
-            for r in self._db.execute(
-                "SELECT device_id, serving_version, target_version, state FROM reports "
-                "WHERE model = ?",
-                (model,),
-            )
-        }
-        counts: dict[str, int] = {}
-        for device in devices:
-            serving, target, state = reports.get(device, (0, 0, PENDING))
-            if target != version:
-                state = "serving" if serving == version else PENDING
-            counts[state] = counts.get(state, 0) + 1
-        return counts
-
     def _rollout_from(
-        self, row: tuple[Any, ...], groups: Mapping[str, str], superseded: bool = False
+        self,
+        row: tuple[Any, ...],
+        devices: list[str],
+        reports: Mapping[tuple[str, str], tuple[int, int, str]],
+        failures: set[tuple[str, str, int]],
+        superseded: bool = False,
     ) -> Rollout:
         rollout_id, model, version, scope, group, percent, state, reason = row
-        devices = self._reach(row, groups)
+        model, version = str(model), int(version)
+        counts: dict[str, int] = {}
+        for device in devices:  # how many of its devices are in each state for its version
+            serving, target, status = reports.get((device, model), (0, 0, PENDING))
+            if target != version:
+                status = "serving" if serving == version else PENDING
+            counts[status] = counts.get(status, 0) + 1
         return Rollout(
             id=int(rollout_id),
-            model=str(model),
-            version=int(version),
+            model=model,
+            version=version,
             scope=str(scope),
             group=str(group),
             canary_percent=float(percent),
             state=SUPERSEDED if superseded else str(state),
             reason=str(reason),
             devices=tuple(devices),
-            failed=self._failed(str(model), int(version), devices),
-            device_states=self._states(str(model), int(version), devices),
+            # Devices that failed to install this version (and have not installed it since).
+            failed=sum(1 for d in devices if (d, model, version) in failures),
+            device_states=counts,
         )
 
     _COLUMNS = "id, model, version, scope, grp, canary_percent, state, reason"
@@ -579,45 +564,61 @@ class SqlRegistry:
         return next(r for r in self.rollouts() if r.id == rollout_id)
 
     def rollouts(self) -> list[Rollout]:
+        """Every rollout with the devices it reaches and their states: a handful of queries
+        (every table read once), then O(devices x rollouts) work in memory."""
         groups = self._groups()
         rows = self._db.execute(f"SELECT {self._COLUMNS} FROM rollouts ORDER BY id").fetchall()
-        deciding = {
-            rollout_id
-            for device in groups
-            for rollout_id in self._deciding(device, rows, groups).values()
+        cohorts: dict[int, list[str]] = {}
+        for rollout_id, device in self._db.execute(
+            "SELECT rollout_id, device_id FROM cohorts ORDER BY device_id"
+        ):
+            cohorts.setdefault(int(rollout_id), []).append(str(device))
+        reports = {
+            (str(r[0]), str(r[1])): (int(r[2]), int(r[3]), str(r[4]))
+            for r in self._db.execute(
+                "SELECT device_id, model, serving_version, target_version, state FROM reports"
+            )
         }
+        failures = {
+            (str(r[0]), str(r[1]), int(r[2]))
+            for r in self._db.execute("SELECT device_id, model, version FROM install_failures")
+        }
+        everyone = sorted(groups)
+        reach: dict[int, list[str]] = {}
+        for row in rows:
+            rollout_id, scope, group = int(row[0]), row[3], row[4]
+            if scope == FLEET:
+                reach[rollout_id] = everyone
+            elif scope == GROUP:
+                reach[rollout_id] = [d for d in everyone if groups[d] == group]
+            else:
+                reach[rollout_id] = [d for d in cohorts.get(rollout_id, []) if d in groups]
+        reach_sets = {rid: set(devices) for rid, devices in reach.items()}
+        deciding: set[int] = set()
+        for device in everyone:
+            chosen: dict[str, int] = {}
+            for row in rows:  # the newest rollout reaching the device decides, per model
+                rollout_id, model, version, state = int(row[0]), str(row[1]), int(row[2]), row[6]
+                if state == ROLLED_BACK or device not in reach_sets[rollout_id]:
+                    continue
+                serving = reports.get((device, model), (0, 0, ""))[0]
+                if state == PAUSED and serving != version:
+                    continue  # a paused rollout reaches no one new
+                chosen[model] = rollout_id
+            deciding.update(chosen.values())
         newest = {str(r[1]): int(r[0]) for r in rows if r[6] != ROLLED_BACK}
         return [
             self._rollout_from(
                 r,
-                groups,
+                reach[int(r[0])],
+                reports,
+                failures,
                 superseded=r[6] != ROLLED_BACK
-                and r[0] not in deciding
-                and newest[str(r[1])] != r[0],
+                and int(r[0]) not in deciding
+                and newest[str(r[1])] != int(r[0]),
             )
             for r in rows
         ]
-
-    def _deciding(
-        self, device_id: str, rows: list[tuple[Any, ...]], groups: Mapping[str, str]
-    ) -> dict[str, int]:
-        """model -> the id of the rollout that decides the device's version of it: the newest
-        that reaches the device (a paused one only where the device already runs it)."""
-        running = {
-            (r[0], r[1])
-            for r in self._db.execute(
-                "SELECT model, serving_version FROM reports WHERE device_id = ?", (device_id,)
-            )
-        }
-        deciding: dict[str, int] = {}
-        for row in rows:
-            model, version, state = str(row[1]), int(row[2]), row[6]
-            if state == ROLLED_BACK or device_id not in self._reach(row, groups):
-                continue
-            if state == PAUSED and (model, version) not in running:
-                continue  # a paused rollout reaches no one new
-            deciding[model] = int(row[0])
-        return deciding
 
     def desired(self, device_id: str) -> dict[str, int]:
         """model -> version for one device. Costs O(rollouts), not O(devices): every waiting
