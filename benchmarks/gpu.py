@@ -17,8 +17,6 @@ reported as unavailable there), so that the GPU run is a single command that wor
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import shutil
 import subprocess
@@ -37,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import models, swap, transport  # noqa: E402
-from benchmarks.run import PERF_ANALYZER, PYTHON, Server, free_port  # noqa: E402
+from benchmarks.run import PYTHON, Server, free_port, perf_analyzer  # noqa: E402
 
 MODES = ("run", "io_binding", "cuda_graph", "cuda_shm")
 CONCURRENCY = (1, 4, 16, 64)
@@ -68,23 +66,7 @@ WINDOW_MS = {"value": 3000}  # perf_analyzer's measurement window (--window-ms)
 
 
 def perf(port: int, concurrency: int, quick: bool, extra: list[str]) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile(suffix=".csv") as out:
-        command = [
-            str(PERF_ANALYZER), "-m", "model", "-u", f"127.0.0.1:{port}", "-i", "grpc",
-            "--concurrency-range", str(concurrency), "-f", out.name,
-            "--measurement-interval", "1000" if quick else str(WINDOW_MS["value"]),
-            "--stability-percentage", "25", "--max-trials", "5" if quick else "10", *extra,
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        text = Path(out.name).read_text().strip()
-        if not text:
-            return {"error": (result.stdout + result.stderr)[-400:]}  # type: ignore[dict-item]
-        row = next(csv.DictReader(io.StringIO(text)))
-    return {
-        "throughput": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1000,
-        "p99_ms": float(row["p99 latency"]) / 1000,
-    }
+    return perf_analyzer(port, concurrency, quick, extra, 1000 if quick else WINDOW_MS["value"])
 
 
 def serve_mode(

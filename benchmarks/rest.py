@@ -12,10 +12,7 @@ tensors (`--input-tensor-format binary`, its default) and HTTP with JSON tensors
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import models  # noqa: E402
-from benchmarks.run import PERF_ANALYZER, PYTHON, Server, free_port  # noqa: E402
+from benchmarks.run import PYTHON, Server, free_port, perf_analyzer  # noqa: E402
 
 MODES = {
     "grpc": ["-i", "grpc"],
@@ -35,24 +32,7 @@ MODES = {
 
 
 def measure(port: int, mode: str, concurrency: int, quick: bool) -> dict[str, float]:
-    with tempfile.NamedTemporaryFile(suffix=".csv") as out:
-        command = [
-            str(PERF_ANALYZER), "-m", "model", "-u", f"127.0.0.1:{port}", *MODES[mode],
-            "--concurrency-range", str(concurrency), "-f", out.name,
-            "--measurement-interval", "1500" if quick else "3000",
-            "--stability-percentage", "25", "--max-trials", "6" if quick else "10",
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        text = Path(out.name).read_text().strip()
-        if not text:
-            print(f"   no stable measurement: {result.stdout[-300:]}", file=sys.stderr)
-            return {"throughput": float("nan"), "p50_ms": float("nan"), "p99_ms": float("nan")}
-        row = next(csv.DictReader(io.StringIO(text)))
-    return {
-        "throughput": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1000,
-        "p99_ms": float(row["p99 latency"]) / 1000,
-    }
+    return perf_analyzer(port, concurrency, quick, MODES[mode])
 
 
 def main() -> None:

@@ -143,7 +143,16 @@ def baseline(mode: str, model: Path) -> Server:
     )
 
 
-def perf_analyzer(port: int, concurrency: int, quick: bool) -> dict[str, float]:
+def perf_analyzer(
+    port: int,
+    concurrency: int,
+    quick: bool,
+    extra: list[str] | None = None,
+    window_ms: int | None = None,
+) -> dict[str, float]:
+    """One perf_analyzer measurement of model "model" on 127.0.0.1:PORT (gRPC unless `extra`
+    says `-i http`): throughput and p50/p99 in ms; NaN when no window was stable."""
+    window = window_ms or (1500 if quick else 3000)
     with tempfile.NamedTemporaryFile(suffix=".csv") as out:
         command = [
             str(PERF_ANALYZER),
@@ -151,21 +160,18 @@ def perf_analyzer(port: int, concurrency: int, quick: bool) -> dict[str, float]:
             "model",
             "-u",
             f"127.0.0.1:{port}",
-            "-i",
-            "grpc",
+            *(extra if extra and "-i" in extra else ["-i", "grpc", *(extra or [])]),
             "--concurrency-range",
             str(concurrency),
             "-f",
             out.name,
             "--measurement-interval",
-            "1500" if quick else "3000",
+            str(window),
             # This machine is shared and small: accept 25% window-to-window spread.
             "--stability-percentage",
             "25",
             "--max-trials",
             "6" if quick else "10",
-            "-s",
-            "25",
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=900)
         text = Path(out.name).read_text().strip()

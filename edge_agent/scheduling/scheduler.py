@@ -139,19 +139,8 @@ class Scheduler:
         loop = self._start(asyncio.get_running_loop())
         if self._closing:
             raise Unavailable(f"model {self.label} is shutting down")
-        level = self.policy.level_of(priority)
-        waiting, queue_policy = self._queues[level], self.policy.levels[level]
-        if len(waiting) >= queue_policy.max_queue_size:
-            raise QueueFull(
-                f"model {self.label}: queue full ({queue_policy.max_queue_size} requests waiting"
-                + (f" at priority {level + 1}" if len(self._queues) > 1 else "")
-                + "); retry later"
-            )
-        if queue_policy.default_timeout_s is not None and queue_policy.reject_on_timeout:
-            policy_deadline = loop.time() + queue_policy.default_timeout_s
-            deadline = policy_deadline if deadline is None else min(deadline, policy_deadline)
-        if deadline is not None and deadline <= loop.time():
-            raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        level, deadline = self._admission(priority, deadline, loop.time())
+        waiting = self._queues[level]
         request = Pending(
             feeds,
             outputs,
@@ -240,26 +229,33 @@ class Scheduler:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._withdraw, request)
 
+    def _admission(
+        self, priority: int, deadline: float | None, now: float
+    ) -> tuple[int, float | None]:
+        """(queue level, deadline with the queue policy's timeout), or the refusal: a full
+        queue, a deadline already passed."""
+        level = self.policy.level_of(priority)
+        queue_policy = self.policy.levels[level]
+        if len(self._queues[level]) >= queue_policy.max_queue_size:
+            raise QueueFull(
+                f"model {self.label}: queue full ({queue_policy.max_queue_size} requests waiting"
+                + (f" at priority {level + 1}" if len(self._queues) > 1 else "")
+                + "); retry later"
+            )
+        if queue_policy.default_timeout_s is not None and queue_policy.reject_on_timeout:
+            policy_deadline = now + queue_policy.default_timeout_s
+            deadline = policy_deadline if deadline is None else min(deadline, policy_deadline)
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        return level, deadline
+
     def _admit_queued(self, request: Pending, priority: int) -> None:
         assert self._loop is not None
         try:
             if self._closing:
                 raise Retiring(f"model {self.label} is shutting down")
-            level = self.policy.level_of(priority)
-            waiting, queue_policy = self._queues[level], self.policy.levels[level]
-            if len(waiting) >= queue_policy.max_queue_size:
-                raise QueueFull(
-                    f"model {self.label}: queue full ({queue_policy.max_queue_size} requests "
-                    "waiting"
-                    + (f" at priority {level + 1}" if len(self._queues) > 1 else "")
-                    + "); retry later"
-                )
-            deadline = request.deadline
-            if queue_policy.default_timeout_s is not None and queue_policy.reject_on_timeout:
-                policy_deadline = self._loop.time() + queue_policy.default_timeout_s
-                deadline = policy_deadline if deadline is None else min(deadline, policy_deadline)
-            if deadline is not None and deadline <= self._loop.time():
-                raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+            level, deadline = self._admission(priority, request.deadline, self._loop.time())
+            waiting = self._queues[level]
         except Exception as exc:
             request.future.set_exception(exc)
             return
