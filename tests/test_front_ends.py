@@ -6,10 +6,11 @@ they are, against agents started with EDGE_AGENT_FRONT_END=sync."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 from conftest import ROOT, Daemon
 
@@ -27,16 +28,19 @@ SUITES = [
 ASYNCIO_ONLY = "not inline_is_decided_by_the_graph"
 
 
-def test_the_serving_suites_pass_on_the_sync_front_end(tmp_path: Path) -> None:
+def test_the_serving_suites_pass_on_the_sync_front_end() -> None:
+    # A short base directory: the unix socket tests' paths must fit AF_UNIX's 108 bytes.
+    base = tempfile.mkdtemp(prefix="ea-fe-")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         "--basetemp", str(tmp_path / "runs"), "-k", ASYNCIO_ONLY, *SUITES],
+         "--basetemp", base, "-k", ASYNCIO_ONLY, *SUITES],
         cwd=ROOT,
         env={**os.environ, "EDGE_AGENT_FRONT_END": "sync"},
         capture_output=True,
         text=True,
         timeout=1500,
     )  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
 
