@@ -147,6 +147,8 @@ def run_case(
             stdout=log,
             stderr=subprocess.DEVNULL,
             cwd=ROOT,
+            # The swaps are driven with RepositoryModelLoad on the one listener (loopback only).
+            env={**os.environ, "EDGE_AGENT_CONTROL_ON_INFERENCE_LISTENER": "true"},
         )
         try:
             wait_port(port, proc)
