@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from test_perf_analyzer import STEADY_ENOUGH
 from tritonclient.utils import InferenceServerException
 
 from conftest import Daemon
@@ -194,7 +195,7 @@ def test_repository_endpoints_only_on_the_control_listener(agent: Daemon) -> Non
 def test_perf_analyzer_over_http(agent: Daemon) -> None:
     result = subprocess.run(
         [str(TOOL), "-m", "digits", "-u", http_url(agent), "-i", "http",
-         "--concurrency-range", "2", "--measurement-interval", "1000"],
+         "--concurrency-range", "2", "--measurement-interval", "1000", *STEADY_ENOUGH],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
