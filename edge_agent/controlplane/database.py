@@ -113,9 +113,6 @@ class SqliteDatabase:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._db.executemany(sql, rows)
 
-    def executescript(self, script: str) -> None:
-        self._db.executescript(script)
-
     @contextlib.contextmanager
     def transaction(self, decision: bool = False) -> Iterator[None]:
         # One process holds the file: BEGIN IMMEDIATE already serializes every writer.
@@ -234,8 +231,7 @@ class PostgresDatabase:
         if held is not None:  # inside a transaction
             yield held
             return
-        with self._unavailable():
-            yield self._pinned()
+        yield self._pinned()
 
     @contextlib.contextmanager
     def _unavailable(self) -> Iterator[None]:
@@ -259,12 +255,6 @@ class PostgresDatabase:
             return
         with self._unavailable(), self._connection() as conn:
             conn.cursor().executemany(postgres_sql(sql), rows)
-
-    def executescript(self, script: str) -> None:
-        with self.transaction():
-            for statement in script.split(";"):
-                if statement.strip():
-                    self.execute(statement)
 
     @contextlib.contextmanager
     def transaction(self, decision: bool = False) -> Iterator[None]:

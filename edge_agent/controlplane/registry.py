@@ -503,20 +503,6 @@ class SqlRegistry:
         )
         return self._rollout(rollout_id)
 
-    def _reach(self, row: tuple[object, ...], groups: Mapping[str, str]) -> list[str]:
-        rollout_id, _, _, scope, group = row[:5]
-        if scope == FLEET:
-            return sorted(groups)
-        if scope == GROUP:
-            return sorted(d for d, g in groups.items() if g == group)
-        return [
-            r[0]
-            for r in self._db.execute(
-                "SELECT device_id FROM cohorts WHERE rollout_id = ? ORDER BY device_id",
-                (rollout_id,),
-            )
-        ]
-
     def _group(self, device_id: str) -> str | None:
         """One device's group (None: not enrolled), without reading every device: a rollout
         asks this once per device and blob."""
@@ -1019,20 +1005,26 @@ class SqlRegistry:
 
     def devices(self, after: str = "", limit: int | None = None) -> list[Device]:
         """Devices in id order, those after `after`, at most `limit` (a page)."""
-        out = []
+        out: list[Device] = []
         sql = "SELECT device_id, grp, last_seen, last_error FROM devices WHERE device_id > ? "
         sql += "ORDER BY device_id" + (" LIMIT ?" if limit is not None else "")
         args: tuple[object, ...] = (after, limit) if limit is not None else (after,)
-        for device_id, group, last_seen, last_error in self._db.execute(sql, args).fetchall():
-            reports = tuple(
-                Report(*row)
-                for row in self._db.execute(
-                    "SELECT model, installed_version, serving_version, target_version, state, "
-                    "error, variant FROM reports WHERE device_id = ? ORDER BY model",
-                    (device_id,),
-                )
-            )
-            out.append(Device(device_id, group, last_seen, last_error, reports))
+        rows = self._db.execute(sql, args).fetchall()
+        if not rows:
+            return out
+        # The page's reports in one query (the page is a range of ids), not one per device: the
+        # dashboard and FleetStatus read whole pages of 1,000.
+        reports: dict[str, list[Report]] = {}
+        for device_id, *fields in self._db.execute(
+            "SELECT device_id, model, installed_version, serving_version, target_version, state, "
+            "error, variant FROM reports WHERE device_id >= ? AND device_id <= ? "
+            "ORDER BY device_id, model",
+            (rows[0][0], rows[-1][0]),
+        ):
+            reports.setdefault(str(device_id), []).append(Report(*fields))
+        for device_id, group, last_seen, last_error in rows:
+            found = tuple(reports.get(device_id, ()))
+            out.append(Device(device_id, group, last_seen, last_error, found))
         return out
 
 
