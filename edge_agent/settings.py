@@ -174,6 +174,21 @@ class Settings:
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def _check_control_listener(settings: Settings, key: str) -> None:
+    """A listener that loads models (gRPC's or HTTP's): beyond loopback it needs credentials."""
+    address = getattr(settings, key)
+    parse_address(address, key)
+    if (
+        not is_loopback(address)
+        and settings.control_token_file is None
+        and settings.tls_client_ca is None
+    ):
+        raise ConfigError(
+            f"{key}: {address} is not loopback: set control_token_file or tls_client_ca so that "
+            "not anyone can load models"
+        )
+
+
 def grpc_addresses(settings: Settings) -> list[str]:
     return [a.strip() for a in settings.grpc_address.split(",") if a.strip()]
 
@@ -310,16 +325,7 @@ def _check(settings: Settings) -> None:
         if path is not None and not path.is_file():
             raise ConfigError(f"{key}: {path} is not a file")
     if settings.control_address and not settings.control_address.startswith("unix:"):
-        parse_address(settings.control_address, "control_address")
-        if (
-            not is_loopback(settings.control_address)
-            and settings.control_token_file is None
-            and settings.tls_client_ca is None
-        ):
-            raise ConfigError(
-                f"control_address: {settings.control_address} is not loopback: set "
-                "control_token_file or tls_client_ca so that not anyone can load models"
-            )
+        _check_control_listener(settings, "control_address")
     if not 0 <= settings.swap_warmup_pause_ms <= 1000:
         raise ConfigError("swap_warmup_pause_ms: 0..1000")
     if settings.front_end not in ("aio", "sync"):
@@ -329,16 +335,7 @@ def _check(settings: Settings) -> None:
     if settings.http_address:
         parse_address(settings.http_address, "http_address")
     if settings.http_control_address:
-        parse_address(settings.http_control_address, "http_control_address")
-        if (
-            not is_loopback(settings.http_control_address)
-            and settings.control_token_file is None
-            and settings.tls_client_ca is None
-        ):
-            raise ConfigError(
-                f"http_control_address: {settings.http_control_address} is not loopback: set "
-                "control_token_file or tls_client_ca so that not anyone can load models"
-            )
+        _check_control_listener(settings, "http_control_address")
     if settings.control_plane:
         addresses = [a.strip() for a in settings.control_plane.split(",")]
         for address in addresses:  # one, or several replicas: HOST:PORT,HOST:PORT
