@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_sync import Fleet, metric, serves
+from test_sync import Fleet, metric, serves, status_code
 
 import modelgen
 from conftest import ROOT, ControlPlaneProcess, Daemon, wait_for
@@ -408,15 +408,8 @@ def test_the_control_plane_checks_what_publishers_send(
     assert expired.returncode == 1 and "expired" in expired.stderr
     stub, meta = fleet.stub()
 
-    def code(call: Callable[[], Any]) -> grpc.StatusCode:
-        try:
-            call()
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
-        return grpc.StatusCode.OK
-
     too_big = pb.SetTargetRequest(model="mlp", version=2**63)
-    assert code(lambda: stub.SetTarget(too_big, metadata=meta, timeout=10)) == (
+    assert status_code(lambda: stub.SetTarget(too_big, metadata=meta, timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     directory = tmp_path / "r"
@@ -424,21 +417,21 @@ def test_the_control_plane_checks_what_publishers_send(
     document = json.loads((directory / "release.json").read_text())
     document["version"] = 2**63
     huge = pb.RegisterReleaseRequest(release_json=json.dumps(document).encode(), signature=b"x")
-    assert code(lambda: stub.RegisterRelease(huge, metadata=meta, timeout=10)) == (
+    assert status_code(lambda: stub.RegisterRelease(huge, metadata=meta, timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     nested = pb.RegisterReleaseRequest(release_json=b"[" * 100_000, signature=b"x")
-    assert code(lambda: stub.RegisterRelease(nested, metadata=meta, timeout=10)) == (
+    assert status_code(lambda: stub.RegisterRelease(nested, metadata=meta, timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     declared = iter([pb.UploadBlobRequest(digest="0" * 64, size=2**63, data=b"x")])
-    assert code(lambda: stub.UploadBlob(declared, metadata=meta, timeout=10)) == (
+    assert status_code(lambda: stub.UploadBlob(declared, metadata=meta, timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     device = fleet.add_device("d")
     device_meta = auth.metadata(auth.read_token(device), "d")
     manifest = pb.GetManifestRequest(model="mlp", version=2**64 - 1)
-    assert code(lambda: stub.GetManifest(manifest, metadata=device_meta, timeout=10)) == (
+    assert status_code(lambda: stub.GetManifest(manifest, metadata=device_meta, timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
     assert not fleet.cp.named("request.failed") or all(

@@ -56,6 +56,15 @@ def serves(agent: Daemon, model_file: Path) -> bool:
     return out is not None and np.allclose(out, expected(model_file), atol=1e-5)
 
 
+def status_code(call: Callable[[], Any]) -> grpc.StatusCode:
+    """The gRPC status a call ends with (OK when it returns)."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
 def metric(agent: Daemon, name: str) -> float:
     text = urllib.request.urlopen(agent.metrics_url, timeout=10).read().decode()
     total = 0.0
@@ -1094,13 +1103,6 @@ def test_enrollment_by_api(fleet: Fleet) -> None:
     `fleet add-device --control-plane`."""
     stub, meta = fleet.stub()
 
-    def code(call: Callable[[], Any]) -> grpc.StatusCode:
-        try:
-            call()
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
-        return grpc.StatusCode.OK
-
     def enrolled() -> set[str]:
         return {d.device_id for d in fleet.status().devices}
 
@@ -1113,7 +1115,9 @@ def test_enrollment_by_api(fleet: Fleet) -> None:
     def poll(device: str, token: str) -> grpc.StatusCode:
         device_meta = auth.metadata(token, device)
         request = pb.WatchRequest(wait_ms=0)
-        return code(lambda: stub.WatchDesiredState(request, metadata=device_meta, timeout=10))
+        return status_code(
+            lambda: stub.WatchDesiredState(request, metadata=device_meta, timeout=10)
+        )
 
     answer = enroll(("cam-1", "lobby"), ("cam-2", "lobby"), ("cam-3", ""))
     tokens = {t.device_id: t.token for t in answer.tokens}
@@ -1125,11 +1129,14 @@ def test_enrollment_by_api(fleet: Fleet) -> None:
         lambda: enroll(("cam-9", "no/such group")),
         lambda: enroll(("cam-9", ""), ("cam-1", "")),
     ):
-        assert code(bad) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
+        assert status_code(bad) in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.ALREADY_EXISTS,
+        )
     assert "cam-9" not in enrolled()  # nothing half-written
     device_meta = auth.metadata(tokens["cam-1"], "cam-1")
     request = pb.EnrollDevicesRequest(devices=[pb.DeviceEnrollment(device_id="cam-9")])
-    assert code(
+    assert status_code(
         lambda: stub.EnrollDevices(request, metadata=device_meta, timeout=10)
     ) == grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
     # Rotation: the old token stops working, the new one works.
@@ -1140,7 +1147,7 @@ def test_enrollment_by_api(fleet: Fleet) -> None:
     stub.RevokeDevice(pb.RevokeDeviceRequest(device_id="cam-3"), metadata=meta, timeout=10)
     assert poll("cam-3", tokens["cam-3"]) == grpc.StatusCode.UNAUTHENTICATED
     revoke_unknown = pb.RevokeDeviceRequest(device_id="nobody")
-    assert code(
+    assert status_code(
         lambda: stub.RevokeDevice(revoke_unknown, metadata=meta, timeout=10)
     ) == grpc.StatusCode.NOT_FOUND  # fmt: skip
     # The CLI through the API: the new token goes to a new 0600 file, never over another.
