@@ -60,59 +60,69 @@ def decode_request(
     be released when the response is built."""
     budget = ElementBudget(max_per_tensor, max_per_request)
     raw = request.raw_input_contents
-    in_shm = [bool(t.parameters) and uses_shared_memory(t.parameters) for t in request.inputs]
-    if any(in_shm) and (shm is None or held is None):
+    inputs = request.inputs
+    in_shm = [bool(t.parameters) and uses_shared_memory(t.parameters) for t in inputs]
+    from_shm = sum(in_shm)
+    if from_shm and (shm is None or held is None):
         raise InvalidArgument("this listener takes no shared memory")
-    if raw and any(t.HasField("contents") for t in request.inputs):
-        raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")
-    if raw and len(raw) != len(request.inputs) - sum(in_shm):
-        outside = " outside shared memory" if any(in_shm) else ""
+    if raw and len(raw) != len(inputs) - from_shm:
+        outside = " outside shared memory" if from_shm else ""
         raise InvalidArgument(
-            f"request has {len(request.inputs) - sum(in_shm)} inputs{outside} "
+            f"request has {len(inputs) - from_shm} inputs{outside} "
             f"but {len(raw)} raw_input_contents"
         )
     next_raw = 0
     feeds: dict[str, np.ndarray] = {}
-    batch_sizes: set[int] = set()
-    for index, tensor in enumerate(request.inputs):
-        spec = model.inputs.get(tensor.name)
+    batching = model.max_batch_size > 0
+    batch_size: int | None = None
+    for index, tensor in enumerate(inputs):
+        name = tensor.name
+        spec = model.inputs.get(name)
         if spec is None:
             raise InvalidArgument(
-                f"unknown input '{tensor.name}' for model '{model.name}' "
-                f"(inputs: {sorted(model.inputs)})"
+                f"unknown input '{name}' for model '{model.name}' (inputs: {sorted(model.inputs)})"
             )
-        if tensor.name in feeds:
-            raise InvalidArgument(f"input '{tensor.name}' is given twice")
-        if tensor.datatype != spec.datatype:
+        if name in feeds:
+            raise InvalidArgument(f"input '{name}' is given twice")
+        datatype = tensor.datatype
+        if datatype != spec.datatype:
             raise InvalidArgument(
-                f"input '{tensor.name}': datatype {tensor.datatype!r}, the model expects "
-                f"{spec.datatype}"
+                f"input '{name}': datatype {datatype!r}, the model expects {spec.datatype}"
             )
         shape = list(tensor.shape)
-        check_shape(tensor.name, shape, spec.dims, model.max_batch_size)
-        budget.spend(tensor.name, tensor.datatype, shape)
+        check_shape(name, shape, spec.dims, model.max_batch_size)
+        budget.spend(name, datatype, shape)
+        typed = tensor.HasField("contents")
+        if raw and typed:
+            raise InvalidArgument("request mixes raw_input_contents and typed contents; use one")
         if in_shm[index]:
             assert shm is not None and held is not None
-            region, view = shm.acquire(tensor.parameters, f"input '{tensor.name}'")
+            region, view = shm.acquire(tensor.parameters, f"input '{name}'")
             held.append((region, view))
-            feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, view)
+            array = decode_raw(name, datatype, shape, view)
         elif raw:
-            feeds[tensor.name] = decode_raw(tensor.name, tensor.datatype, shape, raw[next_raw])
+            array = decode_raw(name, datatype, shape, raw[next_raw])
             next_raw += 1
-        elif tensor.HasField("contents"):
-            feeds[tensor.name] = decode_typed(tensor.name, tensor.datatype, shape, tensor.contents)
+        elif typed:
+            array = decode_typed(name, datatype, shape, tensor.contents)
         else:
-            raise InvalidArgument(f"input '{tensor.name}' has no data")
-        if spec.datatype == "BYTES":
-            feeds[tensor.name] = bytes_to_text(tensor.name, feeds[tensor.name])
-        if model.max_batch_size > 0:
-            batch_sizes.add(shape[0])
-    missing = sorted(n for n, s in model.inputs.items() if n not in feeds and not s.optional)
-    if missing:
-        raise InvalidArgument(f"missing inputs {missing} for model '{model.name}'")
-    if len(batch_sizes) > 1:
-        raise InvalidArgument(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
-    outputs = [o.name for o in request.outputs] or list(model.outputs)
+            raise InvalidArgument(f"input '{name}' has no data")
+        if datatype == "BYTES":
+            array = bytes_to_text(name, array)
+        feeds[name] = array
+        if batching:
+            if batch_size is not None and shape[0] != batch_size:
+                raise InvalidArgument(
+                    f"inputs disagree on the batch size: {sorted({batch_size, shape[0]})}"
+                )
+            batch_size = shape[0]
+    if len(feeds) != len(model.inputs):
+        missing = sorted(n for n, s in model.inputs.items() if n not in feeds and not s.optional)
+        if missing:
+            raise InvalidArgument(f"missing inputs {missing} for model '{model.name}'")
+    if not request.outputs:
+        return feeds, list(model.outputs)
+    outputs = [o.name for o in request.outputs]
     for name in outputs:
         if name not in model.outputs:
             raise InvalidArgument(

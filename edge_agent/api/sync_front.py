@@ -4,10 +4,11 @@ scheduler as the asyncio front end.
 Why: with grpc.aio every request crosses from gRPC's poller to the event loop and back, and a
 threaded model adds two more hand-offs (loop -> execution thread -> loop). gRPC's sync server
 hands a request to a pool thread once; from there this front end does what a naive server does
-when the model is idle (the handler thread runs the model itself: `Scheduler.run_here`), and
-under load queues it with the scheduler (bounded queues, priorities, deadlines, dynamic
-batching, the instance limit), and the execution thread answers the waiting handler thread
-directly (ThreadFuture), without a trip through the loop.
+when the model is idle (the handler thread runs the model itself), and under load queues it with
+the same scheduler (bounded queues, priorities, deadlines, the instance limit) as a follower:
+the thread that frees an instance hands the next waiting handler thread a batch of what queued
+(dynamic batching), which it runs and answers itself (`Scheduler.submit`: leader/follower,
+one wake-up per request, never through the event loop).
 
 Everything else keeps its one implementation: the other RPCs of the service, health and the
 examples service run their asyncio handlers on the loop (`_via_loop`); a model in a drain_first
@@ -202,18 +203,9 @@ class SyncInference:
                 now,
                 deadline,
             )
-            ran, response = scheduler.run_here(pending)
-            if not ran:
-                scheduler.queue_from_thread(pending, priority)
-                if context is not None:
-                    future = pending.future
-
-                    def gone() -> None:  # the RPC ended: leave the queue unless answered
-                        if not future.done():
-                            scheduler.withdraw_from_thread(pending)
-
-                    context.add_callback(gone)
-                response = pending.future.result()
+            response = scheduler.submit(
+                pending, priority, context.add_callback if context is not None else None
+            )
         except Retiring:
             raise
         except Exception as exc:

@@ -203,12 +203,19 @@ def encode(array: np.ndarray) -> tuple[str, list[int], bytes]:
 
 def numpy_datatype(dtype: np.dtype[Any]) -> str:
     """numpy dtype -> protocol datatype."""
+    known = _DATATYPE_OF.get(dtype)  # every response asks: remembered per dtype
+    if known is not None:
+        return known
     if dtype.kind in "OSU":
         return "BYTES"
     for datatype, candidate in NUMPY_DTYPES.items():
         if datatype != "BYTES" and candidate == dtype.newbyteorder("<"):
+            _DATATYPE_OF[dtype] = datatype
             return datatype
     raise InvalidArgument(f"numpy dtype {dtype} has no protocol datatype")
+
+
+_DATATYPE_OF: dict[np.dtype[Any], str] = {}
 
 
 def check_shape(name: str, shape: Sequence[int], dims: Sequence[int], max_batch_size: int) -> None:

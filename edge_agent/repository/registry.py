@@ -89,14 +89,17 @@ class ModelRegistry:
                     + (f": {state.reason}" if state.reason else "")
                 )
             return state.model
-        ready = entry.ready_versions()
-        if not ready:
+        newest, model = -1, None  # the newest ready version, without sorting (every request)
+        for number, state in entry.versions.items():
+            if number > newest and state.state == READY and state.model is not None:
+                newest, model = number, state.model
+        if model is None:
             reasons = "; ".join(
                 f"version {s.version}: {s.state}" + (f" ({s.reason})" if s.reason else "")
                 for s in entry.states()
             )
             raise Unavailable(f"model '{name}' has no ready version ({reasons or 'not loaded'})")
-        return ready[-1]
+        return model
 
     async def acquire(self, name: str, version: str, deadline: float | None) -> ModelVersion:
         """`get`, after waiting out a drain_first swap in progress (bounded; `deadline` is in

@@ -16,6 +16,7 @@ Then the optional golden check (repository/golden.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import time
 from pathlib import Path, PurePosixPath
@@ -79,8 +80,8 @@ class ModelVersion:
         self.warmup_runs = warmup_runs  # inferences run before it could serve (for the log)
         self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
 
-    @property
-    def max_batch_size(self) -> int:
+    @functools.cached_property
+    def max_batch_size(self) -> int:  # read per request: a plain attribute after the first
         return int(self.config.max_batch_size)
 
     @property

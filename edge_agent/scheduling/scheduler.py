@@ -43,40 +43,77 @@ QUEUED, TAKEN = "queued", "taken"
 
 class ThreadFuture:
     """The result slot of a request queued by a caller on another thread (the sync front end):
-    the same calls the scheduler makes on an asyncio.Future, and `result()` blocks. The first
-    outcome wins (an execution thread and the loop may race to set one)."""
+    the same calls the scheduler makes on an asyncio.Future, and `wait()` blocks. The first
+    outcome wins (an execution thread and the loop may race to set one). Instead of a result,
+    the waiting thread may be handed a batch to run itself (`lead`: see Scheduler.submit).
 
-    __slots__ = ("_error", "_event", "_lock", "_value")
+    The waiter is a held lock that the outcome releases: much cheaper to make than an Event,
+    and one is made per request."""
+
+    __slots__ = ("_done", "_error", "_value", "_waiter", "batch")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
+        self._waiter = threading.Lock()
+        self._waiter.acquire()
+        self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
+        self.batch: list[Pending] | None = None
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
+
+    def _settle(self, value: Any, error: BaseException | None, batch: list[Pending] | None) -> None:
+        with _SETTLING:
+            if self._done:
+                return
+            self._done = True
+            self._value, self._error, self.batch = value, error, batch
+        self._waiter.release()
 
     def set_result(self, value: Any) -> None:
-        with self._lock:
-            if not self._event.is_set():
-                self._value = value
-                self._event.set()
+        self._settle(value, None, None)
 
     def set_exception(self, error: BaseException) -> None:
-        with self._lock:
-            if not self._event.is_set():
-                self._error = error
-                self._event.set()
+        self._settle(None, error, None)
+
+    def lead(self, batch: list[Pending]) -> None:
+        """Wake the waiting thread to run `batch` (its own request first) itself."""
+        self._settle(None, None, batch)
 
     def cancel(self) -> None:
         self.set_exception(Unavailable("the request was cancelled"))
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once settled; False when `timeout` seconds passed first."""
+        # gRPC's time_remaining() without a deadline is huge: beyond what a lock can wait.
+        if timeout is not None and timeout > threading.TIMEOUT_MAX:
+            timeout = None
+        if not self._waiter.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            return False
+        self._waiter.release()  # settled for good: later waits return at once
+        return True
+
     def result(self) -> Any:
-        self._event.wait()
+        self.wait()
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _settle_all(outcomes: list[tuple[Any, bool, Any]]) -> None:
+    """On the loop: settle asyncio futures answered by a caller thread's batch."""
+    for future, ok, value in outcomes:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+# Guards ThreadFuture's first-outcome-wins check (held for two assignments: never contended long).
+_SETTLING = threading.Lock()
 
 
 @dataclasses.dataclass(eq=False)  # identity equality: deque.remove finds this very request
@@ -119,7 +156,10 @@ class Scheduler:
         self.demotions = 0  # inline runs that took too long (0 or 1: a version demotes once)
         # Callers on other threads (the sync front end) read and take `_free` too: every change
         # of it, and of the queues, happens under this lock (uncontended on the loop's side).
-        self._lock = threading.Lock()
+        # Reentrant: the queue walks (_take_compatible -> _take) run both inside and outside it.
+        self._lock = threading.RLock()
+        # A thread leading a batch waits on this for more arrivals (a positive queue delay).
+        self._arrived = threading.Condition(self._lock)
 
     # -- callers ---------------------------------------------------------------------------------
 
@@ -153,7 +193,7 @@ class Scheduler:
             loop.time(),
             deadline,
         )
-        if self.policy.inline and self._free and not self.pending():
+        if self.policy.inline and self._take_idle():
             # Fast path: nothing waits and the run is cheaper than a trip through the batcher
             # (each extra event-loop iteration is a syscall): run it here, now.
             return self._run_now(request)
@@ -161,6 +201,7 @@ class Scheduler:
             request.timer = loop.call_at(deadline, self._expire, request)
         with self._lock:
             waiting.append(request)
+            self._arrived.notify()
         self._signal()
         try:
             return await future
@@ -169,46 +210,32 @@ class Scheduler:
             self._withdraw(request)
             raise
 
+    def _take_idle(self) -> bool:
+        """Take an instance if one is free and nothing waits (checked and taken at once:
+        caller threads take instances too)."""
+        with self._lock:
+            if self._free and not self.pending():
+                self._free -= 1
+                return True
+            return False
+
     def _run_now(self, request: Pending) -> Any:
+        """On the loop, holding an instance (_take_idle): run one request inline."""
         request.state = TAKEN
         self._stats.record_queue(0)
-        with self._lock:
-            self._free -= 1
         try:
             ((ok, value),) = self._compute_inline([request])
         finally:
             with self._lock:
                 self._free += 1
+                queued = bool(self.pending())
+            if queued:  # caller threads queued meanwhile: the batcher takes them
+                self._signal()
         if ok:
             return value
         raise value
 
     # -- callers on other threads (the sync front end) ---------------------------------------
-
-    def run_here(self, request: Pending) -> tuple[bool, Any]:
-        """From a caller's thread: when an instance is free and nothing waits, run the request
-        on that very thread (no hand-off at all: what a naive server does); (False, None)
-        otherwise, and the caller queues it (`queue_from_thread`). Raises what the run raised."""
-        if request.deadline is not None and request.deadline <= time.monotonic():
-            # loop.time() is time.monotonic(): the same clock as the loop's checks.
-            raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
-        with self._lock:
-            if self._closing or self._loop is None or not self._free or self.pending():
-                return False, None
-            self._free -= 1
-        request.state = TAKEN
-        try:
-            self._stats.record_queue(0)
-            ((ok, value),) = self._compute([request])
-        finally:
-            with self._lock:
-                self._free += 1
-                wake = bool(self.pending()) or self._closing
-            if wake:  # a request queued meanwhile waits for this instance; close() for idle
-                self._loop.call_soon_threadsafe(self._released)
-        if ok:
-            return True, value
-        raise value
 
     @property
     def started(self) -> bool:
@@ -218,16 +245,184 @@ class Scheduler:
         """Start the batcher and the execution threads (on the loop's thread)."""
         self._start(loop)
 
-    def queue_from_thread(self, request: Pending, priority: int) -> None:
-        """From a caller's thread: queue `request` (its future a ThreadFuture) on the loop; its
-        outcome, or QueueFull / DeadlineExceeded / shutting down, arrives in the future."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._admit_queued, request, priority)
+    def submit(
+        self,
+        request: Pending,
+        priority: int,
+        on_queued: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Any:
+        """From a caller's thread (its future a ThreadFuture): the request's result, or what its
+        run raised, or the refusal (QueueFull, DeadlineExceeded, Retiring when shutting down).
 
-    def withdraw_from_thread(self, request: Pending) -> None:
-        """The caller went away (the client cancelled): leave the queue, if still in it."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._withdraw, request)
+        Leader/follower, with no other thread in between: when an instance is free and nothing
+        waits, the caller runs the request itself, as a naive server would. Otherwise it queues
+        (same bounded queues, priorities and admission as the loop's callers) and sleeps until
+        either its answer arrives, or the thread that frees an instance hands it the next batch
+        (its own request first, then what queued behind it that fits): it runs that batch,
+        answers the others and hands the instance on. One wake-up per request, no trip through
+        the event loop or an execution thread. `on_queued(cb)` registers `cb` to run if the
+        caller goes away (gRPC's context.add_callback): a queued request then leaves the queue.
+        """
+        now = time.monotonic()  # loop.time() is this clock: deadlines carry over
+        if request.deadline is not None and request.deadline <= now:
+            raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        with self._lock:
+            if self._closing or self._loop is None:
+                raise Retiring(f"model {self.label} is shutting down")
+            if self._free and not self.pending():
+                self._free -= 1
+                request.state = TAKEN
+                batch: list[Pending] | None = [request]
+            else:
+                request.level, request.deadline = self._admission(priority, request.deadline, now)
+                request.enqueued_at = now
+                self._queues[request.level].append(request)
+                self._arrived.notify()
+                batch = None
+        if batch is None:
+            if on_queued is not None:
+                on_queued(lambda: self._leave(request))
+            batch = self._follow(request)
+            if batch is None:
+                return request.future.result()
+        else:
+            self._stats.record_queue(0)
+        return self._lead(batch)
+
+    def _follow(self, request: Pending) -> list[Pending] | None:
+        """Wait for the answer (None) or for a batch to lead; the deadline ends the wait of a
+        request still queued."""
+        future = request.future
+        assert isinstance(future, ThreadFuture)
+        timeout = None if request.deadline is None else request.deadline - time.monotonic()
+        if not future.wait(timeout):
+            with self._lock:
+                expired = request.state == QUEUED
+                if expired:
+                    self._queues[request.level].remove(request)
+                    request.state = TAKEN
+            if expired:
+                raise self._expired()
+            future.wait()  # taken meanwhile: its batch runs
+        return future.batch
+
+    def _leave(self, request: Pending) -> None:
+        """The caller went away: a request still queued leaves the queue (any thread)."""
+        with self._lock:
+            if request.state != QUEUED:
+                return
+            self._queues[request.level].remove(request)
+            request.state = TAKEN
+        request.future.cancel()
+
+    def _lead(self, batch: list[Pending]) -> Any:
+        """On the caller's thread, holding an instance: (wait out the queue delay,) run `batch`,
+        answer the others, hand the instance on; then the own (first) request's outcome."""
+        try:
+            if self.policy.dynamic_batching and self.policy.max_queue_delay_s > 0:
+                self._gather(batch)
+            values = self._compute(batch)
+        except BaseException as exc:  # nothing may leave followers waiting forever
+            values = [(False, exc)] * len(batch)
+            raise
+        finally:
+            self._answer(batch[1:], values[1:])
+            self._hand_on()
+        ok, value = values[0]
+        if ok:
+            return value
+        raise value
+
+    def _gather(self, batch: list[Pending]) -> None:
+        """Take what arrives within the queue delay (from the first request's arrival)."""
+        first = batch[0]
+        rows = sum(r.rows for r in batch)
+        wait_until = first.enqueued_at + self.policy.max_queue_delay_s
+        taken = len(batch)
+        enough = self.policy.preferred_batch_sizes
+        with self._lock:
+            while rows < self.policy.max_batch_size and rows not in enough:
+                remaining = wait_until - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+                rows = self._take_compatible(
+                    batch, rows, first.key, self._target_rows(rows, first.key), on_loop=False
+                )
+        batch[taken:] = self._admit_off_loop(batch[taken:])
+
+    def _answer(self, batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
+        """Off the loop: settle each request; asyncio futures are settled on their loop."""
+        on_loop = []
+        for request, (ok, value) in zip(batch, values, strict=True):
+            future = request.future
+            if isinstance(future, ThreadFuture):
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            else:
+                on_loop.append((future, ok, value))
+        if on_loop and self._loop is not None:
+            self._loop.call_soon_threadsafe(_settle_all, on_loop)
+
+    def _hand_on(self) -> None:
+        """Give the instance back, or straight to the next queued caller thread with its batch.
+        A request queued by the loop's callers at the head is the loop batcher's to take."""
+        batch: list[Pending] = []
+        failed: list[Pending] = []
+        with self._lock:
+            self._free += 1
+            head = self._head(failed)
+            if head is not None and isinstance(head.future, ThreadFuture):
+                self._free -= 1
+                batch = [self._take(head.level, on_loop=False)]
+                if self.policy.dynamic_batching:
+                    self._take_compatible(
+                        batch, head.rows, head.key, self._target_rows(head.rows, head.key), False
+                    )
+            wake_loop = (head is not None and not batch) or self._closing
+        if failed:
+            self._answer(failed, [(False, self._expired())] * len(failed))
+        if batch:
+            self._stats.record_queue(time.monotonic_ns() - batch[0].enqueued_ns)
+            rest = self._admit_off_loop(batch[1:])
+            batch[0].future.lead([batch[0], *rest])  # type: ignore[union-attr]
+        if wake_loop and self._loop is not None:
+            # The loop's batcher takes a request queued by the loop's callers; close() waits.
+            self._loop.call_soon_threadsafe(self._released)
+
+    def _head(self, failed: list[Pending]) -> Pending | None:
+        """Under the lock: the next request to serve, dropping from the front what was settled
+        meanwhile and moving what expired to `failed`."""
+        now = time.monotonic()
+        for waiting in self._queues:
+            while waiting:
+                head = waiting[0]
+                if head.future.done() or (head.deadline is not None and head.deadline <= now):
+                    waiting.popleft()
+                    head.state = TAKEN
+                    if not head.future.done():
+                        failed.append(head)
+                    continue
+                return head
+        return None
+
+    def _admit_off_loop(self, batch: list[Pending]) -> list[Pending]:
+        """As _admit, off the loop: drop the settled, fail the expired, count queue times."""
+        now, now_ns = time.monotonic(), time.monotonic_ns()
+        admitted, expired = [], []
+        for request in batch:
+            if request.future.done():
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                expired.append(request)
+                continue
+            self._stats.record_queue(now_ns - request.enqueued_ns)
+            admitted.append(request)
+        if expired:
+            self._answer(expired, [(False, self._expired())] * len(expired))
+        return admitted
 
     def _admission(
         self, priority: int, deadline: float | None, now: float
@@ -248,26 +443,6 @@ class Scheduler:
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
         return level, deadline
-
-    def _admit_queued(self, request: Pending, priority: int) -> None:
-        assert self._loop is not None
-        try:
-            if self._closing:
-                raise Retiring(f"model {self.label} is shutting down")
-            level, deadline = self._admission(priority, request.deadline, self._loop.time())
-            waiting = self._queues[level]
-        except Exception as exc:
-            request.future.set_exception(exc)
-            return
-        if request.future.done():  # cancelled before it reached the loop
-            return
-        request.level, request.deadline = level, deadline
-        request.enqueued_at = self._loop.time()
-        if deadline is not None:
-            request.timer = self._loop.call_at(deadline, self._expire, request)
-        with self._lock:
-            waiting.append(request)
-        self._signal()
 
     def _released(self) -> None:
         """On the loop, after a caller's thread gave back an instance."""
@@ -342,14 +517,16 @@ class Scheduler:
     async def _run(self) -> None:
         assert self._wakeup is not None and self._loop is not None
         while True:
-            while self._free == 0 or not self.pending():
+            # The instance is reserved before the batch is collected: callers on other threads
+            # (submit) take instances too, and the collection may wait out the queue delay.
+            while not self._reserve():
                 self._wakeup.clear()
                 await self._wakeup.wait()
             batch = await self._collect()
             if not batch:
+                with self._lock:
+                    self._free += 1
                 continue
-            with self._lock:
-                self._free -= 1
             if self.policy.inline:
                 # Cheaper than any thread handoff (see SchedulerPolicy.inline); then let the
                 # handlers whose futures just resolved run before the next batch.
@@ -357,6 +534,13 @@ class Scheduler:
                 await asyncio.sleep(0)
             else:
                 self._jobs.put(batch)
+
+    def _reserve(self) -> bool:
+        with self._lock:
+            if self._free and self.pending():
+                self._free -= 1
+                return True
+            return False
 
     def _complete(self, batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
         """On the loop: answer each request of an executed batch and free its instance."""
@@ -373,11 +557,12 @@ class Scheduler:
         if self._idle is not None and not self.pending() and self._free == self.policy.instances:
             self._idle.set()
 
-    def _take(self, level: int) -> Pending:
+    def _take(self, level: int, on_loop: bool = True) -> Pending:
         with self._lock:
             request = self._queues[level].popleft()
-        request.state = TAKEN
-        if request.timer is not None:
+            request.state = TAKEN
+        if on_loop and request.timer is not None:
+            # Off the loop a timer is left to fire: _expire ignores a request already taken.
             request.timer.cancel()
         return request
 
@@ -385,8 +570,11 @@ class Scheduler:
         """Highest priority first, FIFO within a level; then, with dynamic batching, every
         following request of the same shapes that fits, waiting up to the queue delay."""
         assert self._loop is not None and self._wakeup is not None
-        first_level = next(i for i, q in enumerate(self._queues) if q)
-        first = self._take(first_level)
+        with self._lock:  # a caller thread may have emptied the queues since the reservation
+            first_level = next((i for i, q in enumerate(self._queues) if q), None)
+            if first_level is None:
+                return []
+            first = self._take(first_level)
         batch, rows = [first], first.rows
         if self.policy.dynamic_batching:
             # The delay counts from the oldest request's arrival, like Triton's.
@@ -425,12 +613,14 @@ class Scheduler:
         fitting = [size for size in preferred if rows < size <= reachable]
         return max(fitting) if fitting else limit
 
-    def _take_compatible(self, batch: list[Pending], rows: int, key: Hashable, limit: int) -> int:
+    def _take_compatible(
+        self, batch: list[Pending], rows: int, key: Hashable, limit: int, on_loop: bool = True
+    ) -> int:
         # In queue order; stops at the first request that differs or does not fit, so no request
         # is overtaken within its level.
         for level, waiting in enumerate(self._queues):
             while waiting and waiting[0].key == key and rows + waiting[0].rows <= limit:
-                request = self._take(level)
+                request = self._take(level, on_loop)
                 batch.append(request)
                 rows += request.rows
             if waiting:
@@ -456,20 +646,23 @@ class Scheduler:
         return DeadlineExceeded(f"model {self.label}: the deadline passed while queued")
 
     def _expire(self, request: Pending) -> None:
-        if request.state == QUEUED and not request.future.done():
-            with self._lock:
-                self._queues[request.level].remove(request)
-            request.future.set_exception(self._expired())
+        with self._lock:
+            if request.state != QUEUED or request.future.done():
+                return
+            self._queues[request.level].remove(request)
+            request.state = TAKEN
+        request.future.set_exception(self._expired())
 
     def _withdraw(self, request: Pending) -> None:
-        if request.state == QUEUED and request in self._queues[request.level]:
-            with self._lock:
-                self._queues[request.level].remove(request)
+        with self._lock:
+            if request.state != QUEUED:
+                return
+            self._queues[request.level].remove(request)
             request.state = TAKEN
-            if request.timer is not None:
-                request.timer.cancel()
-            if isinstance(request.future, ThreadFuture):
-                request.future.cancel()
+        if request.timer is not None:
+            request.timer.cancel()
+        if isinstance(request.future, ThreadFuture):
+            request.future.cancel()
 
     # -- execution (a pool thread) ---------------------------------------------------------------
 
@@ -488,7 +681,10 @@ class Scheduler:
             self._loop.call_soon_threadsafe(self._complete, batch, values)
 
     def _compute(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
-        """Collate, run, split, finish: on an execution thread (or inline on the loop)."""
+        """Collate, run, split, finish: on an execution thread (or inline on the loop, or on a
+        caller's thread)."""
+        if len(batch) == 1:
+            return [self._compute_one(batch[0])]
         try:
             started = time.perf_counter_ns()
             feeds = collate([r.feeds for r in batch])
@@ -496,10 +692,7 @@ class Scheduler:
             collated = time.perf_counter_ns()
             results = dict(zip(names, self._execute_fn(feeds, names), strict=True))
             ran = time.perf_counter_ns()
-            if len(batch) == 1:
-                parts = [[results[name] for name in batch[0].outputs]]
-            else:
-                parts = split(results, [r.rows for r in batch], [r.outputs for r in batch])
+            parts = split(results, [r.rows for r in batch], [r.outputs for r in batch])
             values: list[tuple[bool, Any]] = []
             for part, request in zip(parts, batch, strict=True):
                 try:
@@ -517,3 +710,20 @@ class Scheduler:
         except Exception as exc:  # the execute function translates ORT's errors into ours
             values = [(False, exc)] * len(batch)
         return values
+
+    def _compute_one(self, request: Pending) -> tuple[bool, Any]:
+        """_compute for a batch of one (the common case at low load): nothing to collate."""
+        try:
+            started = time.perf_counter_ns()
+            arrays = self._execute_fn(request.feeds, request.outputs)
+            ran = time.perf_counter_ns()
+            try:
+                value: tuple[bool, Any] = (True, request.finish(list(arrays)))
+            except Exception as exc:
+                value = (False, exc)
+            self._stats.record_execution(
+                request.rows, 1, 0, ran - started, time.perf_counter_ns() - ran
+            )
+        except Exception as exc:  # the execute function translates ORT's errors into ours
+            value = (False, exc)
+        return value

@@ -58,10 +58,16 @@ class ModelStats:
             self.inference_count += rows
             self.execution_count += 1
             self.last_inference_ms = time.time_ns() // 1_000_000
-            self.compute_input.add(input_ns * requests, requests)
-            self.compute_infer.add(infer_ns * requests, requests)
-            self.compute_output.add(output_ns * requests, requests)
-            batch = self.batches.setdefault(rows, BatchStats())
+            for total, ns in (
+                (self.compute_input, input_ns),
+                (self.compute_infer, infer_ns),
+                (self.compute_output, output_ns),
+            ):
+                total.count += requests
+                total.ns += ns * requests
+            batch = self.batches.get(rows)
+            if batch is None:
+                batch = self.batches[rows] = BatchStats()
             batch.compute_input.add(input_ns)
             batch.compute_infer.add(infer_ns)
             batch.compute_output.add(output_ns)
