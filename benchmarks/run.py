@@ -48,10 +48,15 @@ from benchmarks import models  # noqa: E402
 
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 PYTHON = sys.executable
-CONFIG = """max_batch_size: 64
-instance_group [ {{ count: 1, kind: KIND_CPU }} ]
+# INSTANCES=2 in the environment reruns it with two execution instances (the trade-off table).
+CONFIG = (
+    """max_batch_size: 64
+instance_group [ {{ count: """
+    + os.environ.get("INSTANCES", "1")
+    + """, kind: KIND_CPU }} ]
 {batching}
 """
+)
 # Triton's default: no queue delay (a batch is whatever queued while the instance was busy).
 # DELAY_US=2000 in the environment reruns it with a 2 ms delay, for the trade-off table.
 BATCHING = (
@@ -340,8 +345,9 @@ def report(results: dict[str, Any]) -> str:
             sync = entry.get("daemon-sync", {}).get(c)
             nb = entry.get("daemon-nobatch", {}).get(c)
             nv = entry["naive"][c]
-            rs, ra = entry["nowork"][c], entry["nowork-aio"][c]
-            r = max(rs["throughput"], ra["throughput"])
+            rs, ra = entry.get("nowork", {}).get(c), entry.get("nowork-aio", {}).get(c)
+            # Without the no-work servers (--systems left them out) there is no R, hence no L.
+            r = max(x["throughput"] for x in (rs, ra) if x) if rs or ra else float("nan")
             limit = 1 / (1 / r + 1 / c_limit)
             lines.append(
                 f"| {c} | {cell(d)} | {cell(sync)} | {cell(nb)} | {cell(nv)} | {cell(rs)} | "

@@ -99,12 +99,12 @@ class Settings:
     # endpoints are served on http_control_address (same rules as control_address).
     http_address: str = ""
     http_control_address: str = ""
-    # The inference listener's gRPC server: "aio" (asyncio; the default) or "sync" (gRPC's
-    # thread pool, handler threads running idle models themselves: api/sync_front.py).
     # Pause between the warmup runs of a version loaded while another serves (a swap): on a GPU
     # the new version's warmup otherwise takes the device from serving. 0 = none (the CPU's
     # loader already runs at a lower priority: loader_nice).
     swap_warmup_pause_ms: float = 0.0
+    # The inference listener's gRPC server: "aio" (asyncio; the default) or "sync" (gRPC's
+    # thread pool; handler threads run the model and form batches themselves: api/sync_front.py).
     front_end: str = "aio"
     front_end_threads: int = 64  # "sync": handler threads (requests in flight at once)
 
