@@ -1,6 +1,7 @@
 """A realistic co-located workload (BENCHMARKS.md "Transports"):
 
     .venv/bin/python benchmarks/transport.py [--seconds 10] [--concurrency 1,4,16]
+                                             [--front-end aio|sync]
 
 A convolutional model with a 3x640x640 FP32 input (4.9 MB), built like an edge detector's
 stem and neck (strided 3x3 convolutions with batch-norm folded in, SiLU-like activations,
@@ -179,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--front-end", default="aio", choices=("aio", "sync"))
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[str, dict[str, float]]] = {}
@@ -191,7 +193,8 @@ def main() -> None:
         agent = Daemon(
             ["--model-repository", str(repo), "--execution-providers", "cpu",
              "--grpc-address", f"127.0.0.1:0,unix:{socket_path}", "--metrics-address",
-             "127.0.0.1:0", "--control-address", "127.0.0.1:0", "--allow-shared-memory"],
+             "127.0.0.1:0", "--control-address", "127.0.0.1:0", "--allow-shared-memory",
+             "--front-end", args.front_end],
             address=False,
         ).wait_started()  # fmt: skip
         try:
@@ -208,7 +211,9 @@ def main() -> None:
                     print(name, concurrency, results[name][str(concurrency)], flush=True)
         finally:
             agent.stop()
-    (ROOT / "benchmarks" / "transport_results.json").write_text(json.dumps(results, indent=1))
+    suffix = "" if args.front_end == "aio" else f"_{args.front_end}"
+    out = ROOT / "benchmarks" / f"transport_results{suffix}.json"
+    out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

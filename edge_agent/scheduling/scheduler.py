@@ -281,7 +281,7 @@ class Scheduler:
                 batch = None
         if batch is None:
             if on_queued is not None:
-                on_queued(lambda: self._leave(request))
+                on_queued(lambda: self._withdraw(request))
             batch = self._follow(request)
             if batch is None:
                 return request.future.result()
@@ -305,15 +305,6 @@ class Scheduler:
                 raise self._expired()
             future.wait()  # taken meanwhile: its batch runs
         return future.batch
-
-    def _leave(self, request: Pending) -> None:
-        """The caller went away: a request still queued leaves the queue (any thread)."""
-        with self._lock:
-            if request.state != QUEUED:
-                return
-            self._queues[request.level].remove(request)
-            request.state = TAKEN
-        request.future.cancel()
 
     def _lead(self, batch: list[Pending]) -> Any:
         """On the caller's thread, holding an instance: (wait out the queue delay,) run `batch`,
@@ -654,6 +645,8 @@ class Scheduler:
         request.future.set_exception(self._expired())
 
     def _withdraw(self, request: Pending) -> None:
+        """The caller went away: a request still queued leaves the queue. On the loop, or on
+        any thread for a caller thread's request (it has no timer)."""
         with self._lock:
             if request.state != QUEUED:
                 return
