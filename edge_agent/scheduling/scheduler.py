@@ -1,10 +1,14 @@
 """The per-version scheduler: bounded priority queues -> a dynamic batcher -> a bounded pool of
 execution threads (the concurrency limiter).
 
-Everything but the execution itself runs on the event loop, so the queues need no locks. The
-batcher forms a batch only when an instance is free: while all instances are busy, requests pile
-up and the next batch takes as many as fit (batching under load even with no queue delay).
-`session.run` releases the GIL, so the execution threads run in parallel with the loop.
+Two kinds of callers share the queues and instances. Callers on the event loop (`infer`: the
+asyncio gRPC and HTTP front ends) are served by the batcher task, which forms a batch only when
+an instance is free: while all instances are busy, requests pile up and the next batch takes as
+many as fit (batching under load even with no queue delay); execution threads run it
+(`session.run` releases the GIL) or, for a cheap model, the loop itself. Callers on their own
+threads (`submit`: the sync front end) run their request themselves when an instance is idle,
+else queue and are handed a whole batch to run by the thread that frees an instance
+(leader/follower). Queue and instance changes happen under one lock.
 
 Admission is explicit: a full queue answers QueueFull at once; a request whose deadline passes
 while it waits is answered DeadlineExceeded and never executed; a cancelled request leaves the
