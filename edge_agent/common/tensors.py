@@ -197,8 +197,10 @@ def encode(array: np.ndarray) -> tuple[str, list[int], bytes]:
             parts.append(data)
         return "BYTES", shape, b"".join(parts)
     datatype = numpy_datatype(array.dtype)
-    little = array.astype(NUMPY_DTYPES[datatype], copy=False)
-    return datatype, shape, np.ascontiguousarray(little).tobytes()
+    wire = NUMPY_DTYPES[datatype]
+    if array.dtype != wire:  # the wire is little-endian: only a big-endian array differs
+        array = array.astype(wire)
+    return datatype, shape, array.tobytes()  # tobytes() writes C order whatever the layout
 
 
 def numpy_datatype(dtype: np.dtype[Any]) -> str:
@@ -220,24 +222,30 @@ _DATATYPE_OF: dict[np.dtype[Any], str] = {}
 
 def check_shape(name: str, shape: Sequence[int], dims: Sequence[int], max_batch_size: int) -> None:
     """A request's shape against the model's dims (batch dimension excluded when batching)."""
+    batching = max_batch_size > 0
+    body = shape[1:] if batching else shape
+    if len(body) == len(dims) and (not batching or 1 <= shape[0] <= max_batch_size):
+        # The common case, checked without building anything (every request comes here).
+        for got, want in zip(body, dims, strict=True):
+            if got < 0 or (want != -1 and got != want):
+                break
+        else:
+            return
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
-    expected: list[int | str] = ["batch", *dims] if max_batch_size > 0 else list(dims)
+    expected: list[int | str] = ["batch", *dims] if batching else list(dims)
     if len(shape) != len(expected):
         raise InvalidArgument(
             f"input '{name}': shape {list(shape)} has {len(shape)} dimensions, the model expects "
             f"{len(expected)} {_show(expected)}"
         )
-    body = shape[1:] if max_batch_size > 0 else shape
-    if max_batch_size > 0 and not 1 <= shape[0] <= max_batch_size:
+    if batching and not 1 <= shape[0] <= max_batch_size:
         raise InvalidArgument(
             f"input '{name}': batch size {shape[0]} is outside 1..{max_batch_size} (max_batch_size)"
         )
-    for got, want in zip(body, dims, strict=True):
-        if want != -1 and got != want:
-            raise InvalidArgument(
-                f"input '{name}': shape {list(shape)} does not match the model's {_show(expected)}"
-            )
+    raise InvalidArgument(
+        f"input '{name}': shape {list(shape)} does not match the model's {_show(expected)}"
+    )
 
 
 def _show(dims: Sequence[int | str]) -> str:
