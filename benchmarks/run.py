@@ -48,15 +48,12 @@ from benchmarks import models  # noqa: E402
 
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 PYTHON = sys.executable
-# INSTANCES=2 in the environment reruns it with two execution instances (the trade-off table).
-CONFIG = (
-    """max_batch_size: 64
-instance_group [ {{ count: """
-    + os.environ.get("INSTANCES", "1")
-    + """, kind: KIND_CPU }} ]
+CONFIG = """max_batch_size: 64
+instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]
 {batching}
 """
-)
+# INSTANCES=2 in the environment reruns it with two execution instances (the trade-off table).
+INSTANCES = int(os.environ.get("INSTANCES", "1"))
 # Triton's default: no queue delay (a batch is whatever queued while the instance was busy).
 # DELAY_US=2000 in the environment reruns it with a 2 ms delay, for the trade-off table.
 BATCHING = (
@@ -236,7 +233,9 @@ def repository(work: Path, name: str, model: Path, batching: str) -> Path:
     repo = work / f"repo-{name}-{'batch' if batching else 'nobatch'}"
     (repo / "model" / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy(model, repo / "model" / "1" / "model.onnx")
-    (repo / "model" / "config.pbtxt").write_text(CONFIG.format(batching=batching))
+    (repo / "model" / "config.pbtxt").write_text(
+        CONFIG.format(batching=batching, instances=INSTANCES)
+    )
     return repo
 
 

@@ -205,7 +205,7 @@ class Scheduler:
             request.timer = loop.call_at(deadline, self._expire, request)
         with self._lock:
             waiting.append(request)
-            self._arrived.notify()
+            self._arrived.notify_all()
         self._signal()
         try:
             return await future
@@ -281,7 +281,7 @@ class Scheduler:
                 request.level, request.deadline = self._admission(priority, request.deadline, now)
                 request.enqueued_at = now
                 self._queues[request.level].append(request)
-                self._arrived.notify()
+                self._arrived.notify_all()
                 batch = None
         if batch is None:
             if on_queued is not None:
@@ -344,10 +344,10 @@ class Scheduler:
                 rows = self._take_compatible(
                     batch, rows, first.key, self._target_rows(rows, first.key), on_loop=False
                 )
-        batch[taken:] = self._admit_off_loop(batch[taken:])
+        batch[taken:] = self._admit(batch[taken:])
 
     def _answer(self, batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
-        """Off the loop: settle each request; asyncio futures are settled on their loop."""
+        """Settle each request from any thread; asyncio futures are settled on their loop."""
         on_loop = []
         for request, (ok, value) in zip(batch, values, strict=True):
             future = request.future
@@ -381,7 +381,7 @@ class Scheduler:
             self._answer(failed, [(False, self._expired())] * len(failed))
         if batch:
             self._stats.record_queue(time.monotonic_ns() - batch[0].enqueued_ns)
-            rest = self._admit_off_loop(batch[1:])
+            rest = self._admit(batch[1:])
             batch[0].future.lead([batch[0], *rest])  # type: ignore[union-attr]
         if wake_loop and self._loop is not None:
             # The loop's batcher takes a request queued by the loop's callers; close() waits.
@@ -402,22 +402,6 @@ class Scheduler:
                     continue
                 return head
         return None
-
-    def _admit_off_loop(self, batch: list[Pending]) -> list[Pending]:
-        """As _admit, off the loop: drop the settled, fail the expired, count queue times."""
-        now, now_ns = time.monotonic(), time.monotonic_ns()
-        admitted, expired = [], []
-        for request in batch:
-            if request.future.done():
-                continue
-            if request.deadline is not None and request.deadline <= now:
-                expired.append(request)
-                continue
-            self._stats.record_queue(now_ns - request.enqueued_ns)
-            admitted.append(request)
-        if expired:
-            self._answer(expired, [(False, self._expired())] * len(expired))
-        return admitted
 
     def _admission(
         self, priority: int, deadline: float | None, now: float
@@ -623,18 +607,20 @@ class Scheduler:
         return rows
 
     def _admit(self, batch: list[Pending]) -> list[Pending]:
-        """Drop what was cancelled meanwhile; fail what expired: neither is executed."""
-        assert self._loop is not None
-        now, now_ns = self._loop.time(), time.monotonic_ns()
-        admitted = []
+        """Drop what was settled meanwhile (cancelled); fail what expired: neither is executed.
+        On the loop or a caller thread (loop.time() is time.monotonic())."""
+        now, now_ns = time.monotonic(), time.monotonic_ns()
+        admitted, expired = [], []
         for request in batch:
             if request.future.done():
                 continue
             if request.deadline is not None and request.deadline <= now:
-                request.future.set_exception(self._expired())
+                expired.append(request)
                 continue
             self._stats.record_queue(now_ns - request.enqueued_ns)
             admitted.append(request)
+        if expired:
+            self._answer(expired, [(False, self._expired())] * len(expired))
         return admitted
 
     def _expired(self) -> DeadlineExceeded:
