@@ -102,6 +102,24 @@ def needs_length(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+def matmul_chain(path: Path, links: int = 32, width: int = 1024) -> Path:
+    """y = x @ W, `links` times over (one shared W): ~2 * links * width**2 flops per sample,
+    a hundred times and more above the one-thread rule's line on any CPU."""
+    w = numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", [f"h{i}", "w"], [f"h{i + 1}" if i + 1 < links else "y"])
+        for i in range(links)
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "matmul_chain",
+        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [w],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
 def repository(tmp: Path) -> Path:
     import modelgen
 
@@ -228,3 +246,38 @@ def test_a_model_the_synthetic_warmup_cannot_run_still_serves(
     ).wait_started()
     failed = [e for e in again.named("model.load_failed") if e["model"] == "needs_length"]
     assert failed and "model_warmup 'real'" in failed[0]["reason"]
+
+
+def test_a_cheap_cpu_model_gets_one_intra_op_thread(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    """ONNX Runtime's default pool only for a model whose warmup shows it can use one: a cheap
+    model runs on one intra-op thread (its pool threads would spin-wait after every run), a
+    costly one keeps the default, and a configured thread count is kept as it is."""
+    import modelgen
+
+    repo = tmp_path / "repo"
+    modelgen.copy_shipped(repo)
+    matmul_chain(repo / "chain" / "1" / "model.onnx")
+    (repo / "chain" / "config.pbtxt").write_text("max_batch_size: 2\n")
+    pinned = repo / "pinned"
+    (pinned / "1").mkdir(parents=True)
+    (pinned / "1" / "model.onnx").write_bytes((repo / "digits" / "1" / "model.onnx").read_bytes())
+    (pinned / "config.pbtxt").write_text(
+        'max_batch_size: 8\nparameters { key: "intra_op_thread_count" '
+        'value { string_value: "2" } }\n'
+    )
+    agent = start_daemon(
+        "--model-repository", str(repo), "--execution-providers", "cpu"
+    ).wait_started()
+    loaded = {e["model"]: e for e in agent.named("model.loaded")}
+    assert loaded["digits"]["intra_op_threads"] == 1
+    assert loaded["chain"]["intra_op_threads"] == 0  # ONNX Runtime's default pool
+    assert loaded["pinned"]["intra_op_threads"] == 2
+    assert [e["model"] for e in agent.named("model.one_intra_op_thread")] == ["digits"]
+    # The session made again serves, and warmed (the cheap model still runs inline).
+    assert loaded["digits"]["inline"] is True
+    x = np.zeros((1, 64), np.float32)
+    assert call(agent.url, "digits", {"input": x}).as_numpy("probabilities").shape == (1, 10)
+    y = call(agent.url, "chain", {"h0": np.ones((1, 1024), np.float32)}).as_numpy("y")
+    assert np.array_equal(y, np.ones((1, 1024), np.float32))

@@ -487,6 +487,7 @@ class ModelManager:
                 max_batch_size=built.max_batch_size,
                 instances=cfg.instance_count(built.config),
                 inline=built.scheduler.policy.inline,
+                intra_op_threads=built.intra_op_threads,
                 execution=built.execution_mode,
                 warmup_runs=built.warmup_runs,
                 seconds=round(time.monotonic() - started, 3),

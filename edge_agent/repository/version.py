@@ -35,6 +35,7 @@ from edge_agent.runtime.external_data import validate_external_data
 from edge_agent.runtime.priority import Priority
 from edge_agent.runtime.session import (
     LoadedSession,
+    RuntimeOptions,
     create_session,
     translate_run_error,
     warmup_feeds,
@@ -51,6 +52,10 @@ log = get_logger(__name__)
 INLINE_BUDGET_S = 200e-6
 INLINE_LIMIT_S = 2e-3
 WARMUP_DIR = "warmup"
+# A CPU model whose largest batch runs within this per sample gets one intra-op thread instead
+# of ONNX Runtime's default pool (_one_thread_enough): 20 us per sample is 50,000 samples/s on
+# one thread, beyond what this Python server answers in requests on any core count.
+ONE_THREAD_S_PER_SAMPLE = 20e-6
 
 
 class ModelVersion:
@@ -79,6 +84,12 @@ class ModelVersion:
         self.variant = ""  # fp32 / fp16 / int8 for a version installed by sync; "" otherwise
         self.warmup_runs = warmup_runs  # inferences run before it could serve (for the log)
         self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
+
+    @property
+    def intra_op_threads(self) -> int:
+        """ONNX Runtime's intra-op thread count of this version's sessions (0: its default, a
+        thread per core), as the session reports it."""
+        return int(self.sessions[0].session.get_session_options().intra_op_num_threads)
 
     @functools.cached_property
     def max_batch_size(self) -> int:  # read per request: a plain attribute after the first
@@ -181,6 +192,18 @@ def _build(
     if loaded.provider == "cuda":
         sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
     inputs, _ = cfg.tensor_specs(complete)
+    if _one_thread_enough(options, loaded, complete, inputs):
+        # ONNX Runtime's default pool (a thread per core) buys a model this cheap a few
+        # microseconds per run, and its threads spin-wait after every run, taking the cores
+        # that gRPC and Python need under concurrent load (BENCHMARKS.md "One intra-op thread
+        # for a cheap model"). Made again with one thread, before the warmup; on the CPU, which
+        # the first one runs on (a CUDA fallback or refused CUDA graphs are not tried again).
+        options = dataclasses.replace(
+            options, intra_op_threads=1, providers=("cpu",), cuda_graph=False
+        )
+        loaded = create_session(path, options)
+        sessions = [loaded]
+        log.info("model.one_intra_op_thread", model=name, version=version)
     samples = warmup_samples(complete, inputs, model_dir)
     golden = read_golden(model_dir / str(version) / GOLDEN_FILE, set(inputs))
     largest, runs = 0.0, 0
@@ -208,6 +231,32 @@ def _build(
     built = ModelVersion(name, version, complete, sessions, policy, runs)
     built.variant = read_variant(model_dir / str(version))
     return built
+
+
+def _one_thread_enough(
+    options: RuntimeOptions,
+    loaded: LoadedSession,
+    config: mc.ModelConfig,
+    inputs: dict[str, cfg.TensorSpec],
+) -> bool:
+    """Whether a CPU model left to ONNX Runtime's default thread count (intra_op_threads 0, not
+    set by the agent's settings, the model's config or its instance count) is cheap enough for
+    one intra-op thread: its largest batch (best of three runs on zeros) takes at most
+    ONE_THREAD_S_PER_SAMPLE per sample. A model the synthetic input cannot run keeps the
+    default (the warmup that follows says why)."""
+    if loaded.provider != "cpu" or options.intra_op_threads != 0:
+        return False
+    largest = max(config.max_batch_size, 1)
+    feeds = warmup_feeds(_warmup_shapes(config, inputs), batch=largest)
+    best = float("inf")
+    try:
+        for _ in range(3):
+            started = time.perf_counter()
+            _run(loaded, feeds, "probe")
+            best = min(best, time.perf_counter() - started)
+    except ModelLoadError:
+        return False
+    return best / largest <= ONE_THREAD_S_PER_SAMPLE
 
 
 def _inline_auto(
@@ -249,12 +298,7 @@ def _warm(
     """One run at every batch size the batcher can produce. Returns the best of three runs of
     the largest, seconds (it decides inline execution), and the number of runs."""
     largest = max(config.max_batch_size, 1)
-    batch = [-1] if config.max_batch_size > 0 else []
-    shapes = {
-        name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])
-        for name, spec in inputs.items()
-        if not spec.optional
-    }
+    shapes = _warmup_shapes(config, inputs)
     best, runs = float("inf"), 0
     for size in range(1, largest + 1):
         feeds = warmup_feeds(shapes, batch=size)
@@ -267,6 +311,18 @@ def _warm(
             if pause:
                 time.sleep(pause)
     return best, runs
+
+
+def _warmup_shapes(
+    config: mc.ModelConfig, inputs: dict[str, cfg.TensorSpec]
+) -> dict[str, tuple[str, list[int]]]:
+    """The synthetic warmup's inputs for warmup_feeds: (dtype, shape with -1 where it varies)."""
+    batch = [-1] if config.max_batch_size > 0 else []
+    return {
+        name: (str(NUMPY_DTYPES[spec.datatype]), [*batch, *spec.dims])
+        for name, spec in inputs.items()
+        if not spec.optional
+    }
 
 
 def warmup_samples(
