@@ -151,7 +151,7 @@ class Settings:
     # Runtime defaults; a model's config.pbtxt parameters and instance_group override them.
     execution_providers: tuple[str, ...] = ("cuda", "cpu")
     strict_provider: bool = False  # refuse to serve a model on CPU when CUDA was asked for
-    intra_op_threads: int = 0  # 0 = ONNX Runtime's default
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one thread for a cheap CPU model)
     # ONNX Runtime's thread pools spin-wait between runs (its default). Off: faster under
     # concurrency on a small device, slower at concurrency 1 (measured: BENCHMARKS.md).
     ort_spinning: bool = True

@@ -32,7 +32,7 @@ class SchedulerPolicy:
     inline: bool = False
     # An inline run longer than this demotes the version to execution threads at once (its
     # cost depends on its inputs after all); not when the config forces inline execution.
-    inline_limit_s: float = 2e-3
+    inline_limit_s: float = 5e-3
     inline_forced: bool = False
 
     def level_of(self, priority: int) -> int:
