@@ -102,6 +102,17 @@ def needs_length(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+def relu_any_length(path: Path) -> Path:
+    """Relu over [batch, length]: cheap at the probe's length 1, as costly as a real length."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu_any_length",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "length"])],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
 def matmul_chain(path: Path, links: int = 32, width: int = 1024) -> Path:
     """y = x @ W, `links` times over (one shared W): ~2 * links * width**2 flops per sample,
     a hundred times and more above the one-thread rule's line on any CPU."""
@@ -251,15 +262,19 @@ def test_a_model_the_synthetic_warmup_cannot_run_still_serves(
 def test_a_cheap_cpu_model_gets_one_intra_op_thread(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
-    """ONNX Runtime's default pool only for a model whose warmup shows it can use one: a cheap
-    model runs on one intra-op thread (its pool threads would spin-wait after every run), a
-    costly one keeps the default, and a configured thread count is kept as it is."""
+    """ONNX Runtime's default pool only for a model that may use it: a cheap model runs on one
+    intra-op thread (its pool threads would spin-wait after every run); a costly one, one whose
+    cost zeros cannot show (a Loop, a dynamic length) and a configured thread count keep theirs."""
     import modelgen
 
     repo = tmp_path / "repo"
     modelgen.copy_shipped(repo)
     matmul_chain(repo / "chain" / "1" / "model.onnx")
     (repo / "chain" / "config.pbtxt").write_text("max_batch_size: 2\n")
+    looping(repo / "looping" / "1" / "model.onnx")  # instant on zeros; a Loop
+    (repo / "looping" / "config.pbtxt").write_text("max_batch_size: 0\n")
+    relu_any_length(repo / "any_length" / "1" / "model.onnx")
+    (repo / "any_length" / "config.pbtxt").write_text("max_batch_size: 8\n")
     pinned = repo / "pinned"
     (pinned / "1").mkdir(parents=True)
     (pinned / "1" / "model.onnx").write_bytes((repo / "digits" / "1" / "model.onnx").read_bytes())
@@ -274,6 +289,9 @@ def test_a_cheap_cpu_model_gets_one_intra_op_thread(
     assert loaded["digits"]["intra_op_threads"] == 1
     assert loaded["chain"]["intra_op_threads"] == 0  # ONNX Runtime's default pool
     assert loaded["pinned"]["intra_op_threads"] == 2
+    # Cheap on the probe's zeros, but zeros do not show their cost: the default stays.
+    assert loaded["looping"]["intra_op_threads"] == 0
+    assert loaded["any_length"]["intra_op_threads"] == 0
     assert [e["model"] for e in agent.named("model.one_intra_op_thread")] == ["digits"]
     # The session made again serves, and warmed (the cheap model still runs inline).
     assert loaded["digits"]["inline"] is True

@@ -195,7 +195,7 @@ def _build(
     if loaded.provider == "cuda":
         sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
     inputs, _ = cfg.tensor_specs(complete)
-    if _one_thread_enough(options, loaded, complete, inputs):
+    if _one_thread_enough(options, loaded, complete, inputs, path):
         # ONNX Runtime's default pool (a thread per core) buys a model this cheap a few
         # microseconds per run, and its threads spin-wait after every run, taking the cores
         # that gRPC and Python need under concurrent load (BENCHMARKS.md "One intra-op thread
@@ -241,36 +241,53 @@ def _one_thread_enough(
     loaded: LoadedSession,
     config: mc.ModelConfig,
     inputs: dict[str, cfg.TensorSpec],
+    path: Path,
 ) -> bool:
     """Whether a CPU model left to ONNX Runtime's default thread count (intra_op_threads 0, not
     set by the agent's settings, the model's config or its instance count) is cheap enough for
     one intra-op thread: its largest batch (best of three runs on zeros) takes at most
-    ONE_THREAD_S_PER_SAMPLE per sample. A model the synthetic input cannot run keeps the
-    default (the warmup that follows says why)."""
+    ONE_THREAD_S_PER_SAMPLE per sample, and zeros show what a real input costs (_cost_shown).
+    A model the synthetic input cannot run keeps the default (the warmup that follows says
+    why)."""
     if loaded.provider != "cpu" or options.intra_op_threads != 0:
         return False
     largest = max(config.max_batch_size, 1)
-    feeds = warmup_feeds(_warmup_shapes(config, inputs), batch=largest)
-    best = float("inf")
-    try:
-        for _ in range(3):
+    budget = ONE_THREAD_S_PER_SAMPLE * largest  # for the whole largest batch
+    shapes = _warmup_shapes(config, inputs)
+
+    def best_of(runs: int, batch: int) -> float:
+        feeds = warmup_feeds(shapes, batch=batch)
+        best = float("inf")
+        for _ in range(runs):
             started = time.perf_counter()
             _run(loaded, feeds, "probe")
             best = min(best, time.perf_counter() - started)
+        return best
+
+    try:
+        # A batch of one over the whole budget rules the model out in two runs: an expensive
+        # model is never run at its largest batch for this.
+        if best_of(2, 1) > budget or best_of(3, largest) > budget:
+            return False
     except ModelLoadError:
         return False
-    return best / largest <= ONE_THREAD_S_PER_SAMPLE
+    return _cost_shown(path, inputs)
 
 
 def _inline_auto(
     path: Path, inputs: dict[str, cfg.TensorSpec], warmed: bool, largest: float
 ) -> bool:
     """Inline execution, decided: only a model whose warmup shows its largest batch runs
-    within INLINE_BUDGET_S, and whose cost that warmup can show: every non-batch dimension
-    fixed (a dynamic one was warmed at size 1) and no data-dependent op (Loop, If, NMS, TopK with
-    a runtime k, ...: zeros say nothing of a real input's cost)."""
+    within INLINE_BUDGET_S, and whose cost that warmup can show (_cost_shown)."""
     if not warmed or largest > INLINE_BUDGET_S:
         return False
+    return _cost_shown(path, inputs)
+
+
+def _cost_shown(path: Path, inputs: dict[str, cfg.TensorSpec]) -> bool:
+    """Whether runs on zeros show what a real input costs: every non-batch dimension fixed (a
+    dynamic one runs at size 1) and no data-dependent op (Loop, If, NMS, TopK with a runtime k,
+    ...: zeros say nothing of a real input's cost)."""
     if any(d < 0 for spec in inputs.values() for d in spec.dims):
         return False
     import onnx
