@@ -23,6 +23,7 @@ Everything runs on this machine's cores, clients included: ratios are the point,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -239,6 +240,21 @@ def repository(work: Path, name: str, model: Path, batching: str) -> Path:
     return repo
 
 
+def idle_policy() -> str:
+    """How this machine's idle CPUs wake, where Linux says (cpuidle driver; on a KVM guest with
+    cpuidle-haltpoll, how long an idle vCPU polls before it halts): at low concurrency every
+    request wakes threads across cores, and this alone moved concurrency-1 throughput ~2x
+    (BENCHMARKS.md "Where concurrency 1 goes")."""
+    parts = []
+    driver = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+    poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    with contextlib.suppress(OSError):
+        parts.append(f"cpuidle {driver.read_text().strip()}")
+    with contextlib.suppress(OSError):
+        parts.append(f"guest_halt_poll_ns {poll.read_text().strip()}")
+    return "".join(f", {part}" for part in parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter windows, for a smoke run")
@@ -250,7 +266,8 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}"
+        + idle_policy(),
         "onnxruntime": ort.__version__,
         "models": {},
     }
