@@ -240,6 +240,22 @@ def repository(work: Path, name: str, model: Path, batching: str) -> Path:
     return repo
 
 
+SYSTEMS = ("daemon", "daemon-sync", "daemon-nobatch", "naive", "nowork", "nowork-aio")
+
+
+def start(system: str, work: Path, name: str, model: Path) -> Server:
+    """One of SYSTEMS (the module docstring), serving `model` (named `name`) as "model"."""
+    if system == "daemon":
+        return daemon(repository(work, name, model, BATCHING % 1024))
+    if system == "daemon-sync":
+        return daemon(repository(work, name + "-sync", model, BATCHING % 1024), "sync")
+    if system == "daemon-nobatch":
+        return daemon(repository(work, name, model, ""))
+    if system in ("naive", "nowork", "nowork-aio"):
+        return baseline(system, model)
+    raise ValueError(f"unknown system {system!r} (one of {', '.join(SYSTEMS)})")
+
+
 def idle_policy() -> str:
     """How this machine's idle CPUs wake, where Linux says (cpuidle driver; on a KVM guest with
     cpuidle-haltpoll, how long an idle vCPU polls before it halts): at low concurrency every
@@ -278,20 +294,10 @@ def main() -> None:
                 continue
             print(f"== {name}", file=sys.stderr, flush=True)
             entry: dict[str, Any] = {"in_process": in_process(model, shape, args.quick)}
-            systems = {
-                "daemon": lambda m=model, n=name: daemon(repository(work, n, m, BATCHING % 1024)),
-                "daemon-sync": lambda m=model, n=name: daemon(
-                    repository(work, n + "-sync", m, BATCHING % 1024), "sync"
-                ),
-                "daemon-nobatch": lambda m=model, n=name: daemon(repository(work, n, m, "")),
-                "naive": lambda m=model: baseline("naive", m),
-                "nowork": lambda m=model: baseline("nowork", m),
-                "nowork-aio": lambda m=model: baseline("nowork-aio", m),
-            }
-            for system, start in systems.items():
+            for system in SYSTEMS:
                 if args.systems and system not in args.systems.split(","):
                     continue
-                server = start()
+                server = start(system, work, name, model)
                 try:
                     entry[system] = {}
                     for c in levels:

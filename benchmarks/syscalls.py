@@ -49,28 +49,10 @@ def cpu_ticks(pid: int) -> int:
     return total
 
 
-def thread_names(pid: int) -> dict[str, str]:
-    names = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            names[task] = Path(f"/proc/{pid}/task/{task}/comm").read_text().strip()
-        except OSError:
-            continue
-    return names
-
-
-def start(system: str, work: Path, model: Path) -> run.Server:
-    if system in ("naive", "nowork", "nowork-aio"):
-        return run.baseline(system, model)
-    front_end = {"daemon": "aio", "daemon-sync": "sync"}[system]
-    repo = run.repository(work, f"{model.stem}-{system}", model, run.BATCHING % 1024)
-    return run.daemon(repo, front_end)
-
-
 def measure(
     system: str, work: Path, model: Path, concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    server = start(system, work, model)
+    server = run.start(system, work, model.stem, model)
     try:
         load = subprocess.Popen(
             [
@@ -96,7 +78,6 @@ def measure(
         )
         time.sleep(3)  # past perf_analyzer's first window's start
         pid = server.proc.pid
-        names = thread_names(pid)
         before = cpu_ticks(pid)
         events = ",".join([*(f"syscalls:sys_enter_{e}" for e in EVENTS), "context-switches"])
         command = ["perf", "stat", "--per-thread", "-x", ",", "-e", events, "-p", str(pid)]
@@ -124,8 +105,7 @@ def measure(
         short = event.removeprefix("syscalls:sys_enter_")
         per_request[short] += count
         if short == "futex":
-            tid = thread.rpartition("-")[2]
-            by_thread[names.get(tid, thread)] += count
+            by_thread[thread.rpartition("-")[0]] += count  # "comm-tid": by the kernel's name
     if not per_request:
         raise RuntimeError(
             f"perf stat counted nothing (root or perf_event_paranoid <= 1?):\n"
