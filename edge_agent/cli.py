@@ -108,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="take part in the control plane's learning tasks (needs edge-agent[learn])",
     )
+    serve.add_argument(
+        "--train-when",
+        choices=("idle", "always"),
+        help="idle: local training pauses while serving is busy (default); always: it does not",
+    )
 
     control = commands.add_parser("control-plane", help="run the fleet's control plane")
     control_actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -322,6 +327,7 @@ def _serve(args: argparse.Namespace) -> int:
         "sync_interval": args.sync_interval,
         "sync_bandwidth_limit": args.sync_bandwidth_limit,
         "learn": args.learn,
+        "train_when": args.train_when,
         "allow_shared_memory": args.allow_shared_memory,
     }
     try:

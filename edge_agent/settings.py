@@ -143,6 +143,13 @@ class Settings:
     # bytes per model (the oldest dropped first).
     learn: bool = False
     examples_max_bytes: int = 256 << 20
+    # Serving first: with "idle" the training worker pauses between mini-batches while requests
+    # are in flight or queued, or more than train_busy_rate were served in the last second;
+    # "always" trains at the lowest CPU priority only. min_train_share: a paused run still
+    # trains this share of its time, so it ends on a device that is never quiet.
+    train_when: str = "idle"
+    train_busy_rate: float = 5.0
+    min_train_share: float = 0.1
     # Which variant of a release to install, by the execution provider the agent will run: the
     # first one the release has, else its default (fp32).
     variant_preference_cuda: tuple[str, ...] = ("fp16", "fp32")
@@ -278,6 +285,7 @@ def _check(settings: Settings) -> None:
         "cuda_arena_extend_strategy": ARENA_STRATEGIES,
         "model_control_mode": CONTROL_MODES,
         "swap_policy": SWAP_POLICIES,
+        "train_when": ("idle", "always"),
     }
     for key, allowed in choices.items():
         if getattr(settings, key) not in allowed:
@@ -353,6 +361,10 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"{key}: must be positive")
     if settings.learn and not settings.control_plane:
         raise ConfigError("learn: needs a control_plane (learning tasks come from it)")
+    if not 0 < settings.min_train_share <= 1:
+        raise ConfigError("min_train_share: must lie in (0, 1]")
+    if settings.train_busy_rate < 0:
+        raise ConfigError("train_busy_rate: must not be negative")
     if settings.sync_interval <= 0:
         raise ConfigError("sync_interval: must be positive")
     if settings.sync_bandwidth_limit < 0:

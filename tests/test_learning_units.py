@@ -57,9 +57,9 @@ def test_expected_names_and_shapes() -> None:
 def test_fedbuff_weights_staleness_and_examples() -> None:
     one = delta.Update({"w": np.array([1.0], np.float32)}, examples=10, staleness=0)
     two = delta.Update({"w": np.array([3.0], np.float32)}, examples=10, staleness=3)
-    step = delta.aggregate([one, two], delta.Aggregation(staleness_exponent=0.5, server_lr=0.5))
+    step = delta.aggregate([one, two], delta.Aggregation(staleness_exponent=0.5))
     w1, w2 = 10 * 1.0, 10 * (1 + 3) ** -0.5  # examples x (1 + tau)^-a
-    assert step["w"][0] == pytest.approx(0.5 * (w1 * 1 + w2 * 3) / (w1 + w2))
+    assert step["w"][0] == pytest.approx((w1 * 1 + w2 * 3) / (w1 + w2))
 
 
 def test_clipping_and_trimmed_mean_hold_off_a_poisoned_update() -> None:
@@ -72,6 +72,100 @@ def test_clipping_and_trimmed_mean_hold_off_a_poisoned_update() -> None:
     assert np.allclose(trimmed["w"], 1.0)  # the poison is cut at each coordinate
     mean = delta.aggregate(updates, delta.Aggregation())
     assert np.all(mean["w"] < 0)  # without protection, one device drags the mean
+    median = delta.aggregate(updates, delta.Aggregation(aggregator="median"))
+    assert np.allclose(median["w"], 1.0)  # FedMedian: the middle of each coordinate
+    five = [delta.Update({"w": np.array([v], np.float32)}, 1, 0) for v in (5, -3, 2, 9, 1)]
+    assert delta.aggregate(five, delta.Aggregation(aggregator="median"))["w"][0] == 2.0
+
+
+def _reference_step(
+    name: str, w: float, d: float, m: float, v: float, lr: float, b1: float, b2: float, tau: float
+) -> tuple[float, float, float]:
+    """One server step written out from Reddi et al. (Algorithm 2) and FedAvgM, scalar."""
+    if name == "sgd":
+        return w + lr * d, m, v
+    if name == "momentum":
+        m = b1 * m + d
+        return w + lr * m, m, v
+    if name == "adagrad":
+        v = v + d * d
+        return w + lr * d / (v**0.5 + tau), m, v
+    m = b1 * m + (1 - b1) * d
+    v = b2 * v + (1 - b2) * d * d if name == "adam" else v - (1 - b2) * d * d * np.sign(v - d * d)
+    return w + lr * m / (v**0.5 + tau), m, v
+
+
+@pytest.mark.parametrize("name", delta.SERVER_OPTIMIZERS)
+def test_server_optimizers_follow_their_formulas_and_resume_from_stored_state(name: str) -> None:
+    lr, beta, b1, b2, tau = 0.5, 0.8, 0.9, 0.99, 1e-3
+    optimizer = delta.ServerOptimizer(name, lr, beta, b1, b2, tau)
+    rng = np.random.default_rng(1)
+    steps = [rng.standard_normal(3).astype(np.float32) for _ in range(4)]
+    weights, state = {"w": np.zeros(3, np.float32)}, {}
+    for d in steps:
+        # Each step's state goes through the wire format, as the control plane stores it.
+        weights, new_state = optimizer.apply(weights, {"w": d}, state)
+        state = delta.decode(delta.encode(new_state))
+    for i in range(3):
+        w = m = v = 0.0
+        for d in steps:
+            w, m, v = _reference_step(
+                name, w, float(d[i]), m, v, lr, beta if name == "momentum" else b1, b2, tau
+            )
+        assert weights["w"][i] == pytest.approx(w, rel=1e-4, abs=1e-5)
+    assert int(state[delta.STEP][0]) == 4
+
+
+def test_server_optimizer_refuses_bad_settings() -> None:
+    with pytest.raises(InvalidArgument, match="server optimizer 'nesterov'"):
+        delta.ServerOptimizer("nesterov")
+    with pytest.raises(InvalidArgument, match="momentum"):
+        delta.ServerOptimizer("momentum", momentum=1.0)
+
+
+def test_dp_noise_has_the_scale_z_times_c_over_k() -> None:
+    """DP-FedAvg: N(0, (zC)^2) on the sum of K clipped updates, then / K. With updates of
+    zeros the aggregate is the noise alone: its standard deviation must be z * C / K."""
+    z, clip, k, size = 1.5, 2.0, 4, 200_000
+    zeros = [delta.Update({"w": np.zeros(size, np.float32)}, 7, 0) for _ in range(k)]
+    noisy = delta.aggregate(
+        zeros,
+        delta.Aggregation(clip_norm=clip, dp_noise_multiplier=z),
+        np.random.default_rng(5),
+    )
+    assert float(np.std(noisy["w"])) == pytest.approx(z * clip / k, rel=0.01)
+    assert abs(float(np.mean(noisy["w"]))) < 0.01
+    # With signal: the mean of the updates (each weighs 1, whatever its examples) plus that noise.
+    ones = [
+        delta.Update({"w": np.full(size, float(i), np.float32)}, 100 * i + 1, 0) for i in range(k)
+    ]
+    signal = delta.aggregate(
+        ones, delta.Aggregation(clip_norm=clip, dp_noise_multiplier=z), np.random.default_rng(5)
+    )
+    assert np.allclose(signal["w"] - noisy["w"], np.mean(range(k)), atol=1e-5)
+
+
+def test_epsilon_is_the_accountants_and_within_the_classical_bound() -> None:
+    import dp_accounting
+    from dp_accounting import rdp
+
+    from edge_agent.learn import privacy
+
+    z, steps, delta_ = 1.1, 30, 1e-5
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), steps))
+    ours = privacy.epsilon(z, steps, delta_)
+    assert ours == accountant.get_epsilon(delta_)
+    # The Gaussian mechanism's RDP is alpha / (2 z^2) per step; the classical conversion
+    # eps = RDP + log(1/delta) / (alpha - 1) is an upper bound on what the accountant reports.
+    classical = min(
+        steps * a / (2 * z * z) + np.log(1 / delta_) / (a - 1) for a in np.linspace(1.5, 200, 4000)
+    )
+    assert 0 < ours <= classical
+    assert privacy.epsilon(z, 0) == 0.0
+    assert privacy.epsilon(z, 2 * steps) > ours  # composition only spends more
+    fits = privacy.aggregations_within(z, ours)
+    assert fits >= steps and privacy.epsilon(z, fits + 1) > ours
 
 
 def test_training_output_and_the_trainable_tensors(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ GROUP: TargetScope
 CANARY: TargetScope
 
 class LearningSpec(_message.Message):
-    __slots__ = ("model", "base_version", "scope", "group", "canary_percent", "trainable", "epochs", "batch_size", "lr", "optimizer", "buffer", "server_lr", "staleness_exponent", "max_staleness", "clip_norm", "trim", "int8_threshold", "max_accuracy_drop", "validation_blob", "min_examples", "train_seconds")
+    __slots__ = ("model", "base_version", "scope", "group", "canary_percent", "trainable", "epochs", "batch_size", "lr", "optimizer", "buffer", "server_lr", "staleness_exponent", "max_staleness", "clip_norm", "trim", "int8_threshold", "max_accuracy_drop", "validation_blob", "min_examples", "train_seconds", "server_optimizer", "server_momentum", "server_beta1", "server_beta2", "server_tau", "proximal_mu", "min_interval", "max_wait", "min_updates", "aggregator", "dp_noise_multiplier", "dp_delta", "dp_max_epsilon")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,19 @@ class LearningSpec(_message.Message):
     VALIDATION_BLOB_FIELD_NUMBER: _ClassVar[int]
     MIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    SERVER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    SERVER_BETA1_FIELD_NUMBER: _ClassVar[int]
+    SERVER_BETA2_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TAU_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    MIN_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    MIN_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DP_MAX_EPSILON_FIELD_NUMBER: _ClassVar[int]
     model: str
     base_version: int
     scope: TargetScope
@@ -62,7 +75,20 @@ class LearningSpec(_message.Message):
     validation_blob: str
     min_examples: int
     train_seconds: float
-    def __init__(self, model: _Optional[str] = ..., base_version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., trainable: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., buffer: _Optional[int] = ..., server_lr: _Optional[float] = ..., staleness_exponent: _Optional[float] = ..., max_staleness: _Optional[int] = ..., clip_norm: _Optional[float] = ..., trim: _Optional[float] = ..., int8_threshold: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ..., validation_blob: _Optional[str] = ..., min_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+    server_optimizer: str
+    server_momentum: float
+    server_beta1: float
+    server_beta2: float
+    server_tau: float
+    proximal_mu: float
+    min_interval: float
+    max_wait: float
+    min_updates: int
+    aggregator: str
+    dp_noise_multiplier: float
+    dp_delta: float
+    dp_max_epsilon: float
+    def __init__(self, model: _Optional[str] = ..., base_version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., trainable: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., buffer: _Optional[int] = ..., server_lr: _Optional[float] = ..., staleness_exponent: _Optional[float] = ..., max_staleness: _Optional[int] = ..., clip_norm: _Optional[float] = ..., trim: _Optional[float] = ..., int8_threshold: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ..., validation_blob: _Optional[str] = ..., min_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., server_optimizer: _Optional[str] = ..., server_momentum: _Optional[float] = ..., server_beta1: _Optional[float] = ..., server_beta2: _Optional[float] = ..., server_tau: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., min_interval: _Optional[float] = ..., max_wait: _Optional[float] = ..., min_updates: _Optional[int] = ..., aggregator: _Optional[str] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_max_epsilon: _Optional[float] = ...) -> None: ...
 
 class StartLearningRequest(_message.Message):
     __slots__ = ("spec",)
@@ -99,7 +125,7 @@ class GlobalVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., accuracy: _Optional[float] = ..., accepted: _Optional[bool] = ..., released_version: _Optional[int] = ..., updates: _Optional[int] = ..., at: _Optional[float] = ...) -> None: ...
 
 class LearningTask(_message.Message):
-    __slots__ = ("id", "spec", "state", "global_version", "base_accuracy", "updates_received", "updates_applied", "dropped_stale", "clipped", "refused", "duplicates", "bytes_up", "versions", "devices", "buffered", "fp32_bytes_up")
+    __slots__ = ("id", "spec", "state", "global_version", "base_accuracy", "updates_received", "updates_applied", "dropped_stale", "clipped", "refused", "duplicates", "bytes_up", "versions", "devices", "buffered", "fp32_bytes_up", "progress", "active_devices", "dp_epsilon", "train_seconds", "paused_seconds", "notice", "best_accuracy")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +142,13 @@ class LearningTask(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     BUFFERED_FIELD_NUMBER: _ClassVar[int]
     FP32_BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    BEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     id: int
     spec: LearningSpec
     state: str
@@ -132,7 +165,14 @@ class LearningTask(_message.Message):
     devices: int
     buffered: int
     fp32_bytes_up: int
-    def __init__(self, id: _Optional[int] = ..., spec: _Optional[_Union[LearningSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., base_accuracy: _Optional[float] = ..., updates_received: _Optional[int] = ..., updates_applied: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., clipped: _Optional[int] = ..., refused: _Optional[int] = ..., duplicates: _Optional[int] = ..., bytes_up: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[GlobalVersion, _Mapping]]] = ..., devices: _Optional[int] = ..., buffered: _Optional[int] = ..., fp32_bytes_up: _Optional[int] = ...) -> None: ...
+    progress: str
+    active_devices: int
+    dp_epsilon: float
+    train_seconds: float
+    paused_seconds: float
+    notice: str
+    best_accuracy: float
+    def __init__(self, id: _Optional[int] = ..., spec: _Optional[_Union[LearningSpec, _Mapping]] = ..., state: _Optional[str] = ..., global_version: _Optional[int] = ..., base_accuracy: _Optional[float] = ..., updates_received: _Optional[int] = ..., updates_applied: _Optional[int] = ..., dropped_stale: _Optional[int] = ..., clipped: _Optional[int] = ..., refused: _Optional[int] = ..., duplicates: _Optional[int] = ..., bytes_up: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[GlobalVersion, _Mapping]]] = ..., devices: _Optional[int] = ..., buffered: _Optional[int] = ..., fp32_bytes_up: _Optional[int] = ..., progress: _Optional[str] = ..., active_devices: _Optional[int] = ..., dp_epsilon: _Optional[float] = ..., train_seconds: _Optional[float] = ..., paused_seconds: _Optional[float] = ..., notice: _Optional[str] = ..., best_accuracy: _Optional[float] = ...) -> None: ...
 
 class LearningStatusResponse(_message.Message):
     __slots__ = ("tasks",)
@@ -141,7 +181,7 @@ class LearningStatusResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[LearningTask, _Mapping]]] = ...) -> None: ...
 
 class LearningAssignment(_message.Message):
-    __slots__ = ("task_id", "model", "base_version", "global_version", "global_weights", "trainable", "epochs", "batch_size", "lr", "optimizer", "int8_threshold", "min_examples", "train_seconds", "round")
+    __slots__ = ("task_id", "model", "base_version", "global_version", "global_weights", "trainable", "epochs", "batch_size", "lr", "optimizer", "int8_threshold", "min_examples", "train_seconds", "round", "proximal_mu", "min_interval")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +196,8 @@ class LearningAssignment(_message.Message):
     MIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    MIN_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     model: str
     base_version: int
@@ -170,10 +212,12 @@ class LearningAssignment(_message.Message):
     min_examples: int
     train_seconds: float
     round: int
-    def __init__(self, task_id: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., global_version: _Optional[int] = ..., global_weights: _Optional[_Union[BlobRef, _Mapping]] = ..., trainable: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., int8_threshold: _Optional[int] = ..., min_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., round: _Optional[int] = ...) -> None: ...
+    proximal_mu: float
+    min_interval: float
+    def __init__(self, task_id: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., global_version: _Optional[int] = ..., global_weights: _Optional[_Union[BlobRef, _Mapping]] = ..., trainable: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., optimizer: _Optional[str] = ..., int8_threshold: _Optional[int] = ..., min_examples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., round: _Optional[int] = ..., proximal_mu: _Optional[float] = ..., min_interval: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("task_id", "update_id", "base_global_version", "examples", "size", "sha256", "data")
+    __slots__ = ("task_id", "update_id", "base_global_version", "examples", "size", "sha256", "data", "train_seconds", "paused_seconds")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_GLOBAL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +225,8 @@ class UpdateChunk(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     update_id: str
     base_global_version: int
@@ -188,7 +234,9 @@ class UpdateChunk(_message.Message):
     size: int
     sha256: str
     data: bytes
-    def __init__(self, task_id: _Optional[int] = ..., update_id: _Optional[str] = ..., base_global_version: _Optional[int] = ..., examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    train_seconds: float
+    paused_seconds: float
+    def __init__(self, task_id: _Optional[int] = ..., update_id: _Optional[str] = ..., base_global_version: _Optional[int] = ..., examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ..., train_seconds: _Optional[float] = ..., paused_seconds: _Optional[float] = ...) -> None: ...
 
 class UpdateAck(_message.Message):
     __slots__ = ("state", "global_version")

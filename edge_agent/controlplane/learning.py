@@ -9,15 +9,27 @@ the task through the long-poll they already make (LearningAssignment) and send u
 (task, participant, names, shapes, dtypes, finite values, a sane norm, staleness) and stored
 before it counts; an update id seen before is acknowledged and not counted again.
 
-Once `buffer` updates are in, they are aggregated (learn/delta.py: clipped, weighted by examples
-and staleness, or a trimmed mean), the candidate is evaluated on the task's validation set in
-ONNX Runtime, and:
-- accuracy >= base accuracy - max_accuracy_drop: it becomes the global weights and a release
-  (the next version of the model), signed with the control plane's learning key and rolled out
-  to the task's devices through the ordinary rollout path;
+Devices keep training while the task runs (learn/participant.py), so a buffer fills from any
+mix of them; `buffer` is clamped at start to the number of devices taking part, and once
+`max_wait` seconds have passed since the oldest waiting update, what waits is aggregated if at
+least `min_updates` are in: a device offline or revoked never stalls a task. Aggregation
+(learn/delta.py): clipped, weighted by examples and staleness (or a trimmed mean, or the
+median), fed as a pseudo-gradient to the task's server optimizer (sgd, momentum, adagrad, adam,
+yogi), whose state is stored beside the global weights. The candidate is evaluated on the task's
+validation set in ONNX Runtime, and:
+- accuracy >= the best accepted global's - max_accuracy_drop (the base counts as accepted): it
+  becomes the global weights devices train from, so a run of bad buffers cannot walk the model
+  down; if it is also at least as good as the best released one it becomes a release (the next
+  version of the model), signed with the control plane's learning key and rolled out to the
+  task's devices through the ordinary rollout path: what serves is the best accepted global;
 - else it is kept out (recorded, logged, counted) and the global weights stay.
+With central differential privacy (dp_noise_multiplier z > 0, clip_norm C > 0) every buffer
+takes at most one update per device, Gaussian noise of std z * C is added to the sum, and the
+privacy spent is accounted (learn/privacy.py); a task stops before an aggregation would spend
+more than dp_max_epsilon.
 One aggregation is one registry transaction (`advance`): a restart mid-task loses no accepted
-update and applies none twice. Everything heavy runs on worker threads, never on the event loop.
+update, applies none twice, and continues the server optimizer exactly where it was.
+Everything heavy runs on worker threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -62,7 +74,8 @@ from edge_agent.fleet.release import (
     build_release,
     parse_release,
 )
-from edge_agent.learn import delta
+from edge_agent.learn import delta, privacy
+from edge_agent.learn.defaults import TASK_DEFAULTS
 from edge_agent.learn.onnxinfo import accuracy, apply, trainable_names, training_output
 from edge_agent.observability.logging import get_logger
 
@@ -74,19 +87,15 @@ SCOPES = {pb.FLEET: FLEET, pb.GROUP: GROUP, pb.CANARY: CANARY}
 MAX_VALIDATION_BYTES = 64 << 20
 ABSURD_NORM = 1e3  # an update with a norm beyond this many times the global's (or 1e3) is refused
 RUNNING, STOPPED = "running", "stopped"
+TICK_S = 2.0  # how often running tasks are looked at for max_wait
+ACTIVE_S = 600.0  # "active": sent an update within this long
 
 
 def spec_defaults(spec: pb.LearningSpec) -> pb.LearningSpec:
     """The spec with every unset field at its default (README: Learning on the fleet)."""
     out = pb.LearningSpec()
     out.CopyFrom(spec)
-    defaults = {
-        "trainable": "all", "epochs": 1, "batch_size": 32, "lr": 0.01, "optimizer": "sgd",
-        "buffer": 4, "server_lr": 1.0, "staleness_exponent": 0.5, "max_staleness": 10,
-        "int8_threshold": 256, "max_accuracy_drop": 0.01, "min_examples": 16,
-        "train_seconds": 300.0,
-    }  # fmt: skip
-    for key, value in defaults.items():
+    for key, value in TASK_DEFAULTS.items():
         if not getattr(out, key):
             setattr(out, key, value)
     if out.scope == pb.TARGET_SCOPE_UNSPECIFIED:
@@ -117,6 +126,108 @@ def read_validation(data: bytes, inputs: list[str]) -> tuple[dict[str, np.ndarra
                 f"validation input {name!r} has {len(value)} rows, not {len(labels)}"
             )
     return arrays, labels
+
+
+def server_optimizer(spec: pb.LearningSpec) -> delta.ServerOptimizer:
+    """The task's server optimizer (a task stored before server optimizers existed: plain SGD,
+    what it ran with)."""
+    return delta.ServerOptimizer(
+        spec.server_optimizer or "sgd", spec.server_lr or 1.0, spec.server_momentum,
+        spec.server_beta1, spec.server_beta2, spec.server_tau or 1e-3,
+    )  # fmt: skip
+
+
+def aggregation(spec: pb.LearningSpec) -> delta.Aggregation:
+    return delta.Aggregation(
+        buffer=spec.buffer, staleness_exponent=spec.staleness_exponent,
+        max_staleness=spec.max_staleness, clip_norm=spec.clip_norm, trim=spec.trim,
+        aggregator=spec.aggregator or "mean", dp_noise_multiplier=spec.dp_noise_multiplier,
+    )  # fmt: skip
+
+
+def check_spec(spec: pb.LearningSpec) -> None:
+    """Refuse a spec (defaults applied) that cannot run, naming the field."""
+    if spec.trainable != "all" and not (
+        spec.trainable.startswith("last:") and spec.trainable[5:].isdigit()
+    ):
+        raise InvalidArgument(f"trainable {spec.trainable!r}: use all or last:N")
+    if spec.optimizer not in ("sgd", "adam"):
+        raise InvalidArgument(f"optimizer {spec.optimizer!r}: use sgd or adam")
+    if not 0 <= spec.trim < 0.5 or spec.clip_norm < 0 or spec.server_lr <= 0:
+        raise InvalidArgument("trim must lie in [0, 0.5), clip_norm >= 0, server_lr > 0")
+    server_optimizer(spec)  # raises InvalidArgument naming the bad value
+    if spec.aggregator not in ("mean", "median"):
+        raise InvalidArgument(f"aggregator {spec.aggregator!r}: use mean or median")
+    if spec.aggregator == "median" and spec.trim:
+        raise InvalidArgument("aggregator median and trim: choose one")
+    if spec.proximal_mu < 0 or spec.min_interval < 0 or spec.max_wait <= 0:
+        raise InvalidArgument("proximal_mu and min_interval must be >= 0, max_wait > 0")
+    if spec.scope == pb.GROUP and not spec.group:
+        raise InvalidArgument("a group task needs a group")
+    if spec.scope == pb.CANARY and not 0 < spec.canary_percent <= 100:
+        raise InvalidArgument("canary percent must lie in (0, 100]")
+    if spec.dp_noise_multiplier < 0 or spec.dp_max_epsilon < 0 or not 0 < spec.dp_delta < 1:
+        raise InvalidArgument("dp_noise_multiplier and dp_max_epsilon >= 0, dp_delta in (0, 1)")
+    if spec.dp_noise_multiplier > 0:
+        if spec.clip_norm <= 0:
+            raise InvalidArgument(
+                "differential privacy needs clip_norm > 0: the noise is scaled to it"
+            )
+        if spec.aggregator != "mean" or spec.trim:
+            raise InvalidArgument("differential privacy works on the mean (no median or trim)")
+        if not privacy.available():
+            raise FailedPrecondition(
+                "differential privacy needs the accountant on the control plane: "
+                "pip install 'edge-agent[privacy]'"
+            )
+    elif spec.dp_max_epsilon:
+        raise InvalidArgument("dp_max_epsilon needs dp_noise_multiplier > 0")
+
+
+def countable(spec: pb.LearningSpec, waiting: list[UpdateRow]) -> list[UpdateRow]:
+    """The waiting updates the next aggregation takes: all of them, or with differential
+    privacy the oldest of each device (a device's data moves one aggregation by at most C)."""
+    if spec.dp_noise_multiplier <= 0:
+        return waiting
+    first: dict[str, UpdateRow] = {}
+    for row in waiting:
+        first.setdefault(row.device_id, row)
+    return list(first.values())
+
+
+def due(spec: pb.LearningSpec, waiting: list[UpdateRow], now: float) -> list[UpdateRow]:
+    """The updates to aggregate now: a full buffer, or after max_wait at least min_updates of
+    them (empty: not yet)."""
+    taken = countable(spec, waiting)
+    if len(taken) >= spec.buffer:
+        return taken[: spec.buffer]
+    waited = now - min((r.at for r in taken), default=now)
+    if taken and len(taken) >= max(1, spec.min_updates) and waited >= spec.max_wait:
+        return taken
+    return []
+
+
+def progress(
+    task: LearningTaskRow, spec: pb.LearningSpec, waiting: list[UpdateRow], active: int, now: float
+) -> str:
+    """Why a task is (not) advancing, in words (learn status)."""
+    if task.state != RUNNING:
+        if task.counters.get("dp_exhausted"):
+            return f"stopped: the privacy budget (epsilon {spec.dp_max_epsilon:g}) is spent"
+        return task.state
+    taken = countable(spec, waiting)
+    missing = spec.buffer - len(taken)
+    activity = f"{active} of {len(task.devices)} device(s) active in the last 10 minutes"
+    if missing <= 0:
+        return f"aggregating {spec.buffer} update(s); {activity}"
+    text = f"waiting for {missing} more update(s); {activity}"
+    if len(taken) >= max(1, spec.min_updates):
+        oldest = min(r.at for r in taken)
+        left = max(0.0, spec.max_wait - (now - oldest))
+        text += f"; aggregating the {len(taken)} waiting in {left:.0f} s (max wait)"
+    elif taken:
+        text += f"; max wait needs {spec.min_updates - len(taken)} more"
+    return text
 
 
 class ParameterServer:
@@ -195,27 +306,17 @@ class ParameterServer:
 
     # -- tasks ----------------------------------------------------------------------------------
 
-    async def start(self, spec: pb.LearningSpec) -> int:
+    async def start(self, spec: pb.LearningSpec) -> tuple[int, str]:
+        """Start a task; returns its id and a notice of what was changed (a clamped buffer)."""
         if self._key is None:
             raise FailedPrecondition(
                 "this control plane has no learning key (control-plane serve --learning-key "
                 "KEY): learned releases could not be signed, so learning tasks are refused"
             )
         spec = spec_defaults(spec)
-        if spec.trainable != "all" and not (
-            spec.trainable.startswith("last:") and spec.trainable[5:].isdigit()
-        ):
-            raise InvalidArgument(f"trainable {spec.trainable!r}: use all or last:N")
-        if spec.optimizer not in ("sgd", "adam"):
-            raise InvalidArgument(f"optimizer {spec.optimizer!r}: use sgd or adam")
-        if not 0 <= spec.trim < 0.5 or spec.clip_norm < 0 or spec.server_lr <= 0:
-            raise InvalidArgument("trim must lie in [0, 0.5), clip_norm >= 0, server_lr > 0")
-        if spec.scope == pb.GROUP and not spec.group:
-            raise InvalidArgument("a group task needs a group")
-        if spec.scope == pb.CANARY and not 0 < spec.canary_percent <= 100:
-            raise InvalidArgument("canary percent must lie in (0, 100]")
+        check_spec(spec)
 
-        def prepare() -> int:
+        def prepare() -> tuple[int, str]:
             version = spec.base_version or self._registry.newest_version(spec.model)
             if not version:
                 raise NotFound(f"no release of model {spec.model!r} to learn from")
@@ -242,6 +343,16 @@ class ParameterServer:
             stored = pb.LearningSpec()
             stored.CopyFrom(spec)
             stored.base_version = version
+            notice = ""
+            if stored.buffer > len(devices):
+                # A buffer no set of devices can fill would wait for ever: at most one update
+                # per device counts towards it (DP: exactly so).
+                notice = (
+                    f"buffer {stored.buffer} clamped to {len(devices)}: only {len(devices)} "
+                    f"device(s) take part"
+                )
+                stored.buffer = len(devices)
+            stored.min_updates = min(stored.min_updates, stored.buffer)
             task_id = self._registry.add_task(
                 spec.model,
                 version,
@@ -259,14 +370,17 @@ class ParameterServer:
                 model=spec.model,
                 base_version=version,
                 devices=len(devices),
+                buffer=stored.buffer,
+                server_optimizer=stored.server_optimizer,
                 trainable=sorted(names),
                 base_accuracy=round(base_accuracy, 4),
+                notice=notice,
             )
-            return task_id
+            return task_id, notice
 
-        task_id = await self._db(prepare)
+        task_id, notice = await self._db(prepare)
         self._notify()
-        return int(task_id)
+        return int(task_id), str(notice)
 
     async def stop(self, task_id: int) -> None:
         tasks = await self._db(self._registry.tasks, task_id)
@@ -295,7 +409,8 @@ class ParameterServer:
                     trainable=spec.trainable, epochs=spec.epochs, batch_size=spec.batch_size,
                     lr=spec.lr, optimizer=spec.optimizer, int8_threshold=spec.int8_threshold,
                     min_examples=spec.min_examples, train_seconds=spec.train_seconds,
-                    round=task.round,
+                    round=task.round, proximal_mu=spec.proximal_mu,
+                    min_interval=spec.min_interval,
                 )
             )  # fmt: skip
         return out
@@ -303,18 +418,31 @@ class ParameterServer:
     async def status(self, task_id: int = 0) -> list[pb.LearningTask]:
         def read() -> list[pb.LearningTask]:
             out = []
+            now = time.time()
             for task in self._registry.tasks(task_id):
                 c = task.counters
+                spec = pb.LearningSpec.FromString(task.spec)
+                buffered = self._registry.buffered(task.id)
+                versions = self._registry.versions(task.id)
+                active = self._registry.active_devices(task.id, now - ACTIVE_S)
                 message = pb.LearningTask(
-                    id=task.id, spec=pb.LearningSpec.FromString(task.spec), state=task.state,
+                    id=task.id, spec=spec, state=task.state,
                     global_version=task.global_version, base_accuracy=task.base_accuracy,
                     updates_received=c.get("received", 0), updates_applied=c.get("applied", 0),
                     dropped_stale=c.get("dropped_stale", 0), clipped=c.get("clipped", 0),
                     refused=c.get("refused", 0), duplicates=c.get("duplicates", 0),
                     bytes_up=c.get("bytes_up", 0), fp32_bytes_up=c.get("fp32_bytes_up", 0),
-                    devices=len(task.devices), buffered=len(self._registry.buffered(task.id)),
+                    devices=len(task.devices), buffered=len(buffered), active_devices=active,
+                    train_seconds=c.get("train_ms", 0) / 1000,
+                    paused_seconds=c.get("paused_ms", 0) / 1000,
+                    best_accuracy=max(v.accuracy for v in versions if v.accepted),
+                    progress=progress(task, spec, buffered, active, now),
                 )  # fmt: skip
-                for v in self._registry.versions(task.id):
+                if spec.dp_noise_multiplier > 0:
+                    message.dp_epsilon = privacy.epsilon(
+                        spec.dp_noise_multiplier, len(versions) - 1, spec.dp_delta
+                    )
+                for v in versions:
                     message.versions.append(
                         pb.GlobalVersion(
                             version=v.version, accuracy=v.accuracy, accepted=v.accepted,
@@ -382,8 +510,13 @@ class ParameterServer:
             return pb.UpdateAck(state="duplicate", global_version=task.global_version)
         self.updates += 1
         fp32 = 4 * sum(int(np.prod(s)) for s in task.shapes.values())
+        seconds = [
+            max(0.0, min(v, 1e6)) if np.isfinite(v) else 0.0
+            for v in (header.train_seconds, header.paused_seconds)
+        ]  # a device's own report: bounded, for the status only
         await self._db(
             self._registry.count, task.id, received=1, bytes_up=len(payload), fp32_bytes_up=fp32,
+            train_ms=int(seconds[0] * 1000), paused_ms=int(seconds[1] * 1000),
             **({"dropped_stale": 1} if state == "dropped_stale" else {}),
         )  # fmt: skip
         log.info(
@@ -399,7 +532,8 @@ class ParameterServer:
     # -- aggregation ----------------------------------------------------------------------------
 
     async def aggregate_when_full(self, task_id: int) -> None:
-        """Aggregate once `buffer` updates wait (one aggregation at a time per task)."""
+        """Aggregate once `buffer` updates wait, or `max_wait` passed with `min_updates` in
+        (one aggregation at a time per task)."""
         lock = self._locks.setdefault(task_id, asyncio.Lock())
         async with lock:
             try:
@@ -408,11 +542,19 @@ class ParameterServer:
                     return
                 task = tasks[0]
                 spec = pb.LearningSpec.FromString(task.spec)
-                waiting = await self._db(self._registry.buffered, task_id)
-                if len(waiting) < spec.buffer:
+                waiting = due(spec, await self._db(self._registry.buffered, task_id), time.time())
+                if not waiting:
+                    return
+                if spec.dp_max_epsilon > 0 and (
+                    privacy.epsilon(spec.dp_noise_multiplier, task.round + 1, spec.dp_delta)
+                    > spec.dp_max_epsilon
+                ):
+                    await self._db(self._exhaust, task)
                     return
                 version = await self._db(self._aggregate, task, spec, waiting)
-                if version.accepted:
+                if version.accepted and version.accuracy >= await self._db(
+                    self._best_released, task_id
+                ):
                     released = await self._db(self._release, task, spec, version)
                     await self._db(self._registry.set_released, task_id, version.version, released)
             except Aborted as exc:  # another replica took this buffer: decided once
@@ -423,14 +565,41 @@ class ParameterServer:
                 return
         self._notify()
 
+    def _exhaust(self, task: LearningTaskRow) -> None:
+        """The next aggregation would spend more privacy than the task allows: it stops."""
+        spec = pb.LearningSpec.FromString(task.spec)
+        self._registry.set_task_state(task.id, STOPPED)
+        self._registry.count(task.id, dp_exhausted=1)
+        log.info(
+            "learn.privacy_budget_spent",
+            task=task.id,
+            epsilon=round(privacy.epsilon(spec.dp_noise_multiplier, task.round, spec.dp_delta), 4),
+            max_epsilon=spec.dp_max_epsilon,
+            aggregations=task.round,
+        )
+
+    def _best_released(self, task_id: int) -> float:
+        return max(v.accuracy for v in self._registry.versions(task_id) if v.released)
+
+    async def run_forever(self) -> None:
+        """Recover what a crash left, then look at running tasks every TICK_S: what waits past
+        max_wait is aggregated there (an upload triggers the full-buffer case itself)."""
+        await self.recover()
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                tasks = await self._db(self._registry.tasks)
+            except Exception:  # the database is away: the next tick tries again
+                log.exception("learn.tick_failed")
+                continue
+            for task in tasks:
+                if task.state == RUNNING:
+                    await self.aggregate_when_full(task.id)
+
     def _aggregate(
         self, task: LearningTaskRow, spec: pb.LearningSpec, waiting: list[UpdateRow]
     ) -> VersionRow:
-        settings = delta.Aggregation(
-            buffer=spec.buffer, server_lr=spec.server_lr,
-            staleness_exponent=spec.staleness_exponent, max_staleness=spec.max_staleness,
-            clip_norm=spec.clip_norm, trim=spec.trim,
-        )  # fmt: skip
+        settings = aggregation(spec)
         updates, clipped = [], 0
         for row in waiting:
             deltas = delta.decode(self._read_blob(row.digest), task.shapes)
@@ -439,21 +608,27 @@ class ParameterServer:
             updates.append(
                 delta.Update(deltas, row.examples, task.global_version - row.base_global)
             )
-        step = delta.aggregate(updates, settings)
+        pseudo_gradient = delta.aggregate(updates, settings)
         current = delta.decode(self._read_blob(task.global_digest))
-        candidate = {n: (current[n] + step[n]).astype(np.float32) for n in current}
+        state_digest = self._registry.optimizer_state(task.id, task.global_version)
+        state = delta.decode(self._read_blob(state_digest)) if state_digest else {}
+        candidate, new_state = server_optimizer(spec).apply(current, pseudo_gradient, state)
         model = apply(self._base(task)[0], candidate, add=False)
         feeds, labels = read_validation(task.validation, sorted(self._inputs(model)))
         score = accuracy(model, feeds, labels)
-        accepted = score >= task.base_accuracy - spec.max_accuracy_drop
+        versions = self._registry.versions(task.id)
+        best = max(v.accuracy for v in versions if v.accepted)
+        accepted = score >= best - spec.max_accuracy_drop
         digest = self._put_blob(delta.encode(candidate)).digest
-        number = max(v.version for v in self._registry.versions(task.id)) + 1
+        optimizer_digest = self._put_blob(delta.encode(new_state)).digest if accepted else ""
+        number = max(v.version for v in versions) + 1
         version = VersionRow(number, digest, score, accepted, 0, len(updates), time.time())
         self._registry.advance(
             task.id,
             [u.update_id for u in waiting],
             version,
             {"applied": len(updates), "clipped": clipped},
+            optimizer_digest,
         )
         self.aggregations += 1
         self.gated_out += not accepted
@@ -464,6 +639,7 @@ class ParameterServer:
             updates=len(updates),
             clipped=clipped,
             staleness=[u.staleness for u in updates],
+            server_optimizer=spec.server_optimizer or "sgd",
         )
         log.log(
             20 if accepted else 30,
@@ -471,6 +647,7 @@ class ParameterServer:
             task=task.id,
             candidate=number,
             accuracy=round(score, 4),
+            best_accuracy=round(best, 4),
             base_accuracy=round(task.base_accuracy, 4),
             max_drop=spec.max_accuracy_drop,
             accepted=accepted,
@@ -535,7 +712,13 @@ class ParameterServer:
                 continue
             versions = await self._db(self._registry.versions, task.id)
             current = next(v for v in versions if v.version == task.global_version)
-            if current.accepted and not current.released and self._key is not None:
+            best = max(v.accuracy for v in versions if v.released)
+            if (
+                current.accepted
+                and not current.released
+                and current.accuracy >= best
+                and self._key is not None
+            ):
                 spec = pb.LearningSpec.FromString(task.spec)
                 released = await self._db(self._release, task, spec, current)
                 await self._db(self._registry.set_released, task.id, current.version, released)

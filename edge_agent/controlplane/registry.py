@@ -175,6 +175,7 @@ class UpdateRow:
     base_global: int
     examples: int
     digest: str
+    at: float = 0.0  # when it arrived
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +246,15 @@ class Registry(Protocol):
     def add_update(self, task_id: int, update: UpdateRow, state: str, now: float) -> bool: ...
     def buffered(self, task_id: int) -> list[UpdateRow]: ...
     def update_state(self, task_id: int, update_id: str) -> str | None: ...
+    def active_devices(self, task_id: int, since: float) -> int: ...
+    def optimizer_state(self, task_id: int, version: int) -> str | None: ...
     def advance(
         self,
         task_id: int,
         applied: list[str],
         version: VersionRow,
         counters: Mapping[str, int],
+        optimizer_digest: str = "",
     ) -> None: ...
     def set_released(self, task_id: int, version: int, model_version: int) -> None: ...
     def versions(self, task_id: int) -> list[VersionRow]: ...
@@ -281,9 +285,17 @@ def _schema_v1(db: Database) -> None:
             db.execute("ALTER TABLE reports ADD COLUMN variant TEXT NOT NULL DEFAULT ''")
 
 
+def _schema_v2(db: Database) -> None:
+    """The server optimizer's state per accepted global version of a learning task."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS learning_optimizer (task_id INTEGER NOT NULL, "
+        "version INTEGER NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (task_id, version))"
+    )
+
+
 # The schema's history: MIGRATIONS[n - 1] brings a database from version n - 1 to n. Append,
 # never edit: a database records the version it has reached (table schema_version).
-MIGRATIONS: tuple[Callable[[Database], None], ...] = (_schema_v1,)
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_schema_v1, _schema_v2)
 
 
 def migrate(db: Database) -> int:
@@ -932,19 +944,41 @@ class SqlRegistry:
 
     def buffered(self, task_id: int) -> list[UpdateRow]:
         return [
-            UpdateRow(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]))
+            UpdateRow(str(r[0]), str(r[1]), int(r[2]), int(r[3]), str(r[4]), float(r[5]))
             for r in self._db.execute(
-                "SELECT update_id, device_id, base_global, examples, digest FROM "
+                "SELECT update_id, device_id, base_global, examples, digest, at FROM "
                 "learning_updates WHERE task_id = ? AND state = 'buffered' ORDER BY at",
                 (task_id,),
             )
         ]
 
+    def active_devices(self, task_id: int, since: float) -> int:
+        """How many devices sent an update (counted or not) to the task since `since`."""
+        row = self._db.execute(
+            "SELECT COUNT(DISTINCT device_id) FROM learning_updates WHERE task_id = ? AND at >= ?",
+            (task_id, since),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def optimizer_state(self, task_id: int, version: int) -> str | None:
+        """The digest of the server optimizer's state after global `version` (None: none yet)."""
+        row = self._db.execute(
+            "SELECT digest FROM learning_optimizer WHERE task_id = ? AND version = ?",
+            (task_id, version),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def advance(
-        self, task_id: int, applied: list[str], version: VersionRow, counters: Mapping[str, int]
+        self,
+        task_id: int,
+        applied: list[str],
+        version: VersionRow,
+        counters: Mapping[str, int],
+        optimizer_digest: str = "",
     ) -> None:
         """One aggregation, all or nothing: the updates it used are applied, the candidate is
-        recorded, the round advances, and an accepted candidate becomes the global weights. A
+        recorded, the round advances, and an accepted candidate becomes the global weights,
+        with the server optimizer's state after it (`optimizer_digest`). A
         crash before this commits leaves the updates buffered, to be aggregated again. Under
         the decision lock: of two replicas aggregating the same buffer, the second is refused
         (Aborted), so an aggregation is decided once."""
@@ -977,6 +1011,11 @@ class SqlRegistry:
                     "UPDATE learning_tasks SET global_version = ?, global_digest = ? WHERE id = ?",
                     (version.version, version.digest, task_id),
                 )
+                if optimizer_digest:
+                    self._db.execute(
+                        "INSERT INTO learning_optimizer VALUES (?, ?, ?)",
+                        (task_id, version.version, optimizer_digest),
+                    )
             row = self._db.execute(
                 "SELECT counters FROM learning_tasks WHERE id = ?", (task_id,)
             ).fetchone()

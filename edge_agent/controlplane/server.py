@@ -262,7 +262,7 @@ class ControlPlane:
         pruning = asyncio.create_task(servicer.prune_forever(), name="prune")
         flushing = asyncio.create_task(servicer.flush_seen_forever(), name="last-seen")
         listening = self._listen(registry, servicer, loop)
-        recovering = asyncio.create_task(servicer.learning.recover(), name="learning-recovery")
+        recovering = asyncio.create_task(servicer.learning.run_forever(), name="learning")
         host = s.address.rpartition(":")[0]
         if not s.trusted_keys:
             log.warning(

@@ -820,8 +820,10 @@ class FleetServicer:
         self, request: pb.StartLearningRequest, context: grpc.aio.ServicerContext
     ) -> pb.LearningTask:
         await self._publisher(context)
-        task_id = await self.learning.start(request.spec)
-        return (await self.learning.status(task_id))[0]
+        task_id, notice = await self.learning.start(request.spec)
+        task = (await self.learning.status(task_id))[0]
+        task.notice = notice
+        return task
 
     @_unary
     async def StopLearning(

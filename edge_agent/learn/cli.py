@@ -24,8 +24,42 @@ from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
 from edge_agent.fleet.client import channel_credentials, open_channel, table, upload_chunks
+from edge_agent.learn.defaults import TASK_DEFAULTS
 
 EXIT_OK, EXIT_FAILED = 0, 1
+# `learn start`'s flags for LearningSpec fields: (flag, type, help); unset ones take the control
+# plane's defaults (learn/defaults.py), shown in the help.
+SPEC_HELP: tuple[tuple[str, type, str], ...] = (
+    ("buffer", int, "K: updates per aggregation, at most the devices taking part"),
+    ("min-updates", int, "after max-wait, aggregate once this many are in"),
+    ("max-wait", float, "seconds after the oldest waiting update before aggregating fewer"),
+    ("min-interval", float, "seconds between a device's runs when nothing changed"),
+    ("trainable", str, "all | last:N"),
+    ("epochs", int, "local epochs per run"),
+    ("batch-size", int, "local batch size"),
+    ("lr", float, "local learning rate"),
+    ("optimizer", str, "local optimizer: sgd | adam"),
+    ("proximal-mu", float, "FedProx: mu/2 |w - w_global|^2 in the local loss"),
+    ("server-optimizer", str, "sgd | momentum | adam | yogi | adagrad"),
+    ("server-lr", float, "server learning rate"),
+    ("server-momentum", float, "momentum's beta"),
+    ("server-beta1", float, "adam/yogi beta1"),
+    ("server-beta2", float, "adam/yogi beta2"),
+    ("server-tau", float, "adaptive optimizers' tau"),
+    ("staleness-exponent", float, "a in (1+tau)^-a"),
+    ("max-staleness", int, "updates older than this many versions are dropped"),
+    ("clip-norm", float, "L2 clip per update (0: off)"),
+    ("trim", float, "trimmed-mean share cut from each side"),
+    ("aggregator", str, "mean | median (FedMedian)"),
+    ("dp-noise-multiplier", float, "central DP: noise std z * clip-norm on each buffer's sum"),
+    ("dp-delta", float, "central DP: the delta epsilon is spent at"),
+    ("dp-max-epsilon", float, "central DP: the task stops before spending more"),
+    ("int8-threshold", int, "int8 deltas above this many elements"),
+    ("max-accuracy-drop", float, "the gate: below the best accepted - D, kept out"),
+    ("min-examples", int, "a device trains from this many"),
+    ("train-seconds", float, "local time budget per run"),
+)
+SPEC_FLAGS = tuple(flag.replace("-", "_") for flag, _, _ in SPEC_HELP)
 CALL_BYTES = 2 << 20  # rows per SubmitExamples call: about this many bytes
 
 
@@ -86,7 +120,12 @@ def _task_line(t: pb.LearningTask) -> str:
         f"{t.refused} refused; accuracy base {t.base_accuracy:.4f}"
         + (f", last candidate {last.accuracy:.4f}" if last and last.version else "")
         + (f"; released v{released[-1].released_version}" if released else "")
-    )
+        + f"\n  {t.progress}"
+        + (f"\n  privacy spent: epsilon {t.dp_epsilon:.3g} at delta {t.spec.dp_delta:g}"
+           if t.spec.dp_noise_multiplier else "")
+        + (f"\n  device training: {t.train_seconds:.1f} s, of it {t.paused_seconds:.1f} s "
+           "paused for serving" if t.train_seconds else "")
+    )  # fmt: skip
 
 
 def learn(args: argparse.Namespace) -> int:
@@ -96,25 +135,9 @@ def learn(args: argparse.Namespace) -> int:
         stub = pb_grpc.FleetServiceStub(channel)
         if args.action == "start":
             spec = pb.LearningSpec(
-                model=args.model,
-                base_version=args.base_version or 0,
-                trainable=args.trainable,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                optimizer=args.optimizer,
-                buffer=args.buffer,
-                server_lr=args.server_lr,
-                staleness_exponent=args.staleness_exponent,
-                max_staleness=args.max_staleness,
-                clip_norm=args.clip_norm,
-                trim=args.trim,
-                int8_threshold=args.int8_threshold,
-                max_accuracy_drop=args.max_accuracy_drop,
-                min_examples=args.min_examples,
-                train_seconds=args.train_seconds,
-                scope=pb.FLEET,
-            )
+                model=args.model, base_version=args.base_version or 0, scope=pb.FLEET,
+                **{key: value for key in SPEC_FLAGS if (value := getattr(args, key)) is not None},
+            )  # fmt: skip
             if args.group:
                 spec.scope, spec.group = pb.GROUP, args.group
             elif args.canary is not None:
@@ -124,6 +147,8 @@ def learn(args: argparse.Namespace) -> int:
             task = stub.StartLearning(
                 pb.StartLearningRequest(spec=spec), metadata=meta, timeout=300
             )
+            if task.notice:
+                print(f"edge-agent learn start: {task.notice}", file=sys.stderr)
             if args.json:
                 print(json_format.MessageToJson(task, preserving_proto_field_name=True))
             else:
@@ -204,29 +229,9 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     where = start.add_mutually_exclusive_group()
     where.add_argument("--group", help="only the devices of this group take part")
     where.add_argument("--canary", type=float, metavar="PCT", help="PCT%% of the devices")
-    start.add_argument("--buffer", type=int, default=4, help="K: updates per aggregation (4)")
-    start.add_argument("--trainable", default="all", help="all | last:N (all)")
-    start.add_argument("--epochs", type=int, default=1, help="local epochs per round (1)")
-    start.add_argument("--batch-size", type=int, default=32, help="local batch size (32)")
-    start.add_argument("--lr", type=float, default=0.01, help="local learning rate (0.01)")
-    start.add_argument("--optimizer", default="sgd", help="sgd | adam (sgd)")
-    start.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1)")
-    start.add_argument(
-        "--staleness-exponent", type=float, default=0.5, help="a in (1+tau)^-a (0.5)"
-    )
-    start.add_argument("--max-staleness", type=int, default=10, help="older updates dropped")
-    start.add_argument("--clip-norm", type=float, default=0.0, help="L2 clip per update (0: off)")
-    start.add_argument("--trim", type=float, default=0.0, help="trimmed-mean share per side")
-    start.add_argument(
-        "--int8-threshold", type=int, default=256, help="int8 deltas above this many elements"
-    )
-    start.add_argument(
-        "--max-accuracy-drop", type=float, default=0.01, help="the gate: below base - D, no release"
-    )
-    start.add_argument(
-        "--min-examples", type=int, default=16, help="a device trains from this many"
-    )
-    start.add_argument("--train-seconds", type=float, default=300.0, help="local time budget")
+    for flag, kind, text in SPEC_HELP:
+        default = TASK_DEFAULTS.get(flag.replace("-", "_"), "off")
+        start.add_argument(f"--{flag}", type=kind, help=f"{text} ({default})")
     for name in ("status", "stop"):
         step = steps.add_parser(name, help=f"{name} learning tasks")
         remote(step)

@@ -7,13 +7,21 @@ little-endian, or int8). Every size is checked on decoding; nothing else is read
 than `int8_threshold` elements travel as int8 (about a quarter of their fp32 bytes; TFF's default
 threshold is 20,000 elements), smaller ones exactly as float32.
 
-Aggregation is FedBuff (Nguyen et al. 2022): once K updates are buffered the server applies
-    global += server_lr * sum_i w_i * clip(delta_i) / sum_i w_i,   w_i = n_i * (1 + tau_i)^-a
+Aggregation is FedBuff (Nguyen et al. 2022): once K updates are buffered the server forms
+    d = sum_i w_i * clip(delta_i) / sum_i w_i,   w_i = n_i * (1 + tau_i)^-a
 where n_i is the update's example count and tau_i how many global versions passed since the one
 it started from; an update older than max_staleness is dropped. clip() scales an update down to
 an L2 norm of at most clip_norm over all its tensors. With trim > 0 a coordinate-wise trimmed
-mean (the largest and smallest `trim` share of each coordinate dropped) replaces the weighted
-mean, which no single device can drag far.
+mean (the largest and smallest `trim` share of each coordinate dropped), or with "median" the
+coordinate-wise median (FedMedian), replaces the weighted mean: no single device drags them far.
+With central differential privacy (DP-FedAvg, McMahan et al. 2018) every update weighs 1 and
+Gaussian noise of standard deviation z * clip_norm is added to the sum before it is divided by K.
+
+d is a pseudo-gradient fed to a server optimizer (Reddi et al., "Adaptive Federated
+Optimization", 2021; names and defaults as Flower's strategies): sgd (global += lr * d),
+momentum (FedAvgM: m = beta * m + d, global += lr * m), adagrad, adam and yogi (global += lr *
+m / (sqrt(v) + tau) with their own second moments v). Its state (m, v, the step count) is a
+tensor set like the weights, so it is stored and restored with them, exactly.
 """
 
 from __future__ import annotations
@@ -133,11 +141,12 @@ class Aggregation:
     """The server's settings for one task."""
 
     buffer: int = 8  # K
-    server_lr: float = 1.0
     staleness_exponent: float = 0.5  # a
     max_staleness: int = 10
     clip_norm: float = 0.0  # 0: no clipping
     trim: float = 0.0  # trimmed-mean share cut from each side (0: weighted mean)
+    aggregator: str = "mean"  # mean | median
+    dp_noise_multiplier: float = 0.0  # z: noise std z * clip_norm on the sum (0: no DP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +160,28 @@ def staleness_weight(examples: int, staleness: int, exponent: float) -> float:
     return float(examples) * float((1.0 + staleness) ** -exponent)
 
 
-def aggregate(updates: Sequence[Update], settings: Aggregation) -> dict[str, np.ndarray]:
-    """The step to add to the global weights (server_lr applied). Updates must be clipped."""
+def aggregate(
+    updates: Sequence[Update],
+    settings: Aggregation,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """The pseudo-gradient d of a buffer (the server optimizer is applied by `ServerOptimizer`).
+    Updates must be clipped; with DP, `rng` draws the noise (a fresh OS-seeded one if None)."""
     if not updates:
         raise ValueError("nothing to aggregate")
     names = list(updates[0].deltas)
     step: dict[str, np.ndarray] = {}
-    if settings.trim > 0:
+    if settings.dp_noise_multiplier > 0:
+        noise = rng if rng is not None else np.random.default_rng()
+        sigma = settings.dp_noise_multiplier * settings.clip_norm
+        for name in names:
+            total = np.sum([u.deltas[name] for u in updates], axis=0, dtype=np.float64)
+            total = total + noise.normal(0.0, sigma, size=total.shape)
+            step[name] = total / len(updates)
+    elif settings.aggregator == "median":
+        for name in names:
+            step[name] = np.median(np.stack([u.deltas[name] for u in updates]), axis=0)
+    elif settings.trim > 0:
         cut = int(len(updates) * settings.trim)
         for name in names:
             stacked = np.sort(np.stack([u.deltas[name] for u in updates]), axis=0)
@@ -167,11 +191,74 @@ def aggregate(updates: Sequence[Update], settings: Aggregation) -> dict[str, np.
         weights = [
             staleness_weight(u.examples, u.staleness, settings.staleness_exponent) for u in updates
         ]
-        total = sum(weights) or 1.0
+        total_weight = sum(weights) or 1.0
         for name in names:
             weighted = sum(
                 (w * u.deltas[name] for w, u in zip(weights, updates, strict=True)),
                 np.zeros_like(updates[0].deltas[name]),
             )
-            step[name] = weighted / total
-    return {k: (settings.server_lr * v).astype(np.float32) for k, v in step.items()}
+            step[name] = weighted / total_weight
+    return {k: v.astype(np.float32) for k, v in step.items()}
+
+
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
+STEP = "step"  # the optimizer state's step count (one element), beside m/NAME and v/NAME
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizer:
+    """The server's optimizer over the global weights, fed the aggregate as a pseudo-gradient.
+    Pure: `apply` returns the new weights and the new state, and changes neither argument."""
+
+    name: str = "momentum"
+    lr: float = 1.0
+    momentum: float = 0.9  # momentum's beta
+    beta1: float = 0.9  # adam, yogi
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptive ones: added to sqrt(v)
+
+    def __post_init__(self) -> None:
+        if self.name not in SERVER_OPTIMIZERS:
+            raise InvalidArgument(
+                f"server optimizer {self.name!r}: use one of {', '.join(SERVER_OPTIMIZERS)}"
+            )
+        if not self.lr > 0 or not 0 <= self.momentum < 1 or not self.tau > 0:
+            raise InvalidArgument("server lr and tau must be positive, momentum in [0, 1)")
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise InvalidArgument("server betas must lie in [0, 1)")
+
+    def apply(
+        self,
+        weights: Mapping[str, np.ndarray],
+        pseudo_gradient: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(new weights, new state). An empty state is the optimizer's start (zeros)."""
+        step = int(state[STEP].reshape(-1)[0]) + 1 if STEP in state else 1
+        out: dict[str, np.ndarray] = {}
+        new_state: dict[str, np.ndarray] = {STEP: np.array([step], dtype=np.float32)}
+        for name, value in weights.items():
+            d = np.asarray(pseudo_gradient[name], dtype=np.float64)
+            m = np.asarray(state.get(f"m/{name}", np.zeros_like(d)), dtype=np.float64)
+            v = np.asarray(state.get(f"v/{name}", np.zeros_like(d)), dtype=np.float64)
+            if self.name == "sgd":
+                move = d
+            elif self.name == "momentum":
+                m = self.momentum * m + d
+                move = m
+            elif self.name == "adagrad":
+                v = v + d * d
+                move = d / (np.sqrt(v) + self.tau)
+            else:  # adam, yogi: first moment as Adam's; yogi's additive second moment
+                m = self.beta1 * m + (1 - self.beta1) * d
+                if self.name == "adam":
+                    v = self.beta2 * v + (1 - self.beta2) * d * d
+                else:
+                    v = v - (1 - self.beta2) * d * d * np.sign(v - d * d)
+                move = m / (np.sqrt(v) + self.tau)
+            out[name] = (value + self.lr * move).astype(np.float32)
+            if self.name in ("momentum", "adam", "yogi"):
+                new_state[f"m/{name}"] = m.astype(np.float32)
+            if self.name in ("adagrad", "adam", "yogi"):
+                new_state[f"v/{name}"] = v.astype(np.float32)
+        return out, new_state

@@ -82,6 +82,12 @@ class ExampleStore:
     def rows(self, model: str) -> int:
         return self.stats.stored.get(model, 0)
 
+    def revision(self, model: str) -> int:
+        """The newest submission's sequence number: it changes whenever examples arrive."""
+        with self._lock:
+            files = self._files(model)
+        return files[-1][0] if files else 0
+
     def refused(self, model: str) -> None:
         self.stats.refused[model] = self.stats.refused.get(model, 0) + 1
 

@@ -1,24 +1,29 @@
 """The agent's side of learning on the fleet: a thread of its own, off the inference path.
 
 The sync's long-poll brings the learning tasks this device takes part in (LearningAssignment).
-For each task, once per aggregation round and once the device holds `min_examples` examples of
-the model: fetch the task's global weights (a blob, chunk-verified, resumable, as the sync
-fetches release blobs), then train in a worker process (learn/worker.py: nice 19, one thread,
-a time budget) from the model serving here with the global values of its trainable tensors,
-encode the deltas (int8 above the task's threshold), and upload them (UploadUpdate) with an id
-chosen once, so a retry after a cut connection is applied once. A failed run is logged, counted
-and tried again after a pause; serving never waits on any of it.
+A device keeps training while a task runs (FedBuff's clients): once it holds `min_examples`
+examples of the model it trains, uploads, and trains again as soon as the task's global
+weights or its examples change, or `min_interval` seconds after its last run otherwise. A run:
+fetch the task's global weights (a blob, chunk-verified, resumable, as the sync fetches
+release blobs), train in the worker process (learn/worker.py: nice 19, one thread, a time
+budget, kept alive across runs so PyTorch is imported once) from the model serving here with
+the global values of its trainable tensors, encode the deltas (int8 above the task's
+threshold), and upload them (UploadUpdate) with an id chosen once, so a retry after a cut
+connection is applied once. A failed run is logged, counted and tried again after a pause;
+serving never waits on any of it.
+
+Serving first (`train_when = "idle"`): while a run trains, this thread samples the agent's
+activity every few milliseconds (requests queued or running, requests finished in the last
+second) and tells the worker through a shared file (learn/worker.py's Channel) that serving is
+busy; the worker then waits between mini-batches, down to its minimum share of time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,8 +39,11 @@ from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.client import FailoverStub
 from edge_agent.fleet.release import CHUNK_SIZE
+from edge_agent.learn import cgroup
 from edge_agent.learn.delta import encode
 from edge_agent.learn.examples import ExampleStore
+from edge_agent.learn.process import WORKER_EXIT_S, Cancelled, Pacing, Worker
+from edge_agent.learn.worker import PAUSED_NS, PAUSES
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.version import read_variant
 from edge_agent.sync.store import BandwidthLimit, BlobStore
@@ -54,6 +62,18 @@ class LearningStats:
     updates_sent: int = 0
     bytes_up: int = 0
     last_run_seconds: float = 0.0
+    paused_seconds: float = 0.0  # training time spent waiting for serving
+    pauses: int = 0
+    worker_starts: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMark:
+    """What a task's last run on this device started from."""
+
+    global_version: int
+    examples: int  # the example store's revision
+    finished: float  # time.monotonic()
 
 
 def torch_available() -> bool:
@@ -74,6 +94,8 @@ class Participant:
         repository: Path,
         serving: Callable[[str], int],
         work_dir: Path,
+        activity: Callable[[], tuple[int, int]] | None = None,
+        pacing: Pacing | None = None,
     ) -> None:
         self._stub = stub
         self._meta = metadata
@@ -82,9 +104,18 @@ class Participant:
         self._repository = repository
         self._serving = serving
         self._work = work_dir
+        self._activity = activity
+        self._pacing = pacing or Pacing()
         self._assignments: dict[int, pb.LearningAssignment] = {}
-        self._done: dict[int, int] = {}  # task -> the round trained last
+        self._last: dict[int, RunMark] = {}
         self._failed_at: dict[int, float] = {}
+        self._worker: Worker | None = None
+        # Now, before the agent says READY: the agent's own threads move to a leaf cgroup.
+        self._cgroup, reason = cgroup.prepare_learning()
+        if self._cgroup is None:
+            log.info("learn.cgroup_unavailable", reason=reason)
+        else:
+            log.info("learn.cgroup", path=str(self._cgroup), setting=reason)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
@@ -96,7 +127,7 @@ class Participant:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=WORKER_EXIT_S + 5)
 
     def assign(self, assignments: Sequence[pb.LearningAssignment]) -> None:
         """The tasks of the latest desired state (from the sync thread)."""
@@ -104,39 +135,80 @@ class Participant:
         self._wake.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(timeout=5)
-            self._wake.clear()
-            for task in list(self._assignments.values()):
-                if self._stop.is_set():
-                    return
-                if self._due(task):
-                    self._train_once(task)
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(timeout=self._next_wait())
+                self._wake.clear()
+                tasks = list(self._assignments.values())
+                if not tasks:
+                    self._end_worker()  # no task runs here: the worker and PyTorch go
+                for task in tasks:
+                    if self._stop.is_set():
+                        return
+                    if self._due(task):
+                        self._train_once(task)
+        finally:
+            self._end_worker()
+
+    def _end_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _next_wait(self) -> float:
+        """Until the next run falls due by its minimum interval (a change wakes us anyway)."""
+        now = time.monotonic()
+        waits = [5.0]
+        for task in self._assignments.values():
+            mark = self._last.get(task.task_id)
+            if mark is not None:
+                waits.append(mark.finished + task.min_interval - now)
+        return max(0.05, min(waits))
 
     def _due(self, task: pb.LearningAssignment) -> bool:
-        if self._done.get(task.task_id) == task.round:
-            return False
         if time.monotonic() - self._failed_at.get(task.task_id, -RETRY_AFTER_S) < RETRY_AFTER_S:
             return False
-        return self._examples.rows(task.model) >= max(1, task.min_examples)
+        if self._examples.rows(task.model) < max(1, task.min_examples):
+            return False
+        mark = self._last.get(task.task_id)
+        if mark is None:
+            return True
+        if mark.global_version != task.global_version:
+            return True  # a newer global to train from
+        if mark.examples != self._examples.revision(task.model):
+            return True  # new examples
+        return time.monotonic() - mark.finished >= task.min_interval
 
     def _count(self, result: str) -> None:
         self.stats.runs[result] = self.stats.runs.get(result, 0) + 1
 
     def _train_once(self, task: pb.LearningAssignment) -> None:
         started = time.monotonic()
+        revision = self._examples.revision(task.model)
+        log.info("learn.run_started", task=task.task_id, global_version=task.global_version)
         try:
             with tempfile.TemporaryDirectory(dir=self._work) as scratch:
                 deltas, result = self._local_run(task, Path(scratch))
                 payload = encode(deltas, task.int8_threshold or None)
-            self._upload(task, payload, int(result["examples"]))
+            self._upload(task, payload, result)
+        except Cancelled:
+            self._count("cancelled")
+            log.info("learn.run_cancelled", task=task.task_id, reason="the agent is stopping")
+            return
         except (EdgeAgentError, OSError, subprocess.SubprocessError, grpc.RpcError) as exc:
+            if self._stop.is_set():  # the stop cut it short (a closed channel, a killed worker)
+                self._count("cancelled")
+                log.info("learn.run_cancelled", task=task.task_id, reason="the agent is stopping")
+                return
             self._failed_at[task.task_id] = time.monotonic()
             self._count("failed")
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
-            log.warning("learn.run_failed", task=task.task_id, error=str(detail)[:500])
+            log.warning(
+                "learn.run_failed", task=task.task_id, error=str(detail)[:500] or type(exc).__name__
+            )
             return
-        self._done[task.task_id] = task.round
+        finally:
+            self._last[task.task_id] = RunMark(task.global_version, revision, time.monotonic())
         self._count("ok")
         self.stats.last_run_seconds = time.monotonic() - started
         log.info(
@@ -145,10 +217,11 @@ class Participant:
             global_version=task.global_version,
             round=task.round,
             examples=result["examples"],
-            loss_before=round(result["loss_before"], 5),
-            loss_after=round(result["loss_after"], 5),
+            loss_before=round(float(result["loss_before"]), 5),
+            loss_after=round(float(result["loss_after"]), 5),
             bytes=len(payload),
             seconds=round(self.stats.last_run_seconds, 3),
+            paused_seconds=round(float(result.get("paused_seconds", 0.0)), 3),
         )
 
     def _local_run(self, task: pb.LearningAssignment, scratch: Path) -> tuple[Any, dict[str, Any]]:
@@ -173,6 +246,7 @@ class Participant:
         )
         examples = scratch / "examples.npz"
         self._examples.export(task.model, examples)
+        budget = task.train_seconds or 300.0
         job = {
             "model_dir": str(version_dir),
             "examples": str(examples),
@@ -183,26 +257,40 @@ class Participant:
                 "batch_size": task.batch_size or 32,
                 "lr": task.lr or 0.01,
                 "optimizer": task.optimizer or "sgd",
-                "seconds": task.train_seconds or 300.0,
+                "seconds": budget,
+                "proximal_mu": task.proximal_mu,
             },
             "out": str(scratch / "out"),
             "threads": 1,
+            "min_share": self._pacing.min_share,
         }
-        (scratch / "job.json").write_text(json.dumps(job))
-        done = subprocess.run(
-            [sys.executable, "-m", "edge_agent.learn.worker", str(scratch / "job.json")],
-            capture_output=True,
-            text=True,
-            timeout=(task.train_seconds or 300.0) + 120,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        if done.returncode != 0:
-            raise EdgeAgentError(f"local training failed: {done.stderr.strip()[-500:]}")
+        if self._worker is None or not self._worker.alive():
+            if self._worker is not None:
+                self._worker.close()
+            self._worker = Worker(self._work / "worker", self._cgroup)
+            self.stats.worker_starts += 1
+        worker = self._worker
+        paused_before = worker.channel.get(PAUSED_NS), worker.channel.get(PAUSES)
+        try:
+            # The budget counts training time; paused time is on top, up to 1/min_share of it.
+            timeout = budget / self._pacing.min_share + 120
+            answer = worker.run(job, timeout, self._stop, self._pacing, self._activity)
+        except (Cancelled, EdgeAgentError):
+            worker.kill()
+            self._worker = None
+            raise
+        finally:
+            if self._worker is not None:
+                self.stats.paused_seconds += (
+                    worker.channel.get(PAUSED_NS) - paused_before[0]
+                ) / 1e9
+                self.stats.pauses += worker.channel.get(PAUSES) - paused_before[1]
+        if not answer.get("ok"):
+            raise EdgeAgentError(f"local training failed: {answer.get('error') or 'no reason'}")
         with np.load(scratch / "out" / "deltas.npz", allow_pickle=False) as data:
             deltas = {k: data[k] for k in data.files}
-        result = json.loads((scratch / "out" / "result.json").read_text())
         shutil.rmtree(scratch / "out", ignore_errors=True)
-        return deltas, result
+        return deltas, answer
 
     def _fetch(self, digest: str, offset: int) -> Iterator[bytes]:
         call = self._stub.GetBlob(
@@ -211,7 +299,7 @@ class Participant:
         for chunk in call:
             yield chunk.data
 
-    def _upload(self, task: pb.LearningAssignment, payload: bytes, examples: int) -> None:
+    def _upload(self, task: pb.LearningAssignment, payload: bytes, result: dict[str, Any]) -> None:
         update_id = uuid.uuid4().hex  # chosen once: every retry carries it, applied once
         digest = hashlib.sha256(payload).hexdigest()
 
@@ -220,8 +308,10 @@ class Participant:
                 task_id=task.task_id,
                 update_id=update_id,
                 base_global_version=task.global_version,
-                examples=examples,
+                examples=int(result["examples"]),
                 size=len(payload),
+                train_seconds=float(result.get("seconds", 0.0)),
+                paused_seconds=float(result.get("paused_seconds", 0.0)),
                 sha256=digest,
                 data=payload[:CHUNK_SIZE],
             )

@@ -9,13 +9,16 @@ itself is taken as logits. `trainable`:
   before them runs once in ONNX Runtime to produce features, and only the head runs in PyTorch
   for every epoch: what a weak device can afford.
 The converted module is checked against ONNX Runtime on the examples before training starts.
+With `proximal_mu` > 0 the loss carries FedProx's term mu/2 * |w - w_start|^2 (w_start: the
+values training started from, the task's global weights), so a device's update drifts less from
+the global on data unlike the others'.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,6 +43,7 @@ class TrainSpec:
     optimizer: str = "sgd"  # sgd | adam
     seconds: float = 600.0  # time budget: training stops at the end of the epoch past it
     seed: int = 0
+    proximal_mu: float = 0.0  # FedProx (0: off)
 
     def __post_init__(self) -> None:
         if self.trainable != "all" and not (
@@ -50,6 +54,8 @@ class TrainSpec:
             raise InvalidArgument(f"optimizer {self.optimizer!r}: use sgd or adam")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise InvalidArgument("epochs, batch_size and lr must be positive")
+        if not 0 <= self.proximal_mu < float("inf"):
+            raise InvalidArgument("proximal_mu must be >= 0")
 
 
 @dataclasses.dataclass
@@ -70,10 +76,12 @@ def train(
     spec: TrainSpec,
     loss: Any = None,
     masks: Mapping[str, np.ndarray] | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `model`'s initializers on the examples; returns trained - original per trainable
     tensor. `loss(logits, labels, rows)` replaces cross-entropy (distillation); `masks` (name ->
-    0/1 array) keep those weights' zeros at zero (fine-tuning a pruned model)."""
+    0/1 array) keep those weights' zeros at zero (fine-tuning a pruned model); `before_batch`
+    runs before each mini-batch (the worker yields to serving there)."""
     import torch
 
     torch.manual_seed(spec.seed)
@@ -107,11 +115,18 @@ def train(
         if name in module.parameters_by_name
     }
 
+    start_values = {n: p.detach().clone() for n, p in module.parameters_by_name.items()}
+
     def objective(batch: Any, index: Any) -> Any:
         logits = module(batch)[output]
         if loss is not None:
             return loss(logits, target[index], index)
         return torch.nn.functional.cross_entropy(logits, target[index])
+
+    def proximal() -> Any:
+        return (spec.proximal_mu / 2) * sum(
+            torch.sum((p - start_values[n]) ** 2) for n, p in module.parameters_by_name.items()
+        )
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -124,10 +139,15 @@ def train(
     for _ in range(spec.epochs):
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, spec.batch_size):
+            if before_batch is not None:
+                before_batch()
             index = order[start : start + spec.batch_size]
             batch = {k: v[index] for k, v in tensors.items()}
             optimizer.zero_grad()
-            objective(batch, index).backward()
+            value = objective(batch, index)
+            if spec.proximal_mu > 0:
+                value = value + proximal()
+            value.backward()
             optimizer.step()
             if mask_tensors:
                 with torch.no_grad():

@@ -285,6 +285,22 @@ class LearningCollector:
         )
         last.add_metric([], self._stats.last_run_seconds)
         yield last
+        paused = CounterMetricFamily(
+            "edge_agent_learning_paused_seconds",
+            "Time local training waited for serving (train_when = idle)",
+        )
+        paused.add_metric([], self._stats.paused_seconds)
+        yield paused
+        pauses = CounterMetricFamily(
+            "edge_agent_learning_pauses", "Times local training stopped for serving"
+        )
+        pauses.add_metric([], self._stats.pauses)
+        yield pauses
+        starts = CounterMetricFamily(
+            "edge_agent_learning_worker_starts", "Training worker processes started"
+        )
+        starts.add_metric([], self._stats.worker_starts)
+        yield starts
 
 
 class MetricsServer:

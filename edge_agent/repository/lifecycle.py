@@ -342,6 +342,10 @@ class ModelManager:
                     await self._load(name, force=rebuild)
         await self._changed()
 
+    def activity(self) -> tuple[int, int]:
+        """(requests queued or running, requests finished so far), every model together."""
+        return self._registry.activity()
+
     def serving_version(self, name: str) -> int:
         """The newest version of `name` serving now (0: none)."""
         entry = self._registry.find(name)

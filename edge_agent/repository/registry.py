@@ -160,6 +160,15 @@ class ModelRegistry:
         """Every loaded version (serving or draining), for statistics and metrics."""
         return [s.model for entry in self.entries() for s in entry.states() if s.model is not None]
 
+    def activity(self) -> tuple[int, int]:
+        """(requests queued or running now, requests finished so far) over every loaded version:
+        what local training's pacing reads (learn/participant.py)."""
+        busy = done = 0
+        for model in self.versions():
+            busy += model.scheduler.busy()
+            done += model.stats.success.count + model.stats.fail.count
+        return busy, done
+
     async def close(self) -> None:
         """Let every scheduler finish what it admitted, then stop its threads."""
         await asyncio.gather(*(model.close() for model in self.versions()))

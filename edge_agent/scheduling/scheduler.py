@@ -170,6 +170,10 @@ class Scheduler:
     def pending(self) -> int:
         return sum(len(q) for q in self._queues)
 
+    def busy(self) -> int:
+        """Requests queued or running now (read without the lock: a sample, for pacing)."""
+        return self.pending() + self.policy.instances - self._free
+
     async def infer(
         self,
         feeds: dict[str, np.ndarray],

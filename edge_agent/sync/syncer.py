@@ -50,6 +50,7 @@ from edge_agent.fleet.release import (
 )
 from edge_agent.learn.examples import ExampleStore
 from edge_agent.learn.participant import Participant
+from edge_agent.learn.process import Pacing
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.version import read_variant
@@ -160,6 +161,8 @@ class Syncer:
                 manager.repository,
                 self._serving,
                 self._root,
+                manager.activity,
+                Pacing(settings.train_when, settings.train_busy_rate, settings.min_train_share),
             )
 
     # -- thread ---------------------------------------------------------------------------------

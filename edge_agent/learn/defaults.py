@@ -1,0 +1,18 @@
+"""A learning task's defaults: one definition, read by the control plane (every unset field of a
+LearningSpec takes its value here) and by `edge-agent learn start` (its help). The server
+optimizer's were chosen by measurement on the learning benchmark (BENCHMARKS.md "Learning").
+"""
+
+from __future__ import annotations
+
+from edge_agent.learn.privacy import DEFAULT_DELTA
+
+TASK_DEFAULTS: dict[str, object] = {
+    "trainable": "all", "epochs": 1, "batch_size": 32, "lr": 0.01, "optimizer": "sgd",
+    "buffer": 4, "server_optimizer": "momentum", "server_lr": 1.0, "server_momentum": 0.9,
+    "server_beta1": 0.9, "server_beta2": 0.99, "server_tau": 1e-3,
+    "staleness_exponent": 0.5, "max_staleness": 10, "int8_threshold": 256,
+    "max_accuracy_drop": 0.01, "min_examples": 16, "train_seconds": 300.0,
+    "min_interval": 30.0, "max_wait": 120.0, "min_updates": 1, "aggregator": "mean",
+    "dp_delta": DEFAULT_DELTA,
+}  # fmt: skip
