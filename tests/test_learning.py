@@ -70,10 +70,18 @@ def accuracy_of(agent: Daemon, x: np.ndarray, y: np.ndarray) -> float:
 
 
 class LearningFleet(Fleet):
-    def __init__(self, tmp: Path, start: Callable[..., Daemon], *cp_args: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        start: Callable[..., Daemon],
+        *cp_args: str,
+        scale: tuple[str, str, dict[str, str]] | None = None,
+    ) -> None:
         self.learning_key, self.learning_pub = tmp / "learning.pem", tmp / "learning.pub"
         signing.generate_keypair(self.learning_key, self.learning_pub)
-        super().__init__(tmp, start, "--learning-key", str(self.learning_key), *cp_args)
+        super().__init__(
+            tmp, start, "--learning-key", str(self.learning_key), *cp_args, scale=scale
+        )
 
     def learner(self, device: str, *extra: str) -> Daemon:
         return self.agent(device, "--learn", "--trusted-key", str(self.learning_pub), *extra)
@@ -97,6 +105,18 @@ class LearningFleet(Fleet):
 
 @pytest.fixture
 def fleet(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> LearningFleet:
+    return LearningFleet(tmp_path, start_daemon)
+
+
+@pytest.fixture(params=["embedded", "scale"])
+def both_backends(
+    request: pytest.FixtureRequest, tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> LearningFleet:
+    """The parameter server's state on SQLite and on PostgreSQL + S3 (tests/services.py)."""
+    if request.param == "scale":
+        pg, s3 = request.getfixturevalue("scale_services")
+        scale = (pg.new_database(), s3.new_url(), s3.env())
+        return LearningFleet(tmp_path, start_daemon, scale=scale)
     return LearningFleet(tmp_path, start_daemon)
 
 
@@ -702,10 +722,13 @@ def _published_fakes(fleet: LearningFleet, count: int) -> dict[str, FakeDevice]:
     return {f"d{i}": FakeDevice(fleet, f"d{i}") for i in range(count)}
 
 
-def test_server_optimizer_state_survives_a_control_plane_restart(fleet: LearningFleet) -> None:
+def test_server_optimizer_state_survives_a_control_plane_restart(
+    both_backends: LearningFleet,
+) -> None:
     """One task per server optimizer; two aggregations, a kill -9 between them. The second
     global must equal what an uninterrupted optimizer makes of the same updates, computed here
     from the formulas (momentum and adaptive moments carried across the restart)."""
+    fleet = both_backends
     fake = _published_fakes(fleet, 2)
     validation = fleet.npz("validation", *split()["validation"])
     settings = {
@@ -776,11 +799,12 @@ def test_server_optimizer_state_survives_a_control_plane_restart(fleet: Learning
             assert np.allclose(got[tensor], w, atol=2e-5), (name, tensor)
 
 
-def test_a_private_task_spends_its_epsilon_and_stops(fleet: LearningFleet) -> None:
+def test_a_private_task_spends_its_epsilon_and_stops(both_backends: LearningFleet) -> None:
     """Central DP: each aggregation spends privacy; the task stops before passing its limit,
     with the epsilon the accountant computes, shown by `learn status`."""
     from edge_agent.learn import privacy
 
+    fleet = both_backends
     fake = _published_fakes(fleet, 2)
     validation = fleet.npz("validation", *split()["validation"])
     z = 2.0

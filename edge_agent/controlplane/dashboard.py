@@ -434,7 +434,7 @@ class Dashboard:
         now = time.time()
 
         def read() -> list[tuple[LearningTaskRow, list[VersionRow]]]:
-            return [(t, self._registry.versions(t.id)) for t in self._registry.tasks()]
+            return [(t, self._registry.versions(t.id)) for t in self._registry.tasks(0, False)]
 
         return self._answer(request, "Learning", learning_html(await self._db(read)), now)
 

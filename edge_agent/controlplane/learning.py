@@ -383,7 +383,7 @@ class ParameterServer:
         return int(task_id), str(notice)
 
     async def stop(self, task_id: int) -> None:
-        tasks = await self._db(self._registry.tasks, task_id)
+        tasks = await self._db(self._registry.tasks, task_id, False)
         if not tasks:
             raise NotFound(f"no learning task {task_id}")
         await self._db(self._registry.set_task_state, task_id, STOPPED)
@@ -419,7 +419,7 @@ class ParameterServer:
         def read() -> list[pb.LearningTask]:
             out = []
             now = time.time()
-            for task in self._registry.tasks(task_id):
+            for task in self._registry.tasks(task_id, validation=False):
                 c = task.counters
                 spec = pb.LearningSpec.FromString(task.spec)
                 buffered = self._registry.buffered(task.id)
@@ -453,7 +453,7 @@ class ParameterServer:
             return out
 
         if task_id:
-            found = await self._db(self._registry.tasks, task_id)
+            found = await self._db(self._registry.tasks, task_id, False)
             if not found:
                 raise NotFound(f"no learning task {task_id}")
         return list(await self._db(read))
@@ -462,7 +462,7 @@ class ParameterServer:
 
     async def receive(self, device: str, header: pb.UpdateChunk, payload: bytes) -> pb.UpdateAck:
         """A device's update, whole and its digest checked by the caller."""
-        tasks = await self._db(self._registry.tasks, header.task_id)
+        tasks = await self._db(self._registry.tasks, header.task_id, False)
         if not tasks:
             raise NotFound(f"no learning task {header.task_id}")
         task = tasks[0]
@@ -568,8 +568,8 @@ class ParameterServer:
     def _exhaust(self, task: LearningTaskRow) -> None:
         """The next aggregation would spend more privacy than the task allows: it stops."""
         spec = pb.LearningSpec.FromString(task.spec)
+        self._registry.count(task.id, dp_exhausted=1)  # first: "stopped" is read with its why
         self._registry.set_task_state(task.id, STOPPED)
-        self._registry.count(task.id, dp_exhausted=1)
         log.info(
             "learn.privacy_budget_spent",
             task=task.id,
@@ -588,13 +588,20 @@ class ParameterServer:
         while True:
             await asyncio.sleep(TICK_S)
             try:
-                tasks = await self._db(self._registry.tasks)
+                due_now = await self._db(self._due_tasks, time.time())
             except Exception:  # the database is away: the next tick tries again
                 log.exception("learn.tick_failed")
                 continue
-            for task in tasks:
-                if task.state == RUNNING:
-                    await self.aggregate_when_full(task.id)
+            for task_id in due_now:
+                await self.aggregate_when_full(task_id)
+
+    def _due_tasks(self, now: float) -> list[int]:
+        """Running tasks with a buffer due now (read cheaply: specs and waiting rows only)."""
+        return [
+            task_id
+            for task_id, spec in self._registry.running_tasks()
+            if due(pb.LearningSpec.FromString(spec), self._registry.buffered(task_id), now)
+        ]
 
     def _aggregate(
         self, task: LearningTaskRow, spec: pb.LearningSpec, waiting: list[UpdateRow]
@@ -706,7 +713,7 @@ class ParameterServer:
     async def recover(self) -> None:
         """At start: aggregate what a crash left buffered; release an accepted global that a
         crash left unreleased."""
-        tasks = await self._db(self._registry.tasks)
+        tasks = await self._db(self._registry.tasks, 0, False)
         for task in tasks:
             if task.state != RUNNING:
                 continue

@@ -239,8 +239,9 @@ class Registry(Protocol):
         base_accuracy: float,
         global_digest: str,
     ) -> int: ...
-    def tasks(self, task_id: int = 0) -> list[LearningTaskRow]: ...
+    def tasks(self, task_id: int = 0, validation: bool = True) -> list[LearningTaskRow]: ...
     def set_task_state(self, task_id: int, state: str) -> None: ...
+    def running_tasks(self) -> list[tuple[int, bytes]]: ...
     def device_tasks(self, device_id: str) -> list[LearningTaskRow]: ...
     def count(self, task_id: int, **increments: int) -> None: ...
     def add_update(self, task_id: int, update: UpdateRow, state: str, now: float) -> bool: ...
@@ -873,9 +874,12 @@ class SqlRegistry:
             )
         return task_id
 
-    def tasks(self, task_id: int = 0) -> list[LearningTaskRow]:
+    def tasks(self, task_id: int = 0, validation: bool = True) -> list[LearningTaskRow]:
+        """Tasks (all, or one); without `validation` their validation sets are left unread
+        (b""): a device's long-poll reads its tasks, and a set may be 64 MiB."""
+        column = "validation" if validation else "NULL"
         rows = self._db.execute(
-            "SELECT id, model, base_version, spec, validation, shapes, state, global_version, "
+            f"SELECT id, model, base_version, spec, {column}, shapes, state, global_version, "
             "global_digest, round, base_accuracy, counters FROM learning_tasks "
             "WHERE ? = 0 OR id = ? ORDER BY id",
             (task_id, task_id),
@@ -891,8 +895,9 @@ class SqlRegistry:
             )
             out.append(
                 LearningTaskRow(
-                    int(r[0]), str(r[1]), int(r[2]), bytes(r[3]), bytes(r[4]), json.loads(r[5]),
-                    str(r[6]), int(r[7]), str(r[8]), int(r[9]), float(r[10]), json.loads(r[11]),
+                    int(r[0]), str(r[1]), int(r[2]), bytes(r[3]), bytes(r[4] or b""),
+                    json.loads(r[5]), str(r[6]), int(r[7]), str(r[8]), int(r[9]), float(r[10]),
+                    json.loads(r[11]),
                     devices,
                 )
             )  # fmt: skip
@@ -900,6 +905,15 @@ class SqlRegistry:
 
     def set_task_state(self, task_id: int, state: str) -> None:
         self._db.execute("UPDATE learning_tasks SET state = ? WHERE id = ?", (state, task_id))
+
+    def running_tasks(self) -> list[tuple[int, bytes]]:
+        """(id, spec) of the running tasks: without their validation sets or devices."""
+        return [
+            (int(r[0]), bytes(r[1]))
+            for r in self._db.execute(
+                "SELECT id, spec FROM learning_tasks WHERE state = 'running' ORDER BY id"
+            )
+        ]
 
     def device_tasks(self, device_id: str) -> list[LearningTaskRow]:
         ids = [
@@ -910,7 +924,7 @@ class SqlRegistry:
                 (device_id,),
             )
         ]
-        return [t for i in ids for t in self.tasks(i)]
+        return [t for i in ids for t in self.tasks(i, validation=False)]
 
     def count(self, task_id: int, **increments: int) -> None:
         # A read-modify-write of the counters: under the lock, or two replicas lose counts.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -259,6 +260,9 @@ class Participant:
                 "optimizer": task.optimizer or "sgd",
                 "seconds": budget,
                 "proximal_mu": task.proximal_mu,
+                # A new shuffle each run: a device training again on the same global and
+                # examples must not send the same update twice.
+                "seed": secrets.randbits(31),
             },
             "out": str(scratch / "out"),
             "threads": 1,
