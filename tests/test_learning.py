@@ -1,4 +1,4 @@
-"""Learning on the fleet end to end (issue 14): a real control plane with a learning key, real
+"""Learning on the fleet end to end: a real control plane with a learning key, real
 agents with --learn, examples over SubmitExamples (the CLI), a task started from the CLI,
 updates, aggregation, the gate, a signed learned release rolled out and served everywhere."""
 
@@ -120,10 +120,10 @@ def both_backends(
     return LearningFleet(tmp_path, start_daemon)
 
 
-def test_the_fleet_learns_and_ships_a_signed_gated_release(fleet: LearningFleet) -> None:
+def _start_fleet(fleet: LearningFleet, devices: list[str], rows: int = 80) -> dict[str, Daemon]:
+    """The weak base published, learners running it, each holding `rows` examples."""
     parts = split()
     base = weak_base(fleet.tmp / "base" / "digits" / "1" / "model.onnx")
-    devices = ["edge-0", "edge-1", "edge-2"]
     for d in devices:
         fleet.add_device(d)
     fleet.cli(
@@ -131,17 +131,24 @@ def test_the_fleet_learns_and_ships_a_signed_gated_release(fleet: LearningFleet)
         fleet.address, "--signing-key", str(fleet.key), "--token-file", str(fleet.token_file),
     )  # fmt: skip
     agents = {d: fleet.learner(d) for d in devices}
-    test_x, test_y = parts["test"]
     wait_for(lambda: all(_serves_digits(a) for a in agents.values()), "v1 serving everywhere")
-    before = accuracy_of(agents["edge-0"], test_x, test_y)
-    assert before < 0.5  # a deliberately weak base
-    for d in devices:
-        x, y = parts[d]
+    for i, d in enumerate(devices):
+        x, y = parts[f"edge-{i % 3}"]
         out = fleet.cli(
             "examples", "import", "--url", agents[d].control_url, "--model", "digits",
-            "--data", str(fleet.npz(d, x, y)),
+            "--data", str(fleet.npz(d, x[:rows], y[:rows])),
         ).stdout  # fmt: skip
-        assert "80 examples accepted" in out
+        assert f"{rows} examples accepted" in out
+    return agents
+
+
+def test_the_fleet_learns_and_ships_a_signed_gated_release(fleet: LearningFleet) -> None:
+    parts = split()
+    devices = ["edge-0", "edge-1", "edge-2"]
+    agents = _start_fleet(fleet, devices)
+    test_x, test_y = parts["test"]
+    before = accuracy_of(agents["edge-0"], test_x, test_y)
+    assert before < 0.5  # a deliberately weak base
     validation = fleet.npz("validation", *parts["validation"])
     started = fleet.learn(
         "start", "--model", "digits", "--validation", str(validation), "--buffer", "3",
@@ -576,27 +583,6 @@ def test_examples_are_checked_and_kept_within_bounds(
     )
     assert 'edge_agent_examples_refused_total{model="digits"} 6.0' in text
     assert 'edge_agent_examples_dropped_total{model="digits"}' in text
-
-
-def _start_fleet(fleet: LearningFleet, devices: list[str], rows: int = 80) -> dict[str, Daemon]:
-    """The weak base published, learners running it, each holding `rows` examples."""
-    parts = split()
-    base = weak_base(fleet.tmp / "base" / "digits" / "1" / "model.onnx")
-    for d in devices:
-        fleet.add_device(d)
-    fleet.cli(
-        "publish", str(base), "--model", "digits", "--version", "1", "--control-plane",
-        fleet.address, "--signing-key", str(fleet.key), "--token-file", str(fleet.token_file),
-    )  # fmt: skip
-    agents = {d: fleet.learner(d) for d in devices}
-    wait_for(lambda: all(_serves_digits(a) for a in agents.values()), "v1 serving everywhere")
-    for i, d in enumerate(devices):
-        x, y = parts[f"edge-{i % 3}"]
-        fleet.cli(
-            "examples", "import", "--url", agents[d].control_url, "--model", "digits",
-            "--data", str(fleet.npz(d, x[:rows], y[:rows])),
-        )  # fmt: skip
-    return agents
 
 
 def _learned(fleet: LearningFleet, task_id: int) -> list[int]:
