@@ -394,7 +394,7 @@ class Dashboard:
         now = time.time()
         devices = await self._db(self._registry.devices)
         rollouts = await self._db(self._registry.rollouts)
-        tasks = await self._db(self._registry.tasks)
+        tasks = await self._db(self._registry.tasks, 0, False)
         database, blobs = await self._sizes_now()
         recent = sum(1 for d in devices if now - d.last_seen < 120)
         failing = sum(1 for d in devices if any(r.state == "failed" for r in d.reports))
