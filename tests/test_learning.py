@@ -675,13 +675,15 @@ def _desired_task(device: FakeDevice, task_id: int) -> pb.LearningAssignment:
     return next(t for t in state.learning if t.task_id == task_id)
 
 
-def _upload(device: FakeDevice, task_id: int, deltas: dict[str, np.ndarray]) -> str:
+def _upload(
+    device: FakeDevice, task_id: int, deltas: dict[str, np.ndarray], **header_fields: Any
+) -> str:
     assignment = _desired_task(device, task_id)
     payload = delta.encode(deltas)
     header = pb.UpdateChunk(
         task_id=task_id, update_id=uuid.uuid4().hex,
         base_global_version=assignment.global_version, examples=50, size=len(payload),
-        sha256=hashlib.sha256(payload).hexdigest(), data=payload,
+        sha256=hashlib.sha256(payload).hexdigest(), data=payload, **header_fields,
     )  # fmt: skip
     return device.stub.UploadUpdate(iter([header]), metadata=device.meta, timeout=30).state
 
@@ -736,23 +738,32 @@ def test_server_optimizer_state_survives_a_control_plane_restart(
     }  # fmt: skip
     rng = np.random.default_rng(11)
     _, start = _global(fake["d0"], tasks["sgd"])
-    rounds = [
-        [{n: rng.standard_normal(v.shape).astype(np.float32) * 0.01 for n, v in start.items()}
-         for _ in range(2)]
-        for _ in range(2)
-    ]  # fmt: skip
+    rounds = {
+        name: [
+            [{n: rng.standard_normal(v.shape).astype(np.float32) * 0.01 for n, v in start.items()}
+             for _ in range(2)]
+            for _ in range(2)
+        ]
+        for name in tasks
+    }  # fmt: skip
+    # sgd: half way to the shipped model's head, then all the way back to the weak base: the
+    # second candidate is accepted (max drop 1) but worse than the first, so not released.
+    shipped = onnx.load(str(DIGITS / "1" / "model.onnx"))
+    good = {t.name: numpy_helper.to_array(t) for t in shipped.graph.initializer}
+    towards = {n: good[n] - start[n] for n in start}
+    rounds["sgd"] = [[towards, towards], [{n: -v for n, v in towards.items()}] * 2]
 
-    def aggregate(round_: list[dict[str, np.ndarray]]) -> None:
-        for task_id in tasks.values():
-            for device, deltas in zip(fake.values(), round_, strict=True):
+    def aggregate(index: int) -> None:
+        for name, task_id in tasks.items():
+            for device, deltas in zip(fake.values(), rounds[name][index], strict=True):
                 assert _upload(device, task_id, deltas) == "buffered"
 
-    aggregate(rounds[0])
+    aggregate(0)
     for task_id in tasks.values():
         wait_for(lambda t=task_id: _global(fake["d0"], t)[0] == 1, "the first aggregation")  # type: ignore[misc]
     fleet.restart_control_plane(kill=True)
     fake = {d: FakeDevice(fleet, d) for d in fake}
-    aggregate(rounds[1])
+    aggregate(1)
     for name, task_id in tasks.items():
         _, got = wait_for(
             lambda t=task_id: (g := _global(fake["d0"], t))[0] == 2 and g,  # type: ignore[misc]
@@ -765,7 +776,7 @@ def test_server_optimizer_state_survives_a_control_plane_restart(
             w = value.astype(np.float64)
             m = np.zeros_like(w)
             v = np.zeros_like(w)
-            for round_ in rounds:
+            for round_ in rounds[name]:
                 d = np.mean([u[tensor] for u in round_], axis=0, dtype=np.float64)  # equal weights
                 if name == "sgd":
                     w = w + lr * d
@@ -783,6 +794,12 @@ def test_server_optimizer_state_survives_a_control_plane_restart(
                         v = v - (1 - b2) * d * d * np.sign(v - d * d)
                     w = w + lr * m / (np.sqrt(v) + tau)
             assert np.allclose(got[tensor], w, atol=2e-5), (name, tensor)
+    versions = fleet.task(tasks["sgd"]).versions
+    assert versions[1].accepted and versions[1].released_version == 2
+    assert versions[1].accuracy > versions[0].accuracy + 0.3
+    assert versions[2].accepted and versions[2].accuracy < versions[1].accuracy
+    assert versions[2].released_version == 0  # what serves stays the best accepted global
+    assert fleet.task(tasks["sgd"]).best_accuracy == versions[1].accuracy
 
 
 def test_a_private_task_spends_its_epsilon_and_stops(both_backends: LearningFleet) -> None:
@@ -809,9 +826,11 @@ def test_a_private_task_spends_its_epsilon_and_stops(both_backends: LearningFlee
     )  # fmt: skip
     _, start = _global(fake["d0"], task_id)
     small = {n: np.full(v.shape, 1e-3, np.float32) for n, v in start.items()}
+    # A device's own report of its training time is bounded (NaN, huge): status stays sane.
+    lies = {"train_seconds": float("nan"), "paused_seconds": 1e300}
     for expected_version in (1, 2):
         for device in fake.values():
-            _upload(device, task_id, small)
+            _upload(device, task_id, small, **lies)
         wait_for(
             lambda v=expected_version: len(fleet.task(task_id).versions) > v,  # type: ignore[misc]
             f"aggregation {expected_version}",
@@ -822,5 +841,6 @@ def test_a_private_task_spends_its_epsilon_and_stops(both_backends: LearningFlee
     assert len(task.versions) == 3  # the base and two aggregations, no third
     assert task.dp_epsilon == pytest.approx(privacy.epsilon(z, 2)) and task.dp_epsilon <= limit
     assert "privacy budget" in task.progress
+    assert task.train_seconds == 0 and task.paused_seconds == 0  # NaN is 0, paused <= run
     status = fleet.learn("status", "--task", str(task_id)).stdout
     assert "privacy spent: epsilon" in status

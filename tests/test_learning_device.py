@@ -15,9 +15,11 @@ import pytest
 
 from conftest import ROOT, wait_for
 from edge_agent._proto import fleet_pb2 as pb
-from edge_agent.controlplane.learning import countable, due, progress
+from edge_agent.controlplane.learning import check_spec, due, progress, spec_defaults
 from edge_agent.controlplane.registry import LearningTaskRow, UpdateRow
+from edge_agent.errors import EdgeAgentError
 from edge_agent.learn import delta
+from edge_agent.learn.defaults import min_interval
 from edge_agent.learn.process import Cancelled, Pacing, Worker
 from edge_agent.learn.worker import BATCHES, PAUSED_NOW, PAUSES
 
@@ -148,21 +150,43 @@ def _task(spec: pb.LearningSpec, devices: int = 3) -> LearningTaskRow:
     )  # fmt: skip
 
 
-def _rows(*devices_and_times: tuple[str, float]) -> list[UpdateRow]:
-    return [UpdateRow(f"u{i}", d, 0, 10, "x", at) for i, (d, at) in enumerate(devices_and_times)]
+def _rows(*devices_and_times: tuple[str, float], base: int = 0) -> list[UpdateRow]:
+    return [UpdateRow(f"u{i}", d, base, 10, "x", at) for i, (d, at) in enumerate(devices_and_times)]
+
+
+def _ids(rows: list[UpdateRow]) -> list[str]:
+    return [r.update_id for r in rows]
 
 
 def test_when_a_buffer_is_due_and_what_status_says() -> None:
-    spec = pb.LearningSpec(buffer=3, min_updates=2, max_wait=60.0)
+    spec = pb.LearningSpec(buffer=3, min_updates=2, max_wait=60.0, max_staleness=10)
     rows = _rows(("d0", 100.0), ("d1", 110.0))
-    assert due(spec, rows, 150.0) == []  # 2 of 3, and only 50 s waited
-    assert due(spec, rows, 160.0) == rows  # max wait passed with min_updates in
-    assert due(spec, rows[:1], 1000.0) == []  # fewer than min_updates wait for ever
+    assert due(spec, rows, 150.0, 0) == ([], {})  # 2 of 3, and only 50 s waited
+    assert due(spec, rows, 160.0, 0) == (rows, {})  # max wait passed with min_updates in
+    assert due(spec, rows[:1], 1000.0, 0) == ([], {})  # fewer than min_updates wait for ever
     full = _rows(("d0", 1.0), ("d0", 2.0), ("d1", 3.0), ("d2", 4.0))
-    assert [r.update_id for r in due(spec, full, 5.0)] == ["u0", "u1", "u2"]  # oldest first
-    # With DP a buffer takes one update per device: d0's second one waits for the next.
-    private = pb.LearningSpec(buffer=3, min_updates=1, max_wait=60.0, dp_noise_multiplier=1.0)
-    assert [r.update_id for r in countable(private, full)] == ["u0", "u2", "u3"]
+    taken, dropped = due(spec, full, 5.0, 0)
+    assert _ids(taken) == ["u0", "u1", "u2"] and not dropped  # the mean: a fast device twice
+    # Updates that grew too stale while waiting are dropped with the aggregation.
+    taken, dropped = due(spec, full, 5.0, 11)
+    assert not taken and not dropped
+    old_and_new = [*_rows(("d0", 1.0), base=0), UpdateRow("n1", "d1", 9, 10, "x", 2.0)]
+    assert due(spec, old_and_new, 500.0, 11) == ([], {})  # only one fresh: min_updates is 2
+    spec_one = pb.LearningSpec(buffer=3, min_updates=1, max_wait=60.0, max_staleness=10)
+    assert due(spec_one, old_and_new, 500.0, 11) == (old_and_new[1:], {"u0": "dropped_stale"})
+    # With DP or a robust aggregator a buffer takes one update per device (its newest), and
+    # the device's older ones go with the aggregation.
+    for private in (
+        pb.LearningSpec(buffer=3, min_updates=1, max_wait=60.0, dp_noise_multiplier=1.0),
+        pb.LearningSpec(buffer=3, min_updates=1, max_wait=60.0, aggregator="median"),
+        pb.LearningSpec(buffer=3, min_updates=1, max_wait=60.0, trim=0.2),
+    ):
+        private.max_staleness = 10
+        taken, dropped = due(private, full, 5.0, 0)
+        assert _ids(taken) == ["u1", "u2", "u3"] and dropped == {"u0": "superseded"}
+    # A task stored before max_wait existed (0): it waits for a full buffer, as it always did.
+    legacy = pb.LearningSpec(buffer=4, max_staleness=10)
+    assert due(legacy, rows, 1e9, 0) == ([], {})
     text = progress(_task(spec), spec, rows, 1, 150.0)
     assert text.startswith("waiting for 1 more update(s); 1 of 3 device(s) active")
     assert "in 10 s (max wait)" in text
@@ -181,3 +205,41 @@ def test_an_update_stays_a_tensor_set_of_the_trained_names() -> None:
     shapes = {k: list(v.shape) for k, v in result.deltas.items()}
     back = delta.decode(delta.encode(result.deltas, 256), shapes)
     assert sorted(back) == ["b2", "w2"]
+
+
+def test_an_older_control_planes_assignment_keeps_the_default_interval() -> None:
+    assert min_interval(pb.LearningAssignment()) == 30.0  # unset: not back to back
+    assert min_interval(pb.LearningAssignment(min_interval=0.0)) == 0.0  # chosen
+    assert min_interval(pb.LearningAssignment(min_interval=5.0)) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"aggregator": "mode"}, "aggregator 'mode'"),
+        ({"aggregator": "median", "trim": 0.1}, "choose one"),
+        ({"server_optimizer": "lamb"}, "server optimizer 'lamb'"),
+        ({"server_momentum": 1.0}, "momentum"),
+        ({"dp_noise_multiplier": 1.0}, "needs clip_norm > 0"),
+        ({"dp_noise_multiplier": 1.0, "clip_norm": 1.0, "aggregator": "median"}, "on the mean"),
+        ({"dp_max_epsilon": 3.0}, "needs dp_noise_multiplier"),
+        ({"dp_noise_multiplier": 0.3, "clip_norm": 1.0, "dp_max_epsilon": 0.5}, "allows no"),
+        ({"max_wait": float("nan")}, "max_wait must be a finite number"),
+        ({"proximal_mu": -1.0}, "proximal_mu"),
+    ],
+)
+def test_a_spec_that_cannot_run_is_refused_naming_the_field(
+    fields: dict[str, Any], message: str
+) -> None:
+    spec = spec_defaults(pb.LearningSpec(model="m", **fields))
+    with pytest.raises(EdgeAgentError, match=message):
+        check_spec(spec)
+
+
+def test_zero_is_a_choice_where_it_means_something() -> None:
+    spec = spec_defaults(pb.LearningSpec(max_accuracy_drop=0.0, server_momentum=0.0))
+    assert spec.max_accuracy_drop == 0.0 and spec.server_momentum == 0.0  # kept
+    unset = spec_defaults(pb.LearningSpec())
+    assert unset.max_accuracy_drop == 0.01 and unset.server_momentum == 0.9
+    assert unset.min_interval == 30.0 and unset.max_wait == 120.0
+    check_spec(unset)  # the defaults run

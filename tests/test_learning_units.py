@@ -130,17 +130,26 @@ def test_dp_noise_has_the_scale_z_times_c_over_k() -> None:
     zeros = [delta.Update({"w": np.zeros(size, np.float32)}, 7, 0) for _ in range(k)]
     noisy = delta.aggregate(
         zeros,
-        delta.Aggregation(clip_norm=clip, dp_noise_multiplier=z),
+        delta.Aggregation(buffer=k, clip_norm=clip, dp_noise_multiplier=z),
         np.random.default_rng(5),
     )
     assert float(np.std(noisy["w"])) == pytest.approx(z * clip / k, rel=0.01)
+    # Fewer than K (max_wait fired): still divided by K, not by who happened to send.
+    half = delta.aggregate(
+        zeros[:2],
+        delta.Aggregation(buffer=k, clip_norm=clip, dp_noise_multiplier=z),
+        np.random.default_rng(6),
+    )
+    assert float(np.std(half["w"])) == pytest.approx(z * clip / k, rel=0.01)
     assert abs(float(np.mean(noisy["w"]))) < 0.01
     # With signal: the mean of the updates (each weighs 1, whatever its examples) plus that noise.
     ones = [
         delta.Update({"w": np.full(size, float(i), np.float32)}, 100 * i + 1, 0) for i in range(k)
     ]
     signal = delta.aggregate(
-        ones, delta.Aggregation(clip_norm=clip, dp_noise_multiplier=z), np.random.default_rng(5)
+        ones,
+        delta.Aggregation(buffer=k, clip_norm=clip, dp_noise_multiplier=z),
+        np.random.default_rng(5),
     )
     assert np.allclose(signal["w"] - noisy["w"], np.mean(range(k)), atol=1e-5)
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import math
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,9 @@ SCOPES = {pb.FLEET: FLEET, pb.GROUP: GROUP, pb.CANARY: CANARY}
 MAX_VALIDATION_BYTES = 64 << 20
 ABSURD_NORM = 1e3  # an update with a norm beyond this many times the global's (or 1e3) is refused
 RUNNING, STOPPED = "running", "stopped"
+OPTIONAL_FIELDS = {
+    f.name for f in pb.LearningSpec.DESCRIPTOR.fields if f.has_presence and f.message_type is None
+}  # proto3 `optional`: 0 may be meant
 TICK_S = 2.0  # how often running tasks are looked at for max_wait
 ACTIVE_S = 600.0  # "active": sent an update within this long
 
@@ -96,7 +100,9 @@ def spec_defaults(spec: pb.LearningSpec) -> pb.LearningSpec:
     out = pb.LearningSpec()
     out.CopyFrom(spec)
     for key, value in TASK_DEFAULTS.items():
-        if not getattr(out, key):
+        # An optional field set to 0 is a choice (a strict gate); a plain one at 0 is unset.
+        given = out.HasField(key) if key in OPTIONAL_FIELDS else bool(getattr(out, key))
+        if not given:
             setattr(out, key, value)
     if out.scope == pb.TARGET_SCOPE_UNSPECIFIED:
         out.scope = pb.FLEET
@@ -147,6 +153,9 @@ def aggregation(spec: pb.LearningSpec) -> delta.Aggregation:
 
 def check_spec(spec: pb.LearningSpec) -> None:
     """Refuse a spec (defaults applied) that cannot run, naming the field."""
+    for field in pb.LearningSpec.DESCRIPTOR.fields:
+        if field.type == field.TYPE_DOUBLE and not math.isfinite(getattr(spec, field.name)):
+            raise InvalidArgument(f"{field.name} must be a finite number")
     if spec.trainable != "all" and not (
         spec.trainable.startswith("last:") and spec.trainable[5:].isdigit()
     ):
@@ -180,31 +189,58 @@ def check_spec(spec: pb.LearningSpec) -> None:
                 "differential privacy needs the accountant on the control plane: "
                 "pip install 'edge-agent[privacy]'"
             )
+        if spec.dp_max_epsilon and not privacy.aggregations_within(
+            spec.dp_noise_multiplier, spec.dp_max_epsilon, spec.dp_delta, limit=1
+        ):
+            raise InvalidArgument(
+                f"dp_max_epsilon {spec.dp_max_epsilon:g} allows no aggregation at noise "
+                f"multiplier {spec.dp_noise_multiplier:g} (one costs epsilon "
+                f"{privacy.epsilon(spec.dp_noise_multiplier, 1, spec.dp_delta):.3g})"
+            )
     elif spec.dp_max_epsilon:
         raise InvalidArgument("dp_max_epsilon needs dp_noise_multiplier > 0")
 
 
-def countable(spec: pb.LearningSpec, waiting: list[UpdateRow]) -> list[UpdateRow]:
-    """The waiting updates the next aggregation takes: all of them, or with differential
-    privacy the oldest of each device (a device's data moves one aggregation by at most C)."""
-    if spec.dp_noise_multiplier <= 0:
-        return waiting
-    first: dict[str, UpdateRow] = {}
-    for row in waiting:
-        first.setdefault(row.device_id, row)
-    return list(first.values())
+def one_per_device(spec: pb.LearningSpec) -> bool:
+    """Whether an aggregation takes at most one update per device: with differential privacy (a
+    device's data moves one sum by at most C) and with the robust aggregators (a device posting
+    K updates would otherwise be the whole median)."""
+    return spec.dp_noise_multiplier > 0 or spec.aggregator == "median" or spec.trim > 0
 
 
-def due(spec: pb.LearningSpec, waiting: list[UpdateRow], now: float) -> list[UpdateRow]:
-    """The updates to aggregate now: a full buffer, or after max_wait at least min_updates of
-    them (empty: not yet)."""
-    taken = countable(spec, waiting)
-    if len(taken) >= spec.buffer:
-        return taken[: spec.buffer]
-    waited = now - min((r.at for r in taken), default=now)
-    if taken and len(taken) >= max(1, spec.min_updates) and waited >= spec.max_wait:
-        return taken
-    return []
+def due(
+    spec: pb.LearningSpec, waiting: list[UpdateRow], now: float, global_version: int
+) -> tuple[list[UpdateRow], dict[str, str]]:
+    """What the next aggregation takes now, and what it drops (update id -> state): a full
+    buffer, or after max_wait at least min_updates; nothing taken: not due yet. Updates grown
+    older than max_staleness while they waited are dropped ("dropped_stale"); where one update
+    per device counts, a device's newest one is taken and its older ones dropped
+    ("superseded"), so no backlog builds up."""
+    dropped = {
+        r.update_id: "dropped_stale"
+        for r in waiting
+        if global_version - r.base_global > spec.max_staleness
+    }
+    fresh = [r for r in waiting if r.update_id not in dropped]
+    if one_per_device(spec):
+        newest: dict[str, UpdateRow] = {}
+        for row in fresh:  # oldest first: the last one seen of a device is its newest
+            if row.device_id in newest:
+                dropped[newest[row.device_id].update_id] = "superseded"
+            newest[row.device_id] = row
+        fresh = sorted(newest.values(), key=lambda r: r.at)
+    if len(fresh) >= spec.buffer:
+        taken = fresh[: spec.buffer]
+    elif (
+        fresh
+        and spec.max_wait > 0  # 0: a task from before max_wait, which waited for a full buffer
+        and len(fresh) >= (spec.min_updates or spec.buffer)
+        and now - fresh[0].at >= spec.max_wait
+    ):
+        taken = fresh
+    else:
+        return [], {}
+    return taken, dropped
 
 
 def progress(
@@ -215,18 +251,20 @@ def progress(
         if task.counters.get("dp_exhausted"):
             return f"stopped: the privacy budget (epsilon {spec.dp_max_epsilon:g}) is spent"
         return task.state
-    taken = countable(spec, waiting)
-    missing = spec.buffer - len(taken)
     activity = f"{active} of {len(task.devices)} device(s) active in the last 10 minutes"
-    if missing <= 0:
-        return f"aggregating {spec.buffer} update(s); {activity}"
-    text = f"waiting for {missing} more update(s); {activity}"
-    if len(taken) >= max(1, spec.min_updates):
-        oldest = min(r.at for r in taken)
-        left = max(0.0, spec.max_wait - (now - oldest))
-        text += f"; aggregating the {len(taken)} waiting in {left:.0f} s (max wait)"
-    elif taken:
-        text += f"; max wait needs {spec.min_updates - len(taken)} more"
+    taken, _ = due(spec, waiting, now, task.global_version)
+    if taken:
+        return f"aggregating {len(taken)} update(s); {activity}"
+    fresh = [r for r in waiting if task.global_version - r.base_global <= spec.max_staleness]
+    counted = len({r.device_id for r in fresh}) if one_per_device(spec) else len(fresh)
+    text = f"waiting for {spec.buffer - counted} more update(s); {activity}"
+    needed = spec.min_updates or spec.buffer
+    if fresh and spec.max_wait > 0:
+        if counted >= needed:
+            left = max(0.0, spec.max_wait - (now - min(r.at for r in fresh)))
+            text += f"; aggregating the {counted} waiting in {left:.0f} s (max wait)"
+        else:
+            text += f"; max wait needs {needed - counted} more"
     return text
 
 
@@ -439,9 +477,12 @@ class ParameterServer:
                     progress=progress(task, spec, buffered, active, now),
                 )  # fmt: skip
                 if spec.dp_noise_multiplier > 0:
-                    message.dp_epsilon = privacy.epsilon(
-                        spec.dp_noise_multiplier, len(versions) - 1, spec.dp_delta
-                    )
+                    try:
+                        message.dp_epsilon = privacy.epsilon(
+                            spec.dp_noise_multiplier, len(versions) - 1, spec.dp_delta
+                        )
+                    except FailedPrecondition as exc:  # this replica lacks the accountant
+                        message.progress += f"; epsilon unknown here: {exc}"
                 for v in versions:
                     message.versions.append(
                         pb.GlobalVersion(
@@ -514,6 +555,7 @@ class ParameterServer:
             max(0.0, min(v, 1e6)) if np.isfinite(v) else 0.0
             for v in (header.train_seconds, header.paused_seconds)
         ]  # a device's own report: bounded, for the status only
+        seconds[1] = min(seconds[1], seconds[0])  # paused is part of the run's time
         await self._db(
             self._registry.count, task.id, received=1, bytes_up=len(payload), fp32_bytes_up=fp32,
             train_ms=int(seconds[0] * 1000), paused_ms=int(seconds[1] * 1000),
@@ -537,21 +579,23 @@ class ParameterServer:
         lock = self._locks.setdefault(task_id, asyncio.Lock())
         async with lock:
             try:
-                tasks = await self._db(self._registry.tasks, task_id)
+                # Read cheaply first (an upload calls this): the validation set only once due.
+                tasks = await self._db(self._registry.tasks, task_id, False)
                 if not tasks or tasks[0].state != RUNNING:
                     return
-                task = tasks[0]
-                spec = pb.LearningSpec.FromString(task.spec)
-                waiting = due(spec, await self._db(self._registry.buffered, task_id), time.time())
-                if not waiting:
+                spec = pb.LearningSpec.FromString(tasks[0].spec)
+                waiting = await self._db(self._registry.buffered, task_id)
+                taken, dropped = due(spec, waiting, time.time(), tasks[0].global_version)
+                if not taken:
                     return
                 if spec.dp_max_epsilon > 0 and (
-                    privacy.epsilon(spec.dp_noise_multiplier, task.round + 1, spec.dp_delta)
+                    privacy.epsilon(spec.dp_noise_multiplier, tasks[0].round + 1, spec.dp_delta)
                     > spec.dp_max_epsilon
                 ):
-                    await self._db(self._exhaust, task)
+                    await self._db(self._exhaust, tasks[0])
                     return
-                version = await self._db(self._aggregate, task, spec, waiting)
+                (task,) = await self._db(self._registry.tasks, task_id)
+                version = await self._db(self._aggregate, task, spec, taken, dropped)
                 if version.accepted and version.accuracy >= await self._db(
                     self._best_released, task_id
                 ):
@@ -583,28 +627,35 @@ class ParameterServer:
 
     async def run_forever(self) -> None:
         """Recover what a crash left, then look at running tasks every TICK_S: what waits past
-        max_wait is aggregated there (an upload triggers the full-buffer case itself)."""
-        await self.recover()
+        max_wait is aggregated there (an upload triggers the full-buffer case itself). Neither
+        a failed recovery nor a failed tick ends the loop: it is what keeps max_wait."""
+        recovered = False
         while True:
-            await asyncio.sleep(TICK_S)
             try:
-                due_now = await self._db(self._due_tasks, time.time())
-            except Exception:  # the database is away: the next tick tries again
-                log.exception("learn.tick_failed")
-                continue
-            for task_id in due_now:
-                await self.aggregate_when_full(task_id)
+                if not recovered:
+                    await self.recover()
+                    recovered = True
+                for task_id in await self._db(self._due_tasks, time.time()):
+                    await self.aggregate_when_full(task_id)
+            except Exception:  # the database or blob store is away: the next tick tries again
+                log.exception("learn.tick_failed", recovered=recovered)
+            await asyncio.sleep(TICK_S)
 
     def _due_tasks(self, now: float) -> list[int]:
         """Running tasks with a buffer due now (read cheaply: specs and waiting rows only)."""
-        return [
-            task_id
-            for task_id, spec in self._registry.running_tasks()
-            if due(pb.LearningSpec.FromString(spec), self._registry.buffered(task_id), now)
-        ]
+        due_now = []
+        for task_id, raw, global_version in self._registry.running_tasks():
+            waiting = self._registry.buffered(task_id)
+            if due(pb.LearningSpec.FromString(raw), waiting, now, global_version)[0]:
+                due_now.append(task_id)
+        return due_now
 
     def _aggregate(
-        self, task: LearningTaskRow, spec: pb.LearningSpec, waiting: list[UpdateRow]
+        self,
+        task: LearningTaskRow,
+        spec: pb.LearningSpec,
+        waiting: list[UpdateRow],
+        dropped: dict[str, str],
     ) -> VersionRow:
         settings = aggregation(spec)
         updates, clipped = [], 0
@@ -618,7 +669,11 @@ class ParameterServer:
         pseudo_gradient = delta.aggregate(updates, settings)
         current = delta.decode(self._read_blob(task.global_digest))
         state_digest = self._registry.optimizer_state(task.id, task.global_version)
-        state = delta.decode(self._read_blob(state_digest)) if state_digest else {}
+        state = (
+            delta.decode(self._read_blob(state_digest), limit=delta.STATE_MAX_TENSORS)
+            if state_digest
+            else {}
+        )
         candidate, new_state = server_optimizer(spec).apply(current, pseudo_gradient, state)
         model = apply(self._base(task)[0], candidate, add=False)
         feeds, labels = read_validation(task.validation, sorted(self._inputs(model)))
@@ -630,12 +685,17 @@ class ParameterServer:
         optimizer_digest = self._put_blob(delta.encode(new_state)).digest if accepted else ""
         number = max(v.version for v in versions) + 1
         version = VersionRow(number, digest, score, accepted, 0, len(updates), time.time())
+        counters = {"applied": len(updates), "clipped": clipped}
+        for state_name in dropped.values():
+            counters[state_name] = counters.get(state_name, 0) + 1
         self._registry.advance(
             task.id,
             [u.update_id for u in waiting],
             version,
-            {"applied": len(updates), "clipped": clipped},
+            counters,
             optimizer_digest,
+            dropped,
+            task.round,
         )
         self.aggregations += 1
         self.gated_out += not accepted
@@ -711,22 +771,22 @@ class ParameterServer:
         return number
 
     async def recover(self) -> None:
-        """At start: aggregate what a crash left buffered; release an accepted global that a
-        crash left unreleased."""
+        """At start: release an accepted best global that a crash left unreleased; aggregate
+        what a crash left buffered. Under each task's lock, as an aggregation is."""
         tasks = await self._db(self._registry.tasks, 0, False)
         for task in tasks:
             if task.state != RUNNING:
                 continue
-            versions = await self._db(self._registry.versions, task.id)
-            current = next(v for v in versions if v.version == task.global_version)
-            best = max(v.accuracy for v in versions if v.released)
-            if (
-                current.accepted
-                and not current.released
-                and current.accuracy >= best
-                and self._key is not None
-            ):
-                spec = pb.LearningSpec.FromString(task.spec)
-                released = await self._db(self._release, task, spec, current)
-                await self._db(self._registry.set_released, task.id, current.version, released)
+            async with self._locks.setdefault(task.id, asyncio.Lock()):
+                versions = await self._db(self._registry.versions, task.id)
+                current = next(v for v in versions if v.version == task.global_version)
+                if (
+                    current.accepted
+                    and not current.released
+                    and current.accuracy >= await self._db(self._best_released, task.id)
+                    and self._key is not None
+                ):
+                    spec = pb.LearningSpec.FromString(task.spec)
+                    released = await self._db(self._release, task, spec, current)
+                    await self._db(self._registry.set_released, task.id, current.version, released)
             await self.aggregate_when_full(task.id)

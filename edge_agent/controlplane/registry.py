@@ -241,7 +241,7 @@ class Registry(Protocol):
     ) -> int: ...
     def tasks(self, task_id: int = 0, validation: bool = True) -> list[LearningTaskRow]: ...
     def set_task_state(self, task_id: int, state: str) -> None: ...
-    def running_tasks(self) -> list[tuple[int, bytes]]: ...
+    def running_tasks(self) -> list[tuple[int, bytes, int]]: ...
     def device_tasks(self, device_id: str) -> list[LearningTaskRow]: ...
     def count(self, task_id: int, **increments: int) -> None: ...
     def add_update(self, task_id: int, update: UpdateRow, state: str, now: float) -> bool: ...
@@ -256,6 +256,8 @@ class Registry(Protocol):
         version: VersionRow,
         counters: Mapping[str, int],
         optimizer_digest: str = "",
+        dropped: Mapping[str, str] | None = None,
+        expected_round: int | None = None,
     ) -> None: ...
     def set_released(self, task_id: int, version: int, model_version: int) -> None: ...
     def versions(self, task_id: int) -> list[VersionRow]: ...
@@ -906,12 +908,13 @@ class SqlRegistry:
     def set_task_state(self, task_id: int, state: str) -> None:
         self._db.execute("UPDATE learning_tasks SET state = ? WHERE id = ?", (state, task_id))
 
-    def running_tasks(self) -> list[tuple[int, bytes]]:
-        """(id, spec) of the running tasks: without their validation sets or devices."""
+    def running_tasks(self) -> list[tuple[int, bytes, int]]:
+        """(id, spec, global version) of the running tasks: without validation sets or devices."""
         return [
-            (int(r[0]), bytes(r[1]))
+            (int(r[0]), bytes(r[1]), int(r[2]))
             for r in self._db.execute(
-                "SELECT id, spec FROM learning_tasks WHERE state = 'running' ORDER BY id"
+                "SELECT id, spec, global_version FROM learning_tasks WHERE state = 'running' "
+                "ORDER BY id"
             )
         ]
 
@@ -989,10 +992,14 @@ class SqlRegistry:
         version: VersionRow,
         counters: Mapping[str, int],
         optimizer_digest: str = "",
+        dropped: Mapping[str, str] | None = None,
+        expected_round: int | None = None,
     ) -> None:
-        """One aggregation, all or nothing: the updates it used are applied, the candidate is
-        recorded, the round advances, and an accepted candidate becomes the global weights,
-        with the server optimizer's state after it (`optimizer_digest`). A
+        """One aggregation, all or nothing: the updates it used are applied, those it dropped
+        (id -> state) take their state, the candidate is recorded, the round advances, and an
+        accepted candidate becomes the global weights, with the server optimizer's state after
+        it (`optimizer_digest`). With `expected_round`, a task whose round moved on since it was
+        read (another replica aggregated from the same global) refuses it (Aborted). A
         crash before this commits leaves the updates buffered, to be aggregated again. Under
         the decision lock: of two replicas aggregating the same buffer, the second is refused
         (Aborted), so an aggregation is decided once."""
@@ -1019,7 +1026,24 @@ class SqlRegistry:
                 (task_id, version.version, version.digest, version.accuracy,
                  int(version.accepted), version.updates, version.at),
             )  # fmt: skip
-            self._db.execute("UPDATE learning_tasks SET round = round + 1 WHERE id = ?", (task_id,))
+            if expected_round is None:
+                self._db.execute(
+                    "UPDATE learning_tasks SET round = round + 1 WHERE id = ?", (task_id,)
+                )
+            elif (
+                self._db.execute(
+                    "UPDATE learning_tasks SET round = round + 1 WHERE id = ? AND round = ?",
+                    (task_id, expected_round),
+                ).rowcount
+                != 1
+            ):
+                raise Aborted("the task moved on since it was read (aggregated elsewhere)")
+            if dropped:
+                self._db.executemany(
+                    "UPDATE learning_updates SET state = ? WHERE task_id = ? AND update_id = ? "
+                    "AND state = 'buffered'",
+                    [(state, task_id, u) for u, state in dropped.items()],
+                )
             if version.accepted:
                 self._db.execute(
                     "UPDATE learning_tasks SET global_version = ?, global_digest = ? WHERE id = ?",

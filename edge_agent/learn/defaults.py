@@ -5,6 +5,8 @@ optimizer's were chosen by measurement on the learning benchmark (BENCHMARKS.md 
 
 from __future__ import annotations
 
+from typing import Any
+
 from edge_agent.learn.privacy import DEFAULT_DELTA
 
 TASK_DEFAULTS: dict[str, object] = {
@@ -16,3 +18,11 @@ TASK_DEFAULTS: dict[str, object] = {
     "min_interval": 30.0, "max_wait": 120.0, "min_updates": 1, "aggregator": "mean",
     "dp_delta": DEFAULT_DELTA,
 }  # fmt: skip
+
+
+def min_interval(assignment: Any) -> float:
+    """A LearningAssignment's seconds between runs when nothing changed: unset (an older
+    control plane) is the default; 0 set on purpose is back to back."""
+    if assignment.HasField("min_interval"):
+        return float(assignment.min_interval)
+    return float(TASK_DEFAULTS["min_interval"])  # type: ignore[arg-type]

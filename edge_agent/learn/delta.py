@@ -36,7 +36,8 @@ import numpy as np
 
 from edge_agent.errors import InvalidArgument
 
-MAX_TENSORS = 4096
+MAX_TENSORS = 4096  # in a tensor set a device sends
+STATE_MAX_TENSORS = 2 * MAX_TENSORS + 1  # a server optimizer's state: two moments and a step
 
 
 def encode(tensors: Mapping[str, np.ndarray], int8_threshold: int | None = None) -> bytes:
@@ -60,14 +61,14 @@ def encode(tensors: Mapping[str, np.ndarray], int8_threshold: int | None = None)
 
 
 def decode(
-    data: bytes, expected: Mapping[str, Sequence[int]] | None = None
+    data: bytes, expected: Mapping[str, Sequence[int]] | None = None, limit: int = MAX_TENSORS
 ) -> dict[str, np.ndarray]:
     """Bytes -> float32 tensors; with `expected` (name -> shape) every name, shape and value is
     checked. Raises InvalidArgument naming the problem."""
     try:
         (length,) = struct.unpack_from("<I", data, 0)
         header = json.loads(data[4 : 4 + length])
-        if not isinstance(header, list) or len(header) > MAX_TENSORS:
+        if not isinstance(header, list) or len(header) > limit:
             raise ValueError("the header is not a list of tensors")
     except (struct.error, ValueError, RecursionError) as exc:
         raise InvalidArgument(f"not a tensor set: {str(exc)[:200]}") from exc
@@ -177,7 +178,9 @@ def aggregate(
         for name in names:
             total = np.sum([u.deltas[name] for u in updates], axis=0, dtype=np.float64)
             total = total + noise.normal(0.0, sigma, size=total.shape)
-            step[name] = total / len(updates)
+            # Divided by K, a public constant, also when max_wait took fewer: a count that
+            # depends on who sent is not the mechanism the accountant analyses.
+            step[name] = total / max(settings.buffer, len(updates))
     elif settings.aggregator == "median":
         for name in names:
             step[name] = np.median(np.stack([u.deltas[name] for u in updates]), axis=0)

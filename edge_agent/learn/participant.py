@@ -41,6 +41,7 @@ from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.client import FailoverStub
 from edge_agent.fleet.release import CHUNK_SIZE
 from edge_agent.learn import cgroup
+from edge_agent.learn.defaults import TASK_DEFAULTS, min_interval
 from edge_agent.learn.delta import encode
 from edge_agent.learn.examples import ExampleStore
 from edge_agent.learn.process import WORKER_EXIT_S, Cancelled, Pacing, Worker
@@ -147,9 +148,22 @@ class Participant:
                     if self._stop.is_set():
                         return
                     if self._due(task):
-                        self._train_once(task)
+                        self._train_once_guarded(task)
         finally:
             self._end_worker()
+
+    def _train_once_guarded(self, task: pb.LearningAssignment) -> None:
+        """A run whatever goes wrong in it: an unexpected error (a garbled answer, a broken
+        deltas file) costs this run and the worker, never the learner thread."""
+        try:
+            self._train_once(task)
+        except Exception as exc:
+            self._failed_at[task.task_id] = time.monotonic()
+            self._count("failed")
+            log.exception("learn.run_failed", task=task.task_id, error=repr(exc)[:500])
+            if self._worker is not None:
+                self._worker.kill()
+                self._worker = None
 
     def _end_worker(self) -> None:
         if self._worker is not None:
@@ -163,7 +177,7 @@ class Participant:
         for task in self._assignments.values():
             mark = self._last.get(task.task_id)
             if mark is not None:
-                waits.append(mark.finished + task.min_interval - now)
+                waits.append(mark.finished + min_interval(task) - now)
         return max(0.05, min(waits))
 
     def _due(self, task: pb.LearningAssignment) -> bool:
@@ -178,7 +192,7 @@ class Participant:
             return True  # a newer global to train from
         if mark.examples != self._examples.revision(task.model):
             return True  # new examples
-        return time.monotonic() - mark.finished >= task.min_interval
+        return time.monotonic() - mark.finished >= min_interval(task)
 
     def _count(self, result: str) -> None:
         self.stats.runs[result] = self.stats.runs.get(result, 0) + 1
@@ -247,17 +261,17 @@ class Participant:
         )
         examples = scratch / "examples.npz"
         self._examples.export(task.model, examples)
-        budget = task.train_seconds or 300.0
+        budget = task.train_seconds or float(TASK_DEFAULTS["train_seconds"])  # type: ignore[arg-type]
         job = {
             "model_dir": str(version_dir),
             "examples": str(examples),
             "global": str(global_file),
             "spec": {
-                "trainable": task.trainable or "all",
-                "epochs": task.epochs or 1,
-                "batch_size": task.batch_size or 32,
-                "lr": task.lr or 0.01,
-                "optimizer": task.optimizer or "sgd",
+                # An older control plane leaves fields unset: the same defaults as a new one.
+                **{
+                    key: getattr(task, key) or TASK_DEFAULTS[key]
+                    for key in ("trainable", "epochs", "batch_size", "lr", "optimizer")
+                },
                 "seconds": budget,
                 "proximal_mu": task.proximal_mu,
                 # A new shuffle each run: a device training again on the same global and

@@ -121,7 +121,8 @@ class Worker:
 
     def stderr_tail(self) -> str:
         self._log.flush()
-        self._log.seek(0)
+        size = self._log.seek(0, os.SEEK_END)
+        self._log.seek(max(0, size - 2000))
         return self._log.read().decode(errors="replace").strip()[-500:]
 
     def close(self) -> None:

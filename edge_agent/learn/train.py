@@ -76,12 +76,13 @@ def train(
     spec: TrainSpec,
     loss: Any = None,
     masks: Mapping[str, np.ndarray] | None = None,
-    before_batch: Callable[[], None] | None = None,
+    before_batch: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Train `model`'s initializers on the examples; returns trained - original per trainable
     tensor. `loss(logits, labels, rows)` replaces cross-entropy (distillation); `masks` (name ->
     0/1 array) keep those weights' zeros at zero (fine-tuning a pruned model); `before_batch`
-    runs before each mini-batch (the worker yields to serving there)."""
+    runs before each mini-batch (the worker yields to serving there) and returns the seconds it
+    waited, which the time budget does not count."""
     import torch
 
     torch.manual_seed(spec.seed)
@@ -135,12 +136,13 @@ def train(
 
     before = evaluate()
     epochs = 0
+    waited = 0.0
     generator = torch.Generator().manual_seed(spec.seed)
     for _ in range(spec.epochs):
         order = torch.randperm(rows, generator=generator)
         for start in range(0, rows, spec.batch_size):
             if before_batch is not None:
-                before_batch()
+                waited += before_batch()
             index = order[start : start + spec.batch_size]
             batch = {k: v[index] for k, v in tensors.items()}
             optimizer.zero_grad()
@@ -154,7 +156,7 @@ def train(
                     for name, mask in mask_tensors.items():
                         module.parameters_by_name[name].mul_(mask)
         epochs += 1
-        if time.monotonic() - started > spec.seconds:
+        if time.monotonic() - started - waited > spec.seconds:
             break
     deltas = {
         name: (p.detach().numpy() - values[name]).astype(np.float32)

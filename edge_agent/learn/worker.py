@@ -26,9 +26,11 @@ writes its own counters (batches, pauses, time paused) into the same file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import mmap
 import os
+import signal
 import struct
 import sys
 import time
@@ -43,6 +45,7 @@ import numpy as np
 CHANNEL_BYTES = 64
 BUSY, BATCHES, PAUSES, PAUSED_NS, PAUSED_NOW = range(5)
 POLL_S = 0.002  # how often a paused worker looks again
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class Channel:
@@ -50,8 +53,10 @@ class Channel:
     read or write a counter)."""
 
     def __init__(self, path: Path, create: bool = False) -> None:
-        if create:
-            path.write_bytes(bytes(CHANNEL_BYTES))
+        if create:  # a new file, renamed in: a worker left from before keeps its own inode
+            fresh = path.with_name(path.name + ".new")
+            fresh.write_bytes(bytes(CHANNEL_BYTES))
+            os.replace(fresh, path)
         self._file = open(path, "r+b")  # noqa: SIM115 - mapped for the channel's lifetime
         self._map = mmap.mmap(self._file.fileno(), CHANNEL_BYTES)
 
@@ -73,15 +78,20 @@ class Pacer:
     def __init__(self, channel: Channel | None, min_share: float) -> None:
         self._channel = channel
         self._min_share = min_share
-        self.started = time.monotonic()
+        self.started = 0.0  # the first mini-batch: setup (conversion, features) is not a share
         self.trained = 0.0  # seconds spent in mini-batches
         self.paused = 0.0
         self._last: float | None = None
 
-    def __call__(self) -> None:
+    def __call__(self) -> float:
+        """Wait while serving is busy; returns the seconds waited (the run's budget counts
+        training time, not this)."""
         now = time.monotonic()
-        if self._last is not None:
+        if self._last is None:
+            self.started = now
+        else:
             self.trained += now - self._last
+        waited = 0.0
         channel = self._channel
         if channel is not None and channel.get(BUSY):
             paused_at = now
@@ -92,20 +102,32 @@ class Pacer:
                 time.sleep(POLL_S)
                 now = time.monotonic()
             if now > paused_at:
-                self.paused += now - paused_at
+                waited = now - paused_at
+                self.paused += waited
                 channel.set(PAUSED_NS, channel.get(PAUSED_NS) + int((now - paused_at) * 1e9))
                 channel.set(PAUSED_NOW, 0)
         if channel is not None:
             channel.set(BATCHES, channel.get(BATCHES) + 1)
         self._last = time.monotonic()
+        return waited
 
 
 def lower_priority() -> None:
-    with contextlib.suppress(OSError):  # already at the lowest priority
+    try:
         os.nice(19)
-    # SCHED_IDLE (Linux): the CPU only when nothing else wants it, below any nice value.
-    with contextlib.suppress(AttributeError, OSError):
+        # SCHED_IDLE (Linux): the CPU only when nothing else wants it, below any nice value.
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError) as exc:  # said once, on stderr (the agent's worker.log)
+        print(f"worker: could not lower its priority: {exc}", file=sys.stderr)
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel ends this process when the agent dies (SIGKILL, OOM), so no orphan
+    trains on with the agent's counters."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent died before the call above
+        raise SystemExit(0)
 
 
 def run_job(job: dict[str, Any], channel: Channel | None) -> dict[str, Any]:
@@ -149,13 +171,18 @@ def answer(job: dict[str, Any], channel: Channel | None) -> dict[str, Any]:
 
 
 def serve(channel_path: str) -> int:
-    """Jobs from stdin until it closes (the agent ends the worker by closing it)."""
+    """Jobs from stdin until it closes (the agent ends the worker by closing it). Answers go to
+    the original stdout alone: anything else printing (a library's warning) lands on stderr."""
+    die_with_parent()
     lower_priority()
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr
     channel = Channel(Path(channel_path))
     try:
         for line in sys.stdin:
             if line.strip():
-                print(json.dumps(answer(json.loads(line), channel)), flush=True)
+                answers.write(json.dumps(answer(json.loads(line), channel)) + "\n")
+                answers.flush()
     finally:
         channel.close()
     return 0
