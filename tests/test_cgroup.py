@@ -146,7 +146,7 @@ def test_a_delegated_cgroup_is_split_into_serving_and_an_idle_learning(
     assert (learning / "cpu.idle").read_text().strip() == "1"
     assert (learning / "cpu.weight").read_text().strip() == "100"  # cpu.idle is enough
     assert (fake.unit / "serving" / "cpu.idle").read_text().strip() == "0"
-    assert cgroup.prepare(fake.root, fake.proc_self) == learning
+    assert cgroup.prepare_learning(fake.root, fake.proc_self)[0] == learning
 
 
 def test_a_worker_enters_the_learning_cgroup(fake: FakeCgroupFs) -> None:

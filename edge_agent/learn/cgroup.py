@@ -9,14 +9,14 @@ apart from serving's.
 
 Under systemd with `Delegate=cpu` (systemd/edge-agent.service) the agent owns the subtree below
 its unit's cgroup. cgroup v2 lets a cgroup hand a controller to its children only while it holds
-no process itself (the no-internal-processes rule), so `prepare` builds:
+no process itself (the no-internal-processes rule), so `prepare_learning` builds:
 
     <the unit's cgroup>/      cgroup.subtree_control: +cpu
         serving/              the agent, its threads and whatever it starts later
         learning/             cpu.idle = 1 (Linux 5.15+), else cpu.weight = 1
 
 and the agent moves each worker into `learning/` with `enter`. Anywhere else (outside systemd,
-no delegation, cgroup v1, a read-only /sys/fs/cgroup) `prepare` returns None and the caller logs
+no delegation, cgroup v1, a read-only /sys/fs/cgroup) `prepare_learning` returns None and the caller logs
 the reason from `prepare_learning` once; nothing is raised, the daemon serves as before, and
 training keeps only the worker's own priority. Every path is a parameter, so the tests run
 against a fake tree.
@@ -41,11 +41,6 @@ _MOVE_PASSES = 3
 
 class _Unavailable(Exception):
     """Why there is no learning cgroup; its message is the reason the caller logs."""
-
-
-def prepare(root: Path = CGROUP_ROOT, proc_self: Path = PROC_SELF_CGROUP) -> Path | None:
-    """The learning cgroup's directory, or None where none can be made (`prepare_learning`)."""
-    return prepare_learning(root, proc_self)[0]
 
 
 def prepare_learning(
