@@ -144,11 +144,11 @@ class Settings:
     learn: bool = False
     examples_max_bytes: int = 256 << 20
     # Serving first: with "idle" the training worker pauses between mini-batches while requests
-    # are in flight or queued, or more than train_busy_rate were served in the last second;
-    # "always" trains at the lowest CPU priority only. min_train_share: a paused run still
-    # trains this share of its time, so it ends on a device that is never quiet.
+    # are in flight or queued and until train_quiet_ms after the last one finished; "always"
+    # trains at the lowest CPU priority only. min_train_share: a paused run still trains this
+    # share of its (wall-clock) time, so it ends on a device that is never quiet.
     train_when: str = "idle"
-    train_busy_rate: float = 5.0
+    train_quiet_ms: int = 100
     min_train_share: float = 0.1
     # Which variant of a release to install, by the execution provider the agent will run: the
     # first one the release has, else its default (fp32).
@@ -363,8 +363,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError("learn: needs a control_plane (learning tasks come from it)")
     if not 0 < settings.min_train_share <= 1:
         raise ConfigError("min_train_share: must lie in (0, 1]")
-    if settings.train_busy_rate < 0:
-        raise ConfigError("train_busy_rate: must not be negative")
+    if not 0 <= settings.train_quiet_ms <= 60_000:
+        raise ConfigError("train_quiet_ms: 0..60000")
     if settings.sync_interval <= 0:
         raise ConfigError("sync_interval: must be positive")
     if settings.sync_bandwidth_limit < 0:

@@ -20,7 +20,7 @@ from edge_agent.controlplane.registry import LearningTaskRow, UpdateRow
 from edge_agent.errors import EdgeAgentError
 from edge_agent.learn import delta
 from edge_agent.learn.defaults import min_interval
-from edge_agent.learn.process import Cancelled, Pacing, Worker
+from edge_agent.learn.process import Activity, Cancelled, Pacing, Worker
 from edge_agent.learn.worker import BATCHES, PAUSED_NOW, PAUSES
 
 pytest.importorskip("torch", reason="the learn extra (PyTorch) is part of the test install")
@@ -240,6 +240,18 @@ def test_zero_is_a_choice_where_it_means_something() -> None:
     spec = spec_defaults(pb.LearningSpec(max_accuracy_drop=0.0, server_momentum=0.0))
     assert spec.max_accuracy_drop == 0.0 and spec.server_momentum == 0.0  # kept
     unset = spec_defaults(pb.LearningSpec())
-    assert unset.max_accuracy_drop == 0.01 and unset.server_momentum == 0.9
+    assert unset.max_accuracy_drop == 0.01 and unset.server_momentum == 0.5
+    assert unset.server_optimizer == "momentum" and unset.server_lr == 0.3  # as measured
+    assert spec_defaults(pb.LearningSpec(server_optimizer="adam")).server_lr == 0.003
     assert unset.min_interval == 30.0 and unset.max_wait == 120.0
     check_spec(unset)  # the defaults run
+
+
+def test_serving_is_busy_while_requests_run_and_a_quiet_window_after() -> None:
+    activity = Activity()
+    assert not activity.busy((0, 10), 0.1, now=0.0)  # the first sample sets the baseline
+    assert activity.busy((1, 10), 0.1, now=0.01)  # one in flight
+    assert activity.busy((0, 11), 0.1, now=0.02)  # it finished just now
+    assert activity.busy((0, 11), 0.1, now=0.11)  # 90 ms later: still within the window
+    assert not activity.busy((0, 11), 0.1, now=0.125)  # quiet for 105 ms: train
+    assert activity.busy((0, 12), 0.1, now=0.5)  # the next burst

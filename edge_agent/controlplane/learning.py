@@ -76,7 +76,7 @@ from edge_agent.fleet.release import (
     parse_release,
 )
 from edge_agent.learn import delta, privacy
-from edge_agent.learn.defaults import TASK_DEFAULTS
+from edge_agent.learn.defaults import SERVER_LR_DEFAULTS, TASK_DEFAULTS
 from edge_agent.learn.onnxinfo import accuracy, apply, trainable_names, training_output
 from edge_agent.observability.logging import get_logger
 
@@ -104,6 +104,8 @@ def spec_defaults(spec: pb.LearningSpec) -> pb.LearningSpec:
         given = out.HasField(key) if key in OPTIONAL_FIELDS else bool(getattr(out, key))
         if not given:
             setattr(out, key, value)
+    if not out.server_lr:
+        out.server_lr = SERVER_LR_DEFAULTS.get(out.server_optimizer, 1.0)  # bad names: refused
     if out.scope == pb.TARGET_SCOPE_UNSPECIFIED:
         out.scope = pb.FLEET
     return out

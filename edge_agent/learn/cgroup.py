@@ -16,8 +16,8 @@ no process itself (the no-internal-processes rule), so `prepare_learning` builds
         learning/             cpu.idle = 1 (Linux 5.15+), else cpu.weight = 1
 
 and the agent moves each worker into `learning/` with `enter`. Anywhere else (outside systemd,
-no delegation, cgroup v1, a read-only /sys/fs/cgroup) `prepare_learning` returns None and the caller logs
-the reason from `prepare_learning` once; nothing is raised, the daemon serves as before, and
+no delegation, cgroup v1, a read-only /sys/fs/cgroup) `prepare_learning` returns None and the
+reason, which the caller logs once; nothing is raised, the daemon serves as before, and
 training keeps only the worker's own priority. Every path is a parameter, so the tests run
 against a fake tree.
 """

@@ -24,7 +24,7 @@ from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
 from edge_agent.fleet.client import channel_credentials, open_channel, table, upload_chunks
-from edge_agent.learn.defaults import TASK_DEFAULTS
+from edge_agent.learn.defaults import SERVER_LR_DEFAULTS, TASK_DEFAULTS
 
 EXIT_OK, EXIT_FAILED = 0, 1
 # `learn start`'s flags for LearningSpec fields: (flag, type, help); unset ones take the control
@@ -229,8 +229,11 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     where = start.add_mutually_exclusive_group()
     where.add_argument("--group", help="only the devices of this group take part")
     where.add_argument("--canary", type=float, metavar="PCT", help="PCT%% of the devices")
+    per_optimizer = ", ".join(f"{k} {v:g}" for k, v in SERVER_LR_DEFAULTS.items())
     for flag, kind, text in SPEC_HELP:
         default = TASK_DEFAULTS.get(flag.replace("-", "_"), "off")
+        if flag == "server-lr":
+            default = per_optimizer
         start.add_argument(f"--{flag}", type=kind, help=f"{text} ({default})")
     for name in ("status", "stop"):
         step = steps.add_parser(name, help=f"{name} learning tasks")

@@ -236,6 +236,7 @@ class Participant:
             loss_after=round(float(result["loss_after"]), 5),
             bytes=len(payload),
             seconds=round(self.stats.last_run_seconds, 3),
+            epochs=result.get("epochs"),
             paused_seconds=round(float(result.get("paused_seconds", 0.0)), 3),
         )
 
@@ -288,21 +289,24 @@ class Participant:
             self._worker = Worker(self._work / "worker", self._cgroup)
             self.stats.worker_starts += 1
         worker = self._worker
-        paused_before = worker.channel.get(PAUSED_NS), worker.channel.get(PAUSES)
+        # The channel's counters grow for the worker's life; the stats follow them live.
+        seen = [worker.channel.get(PAUSED_NS), worker.channel.get(PAUSES)]
+
+        def follow() -> None:
+            paused_ns, pauses = worker.channel.get(PAUSED_NS), worker.channel.get(PAUSES)
+            self.stats.paused_seconds += (paused_ns - seen[0]) / 1e9
+            self.stats.pauses += pauses - seen[1]
+            seen[:] = [paused_ns, pauses]
+
         try:
             # The budget counts training time; paused time is on top, up to 1/min_share of it.
             timeout = budget / self._pacing.min_share + 120
-            answer = worker.run(job, timeout, self._stop, self._pacing, self._activity)
+            answer = worker.run(job, timeout, self._stop, self._pacing, self._activity, follow)
+            follow()
         except (Cancelled, EdgeAgentError):
             worker.kill()
             self._worker = None
             raise
-        finally:
-            if self._worker is not None:
-                self.stats.paused_seconds += (
-                    worker.channel.get(PAUSED_NS) - paused_before[0]
-                ) / 1e9
-                self.stats.pauses += worker.channel.get(PAUSES) - paused_before[1]
         if not answer.get("ok"):
             raise EdgeAgentError(f"local training failed: {answer.get('error') or 'no reason'}")
         with np.load(scratch / "out" / "deltas.npz", allow_pickle=False) as data:

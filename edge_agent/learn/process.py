@@ -7,7 +7,6 @@ Kept apart from participant.py so that it imports nothing of the serving side.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -37,11 +36,33 @@ class Cancelled(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Pacing:
-    """How training yields to serving (settings train_when, train_busy_rate, min_train_share)."""
+    """How training yields to serving (settings train_when, train_quiet_ms, min_train_share)."""
 
     when: str = "idle"  # idle | always
-    busy_rate: float = 5.0  # requests finished in the last second above which serving is busy
+    # Serving is busy while requests are queued or running, and this long after the last one
+    # finished: a closed-loop client's gaps between requests are not quiet, a pause between
+    # bursts is (a 1 s window of "more than 5 requests" kept a half-busy client's device from
+    # training 36x longer than needed).
+    quiet_s: float = 0.1
     min_share: float = 0.1
+
+
+class Activity:
+    """Serving's activity as the pacing samples it: busy while requests are queued or running
+    and for `quiet_s` after one finished (seen as the finished count moving)."""
+
+    def __init__(self) -> None:
+        self._finished = -1
+        self._changed = float("-inf")
+
+    def busy(self, sample: tuple[int, int], quiet_s: float, now: float | None = None) -> bool:
+        in_flight, finished = sample
+        now = time.monotonic() if now is None else now
+        if finished != self._finished:
+            if self._finished >= 0:  # the first sample only sets the baseline
+                self._changed = now
+            self._finished = finished
+        return in_flight > 0 or now - self._changed < quiet_s
 
 
 class Worker:
@@ -77,13 +98,15 @@ class Worker:
         stop: threading.Event,
         pacing: Pacing,
         activity: Callable[[], tuple[int, int]] | None,
+        on_sample: Callable[[], None] | None = None,
     ) -> dict[str, object]:
+        """The job's answer; `on_sample` runs at every pacing sample (live counters)."""
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write((json.dumps(job) + "\n").encode())
         self.process.stdin.flush()
         out = self.process.stdout.fileno()
         deadline = time.monotonic() + timeout
-        window: collections.deque[tuple[float, int]] = collections.deque()
+        last = Activity()
         try:
             while b"\n" not in self._buffer:
                 if stop.is_set():
@@ -91,7 +114,9 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise EdgeAgentError(f"local training took over {timeout:.0f} s: ended")
                 if pacing.when == "idle" and activity is not None:
-                    self.channel.set(BUSY, int(self._busy(activity, window, pacing.busy_rate)))
+                    self.channel.set(BUSY, int(last.busy(activity(), pacing.quiet_s)))
+                if on_sample is not None:
+                    on_sample()
                 ready, _, _ = select.select([out], [], [], SAMPLE_S)
                 if ready:
                     chunk = os.read(out, 1 << 16)
@@ -105,19 +130,6 @@ class Worker:
         if not isinstance(answer, dict):
             raise EdgeAgentError("the training worker answered something other than an object")
         return answer
-
-    @staticmethod
-    def _busy(
-        activity: Callable[[], tuple[int, int]],
-        window: collections.deque[tuple[float, int]],
-        busy_rate: float,
-    ) -> bool:
-        now = time.monotonic()
-        in_flight, finished = activity()
-        window.append((now, finished))
-        while window and now - window[0][0] > 1.0:
-            window.popleft()
-        return in_flight > 0 or finished - window[0][1] > busy_rate
 
     def stderr_tail(self) -> str:
         self._log.flush()

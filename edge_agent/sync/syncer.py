@@ -162,7 +162,9 @@ class Syncer:
                 self._serving,
                 self._root,
                 manager.activity,
-                Pacing(settings.train_when, settings.train_busy_rate, settings.min_train_share),
+                Pacing(
+                    settings.train_when, settings.train_quiet_ms / 1000, settings.min_train_share
+                ),
             )
 
     # -- thread ---------------------------------------------------------------------------------
