@@ -66,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from edge_agent.learn import delta, privacy  # noqa: E402
-from edge_agent.learn.defaults import TASK_DEFAULTS  # noqa: E402
+from edge_agent.learn.defaults import SERVER_LR_DEFAULTS, TASK_DEFAULTS  # noqa: E402
 from edge_agent.learn.onnxinfo import accuracy, apply  # noqa: E402
 from edge_agent.learn.train import TrainSpec, train  # noqa: E402
 
@@ -1261,7 +1261,7 @@ def federated(tasks: Sequence[Task], quick: bool) -> tuple[dict[str, Any], list[
     # The control plane's default as it stands (learn/defaults.py), run on both tasks.
     default_name = str(TASK_DEFAULTS["server_optimizer"])
     default_point = (
-        float(TASK_DEFAULTS["server_lr"]),  # type: ignore[arg-type]
+        SERVER_LR_DEFAULTS[default_name],
         float(TASK_DEFAULTS["server_momentum"]) if default_name == "momentum" else 0.0,  # type: ignore[arg-type]
     )
     task_default = label_of(default_name, *default_point)

@@ -636,6 +636,24 @@ def test_three_devices_with_every_default_keep_learning(fleet: LearningFleet) ->
     assert _metric(agent, "edge_agent_learning_worker_starts_total") == 1.0
 
 
+def test_defaults_with_one_of_three_devices_never_online(fleet: LearningFleet) -> None:
+    """The smallest real fleet with one device away from the start, every default: the two
+    that run fill the buffer of three by training again (min-interval), and ship a version."""
+    agents = _start_fleet(fleet, ["edge-0", "edge-1"])
+    fleet.add_device("edge-2")  # enrolled, never started
+    validation = fleet.npz("validation", *split()["validation"])
+    started = fleet.learn("start", "--model", "digits", "--validation", str(validation))
+    assert "clamped to 3" in started.stderr
+    task_id = int(started.stdout.strip())
+    waiting = fleet.task(task_id).progress
+    assert waiting.startswith("waiting for") or waiting.startswith("aggregating"), waiting
+    learned = wait_for(lambda: _learned(fleet, task_id), "a learned version", timeout=240)
+    assert learned[0] == 2
+    contributors = {e["device"] for e in fleet.cp.named("learn.update_received")}
+    assert contributors == {"edge-0", "edge-1"}
+    assert all(a.named("learn.update_sent") for a in agents.values())
+
+
 def test_a_device_going_offline_mid_run_neither_stalls_the_task_nor_fails(
     fleet: LearningFleet,
 ) -> None:

@@ -2,8 +2,9 @@
 LearningSpec takes its value here) and by `edge-agent learn start` (its help). The server
 optimizer's were chosen by measurement on the learning benchmark (BENCHMARKS.md "Learning"):
 FedAvgM with lr 0.3 and momentum 0.5 kept the highest accuracy late in the run on both tasks;
-momentum 0.9 with lr 1 (FLSim's example) and Flower's default etas for adam (0.1) and yogi
-(0.01) diverged under asynchronous buffers of 4, where staleness already acts as momentum.
+momentum 0.9 with lr 1 (FLSim's example) and Flower's default eta for adam (0.1) diverged, and
+yogi's (0.01) swung by 7-8 points, under asynchronous buffers of 4, where staleness already
+acts as momentum.
 """
 
 from __future__ import annotations
