@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks and the GPU benchmark (issue 18), on a lent machine with an NVIDIA GPU, CUDA 13
+# The CUDA checks and the GPU benchmark, on a lent machine with an NVIDIA GPU, CUDA 13
 # libraries and no package index. Everything it installs travels with the working tree:
 #
 #   scripts/gpu_check.sh prepare   # HERE (package index reachable): the wheels the device's

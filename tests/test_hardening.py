@@ -1,4 +1,4 @@
-"""The fleet and the agent under attack, against real processes on loopback (issue 13): idle
+"""The fleet and the agent under attack, against real processes on loopback: idle
 connections, report floods, many long-polls, unsigned or oversized releases, reads of releases
 not sent to a device, and the control plane's input checks."""
 

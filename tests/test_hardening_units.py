@@ -1,4 +1,4 @@
-"""The pure pieces of issue 13's hardening: which reports a control plane keeps, the rate
+"""The pure pieces of the hardening: which reports a control plane keeps, the rate
 buckets, gRPC peer strings and /proc addresses, size-checked deserializers, and external data
 that hides outside the graph's initializers."""
 

@@ -1,5 +1,5 @@
 """Inline execution that cannot block the event loop, and a warmup that does not refuse a valid
-model (issue 15, items 1 and 2), against the real daemon with tritonclient."""
+model, against the real daemon with tritonclient."""
 
 from __future__ import annotations
 

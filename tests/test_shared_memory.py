@@ -1,5 +1,5 @@
 """Triton's system shared memory extension against the real daemon, with tritonclient's own
-shared memory utilities (issue 15, item 3)."""
+shared memory utilities."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The inference listener on a unix socket, beside TCP (issue 15, item 4)."""
+"""The inference listener on a unix socket, beside TCP."""
 
 from __future__ import annotations
 
