@@ -934,20 +934,10 @@ def serving_while_training(
        busy half the time (0.5 s on, 0.5 s off; then 2 s on, 2 s off), and with none again."""
     import test_learning
 
-    from conftest import Daemon
+    from conftest import Daemon, Daemons
 
-    daemons: list[Daemon] = []
-
-    def start(
-        *args: str,
-        env: dict[str, str] | None = None,
-        address: bool = True,
-        kind: type[Daemon] = Daemon,
-        preexec: Callable[[], None] | None = None,
-    ) -> Daemon:
-        daemon = kind(list(args), env, address, preexec)
-        daemons.append(daemon)
-        return daemon
+    daemons = Daemons()
+    start = daemons.start
 
     x, y, x_val, y_val = digits_data()
     local = TrainSpec(epochs=1, lr=0.03, optimizer="sgd", batch_size=32)
@@ -1108,8 +1098,7 @@ def serving_while_training(
             failed = [e for e in a.events if e.get("event") in ("learn.run_failed",)]
             out["run_failures"] = failed[:5]
         finally:
-            for d in daemons:
-                d.stop()
+            daemons.stop_all()
     # At rest twice (first and last), the machine being shared: the ratios are to their mean.
     rests = [out["at_rest"], out["at_rest_again"]]
     rest = {k: float(np.mean([r[k] for r in rests])) for k in ("p50_ms", "p99_ms")}  # type: ignore[index]

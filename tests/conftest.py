@@ -155,11 +155,14 @@ class ControlPlaneProcess(Daemon):
         return ["--address", "127.0.0.1:0"]
 
 
-@pytest.fixture
-def start_daemon() -> Iterator[Any]:
-    daemons: list[Daemon] = []
+class Daemons:
+    """Daemons started for one test (or one benchmark), all stopped at its end."""
+
+    def __init__(self) -> None:
+        self._started: list[Daemon] = []
 
     def start(
+        self,
         *args: str,
         env: dict[str, str] | None = None,
         address: bool = True,
@@ -167,12 +170,19 @@ def start_daemon() -> Iterator[Any]:
         preexec: Callable[[], None] | None = None,
     ) -> Daemon:
         daemon = kind(list(args), env, address, preexec)
-        daemons.append(daemon)
+        self._started.append(daemon)
         return daemon
 
-    yield start
-    for daemon in daemons:
-        daemon.stop()
+    def stop_all(self) -> None:
+        for daemon in self._started:
+            daemon.stop()
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Any]:
+    daemons = Daemons()
+    yield daemons.start
+    daemons.stop_all()
 
 
 def build_repository(repo: Path) -> Path:
