@@ -13,9 +13,9 @@ connection is applied once. A failed run is logged, counted and tried again afte
 serving never waits on any of it.
 
 Serving first (`train_when = "idle"`): while a run trains, this thread samples the agent's
-activity every few milliseconds (requests queued or running, requests finished in the last
-second) and tells the worker through a shared file (learn/worker.py's Channel) that serving is
-busy; the worker then waits between mini-batches, down to its minimum share of time.
+activity every few milliseconds (busy: requests queued or running, or one finished within
+`train_quiet_ms`) and tells the worker through a shared file (learn/worker.py's Channel) that
+serving is busy; the worker then waits between mini-batches, down to its minimum share of time.
 """
 
 from __future__ import annotations

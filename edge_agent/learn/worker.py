@@ -1,7 +1,6 @@
 """Local training runs, in a process of its own that the agent keeps while a task runs:
 
     python -m edge_agent.learn.worker --serve CHANNEL   (jobs on stdin, one JSON line each)
-    python -m edge_agent.learn.worker JOB.json          (one job, then exit)
 
 The agent starts it (learn/participant.py); it puts itself at the lowest CPU priority (nice 19,
 SCHED_IDLE) with one PyTorch thread unless the job says otherwise, and a time budget; a crash
@@ -12,8 +11,8 @@ A job:
      "spec": {TrainSpec fields}, "out": DIR, "threads": 1, "min_share": 0.1}
 
 writes OUT/deltas.npz (float32, one array per trained tensor: trained minus the global values)
-and answers (stdout line, or OUT/result.json in the one-job form) {"ok": true, losses, epochs,
-examples, seconds, paused_seconds} or {"ok": false, "error": "one line"}.
+and answers a stdout line {"ok": true, losses, epochs, examples, seconds, paused_seconds} or
+{"ok": false, "error": "one line"}.
 
 Serving first: low priority alone does not keep serving's latency on a 2-core device (measured:
 SCHED_IDLE at nice 19 still took p99 up 1.6-5.6x), so before every mini-batch the worker reads
@@ -188,18 +187,7 @@ def serve(channel_path: str) -> int:
     return 0
 
 
-def main(job_file: str) -> int:
-    lower_priority()
-    job = json.loads(Path(job_file).read_text())
-    result = answer(job, None)
-    if not result["ok"]:
-        print(result["error"], file=sys.stderr)
-        return 1
-    (Path(job["out"]) / "result.json").write_text(json.dumps(result))
-    return 0
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--serve"]:
-        raise SystemExit(serve(sys.argv[2]))
-    raise SystemExit(main(sys.argv[1]))
+    if sys.argv[1:2] != ["--serve"] or len(sys.argv) != 3:
+        raise SystemExit("usage: python -m edge_agent.learn.worker --serve CHANNEL")
+    raise SystemExit(serve(sys.argv[2]))
