@@ -11,6 +11,7 @@
     ├── PermissionDenied            PERMISSION_DENIED: valid credentials, wrong role
     ├── FailedPrecondition          FAILED_PRECONDITION: valid, but not in the current state
     ├── ResourceExhausted           RESOURCE_EXHAUSTED: a rate or size limit (retry later)
+    │   └── DiskFull                the device's disk cannot take the bytes (`needed`, `free`)
     ├── Aborted                     ABORTED: superseded by a newer call (a device's new poll)
     ├── DeadlineExceeded            DEADLINE_EXCEEDED: its deadline passed before it ran
     ├── ExecutionError              INTERNAL: ONNX Runtime failed on a request that passed checks
@@ -23,6 +24,10 @@ message and a logged traceback.
 """
 
 from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
 
 import grpc
 
@@ -92,6 +97,32 @@ class ResourceExhausted(EdgeAgentError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     log_each = False
+
+
+class DiskFull(ResourceExhausted):
+    """A write found the filesystem full (ENOSPC, EDQUOT) or a check found too little room;
+    retried once space is free (the sync's `disk_full`). Logged: an operator must hear of it."""
+
+    log_each = True
+
+    def __init__(self, path: Path, needed: int, what: str) -> None:
+        try:
+            self.free = shutil.disk_usage(path).free
+        except OSError:
+            self.free = 0
+        self.needed = needed
+        super().__init__(f"disk full: {what} needs {needed} bytes, {self.free} are free on {path}")
+
+    @staticmethod
+    def caused(exc: BaseException) -> bool:
+        """The exception, or one it came from, is a full filesystem."""
+        while exc is not None:
+            if isinstance(exc, DiskFull) or (
+                isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            ):
+                return True
+            exc = exc.__cause__  # type: ignore[assignment]
+        return False
 
 
 class Aborted(EdgeAgentError):

@@ -321,7 +321,14 @@ def _check(settings: Settings) -> None:
     if settings.load_model and settings.model_control_mode != "explicit":
         raise ConfigError("load_model: only meaningful with model_control_mode explicit")
     if settings.state_dir is not None and not settings.state_dir.is_dir():
-        raise ConfigError(f"state_dir: {settings.state_dir} is not a directory")
+        if settings.state_dir.exists() or settings.state_dir.is_symlink():
+            raise ConfigError(f"state_dir: {settings.state_dir} is not a directory")
+        try:  # a new state directory is made, readable by the agent's user only
+            settings.state_dir.mkdir(mode=0o700, parents=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"state_dir: cannot create {settings.state_dir}: {exc.strerror or exc}"
+            ) from exc
     if settings.shutdown_grace_seconds < 0:
         raise ConfigError("shutdown_grace_seconds: must not be negative")
     if (settings.tls_cert is None) != (settings.tls_key is None):

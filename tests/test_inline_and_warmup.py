@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import Daemon, wait_for
+from edge_agent.scheduling.policy import PROMOTE_AFTER
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
@@ -173,11 +174,19 @@ def test_inline_is_decided_by_the_graph_and_by_observed_runs(
     assert loaded["looping"]["inline"] is False  # a Loop: never inline, whatever warmup says
     assert loaded["one_hot"]["inline"] is True  # nothing in the graph says so: warmup decides
 
-    # One slow request demotes the version at once; it still gets its answer.
+    # Slow requests demote the version (on evidence: policy.InlineJudge); each gets its answer.
     slow = {"index": np.array([3], np.int64), "depth": np.array([30_000_000], np.int64)}
-    assert call(agent.url, "one_hot", slow).as_numpy("y") == 1.0
+    for _ in range(3):
+        assert call(agent.url, "one_hot", slow).as_numpy("y") == 1.0
     (demoted,) = wait_for(lambda: agent.named("model.inline_demoted"), "the demotion")
     assert demoted["model"] == "one_hot/1" and demoted["run_seconds"] > 0.005
+    # Cheap again for a long streak on its thread: back inline.
+    cheap = {"index": np.array([3], np.int64), "depth": np.array([8], np.int64)}
+    for _ in range(2 * PROMOTE_AFTER):
+        call(agent.url, "one_hot", cheap)
+        if agent.named("model.inline_promoted"):
+            break
+    assert agent.named("model.inline_promoted")[0]["model"] == "one_hot/1"
 
     # A slow request of a data-dependent model runs on a thread: meanwhile other models'
     # requests and health checks are answered (before it finishes: the event loop is free).

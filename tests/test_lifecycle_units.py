@@ -122,8 +122,8 @@ def test_stage_then_install_moves_whole_versions(tmp_path: Path) -> None:
     staging.install(staged, tmp_path, [2], model_files=[])
     assert (tmp_path / "m" / "2" / "model.onnx").read_bytes() == b"new"
     assert not (tmp_path / "m" / "2" / "old.bin").exists()
-    (aside,) = (tmp_path / "m" / staging.REPLACED).iterdir()
-    assert (aside / "old.bin").read_bytes() == b"old"
+    # The replaced version is gone, not kept: nothing grows with each install.
+    assert not (tmp_path / "m" / staging.REPLACED).exists()
     assert not any((tmp_path / staging.STAGING).iterdir())
     assert list(scan_repository(tmp_path)["m"].versions) == [2]  # .replaced is not a version
 
@@ -155,7 +155,7 @@ def test_a_synced_version_brings_and_restores_its_model_files(tmp_path: Path) ->
     staging.restore_model_files(model, 1)
     assert (model / "config.pbtxt").read_text() == "max_batch_size: 4\n"
     assert (model / "warmup" / "x.bin").read_bytes() == b"one"
-    assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == [".replaced"]
+    assert not [p.name for p in model.iterdir() if p.name.startswith(".")]  # no copy left
     staging.restore_model_files(model, 3)  # no such version, no copies: nothing changes
     assert (model / "config.pbtxt").read_text() == "max_batch_size: 4\n"
     assert list(scan_repository(tmp_path / "repo")["m"].versions) == [1, 2]
@@ -164,8 +164,14 @@ def test_a_synced_version_brings_and_restores_its_model_files(tmp_path: Path) ->
 def test_clean_staging_removes_leftovers(tmp_path: Path) -> None:
     staged = staging.stage(tmp_path, "m", {1: {"model.onnx": b"x"}}, "name: 'm'")
     assert staged.exists()
+    # What a cut mid-install leaves: a set-aside version and a half-made warmup copy.
+    (tmp_path / "m" / staging.REPLACED / "1-123").mkdir(parents=True)
+    (tmp_path / "m" / staging.REPLACED / "1-123" / "model.onnx").write_bytes(b"old")
+    (tmp_path / "m" / ".warmup-abc").mkdir()
+    (tmp_path / "m" / "1").mkdir()
     staging.clean_staging(tmp_path)
     assert not (tmp_path / staging.STAGING).exists()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]
 
 
 # -- the golden check ---------------------------------------------------------------------------

@@ -18,7 +18,16 @@ import pytest
 
 from edge_agent.errors import DeadlineExceeded, InvalidArgument, QueueFull, Retiring, Unavailable
 from edge_agent.scheduling.batching import collate, shape_key, split, union_outputs
-from edge_agent.scheduling.policy import QueuePolicy, SchedulerPolicy
+from edge_agent.scheduling.policy import (
+    CEILING,
+    DEMOTE_AFTER,
+    DEMOTE_WINDOW,
+    MAX_DEMOTIONS,
+    PROMOTE_AFTER,
+    InlineJudge,
+    QueuePolicy,
+    SchedulerPolicy,
+)
 from edge_agent.scheduling.scheduler import Pending, Scheduler, ThreadFuture
 from edge_agent.scheduling.stats import ModelStats
 
@@ -66,6 +75,32 @@ async def hold(scheduler: Scheduler, model: FakeModel) -> asyncio.Task[Any]:
 
 
 BATCHING = SchedulerPolicy(max_batch_size=8, dynamic_batching=True)
+
+
+def test_inline_is_judged_on_evidence_and_regained() -> None:
+    judge = InlineJudge(limit_s=5e-3, budget_s=1e-3)
+    # One outlier, even two, among cheap runs: still inline.
+    assert not any(judge.inline_run(t) for t in [2e-4] * 10 + [0.03] + [2e-4] * 10 + [0.03])
+    assert judge.inline_run(0.03)  # the third slow run in the window demotes
+    assert judge.demotions == 1
+    # Slow runs spread wider than the window never add up.
+    judge = InlineJudge(limit_s=5e-3, budget_s=1e-3)
+    spread = ([0.03] + [2e-4] * DEMOTE_WINDOW) * (DEMOTE_AFTER + 1)
+    assert not any(judge.inline_run(t) for t in spread)
+    # One run far over the limit demotes at once.
+    assert judge.inline_run(CEILING * 5e-3 + 1e-3)
+    # Back inline after a streak of cheap runs; a run over the limit restarts the streak.
+    streak = [judge.thread_run(2e-4) for _ in range(PROMOTE_AFTER - 1)]
+    assert not any(streak) and not judge.thread_run(0.01)
+    assert not any(judge.thread_run(2e-4) for _ in range(PROMOTE_AFTER - 1))
+    assert judge.thread_run(2e-4)
+    # Each demotion doubles the streak needed; after MAX_DEMOTIONS it stays on threads.
+    judge.inline_run(1.0)
+    assert not any(judge.thread_run(2e-4) for _ in range(2 * PROMOTE_AFTER - 1))
+    assert judge.thread_run(2e-4)
+    while judge.demotions < MAX_DEMOTIONS:
+        judge.inline_run(1.0)
+    assert not any(judge.thread_run(2e-4) for _ in range(100 * PROMOTE_AFTER))
 
 
 def test_collate_split_pure() -> None:

@@ -85,7 +85,7 @@ def test_env_types_and_config_path(tmp_path: Path) -> None:
         ("repository_poll_secs = 0\n", {}, "repository_poll_secs: must be positive"),
         ('swap_policy = "yolo"\n', {}, "swap_policy: 'yolo' is not one of"),
         ("loader_nice = 20\n", {}, "loader_nice: must lie in 0..19"),
-        ('state_dir = "/no/such/state"\n', {}, "state_dir: /no/such/state is not a directory"),
+        ('state_dir = "/etc/hostname"\n', {}, "state_dir: /etc/hostname is not a directory"),
     ],
 )
 def test_invalid_settings(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
@@ -140,6 +140,14 @@ def test_a_taken_port_fails_the_start_at_once_with_its_reason(
     events = [e["event"] for e in taken.events]
     assert events.index("agent.start_failed") < events.index("agent.stopped")
     assert "in use" in taken.named("agent.start_failed")[0]["error"]
+    assert "another with --grpc-address" in taken.named("agent.start_failed")[0]["error"]
+
+
+def test_a_state_dir_that_does_not_exist_yet_is_created_private(tmp_path: Path) -> None:
+    state = tmp_path / "new" / "state"
+    settings = load_settings(None, {"EDGE_AGENT_STATE_DIR": str(state)}, {})
+    assert settings.state_dir == state and state.is_dir()
+    assert state.stat().st_mode & 0o777 == 0o700
 
 
 def test_a_repository_inside_the_state_dir_is_created(start_daemon: Any, tmp_path: Path) -> None:

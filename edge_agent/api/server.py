@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,6 +144,10 @@ def check_listen(address: str, key: str) -> None:
             try:
                 probe.bind(sockaddr)
             except OSError as exc:
+                hint = ""
+                if exc.errno == errno.EADDRINUSE:  # e.g. a second agent on the same host
+                    flag = "--" + key.replace("_", "-")
+                    hint = f" (another process listens there: give this one another with {flag})"
                 raise ConfigError(
-                    f"{key}: cannot listen on {address}: {exc.strerror or exc}"
+                    f"{key}: cannot listen on {address}: {exc.strerror or exc}{hint}"
                 ) from exc

@@ -742,9 +742,7 @@ class FleetServicer:
 
         return await self._db(manifest)
 
-    async def GetBlob(
-        self, request: pb.GetBlobRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.BlobChunk]:
+    async def GetBlob(self, request: pb.GetBlobRequest, context: grpc.aio.ServicerContext) -> None:
         try:
             if isinstance(request, Malformed):
                 raise InvalidArgument(request.reason)
@@ -766,10 +764,30 @@ class FleetServicer:
             code, message = to_status(exc, rpc="GetBlob")
             await context.abort(code, message)
             raise
+        sent = 0
         with f:
-            await asyncio.to_thread(f.seek, request.offset)
-            while data := await asyncio.to_thread(f.read, CHUNK_SIZE):
-                yield pb.BlobChunk(data=data)
+            try:
+                await asyncio.to_thread(f.seek, request.offset)
+                # Written, not yielded: a peer gone mid-blob ends here, not in grpc's own log.
+                while data := await asyncio.to_thread(f.read, CHUNK_SIZE):
+                    await context.write(pb.BlobChunk(data=data))
+                    sent += len(data)
+            except (asyncio.CancelledError, Exception) as exc:
+                if not isinstance(exc, asyncio.CancelledError) and (
+                    type(exc).__name__ != "ExecuteBatchError"
+                ):
+                    raise
+                # A device that died or lost its link mid-download (it resumes from its verified
+                # chunks): ordinary on a fleet, not an error.
+                log.info(
+                    "blob.transfer_cut",
+                    device_id=device,
+                    digest=request.digest,
+                    offset=request.offset,
+                    bytes_sent=sent,
+                )
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
 
     # -- enrollment -----------------------------------------------------------------------------
 

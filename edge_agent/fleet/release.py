@@ -47,10 +47,10 @@ CONFIG = "config.pbtxt"
 GOLDEN = "golden.npz"
 WARMUP_DIR = "warmup"
 EXTERNAL_MIN_BYTES = 1024
-CHUNK_SIZE = 1 << 20
+CHUNK_SIZE = 1 << 20  # transfer unit: blobs stream in chunks of this size, each with its digest
 DEFAULT_VARIANT = "fp32"
 # Written by the agent into an installed version directory: the variant it holds.
-VARIANT_FILE = "variant"  # transfer unit: blobs stream in chunks of this size, each with its digest
+VARIANT_FILE = "variant"
 DEFAULT_LIFETIME_SECONDS = 365 * 24 * 3600
 MAX_VERSION = 2**63 - 1  # versions are stored as signed 64-bit integers
 MAX_RELEASE_JSON_BYTES = 1 << 20
@@ -378,6 +378,24 @@ def check_directory(release: Release, directory: Path) -> None:
         if sha256_file(directory / entry.path) != entry.sha256:
             raise ReleaseRejected("digest", f"{entry.path}: content does not match its sha256")
     check_graph_contract(release, directory / GRAPH)
+
+
+def is_installed_in(release: Release, release_json: bytes, directory: Path) -> bool:
+    """`directory` is this release as the agent installs it: these exact release.json bytes
+    (signed), the variant's files each with its digest, the variant file, nothing else."""
+    try:
+        present = sorted(
+            p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()
+        )
+        if present != sorted([*(f.path for f in release.files), RELEASE_JSON, VARIANT_FILE]):
+            return False
+        if (directory / RELEASE_JSON).read_bytes() != release_json:
+            return False
+        if (directory / VARIANT_FILE).read_text().strip() != release.variant:
+            return False
+        return all(sha256_file(directory / f.path) == f.sha256 for f in release.files)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def check_graph_contract(release: Release, graph_path: Path) -> None:

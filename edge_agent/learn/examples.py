@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.common.files import write_atomically
+from edge_agent.errors import DiskFull
 
 _FILE = re.compile(r"^(\d{12})-(\d+)\.npz$")
 
@@ -65,7 +66,12 @@ class ExampleStore:
             directory.mkdir(exist_ok=True)
             files = self._files(model)
             sequence = files[-1][0] + 1 if files else 1
-            write_atomically(directory / f"{sequence:012d}-{rows}.npz", data)
+            try:  # a full disk leaves no part of the file (write_atomically removes it)
+                write_atomically(directory / f"{sequence:012d}-{rows}.npz", data)
+            except OSError as exc:
+                if DiskFull.caused(exc):
+                    raise DiskFull(directory, len(data), "storing the examples") from exc
+                raise
             files.append((sequence, rows, directory / f"{sequence:012d}-{rows}.npz"))
             dropped = 0
             total = sum(p.stat().st_size for _, _, p in files)

@@ -106,6 +106,11 @@ class Participant:
         self._repository = repository
         self._serving = serving
         self._work = work_dir
+        # Each run's examples and update; what a cut left is removed now.
+        self._scratch = work_dir / "learning-scratch"
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        self._scratch.mkdir(parents=True)
+        self._globals: dict[int, str] = {}  # task -> the global weights' blob kept for it
         self._activity = activity
         self._pacing = pacing or Pacing()
         self._assignments: dict[int, pb.LearningAssignment] = {}
@@ -202,7 +207,10 @@ class Participant:
         revision = self._examples.revision(task.model)
         log.info("learn.run_started", task=task.task_id, global_version=task.global_version)
         try:
-            with tempfile.TemporaryDirectory(dir=self._work) as scratch:
+            with (
+                self._blobs.hold(task.global_weights.digest),
+                tempfile.TemporaryDirectory(dir=self._scratch) as scratch,
+            ):
                 deltas, result = self._local_run(task, Path(scratch))
                 payload = encode(deltas, task.int8_threshold or None)
             self._upload(task, payload, result)
@@ -260,6 +268,11 @@ class Participant:
             lambda n: None,
             BandwidthLimit(0),
         )
+        # The store keeps one global per task: the one before this is no longer needed.
+        previous = self._globals.get(task.task_id)
+        if previous not in (None, ref.digest):
+            self._blobs.discard([previous])
+        self._globals[task.task_id] = ref.digest
         examples = scratch / "examples.npz"
         self._examples.export(task.model, examples)
         budget = task.train_seconds or float(TASK_DEFAULTS["train_seconds"])  # type: ignore[arg-type]

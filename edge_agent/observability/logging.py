@@ -31,6 +31,21 @@ def set_log_level(level: str) -> None:
     logging.getLogger().setLevel(max(_LEVELS[level], logging.WARNING))
 
 
+class _PeerGone(logging.Filter):
+    """grpc's asyncio server logs an error with a traceback (ExecuteBatchError) when it cannot
+    send an answer because the peer is gone (a device killed mid-download, a client cancelled):
+    an ordinary end of a call on a fleet. Said once, at info, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name.startswith("grpc") and type(exc).__name__ == "ExecuteBatchError":
+            message = record.getMessage()
+            method = message[message.find("[") + 1 : message.rfind("]")] if "[" in message else ""
+            get_logger("grpc").info("call.peer_gone", method=method)
+            return False
+        return True
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
@@ -67,6 +82,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             ],
         )
     )
+    handler.addFilter(_PeerGone())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(_LEVELS[level], logging.WARNING))

@@ -32,8 +32,10 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, text_format
 
 from edge_agent._proto import model_config_pb2 as mc
+from edge_agent.common import failpoints
 from edge_agent.common.files import write_atomically
 from edge_agent.errors import (
+    DiskFull,
     EdgeAgentError,
     FailedPrecondition,
     InvalidArgument,
@@ -223,6 +225,7 @@ class ModelManager:
                     lambda: staging.stage(self._repository, name, files, config_text),
                     sorted(files),
                     ["config.pbtxt"] if config_text is not None else [],
+                    sum(len(c) for f in files.values() for c in f.values()),
                 )
                 self._overrides.pop(name, None)  # the config is now config.pbtxt
             elif override is not None:
@@ -301,9 +304,27 @@ class ModelManager:
                 lambda: staging.stage_directory(self._repository, name, version, source),
                 [version],
                 staging.model_files_of(source),
+                staging.tree_size(source),
             )
             self._registry.ensure(name).withdrawn.discard(version)
             await self._load_prebuilt(name, prebuilt)
+            self._write_state()
+
+    async def adopt(self, name: str, version: int) -> None:
+        """Serve `version`, already in the repository with the files its installer checked (an
+        install cut off between the rename and its record), as `install` would have: its own
+        config.pbtxt / warmup/, not withdrawn, loaded by the model's version policy."""
+        await self._detached(self._adopt(name, version))
+
+    async def _adopt(self, name: str, version: int) -> None:
+        staging.check_model_name(name)
+        async with self._lock(name):
+            if not (self._repository / name / str(version)).is_dir():
+                raise NotFound(f"model '{name}' has no version {version} on disk")
+            self._registry.ensure(name).withdrawn.discard(version)
+            self._withdrawn.get(name, set()).discard(version)
+            await self._in_loader(staging.restore_model_files, self._repository / name, version)
+            await self._load(name)
             self._write_state()
 
     async def serve_only_up_to(self, name: str, version: int) -> None:
@@ -657,15 +678,22 @@ class ModelManager:
         await self._changed()
 
     async def _push(
-        self, name: str, stage: Callable[[], Path], versions: list[int], model_files: list[str]
+        self,
+        name: str,
+        stage: Callable[[], Path],
+        versions: list[int],
+        model_files: list[str],
+        size: int,
     ) -> dict[int, Prebuilt]:
-        """Stage the files (`stage` writes them to a staging model directory), build every staged
-        version from there (it must load, warm and pass its golden check), then install them into
-        the repository. Returns the built versions, which serve as they are when the load that
-        follows selects them."""
+        """Stage the files (`stage` writes them, `size` bytes, to a staging model directory),
+        build every staged version from there (it must load, warm and pass its golden check),
+        then install them into the repository. Returns the built versions, which serve as they
+        are when the load that follows selects them."""
         try:
             staged = await self._in_loader(stage)
         except OSError as exc:
+            if DiskFull.caused(exc):
+                raise DiskFull(self._repository, size, f"staging '{name}'") from exc
             raise FailedPrecondition(f"cannot write to the model repository: {exc}") from exc
         try:
             config, batch_given = await asyncio.to_thread(cfg.read_config, staged)
@@ -689,12 +717,16 @@ class ModelManager:
                     + "; ".join(f"version {v}: {r}" for v, r in sorted(failed.items()))
                 )
             try:
+                await self._in_loader(failpoints.reach, "install.staged")
                 await self._in_loader(
                     staging.install, staged, self._repository, versions, model_files
                 )
+                await self._in_loader(failpoints.reach, "install.renamed")
             except OSError as exc:
                 for model, _, _ in built.values():
                     await model.close()
+                if DiskFull.caused(exc):
+                    raise DiskFull(self._repository, size, f"installing '{name}'") from exc
                 raise FailedPrecondition(
                     f"cannot install into the model repository: {exc}"
                 ) from exc

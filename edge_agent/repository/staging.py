@@ -6,8 +6,11 @@ Layout: REPO/.staging/<random>/<model>/{config.pbtxt, <version>/<files>}. The st
 directory carries the model's name, so it loads exactly as it will from the repository.
 
 Installing a version directory is one rename. A version that already exists is first moved aside
-to REPO/<model>/.replaced/<version>-<ns> (kept for the operator, never served); between the two
-renames the version is briefly absent from disk, never half-present.
+to REPO/<model>/.replaced/<version>-<ns> and removed once the new one is in (a directory cannot be
+renamed over a full one); between the two renames the version is briefly absent from disk, never
+half-present. Nothing under .staging/ or .replaced/ is ever served or needed by a rollback (a
+rollback serves an older version directory of the repository): both are emptied at start and
+after each install, so a power cut at any step leaves at most one transient copy behind.
 """
 
 from __future__ import annotations
@@ -191,10 +194,9 @@ def restore_model_files(model_dir: Path, version: int) -> None:
     if own_warmup.is_dir() and _tree(own_warmup) != _tree(model_dir / WARMUP):
         fresh = model_dir / f".{WARMUP}-{uuid.uuid4().hex}"  # hidden: never taken for a version
         _copy_tree(own_warmup, fresh)
-        if (model_dir / WARMUP).exists():
-            _set_aside(model_dir / WARMUP, model_dir)
-        os.rename(fresh, model_dir / WARMUP)
+        _rename_over(fresh, model_dir / WARMUP, model_dir)
         _fsync_dir(model_dir)
+        shutil.rmtree(model_dir / REPLACED, ignore_errors=True)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -212,32 +214,45 @@ def install(
     staged: Path, repository: Path, versions: list[int], model_files: list[str] | None = None
 ) -> None:
     """Move the staged versions, then the staged model-level files named in `model_files`
-    (config.pbtxt, warmup/), into the repository. What they replace is moved aside to
-    <model>/.replaced/ (kept for the operator, never served)."""
+    (config.pbtxt, warmup/), into the repository; what they replace is removed."""
     target = repository / staged.name
     target.mkdir(exist_ok=True)
     for version in versions:
-        final = target / str(version)
-        if final.exists():
-            _set_aside(final, target)
-        os.rename(staged / str(version), final)
+        _rename_over(staged / str(version), target / str(version), target)
     for name in model_files or []:
         if name == "config.pbtxt":
             os.replace(staged / name, target / name)
-        else:  # a directory cannot be replaced in one rename: the old one is set aside first
-            if (target / name).exists():
-                _set_aside(target / name, target)
-            os.rename(staged / name, target / name)
+        else:
+            _rename_over(staged / name, target / name, target)
     _fsync_dir(target)
     discard(staged)
+    shutil.rmtree(target / REPLACED, ignore_errors=True)
 
 
-def _set_aside(path: Path, model_dir: Path) -> None:
-    aside = model_dir / REPLACED / f"{path.name}-{time.time_ns()}"
-    aside.parent.mkdir(exist_ok=True)
-    os.rename(path, aside)
+def _rename_over(source: Path, final: Path, model_dir: Path) -> None:
+    """Rename a directory to `final`, which may exist: a directory cannot be renamed over a full
+    one, so the old one is first set aside to .replaced/ (removed by the caller, or at start)."""
+    if final.exists():
+        aside = model_dir / REPLACED / f"{final.name}-{time.time_ns()}"
+        aside.parent.mkdir(exist_ok=True)
+        os.rename(final, aside)
+    os.rename(source, final)
+
+
+def tree_size(root: Path) -> int:
+    """Bytes of the files under `root`."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def clean_staging(repository: Path) -> None:
-    """Leftovers of an agent that died mid-push are never loaded: remove them at start."""
+    """Leftovers of an agent that died mid-push or mid-install are never loaded: remove them at
+    start (the staging area, each model's .replaced/ and half-made warmup/ copies)."""
     shutil.rmtree(repository / STAGING, ignore_errors=True)
+    if not repository.is_dir():
+        return
+    for model_dir in repository.iterdir():
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        shutil.rmtree(model_dir / REPLACED, ignore_errors=True)
+        for leftover in model_dir.glob(f".{WARMUP}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)

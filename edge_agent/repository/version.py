@@ -40,20 +40,13 @@ from edge_agent.runtime.session import (
     translate_run_error,
     warmup_feeds,
 )
-from edge_agent.scheduling.policy import SchedulerPolicy
+from edge_agent.scheduling.policy import INLINE_BUDGET_S, SchedulerPolicy
 from edge_agent.scheduling.scheduler import Scheduler
 from edge_agent.scheduling.stats import ModelStats
 from edge_agent.settings import Settings
 
 log = get_logger(__name__)
 
-# A model whose largest batch runs within this runs on the event loop (SchedulerPolicy.inline);
-# an inline run longer than SchedulerPolicy.inline_limit_s (5 ms) demotes it to execution
-# threads. 1 ms: the small CNN of the benchmark (~0.7 ms at batch 64 on one thread) gained
-# 10-50% inline at concurrency 1-64 (BENCHMARKS.md "One intra-op thread for a cheap model"); a
-# loop held 1 ms, 5 ms at worst once, is far inside what health checks and other models'
-# requests notice.
-INLINE_BUDGET_S = 1e-3
 WARMUP_DIR = "warmup"
 # A CPU model whose largest batch runs within this per sample gets one intra-op thread instead
 # of ONNX Runtime's default pool (_one_thread_enough): 20 us per sample is 50,000 samples/s on

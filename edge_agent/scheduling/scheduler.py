@@ -32,7 +32,7 @@ import numpy as np
 from edge_agent.errors import DeadlineExceeded, QueueFull, Retiring, Unavailable
 from edge_agent.observability.logging import get_logger
 from edge_agent.scheduling.batching import collate, shape_key, split, union_outputs
-from edge_agent.scheduling.policy import SchedulerPolicy
+from edge_agent.scheduling.policy import InlineJudge, SchedulerPolicy
 from edge_agent.scheduling.stats import ModelStats
 
 log = get_logger(__name__)
@@ -157,7 +157,8 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._idle: asyncio.Event | None = None
-        self.demotions = 0  # inline runs that took too long (0 or 1: a version demotes once)
+        # Whether it runs inline, judged on its runs; a version inline at its build only.
+        self._judge = InlineJudge(policy.inline_limit_s) if policy.inline else None
         # Callers on other threads (the sync front end) read and take `_free` too: every change
         # of it, and of the queues, happens under this lock (uncontended on the loop's side).
         # Reentrant: the queue walks (_take_compatible -> _take) run both inside and outside it.
@@ -433,34 +434,52 @@ class Scheduler:
         if self._idle is not None and not self.pending() and self._free == self.policy.instances:
             self._idle.set()
 
+    @property
+    def demotions(self) -> int:
+        """How often this version was moved off the event loop (a metric)."""
+        return self._judge.demotions if self._judge is not None else 0
+
     def _compute_inline(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
-        """_compute on the event loop, timed: a run over the limit demotes the version."""
+        """_compute on the event loop, timed: slow runs demote the version (InlineJudge)."""
         started = time.perf_counter()
         values = self._compute(batch)
         took = time.perf_counter() - started
-        if took > self.policy.inline_limit_s and not self.policy.inline_forced:
-            self._demote(took)
+        judge = self._judge
+        if judge is not None and not self.policy.inline_forced and judge.inline_run(took):
+            self._demote(took, judge.slow_runs)
         return values
 
-    def _demote(self, took: float) -> None:
-        """Inline no more: from now on this version runs on execution threads, so that one slow
-        request can never again hold the event loop (every model's requests, health checks and
-        the watchdog) behind it."""
+    def _demote(self, took: float, slow_runs: int) -> None:
+        """Off the event loop: this version runs on execution threads, so that slow requests
+        cannot go on holding the loop (every model's requests, health checks and the watchdog)
+        behind them."""
         self.policy = dataclasses.replace(self.policy, inline=False)
-        self.demotions += 1
-        if self._loop is not None:
-            for i in range(self.policy.instances):
-                thread = threading.Thread(
-                    target=self._work, name=f"exec-{self.label}-{i}", daemon=True
-                )
-                thread.start()
-                self._threads.append(thread)
+        self._start_threads()
         log.warning(
             "model.inline_demoted",
             model=self.label,
             run_seconds=round(took, 6),
+            slow_runs=slow_runs,
             limit_seconds=self.policy.inline_limit_s,
         )
+
+    def _promote(self) -> None:
+        """Back on the event loop: its runs on threads have been cheap for a long streak (the
+        slow ones were the first runs after a swap, or inputs that no longer come). The threads
+        finish what they hold, then stop."""
+        self.policy = dataclasses.replace(self.policy, inline=True)
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads = []
+        log.info("model.inline_promoted", model=self.label)
+
+    def _start_threads(self) -> None:
+        if self._loop is None:
+            return
+        for i in range(self.policy.instances):
+            thread = threading.Thread(target=self._work, name=f"exec-{self.label}-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     async def close(self) -> None:
         """Refuse new requests, let queued and running ones finish, stop the threads."""
@@ -485,12 +504,7 @@ class Scheduler:
             self._idle = asyncio.Event()
             self._task = loop.create_task(self._run(), name=f"batcher-{self.label}")
             if not self.policy.inline:
-                for i in range(self.policy.instances):
-                    thread = threading.Thread(
-                        target=self._work, name=f"exec-{self.label}-{i}", daemon=True
-                    )
-                    thread.start()
-                    self._threads.append(thread)
+                self._start_threads()
         return loop
 
     def _signal(self) -> None:
@@ -525,8 +539,19 @@ class Scheduler:
                 return True
             return False
 
-    def _complete(self, batch: list[Pending], values: list[tuple[bool, Any]]) -> None:
-        """On the loop: answer each request of an executed batch and free its instance."""
+    def _complete(
+        self, batch: list[Pending], values: list[tuple[bool, Any]], took: float | None = None
+    ) -> None:
+        """On the loop: answer each request of an executed batch and free its instance; a run
+        on a thread (`took`) of a demoted version counts towards its promotion."""
+        judge = self._judge
+        if (
+            judge is not None
+            and took is not None
+            and not (self.policy.inline or self._closing)
+            and judge.thread_run(took)
+        ):
+            self._promote()
         for request, (ok, value) in zip(batch, values, strict=True):
             if request.future.done():  # cancelled while running (or answered by its thread)
                 continue
@@ -656,7 +681,9 @@ class Scheduler:
     def _work(self) -> None:
         assert self._loop is not None
         while (batch := self._jobs.get()) is not None:
+            started = time.perf_counter()
             values = self._compute(batch)
+            took = time.perf_counter() - started
             # Callers waiting on a thread get their answer from here, without a trip through
             # the loop; the loop then frees the instance and answers the others.
             for request, (ok, value) in zip(batch, values, strict=True):
@@ -665,7 +692,7 @@ class Scheduler:
                         request.future.set_result(value)
                     else:
                         request.future.set_exception(value)
-            self._loop.call_soon_threadsafe(self._complete, batch, values)
+            self._loop.call_soon_threadsafe(self._complete, batch, values, took)
 
     def _compute(self, batch: list[Pending]) -> list[tuple[bool, Any]]:
         """Collate, run, split, finish: on an execution thread (or inline on the loop, or on a

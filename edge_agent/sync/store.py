@@ -7,14 +7,20 @@ A download appends a chunk only after it matches its chunk digest, so a partial 
 prefix of good chunks; after a restart it is re-checked (pages not yet on disk at a power cut read
 back as zeros) and the download resumes at the first bad or missing chunk. A corrupt chunk is
 refetched alone, never the file. The server is cut off at the declared size, whatever it sends.
+
+The store holds only what is still to be installed: the sync discards a release's blobs once it
+is in the repository, and `retain` (at start and after each install) drops every blob and partial
+download that no pending release and no running training needs (`hold`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +56,8 @@ class BlobStore:
         self.partial = root / "partial"
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.partial.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # digest -> holders (the sync and training threads)
 
     def path(self, digest: str) -> Path:
         return self.blobs / digest
@@ -62,6 +70,35 @@ class BlobStore:
         for digest in digests:
             self.path(digest).unlink(missing_ok=True)
             (self.partial / f"{digest}.part").unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def hold(self, digest: str) -> Iterator[None]:
+        """Keep `digest` from `retain` while the block runs (a download and its use)."""
+        with self._lock:
+            self._held[digest] = self._held.get(digest, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held[digest] -= 1
+                if not self._held[digest]:
+                    del self._held[digest]
+
+    def retain(self, needed: Iterable[str]) -> int:
+        """Remove every blob and partial download not in `needed` and not held; the bytes freed.
+        Anything else found in the store's folders (a temporary file of a cut write) goes too."""
+        with self._lock:
+            keep = {*needed, *self._held}
+        freed = 0
+        for folder, suffix in ((self.blobs, ""), (self.partial, ".part")):
+            for path in folder.iterdir():
+                digest = path.name.removesuffix(suffix) if path.name.endswith(suffix) else ""
+                if digest in keep and path.is_file():
+                    continue
+                with contextlib.suppress(OSError):
+                    freed += path.stat().st_size
+                    path.unlink()
+        return freed
 
     def _good_prefix(self, part: Path, size: int, chunk_size: int, chunks: list[str]) -> int:
         """Length of the verified chunks at the start of `part`; truncates the rest."""

@@ -34,8 +34,9 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.common import failpoints
 from edge_agent.common.files import write_atomically
-from edge_agent.errors import ConfigError, EdgeAgentError, ReleaseRejected
+from edge_agent.errors import ConfigError, DiskFull, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.client import FailoverStub, channel_credentials
 from edge_agent.fleet.release import (
@@ -46,6 +47,7 @@ from edge_agent.fleet.release import (
     Release,
     check_directory,
     check_fresh,
+    is_installed_in,
     parse_release,
 )
 from edge_agent.learn.examples import ExampleStore
@@ -64,7 +66,7 @@ T = TypeVar("T")
 # Failures that are retried (reported "retrying", never counted against the release). "digest":
 # the signed manifest's chunk digests come from the publisher, so bytes that do not match them
 # mean the store or the path is at fault (a corrupt object in the bucket), not the release.
-TRANSIENT = frozenset({"unreachable", "transfer", "disk", "internal", "digest"})
+TRANSIENT = frozenset({"unreachable", "transfer", "disk", "disk_full", "internal", "digest"})
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -79,6 +81,7 @@ RETRYABLE_CODES = frozenset(
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
 STATE_FILE = "state.json"
+STAGING = "staging"  # STATE_DIR/sync/staging/<model>-<version>: a release being assembled
 FREE_SPACE_RESERVE = 64 << 20  # bytes left free on the state dir's filesystem after a download
 
 
@@ -94,13 +97,15 @@ class SyncStats:
 
 
 class SyncState:
-    """What must survive a restart: per model the versions installed by sync and the rollback
-    floor (the newest version ever installed; nothing older is installed again)."""
+    """What must survive a restart: per model the versions installed by sync, the rollback floor
+    (the newest version ever installed; nothing older is installed again) and the release being
+    fetched (its blobs stay in the store across a restart; every other blob is dropped)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self.floor: dict[str, int] = {}
         self.installed: dict[str, list[int]] = {}
+        self.pending: dict[str, tuple[int, list[str]]] = {}  # model -> (version, blob digests)
         if path.exists():
             try:
                 data = json.loads(path.read_text())
@@ -108,15 +113,39 @@ class SyncState:
                 self.installed = {
                     str(k): sorted(int(v) for v in vs) for k, vs in data["installed"].items()
                 }
+                self.pending = {
+                    str(k): (int(v), [str(d) for d in ds])
+                    for k, (v, ds) in data.get("pending", {}).items()
+                }
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 # Refuse to guess a floor: an unreadable state file stops the agent's start
                 # (exit 78 with this message; move the file aside to start from nothing).
                 raise ConfigError(f"sync state {path} is unreadable: {exc}") from exc
 
     def add(self, model: str, version: int) -> None:
+        """`version` is installed: recorded, and the model has nothing pending (one write)."""
         self.installed[model] = sorted({*self.installed.get(model, []), version})
         self.floor[model] = max(self.floor.get(model, 0), version)
-        state = {"floor": self.floor, "installed": self.installed}
+        self.pending.pop(model, None)
+        self._save()
+
+    def intend(self, model: str, version: int, digests: Iterable[str]) -> None:
+        """Written before the first byte of a release is fetched."""
+        entry = (version, sorted(set(digests)))
+        if self.pending.get(model) != entry:
+            self.pending[model] = entry
+            self._save()
+
+    def settle(self, model: str) -> None:
+        """The model needs nothing more (its desired version is installed, or was refused)."""
+        if self.pending.pop(model, None) is not None:
+            self._save()
+
+    def needed(self) -> set[str]:
+        return {d for _, digests in self.pending.values() for d in digests}
+
+    def _save(self) -> None:
+        state = {"floor": self.floor, "installed": self.installed, "pending": self.pending}
         write_atomically(self._path, json.dumps(state).encode())
 
 
@@ -134,8 +163,14 @@ class Syncer:
         self._loop = loop
         self._root = settings.state_dir / "sync"
         self._root.mkdir(parents=True, exist_ok=True)
+        # What a cut left: an assembled copy (made again from the store) and blobs no pending
+        # release needs (an install recorded just before the cut, a release no longer wanted).
+        shutil.rmtree(self._root / STAGING, ignore_errors=True)
         self._store = BlobStore(self._root)
         self._state = SyncState(self._root / STATE_FILE)
+        freed = self._store.retain(self._state.needed())
+        if freed:
+            log.info("sync.store_cleaned", bytes_freed=freed)
         self._keys = [Path(k) for k in settings.trusted_keys]
         self._meta = auth.metadata(auth.read_token(settings.device_token_file), settings.device_id)
         # One or several replicas ("HOST:PORT,HOST:PORT"): calls go to one, the next takes over
@@ -278,6 +313,8 @@ class Syncer:
                 settled &= self._failed(
                     model, version, reason, f"{exc.code().name}: {exc.details()}"
                 )
+            except DiskFull as exc:
+                settled &= self._failed(model, version, "disk_full", str(exc))
             except OSError as exc:
                 settled &= self._failed(model, version, "disk", str(exc))
             except EdgeAgentError as exc:  # the version did not load, warm or pass its check
@@ -331,11 +368,12 @@ class Syncer:
 
     def _converge_model(self, model: str, version: int) -> None:
         serving = self._serving(model)
-        on_disk = (self._manager.repository / model / str(version)).is_dir()
-        if version in self._state.installed.get(model, []) and on_disk:
+        directory = self._manager.repository / model / str(version)
+        if version in self._state.installed.get(model, []) and directory.is_dir():
             if serving != version:  # e.g. the control plane rolled a rollout back
                 self._on_loop(lambda: self._manager.serve_only_up_to(model, version))
                 log.info("sync.serving_installed", model=model, version=version)
+            self._settled(model)
             self._report(model, version, self._state_of(model, version))
             return
         if self._rejected.get(model) == version:
@@ -371,30 +409,30 @@ class Syncer:
                 f"{model} v{version} ({release.variant}) is {release.size} bytes, over "
                 f"sync_max_release_bytes {self._settings.sync_max_release_bytes}",
             )
+        digests = [f.sha256 for f in release.files]
+        # Installed here already, unrecorded: a power cut between the install's rename and its
+        # record. The files are the signed ones (checked by digest): served, not installed again.
+        if directory.is_dir() and is_installed_in(release, manifest.release_json, directory):
+            self._on_loop(lambda: self._manager.adopt(model, version))
+            self._recorded(model, version, digests)
+            log.info("sync.recognised_installed", model=model, version=version)
+            self._report(model, version, self._state_of(model, version))
+            return
+        # The intent first: across a restart, this release's blobs are kept and all others go.
+        self._state.intend(model, version, digests)
         self._report(model, version, "downloading")
         try:
-            sources, fetched = self._fetch_all(release, manifest.blobs)
-        except ReleaseRejected as exc:  # a bad blob: nothing of this release is kept
-            if exc.reason not in TRANSIENT:
-                self._store.discard(f.sha256 for f in release.files)
+            fetched = self._download_and_install(model, version, release, manifest)
+        except (ReleaseRejected, EdgeAgentError) as exc:
+            if isinstance(exc, DiskFull) or DiskFull.caused(exc):
+                # Nothing of this attempt stays on a full disk; all of it is fetched again
+                # once there is room (the free-space check says how much before that).
+                self._store.discard(digests)
+            elif not (isinstance(exc, ReleaseRejected) and exc.reason in TRANSIENT):
+                self._store.discard(digests)  # refused for good: its blobs go at once
+                self._settled(model)
             raise
-        staged = self._assemble(release, manifest.release_json, sources)
-        try:
-            # Every file against its signed digest, the exact file set, the graph contract.
-            check_directory(release, staged)
-            check_fresh(release)
-            # Unsigned, written after the checks: which variant this version directory holds.
-            (staged / VARIANT_FILE).write_text(release.variant + "\n")
-            # The manager moves the files into the repository's staging (one copy when the state
-            # dir is on another filesystem).
-            self._on_loop(lambda: self._manager.install(model, version, staged))
-        except (ReleaseRejected, EdgeAgentError):  # refused for good: its blobs go at once
-            self._store.discard(f.sha256 for f in release.files)
-            raise
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-        self._state.add(model, version)
-        self._store.discard(f.sha256 for f in release.files)  # now in the repository
+        self._recorded(model, version, digests)
         log.info(
             "sync.installed",
             model=model,
@@ -405,6 +443,50 @@ class Syncer:
             seconds=round(time.monotonic() - started, 3),
         )
         self._report(model, version, self._state_of(model, version))
+
+    def _download_and_install(
+        self, model: str, version: int, release: Release, manifest: pb.Manifest
+    ) -> int:
+        """Fetch what is missing, assemble, check and install; the bytes downloaded. A full disk
+        at any step raises DiskFull."""
+        try:
+            sources, fetched = self._fetch_all(release, manifest.blobs)
+            failpoints.reach("sync.downloaded")
+            staged = self._assemble(release, manifest.release_json, sources)
+            failpoints.reach("sync.assembled")
+        except OSError as exc:
+            if DiskFull.caused(exc):
+                raise DiskFull(self._root, release.size, f"{model} v{version}") from exc
+            raise
+        try:
+            # Every file against its signed digest, the exact file set, the graph contract.
+            check_directory(release, staged)
+            check_fresh(release)
+            # Unsigned, written after the checks: which variant this version directory holds.
+            (staged / VARIANT_FILE).write_text(release.variant + "\n")
+            # The manager moves the files into the repository's staging (one copy when the state
+            # dir is on another filesystem).
+            self._on_loop(lambda: self._manager.install(model, version, staged))
+        except OSError as exc:
+            if DiskFull.caused(exc):
+                raise DiskFull(self._root, release.size, f"{model} v{version}") from exc
+            raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return fetched
+
+    def _recorded(self, model: str, version: int, digests: Iterable[str]) -> None:
+        """Record the install (which also clears the model's intent), then drop its blobs: a
+        cut between the two leaves blobs that the next start's `retain` removes."""
+        self._state.add(model, version)
+        failpoints.reach("sync.recorded")
+        self._store.discard(digests)  # now in the repository
+        self._store.retain(self._state.needed())
+
+    def _settled(self, model: str) -> None:
+        if model in self._state.pending:
+            self._state.settle(model)
+            self._store.retain(self._state.needed())
 
     def _choose_variant(self, release: Release, manifest: pb.Manifest) -> tuple[Release, bytes]:
         """The variant this device will run (by its likely provider and the preference), and its
@@ -502,9 +584,8 @@ class Syncer:
         the serving versions' state with it. Transient ("disk"): retried after the backoff."""
         free = shutil.disk_usage(self._root).free
         if free - needed < FREE_SPACE_RESERVE:
-            raise OSError(
-                f"not enough disk space: the release needs {needed} bytes, {free} are free "
-                f"(keeping {FREE_SPACE_RESERVE} in reserve)"
+            raise DiskFull(
+                self._root, needed + FREE_SPACE_RESERVE, "the release (with the reserve kept free)"
             )
 
     def _fetch(self, digest: str, offset: int) -> _Pieces:
@@ -514,7 +595,7 @@ class Syncer:
         return _Pieces(call)
 
     def _assemble(self, release: Release, release_json: bytes, sources: dict[str, Path]) -> Path:
-        staged = self._root / "staging" / f"{release.model}-{release.version}"
+        staged = self._root / STAGING / f"{release.model}-{release.version}"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir(parents=True)
         try:
