@@ -81,7 +81,11 @@ class Retiring(Unavailable):
 
 
 class QueueFull(Unavailable):
-    """Admission refused: the queue of the request's priority level is full."""
+    """Admission refused: the queue of the request's priority level is full. Counted (the
+    model's statistics and metrics), not logged one by one: under overload they come by the
+    thousand per second, and each line would cost the event loop more than the refusal."""
+
+    log_each = False
 
 
 class FailedPrecondition(EdgeAgentError):

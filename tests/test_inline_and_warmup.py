@@ -302,6 +302,9 @@ def test_a_cheap_cpu_model_gets_one_intra_op_thread(
     assert loaded["looping"]["intra_op_threads"] == 0
     assert loaded["any_length"]["intra_op_threads"] == 0
     assert [e["model"] for e in agent.named("model.one_intra_op_thread")] == ["digits"]
+    # Their inputs decide how long they run: their pools sleep instead of spinning.
+    spinning_off = sorted(e["model"] for e in agent.named("model.spinning_off"))
+    assert spinning_off == ["any_length", "looping"]
     # The session made again serves, and warmed (the cheap model still runs inline).
     assert loaded["digits"]["inline"] is True
     x = np.zeros((1, 64), np.float32)

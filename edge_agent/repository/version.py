@@ -200,6 +200,15 @@ def _build(
         loaded = create_session(path, options)
         sessions = [loaded]
         log.info("model.one_intra_op_thread", model=name, version=version)
+    elif _spin_off(options, loaded, path, inputs):
+        # A run whose cost its inputs decide (a Loop, a dynamic length) may take tens of
+        # milliseconds: the pool's spin-waits between and after its parallel sections buy
+        # nothing at that length and take the cores the event loop needs to answer others
+        # (BENCHMARKS.md "Overload: refusals while the cores compute").
+        options = dataclasses.replace(options, spinning=False, providers=("cpu",))
+        loaded = create_session(path, options)
+        sessions = [loaded]
+        log.info("model.spinning_off", model=name, version=version)
     samples = warmup_samples(complete, inputs, model_dir)
     golden = read_golden(model_dir / str(version) / GOLDEN_FILE, set(inputs))
     largest, runs = 0.0, 0
@@ -263,6 +272,16 @@ def _one_thread_enough(
     except ModelLoadError:
         return False
     return _cost_shown(path, inputs)
+
+
+def _spin_off(
+    options: RuntimeOptions, loaded: LoadedSession, path: Path, inputs: dict[str, cfg.TensorSpec]
+) -> bool:
+    """Whether a CPU model on ONNX Runtime's default pool, spinning as the settings allow, runs
+    for a time its inputs decide (_cost_shown is False): such a model gets a pool that sleeps."""
+    if loaded.provider != "cpu" or options.intra_op_threads != 0 or not options.spinning:
+        return False
+    return not _cost_shown(path, inputs)
 
 
 def _inline_auto(
