@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def slow_repository(tmp_path: Path) -> Path:
     modelgen.slow(repo / "slow" / "1" / "model.onnx", rows=8192, depth=256)
     (repo / "slow" / "config.pbtxt").write_text("max_batch_size: 0\n")
     return repo
+
+
+def in_flight(daemon: Daemon, model: str) -> float:
+    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    prefix = f'edge_agent_requests_in_flight{{model="{model}",'
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
 
 
 def infer_in_background(
@@ -135,7 +144,9 @@ def test_sigterm_lets_an_in_flight_request_finish(
         "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
     ).wait_started()
     thread, result = infer_in_background(daemon)
-    time.sleep(0.5)  # the request is executing
+    # Accepted and executing (a sleep here raced a slow client on a busy machine: a request
+    # not yet accepted when the signal came is refused, as it should be).
+    wait_for(lambda: in_flight(daemon, "slow") >= 1, "the request executing")
     daemon.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     thread.join(60)

@@ -80,6 +80,11 @@ class AgentCollector:
         pending = Metric(
             "nv_inference_pending_request_count", "Requests waiting in the queue", "gauge"
         )
+        in_flight = Metric(
+            "edge_agent_requests_in_flight",
+            "Requests of the version queued or executing now",
+            "gauge",
+        )
         provider = Metric(
             "edge_agent_execution_provider",
             "1 for the execution provider a model version actually runs on",
@@ -88,7 +93,7 @@ class AgentCollector:
         batch_size = Metric("edge_agent_batch_size", "Rows per model execution", "histogram")
         demoted = Metric(
             "edge_agent_inline_demotions",
-            "Versions moved from inline to threaded execution by a slow run",
+            "Times the version was moved from inline to threaded execution by slow runs",
             "counter",
         )
         for model in self._versions():
@@ -112,6 +117,7 @@ class AgentCollector:
                     s.rejections.get(cause, 0),
                 )
             _add(pending, labels, model.scheduler.pending())
+            _add(in_flight, labels, model.scheduler.busy())
             demoted.add_sample(
                 "edge_agent_inline_demotions_total", labels, model.scheduler.demotions
             )
@@ -130,6 +136,7 @@ class AgentCollector:
             )
         yield from families.values()
         yield pending
+        yield in_flight
         yield provider
         yield batch_size
         yield demoted
