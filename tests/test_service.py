@@ -140,9 +140,13 @@ def test_no_notify_socket_is_a_no_op(start_daemon: Callable[..., Daemon]) -> Non
 def test_sigterm_lets_an_in_flight_request_finish(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
+    # The grace is far above the request's run: on a busy machine the ~3 s run may take several
+    # times as long, and the default 10 s grace would then cut it (as designed: the grace bounds
+    # a stop).
     daemon = start_daemon(
-        "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
-    ).wait_started()
+        "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu",
+        env={"EDGE_AGENT_SHUTDOWN_GRACE_SECONDS": "300"},
+    ).wait_started()  # fmt: skip
     thread, result = infer_in_background(daemon)
     # Accepted and executing (a sleep here raced a slow client on a busy machine: a request
     # not yet accepted when the signal came is refused, as it should be).
