@@ -18,6 +18,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 import numpy as np
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import descriptor as _descriptor
 
 from edge_agent._proto import grpc_service_pb2 as pb
@@ -53,6 +55,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+INT64_RANGE = range(-(2**63), 2**63)
 _INT64 = {
     _descriptor.FieldDescriptor.TYPE_INT64,
     _descriptor.FieldDescriptor.TYPE_UINT64,
@@ -159,6 +162,8 @@ def _parameter(target: Any, key: str, value: Any) -> None:
     if isinstance(value, bool):
         target[key].bool_param = value
     elif isinstance(value, int):
+        if value not in INT64_RANGE:
+            raise InvalidArgument(f"parameter '{key}': {value} does not fit int64")
         target[key].int64_param = value
     elif isinstance(value, str):
         target[key].string_param = value
@@ -186,8 +191,8 @@ def parse_infer(
         length = len(body)
     try:
         document = json.loads(body[:length])
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise InvalidArgument(f"the request is not valid JSON: {str(exc)[:200]}") from exc
     document = _object(document, "the request")
     binary = memoryview(body)[length:]
     request = pb.ModelInferRequest(model_name=model, model_version=version)
@@ -205,12 +210,12 @@ def parse_infer(
         name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
         if not isinstance(name, str) or not name:
             raise InvalidArgument("an input has no 'name'")
-        if datatype not in NUMPY_DTYPES:
+        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
             raise InvalidArgument(f"input '{name}': unknown datatype {datatype!r}")
         if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
         ):
-            raise InvalidArgument(f"input '{name}': 'shape' must be a list of sizes >= 0")
+            raise InvalidArgument(f"input '{name}': 'shape' must be a list of sizes 0..2^63-1")
         budget.spend(name, datatype, shape)  # before any data is converted
         request.inputs.add(name=name, datatype=datatype, shape=shape)
         input_parameters = _object(entry.get("parameters", {}), f"input '{name}' parameters")
@@ -241,7 +246,10 @@ def parse_infer(
             f"({HEADER_LENGTH} or binary_data_size is wrong)"
         )
     binary_outputs: dict[str, bool] = {}
-    for entry in document.get("outputs", []) or []:
+    outputs = document.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InvalidArgument("'outputs' must be a list")
+    for entry in outputs:
         entry = _object(entry, "an output")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
@@ -422,7 +430,7 @@ class HttpFrontEnd:
 
     async def _infer(self, request: web.Request) -> web.Response:
         name, version = self._names(request)
-        body = await request.read()
+        body = await read_body(request)
         budget = ElementBudget(
             self._servicer.max_elements_per_tensor, self._servicer.max_elements_per_request
         )
@@ -449,13 +457,13 @@ class HttpFrontEnd:
                 raise Unauthenticated("the control listener needs Authorization: Bearer TOKEN")
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        body = await request.read()
+        body = await read_body(request)
         if not body:
             return {}
         try:
             return _object(json.loads(body), "the request")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"the request is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise InvalidArgument(f"the request is not valid JSON: {str(exc)[:200]}") from exc
 
     async def _repository_index(self, request: web.Request) -> web.Response:
         self._allowed(request)
@@ -500,6 +508,34 @@ class HttpFrontEnd:
         return web.Response(status=200)
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body; one that ends early (the client closed the connection, a chunk that
+    does not add up) is the client's error, not ours."""
+    try:
+        return await request.read()
+    except (ConnectionResetError, HttpProcessingError) as exc:
+        raise InvalidArgument(f"the request body ended before it was complete ({exc})") from exc
+
+
+class ClientErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic at runtime only in 3.11
+    """aiohttp's server logger, with a request that does not parse as HTTP (aiohttp answers
+    400, or drains the unread rest of a body already answered) logged as one warning line:
+    what a client sends is not an error of this process and must not flood the log with
+    tracebacks. Any other failure keeps its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        cause = exc_info if isinstance(exc_info, BaseException) else None
+        while cause is not None and not isinstance(cause, HttpProcessingError):
+            cause = cause.__cause__  # a payload error raised from the parser's
+        if cause is not None:
+            self.logger.warning(f"{msg}: %s", *args, str(cause).replace("\n", " ")[:300])
+        else:
+            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+
 def _allow(exc: web.HTTPException) -> dict[str, str]:
     allowed = getattr(exc, "allowed_methods", None)
     return {"Allow": ", ".join(sorted(allowed))} if allowed else {}
@@ -527,7 +563,14 @@ async def start(
 
     host, port = parse_address(address, "http_address")
     runner = web.AppRunner(
-        app, access_log=None, keepalive_timeout=idle_seconds, handle_signals=False
+        app,
+        access_log=None,
+        keepalive_timeout=idle_seconds,
+        handle_signals=False,
+        logger=ClientErrorLogger(),
+        # Compressed bodies are refused (the _errors middleware), so never inflated either:
+        # not even the unread rest that aiohttp drains after the refusal.
+        auto_decompress=False,
     )
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=tls, reuse_address=True)

@@ -348,7 +348,10 @@ class Dashboard:
         self._attempts[address] = recent
         if len(self._attempts) > 10_000:  # bounded: forget the quietest addresses
             self._attempts = {a: t for a, t in self._attempts.items() if now - t[-1] < 60}
-        form = await request.post()
+        try:
+            form = await request.post()
+        except ValueError:  # not a form: undecodable, a multipart body without its boundary
+            return self._form("the login form could not be read", 400)
         token = str(form.get("token", ""))
         if not hmac.compare_digest(token.strip().encode(), self._token.encode()):
             log.warning("dashboard.login_refused", address=address)
@@ -440,10 +443,18 @@ class Dashboard:
 
 
 async def start(app: web.Application, address: str, tls: Any = None) -> tuple[web.AppRunner, int]:
+    from edge_agent.api.http import ClientErrorLogger
     from edge_agent.settings import parse_address
 
     host, port = parse_address(address, "--dashboard-address")
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=30, handle_signals=False)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        keepalive_timeout=30,
+        handle_signals=False,
+        logger=ClientErrorLogger(),
+        auto_decompress=False,  # a login form is never compressed: nothing is inflated
+    )
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=tls, reuse_address=True)
     await site.start()

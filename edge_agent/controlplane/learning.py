@@ -71,6 +71,7 @@ from edge_agent.fleet.release import (
     CONFIG,
     DEFAULT_LIFETIME_SECONDS,
     GRAPH,
+    MAX_VERSION,
     WARMUP_DIR,
     build_release,
     parse_release,
@@ -158,8 +159,14 @@ def check_spec(spec: pb.LearningSpec) -> None:
     for field in pb.LearningSpec.DESCRIPTOR.fields:
         if field.type == field.TYPE_DOUBLE and not math.isfinite(getattr(spec, field.name)):
             raise InvalidArgument(f"{field.name} must be a finite number")
+    if spec.scope not in SCOPES:  # proto3 keeps enum numbers it does not know
+        raise InvalidArgument(f"scope {spec.scope}: use FLEET, GROUP or CANARY")
+    if spec.base_version > MAX_VERSION:
+        raise InvalidArgument(f"base_version {spec.base_version} is not in 0..2^63-1")
     if spec.trainable != "all" and not (
-        spec.trainable.startswith("last:") and spec.trainable[5:].isdigit()
+        spec.trainable.startswith("last:")
+        and spec.trainable[5:].isascii()
+        and spec.trainable[5:].isdigit()
     ):
         raise InvalidArgument(f"trainable {spec.trainable!r}: use all or last:N")
     if spec.optimizer not in ("sgd", "adam"):
@@ -270,6 +277,16 @@ def progress(
     return text
 
 
+def _decode_update(data: bytes, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
+    """A device's update as tensors; what numpy refuses to build from the tensor-set header
+    (more dimensions than an array may have) is the device's error, as delta.decode's own
+    checks are."""
+    try:
+        return delta.decode(data, shapes)
+    except ValueError as exc:
+        raise InvalidArgument(f"not a tensor set: {str(exc)[:200]}") from exc
+
+
 class ParameterServer:
     def __init__(
         self,
@@ -354,7 +371,9 @@ class ParameterServer:
                 "KEY): learned releases could not be signed, so learning tasks are refused"
             )
         spec = spec_defaults(spec)
-        check_spec(spec)
+        # Off the loop: the first spec with differential privacy imports the accountant
+        # (seconds), which would stall every other call meanwhile.
+        await asyncio.to_thread(check_spec, spec)
 
         def prepare() -> tuple[int, str]:
             version = spec.base_version or self._registry.newest_version(spec.model)
@@ -427,6 +446,7 @@ class ParameterServer:
         if not tasks:
             raise NotFound(f"no learning task {task_id}")
         await self._db(self._registry.set_task_state, task_id, STOPPED)
+        self._models.pop(task_id, None)  # a stopped task aggregates no more
         log.info("learn.task_stopped", task=task_id)
         self._notify()
 
@@ -530,7 +550,7 @@ class ParameterServer:
             await self._db(self._registry.count, task.id, duplicates=1)
             return pb.UpdateAck(state="duplicate", global_version=task.global_version)
         try:
-            deltas = await asyncio.to_thread(delta.decode, payload, task.shapes)
+            deltas = await asyncio.to_thread(_decode_update, payload, task.shapes)
             size = delta.norm(deltas)
             global_norm = await asyncio.to_thread(self._global_norm, task.global_digest)
             limit = ABSURD_NORM * max(1.0, global_norm)
@@ -616,6 +636,7 @@ class ParameterServer:
         spec = pb.LearningSpec.FromString(task.spec)
         self._registry.count(task.id, dp_exhausted=1)  # first: "stopped" is read with its why
         self._registry.set_task_state(task.id, STOPPED)
+        self._models.pop(task.id, None)
         log.info(
             "learn.privacy_budget_spent",
             task=task.id,
