@@ -32,55 +32,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+import modelgen  # type: ignore[import-not-found,unused-ignore]  # noqa: E402  (tests/ is on no path)
 from benchmarks.run import PYTHON, Server, free_port  # noqa: E402
 
 CONFIG = "max_batch_size: 0\ndynamic_batching { default_queue_policy { max_queue_size: 4 } }\n"
 TARGET_S = 0.040
 WIDTH = 512
-
-
-def looping_model(path: Path) -> Path:
-    """y = x @ W, `n` times (W the identity: values stay put, no denormals); x [16, 512]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = numpy_helper.from_array(np.eye(WIDTH, dtype=np.float32), "w")
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["state", "w"], ["next"]),
-            helper.make_node("Identity", ["c"], ["c_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state", TensorProto.FLOAT, [16, WIDTH]),
-        ],
-        [
-            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("next", TensorProto.FLOAT, [16, WIDTH]),
-        ],
-    )
-    graph = helper.make_graph(
-        [
-            helper.make_node(
-                "Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "cond")
-            ),
-            helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body),
-        ],
-        "looping",
-        [
-            helper.make_tensor_value_info("n", TensorProto.INT64, []),
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, WIDTH]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, WIDTH])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def trip_count(model: Path) -> tuple[int, float]:
@@ -110,7 +69,7 @@ def request_bytes(n: int) -> bytes:
     request.inputs.add(name="x", datatype="FP32", shape=[16, WIDTH])
     request.raw_input_contents.append(np.array(n, np.int64).tobytes())
     request.raw_input_contents.append(np.ones((16, WIDTH), np.float32).tobytes())
-    return request.SerializeToString()
+    return bytes(request.SerializeToString())
 
 
 # -- the two client processes ----------------------------------------------------------------
@@ -249,7 +208,8 @@ def main() -> None:
     env = dict(item.split("=", 1) for item in args.env)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        model = looping_model(repo / "looping" / "1" / "model.onnx")
+        # y = x @ W, n times: W the identity keeps the values put (no denormals).
+        model = modelgen.looping(repo / "looping" / "1" / "model.onnx", 16, WIDTH, scale=1.0)
         (repo / "looping" / "config.pbtxt").write_text(CONFIG)
         n, run_s = trip_count(model)
         server = start_daemon(repo, env)

@@ -49,20 +49,6 @@ TIMEOUT_S = 10.0
 # apart (`known`), each with a probe that checks it still reproduces (benchmarks/fuzz.py), so
 # that a fix shows up and the entry is removed. Any other wrong answer fails the run.
 KNOWN_BUGS = {
-    "unicode-digit-version": (
-        "a model version of digits that str.isdigit() takes and int() does not ('²'): INTERNAL "
-        "(HTTP 500); repository/registry.py ModelRegistry.get checks version.isdigit(), then "
-        "calls int(version)"
-    ),
-    "unicode-digit-file-version": (
-        "a load parameter file:²/model.onnx: INTERNAL (HTTP 500); repository/staging.py "
-        "parse_files checks version_text.isdigit(), then calls int(version_text)"
-    ),
-    "deep-config-json": (
-        "a load parameter `config` nested deeper than json.loads recurses ('[' * 1000): "
-        "INTERNAL (HTTP 500); repository/lifecycle.py config_from_json catches ValueError and "
-        "ParseError but not RecursionError"
-    ),
     "health-reflection-bytes": (
         "bytes that do not parse, sent to grpc.health.v1.Health/Check or to server reflection: "
         "UNKNOWN; api/server.py registers grpcio's health and reflection servicers with their "
@@ -73,9 +59,6 @@ KNOWN_BUGS = {
 
 # How each known bug shows in the log (benchmarks/fuzz.py reads the error lines).
 KNOWN_LOG = {
-    "unicode-digit-version": ("repository/registry.py", "invalid literal for int()"),
-    "unicode-digit-file-version": ("repository/staging.py", "invalid literal for int()"),
-    "deep-config-json": ("repository/lifecycle.py", "RecursionError"),
     "health-reflection-bytes": ("raised by servicer method [/grpc.", "DecodeError"),
 }
 # Error lines that are answers, not failures: a fuzzed load of a deliberately broken model.

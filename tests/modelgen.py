@@ -113,6 +113,44 @@ def copy_shipped(repo: Path, name: str = "digits") -> Path:
     return target
 
 
+def looping(path: Path, rows: int = 1, width: int = 256, scale: float = 0.5) -> Path:
+    """y = x @ W applied `n` times (a Loop whose trip count is an input): cost set by an input.
+    W = scale * identity (1.0 keeps the values as they are: no denormals however long it runs)."""
+    w = numpy_helper.from_array(np.eye(width, dtype=np.float32) * scale, "w")
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["state", "w"], ["next"]),
+            helper.make_node("Identity", ["c"], ["c_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [rows, width]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("next", TensorProto.FLOAT, [rows, width]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "cond")
+            ),
+            helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body),
+        ],
+        "looping",
+        [
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, width])],
+        [w],
+    )
+    return _save(helper.make_model(graph), path)
+
+
 def slow(path: Path, rows: int = 4096, depth: int = 16) -> Path:
     """y[1, 512] from x[1, 512]: x is expanded to `rows` rows and pushed through `depth` 512x512
     matmuls, so one execution takes long enough for requests to queue behind it."""

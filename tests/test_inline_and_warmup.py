@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import modelgen
 from conftest import Daemon, wait_for
 from edge_agent.scheduling.policy import PROMOTE_AFTER
 
@@ -22,43 +23,6 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
-
-
-def looping(path: Path) -> Path:
-    """y = x @ W applied `n` times (a Loop whose trip count is an input): cost set by an input."""
-    w = numpy_helper.from_array(np.eye(256, dtype=np.float32) * 0.5, "w")
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["state", "w"], ["next"]),
-            helper.make_node("Identity", ["c"], ["c_out"]),
-        ],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("state", TensorProto.FLOAT, [1, 256]),
-        ],
-        [
-            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("next", TensorProto.FLOAT, [1, 256]),
-        ],
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [
-            helper.make_node(
-                "Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "cond")
-            ),
-            helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body),
-        ],
-        "looping",
-        [
-            helper.make_tensor_value_info("n", TensorProto.INT64, []),
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
-        [w],
-    )  # fmt: skip
-    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
 def one_hot(path: Path) -> Path:
@@ -133,11 +97,9 @@ def matmul_chain(path: Path, links: int = 32, width: int = 1024) -> Path:
 
 
 def repository(tmp: Path) -> Path:
-    import modelgen
-
     repo = tmp / "repo"
     modelgen.copy_shipped(repo)
-    looping(repo / "looping" / "1" / "model.onnx")
+    modelgen.looping(repo / "looping" / "1" / "model.onnx")
     (repo / "looping" / "config.pbtxt").write_text(
         "max_batch_size: 0\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
     )
@@ -274,13 +236,11 @@ def test_a_cheap_cpu_model_gets_one_intra_op_thread(
     """ONNX Runtime's default pool only for a model that may use it: a cheap model runs on one
     intra-op thread (its pool threads would spin-wait after every run); a costly one, one whose
     cost zeros cannot show (a Loop, a dynamic length) and a configured thread count keep theirs."""
-    import modelgen
-
     repo = tmp_path / "repo"
     modelgen.copy_shipped(repo)
     matmul_chain(repo / "chain" / "1" / "model.onnx")
     (repo / "chain" / "config.pbtxt").write_text("max_batch_size: 2\n")
-    looping(repo / "looping" / "1" / "model.onnx")  # instant on zeros; a Loop
+    modelgen.looping(repo / "looping" / "1" / "model.onnx")  # instant on zeros; a Loop
     (repo / "looping" / "config.pbtxt").write_text("max_batch_size: 0\n")
     relu_any_length(repo / "any_length" / "1" / "model.onnx")
     (repo / "any_length" / "config.pbtxt").write_text("max_batch_size: 8\n")

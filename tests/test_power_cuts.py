@@ -172,32 +172,21 @@ def run_full_disk_phases(fleet: Fleet) -> None:
     wait_for(lambda: serves(agent, v2), "v2 serving once there is room")
     agent.stop()
 
-    # 3. Full while assembling (the release copied from the store and the installed version).
-    env, flag = pause_file(tmp, "sync.downloaded")
-    agent = fleet.agent("edge-1", *slow, env=env)
-    v3 = fleet.mlp(3, width=1024, hidden_layers=3)
-    fleet.publish(v3, 3)
-    wait_for(lambda: Path(f"{flag}.reached").exists(), "the download done")
-    filler = fill(state)
-    flag.unlink()
-    reported_disk_full(3)
-    untouched(v2, 3)
-    filler.unlink()
-    wait_for(lambda: serves(agent, v3), "v3 serving once there is room")
-    agent.stop()
-
-    # 4. Full while installing into the repository (another filesystem: the files are copied).
-    env, flag = pause_file(tmp, "sync.assembled")
-    agent = fleet.agent("edge-1", *slow, env=env)
-    v4 = fleet.mlp(4, width=1024, hidden_layers=3)
-    fleet.publish(v4, 4)
-    wait_for(lambda: Path(f"{flag}.reached").exists(), "the release assembled")
-    filler = fill(repo)
-    flag.unlink()
-    reported_disk_full(4)
-    untouched(v3, 4)
-    filler.unlink()
-    wait_for(lambda: serves(agent, v4), "v4 serving once there is room")
+    # 3. Full while assembling (the release copied from the store and the installed version);
+    # 4. while installing into the repository (another filesystem: the files are copied).
+    for version, point, full in ((3, "sync.downloaded", state), (4, "sync.assembled", repo)):
+        env, flag = pause_file(tmp, point)
+        agent = fleet.agent("edge-1", *slow, env=env)
+        model = fleet.mlp(version, width=1024, hidden_layers=3)
+        fleet.publish(model, version)
+        wait_for(lambda f=flag: Path(f"{f}.reached").exists(), f"the agent at {point}")
+        filler = fill(full)
+        flag.unlink()
+        reported_disk_full(version)
+        untouched(fleet.mlp(version - 1, width=1024, hidden_layers=3), version)
+        filler.unlink()
+        wait_for(lambda m=model, a=agent: serves(a, m), f"v{version} serving once there is room")
+        agent.stop()
     assert leftovers(fleet, "edge-1") == []
 
 

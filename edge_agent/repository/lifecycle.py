@@ -95,7 +95,7 @@ def config_from_json(text: str, model: str) -> tuple[mc.ModelConfig, bool, str]:
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
         json_format.ParseDict(data, config)
-    except (ValueError, json_format.ParseError) as exc:
+    except (ValueError, RecursionError, json_format.ParseError) as exc:
         raise InvalidArgument(f"parameter 'config' is not a valid model config: {exc}") from exc
     if config.name and config.name != model:
         raise InvalidArgument(f"parameter 'config' names model {config.name!r}, not {model!r}")

@@ -80,7 +80,7 @@ class ModelRegistry:
         if entry.error and not entry.ready_versions():
             raise Unavailable(f"model '{name}' failed to load: {entry.error}")
         if version:
-            if not version.isdigit() or int(version) not in entry.versions:
+            if not (version.isascii() and version.isdigit()) or int(version) not in entry.versions:
                 raise NotFound(f"model '{name}' has no version '{version}'")
             state = entry.versions[int(version)]
             if state.model is None or state.state != READY:

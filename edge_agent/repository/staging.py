@@ -53,7 +53,7 @@ def parse_files(parameters: Mapping[str, bytes]) -> dict[int, dict[str, bytes]]:
     for key, content in parameters.items():
         spec = key[len(FILE_PREFIX) :]
         version_text, sep, relative = spec.partition("/")
-        if not sep or not version_text.isdigit() or not relative:
+        if not sep or not (version_text.isascii() and version_text.isdigit()) or not relative:
             raise InvalidArgument(
                 f"parameter {key!r}: expected file:<version>/<file name>, e.g. file:1/model.onnx"
             )
