@@ -424,7 +424,7 @@ class Syncer:
         try:
             fetched = self._download_and_install(model, version, release, manifest)
         except (ReleaseRejected, EdgeAgentError) as exc:
-            if isinstance(exc, DiskFull) or DiskFull.caused(exc):
+            if DiskFull.caused(exc):
                 # Nothing of this attempt stays on a full disk; all of it is fetched again
                 # once there is room (the free-space check says how much before that).
                 self._store.discard(digests)
@@ -449,16 +449,12 @@ class Syncer:
     ) -> int:
         """Fetch what is missing, assemble, check and install; the bytes downloaded. A full disk
         at any step raises DiskFull."""
+        staged: Path | None = None
         try:
             sources, fetched = self._fetch_all(release, manifest.blobs)
             failpoints.reach("sync.downloaded")
             staged = self._assemble(release, manifest.release_json, sources)
             failpoints.reach("sync.assembled")
-        except OSError as exc:
-            if DiskFull.caused(exc):
-                raise DiskFull(self._root, release.size, f"{model} v{version}") from exc
-            raise
-        try:
             # Every file against its signed digest, the exact file set, the graph contract.
             check_directory(release, staged)
             check_fresh(release)
@@ -472,7 +468,8 @@ class Syncer:
                 raise DiskFull(self._root, release.size, f"{model} v{version}") from exc
             raise
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
         return fetched
 
     def _recorded(self, model: str, version: int, digests: Iterable[str]) -> None:
