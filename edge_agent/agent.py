@@ -6,9 +6,9 @@ the watchdog; in poll mode the repository poll starts with the loads.
 SIGHUP: RELOADING=1 -> re-read the configuration -> apply what can change live (log level, model
 settings: every model reloaded through the hot-swap path), log what needs a restart -> READY=1.
 shutdown (SIGTERM/SIGINT; a second signal exits at once with EXIT_FORCED): STOPPING=1, health
-NOT_SERVING, not ready -> stop sync and polling -> `server.stop(grace)` (refuses new RPCs, lets
-in-flight ones finish) -> schedulers finish what they admitted and stop their threads -> metrics
-listener closes.
+NOT_SERVING, not ready -> stop sync and polling -> every listener stops at once (refuses new
+calls, lets those in progress finish within the grace) -> schedulers finish what they admitted
+within what is left of the grace (a longer run is abandoned) -> metrics listener closes.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ class Agent:
             )
             try:
                 runner, port = await http.start(
-                    front.app(), address, s.connection_idle_seconds, tls
+                    front.app(), address, s.connection_idle_seconds, s.shutdown_grace_seconds, tls
                 )
             except OSError as exc:
                 key = "http_control_address" if control else "http_address"
@@ -366,6 +366,13 @@ class Agent:
     async def _shutdown(
         self, server: grpc.aio.Server, control: grpc.aio.Server | None = None
     ) -> None:
+        # One grace bounds the whole drain: every listener stops at once (new calls refused,
+        # calls in progress get what is left of it), then the runs still going get the rest. A
+        # run that outlasts it is abandoned (its caller was already cancelled): the stop never
+        # waits on a model, whatever it computes.
+        loop = asyncio.get_running_loop()
+        grace = self.settings.shutdown_grace_seconds
+        ends = loop.time() + grace
         self.servicer.ready = False
         self.notifier.stopping("stopping: draining in-flight requests")
         for task in (self._watchdog, self._reloading):
@@ -375,13 +382,15 @@ class Agent:
         if self.syncer is not None:
             await asyncio.to_thread(self.syncer.stop)
         await self.manager.stop()
-        grace = self.settings.shutdown_grace_seconds
-        for runner in self._http:
-            await runner.cleanup()
-        if control is not None:
-            await control.stop(grace)
-        await server.stop(grace)
-        await self.registry.close()
+        left = max(0.0, ends - loop.time())
+        stops = [runner.cleanup() for runner in self._http]
+        stops += [listener.stop(left) for listener in (control, server) if listener is not None]
+        await asyncio.gather(*stops)
+        try:
+            await asyncio.wait_for(self.registry.close(), max(0.0, ends - loop.time()))
+        except TimeoutError:
+            running = sum(model.scheduler.busy() for model in self.registry.versions())
+            log.warning("agent.runs_abandoned", running=running, grace_seconds=grace)
         self.guard.stop()
         self.metrics.stop()
         self.notifier.close()

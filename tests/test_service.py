@@ -12,12 +12,14 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import modelgen
 from conftest import ROOT, Daemon, wait_for
+from edge_agent.common.failpoints import ENVIRONMENT, REQUEST_EXECUTING
 
 
 class NotifySocket:
@@ -58,12 +60,30 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-def slow_repository(tmp_path: Path) -> Path:
-    """One model whose every request runs for seconds (~3 s on the 2-core dev VM)."""
+def held_daemon(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], **env: str
+) -> tuple[Daemon, Path]:
+    """The shipped model on a thread (never inline: a held run must not hold the event loop),
+    with every run held at its start while the returned flag file exists (common/failpoints.py).
+    The test decides when a request finishes, whatever the machine's speed."""
     repo = tmp_path / "repo"
-    modelgen.slow(repo / "slow" / "1" / "model.onnx", rows=8192, depth=256)
-    (repo / "slow" / "config.pbtxt").write_text("max_batch_size: 0\n")
-    return repo
+    shutil.copytree(ROOT / "models", repo)
+    config = repo / "digits" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + 'parameters { key: "execution_inline" value { string_value: "false" } }\n'
+    )
+    flag = tmp_path / "hold"
+    flag.touch()
+    daemon = start_daemon(
+        "--model-repository", str(repo), "--execution-providers", "cpu",
+        "--http-address", "127.0.0.1:0",
+        env={ENVIRONMENT: f"{REQUEST_EXECUTING}:pause:{flag}", **env},
+    ).wait_started()  # fmt: skip
+    return daemon, flag
+
+
+IMAGE = np.full((1, 64), 8.0, np.float32)
 
 
 def in_flight(daemon: Daemon, model: str) -> float:
@@ -75,18 +95,30 @@ def in_flight(daemon: Daemon, model: str) -> float:
 
 
 def infer_in_background(
-    daemon: Daemon, model: str = "slow"
+    daemon: Daemon, transport: str = "grpc"
 ) -> tuple[threading.Thread, list[object]]:
     import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
 
     result: list[object] = []
 
     def call() -> None:
-        with grpcclient.InferenceServerClient(daemon.url) as client:
-            tensor = grpcclient.InferInput("x", [1, 512], "FP32")
-            tensor.set_data_from_numpy(np.ones((1, 512), np.float32))
+        client: Any
+        tensor: Any
+        if transport == "http":
+            url = f"127.0.0.1:{daemon.named('agent.started')[0]['http_port']}"
+            client = httpclient.InferenceServerClient(url, network_timeout=300)
+            tensor = httpclient.InferInput("input", [1, 64], "FP32")
+            timeout = {}
+        else:
+            client = grpcclient.InferenceServerClient(daemon.url)
+            tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+            timeout = {"client_timeout": 300}
+        with client:
+            tensor.set_data_from_numpy(IMAGE)
             try:
-                result.append(client.infer(model, [tensor], client_timeout=60).as_numpy("y"))
+                answer = client.infer("digits", [tensor], **timeout)
+                result.append(answer.as_numpy("label"))
             except Exception as exc:
                 result.append(exc)
             result.append(time.monotonic())  # when the answer came
@@ -137,42 +169,66 @@ def test_no_notify_socket_is_a_no_op(start_daemon: Callable[..., Daemon]) -> Non
     assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_sigterm_lets_an_in_flight_request_finish(
-    tmp_path: Path, start_daemon: Callable[..., Daemon]
+    tmp_path: Path, start_daemon: Callable[..., Daemon], transport: str
 ) -> None:
-    # The grace is far above the request's run: on a busy machine the ~3 s run may take several
-    # times as long, and the default 10 s grace would then cut it (as designed: the grace bounds
-    # a stop).
-    daemon = start_daemon(
-        "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu",
-        env={"EDGE_AGENT_SHUTDOWN_GRACE_SECONDS": "300"},
-    ).wait_started()  # fmt: skip
-    thread, result = infer_in_background(daemon)
-    # Accepted and executing (a sleep here raced a slow client on a busy machine: a request
-    # not yet accepted when the signal came is refused, as it should be).
-    wait_for(lambda: in_flight(daemon, "slow") >= 1, "the request executing")
+    # Deterministic on any machine: the request is held mid-execution across the signal and let
+    # go only once the drain has begun (a slow model raced its client's deadline on a busy one).
+    daemon, flag = held_daemon(tmp_path, start_daemon)
+    thread, result = infer_in_background(daemon, transport)
+    wait_for(lambda: Path(f"{flag}.reached").exists(), "the request executing")
+    assert in_flight(daemon, "digits") == 1
     daemon.proc.send_signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    thread.join(60)
-    assert daemon.proc.wait(60) == 0
+    wait_for(lambda: daemon.named("agent.stopping"), "the drain to begin")
+    time.sleep(0.5)  # the drain goes on (server stop, the grace clock) with the request held
+    assert daemon.proc.poll() is None and not result
+    released = time.monotonic()
+    flag.unlink()
+    thread.join(120)
+    assert daemon.proc.wait(120) == 0
     answer, answered = result
-    assert isinstance(answer, np.ndarray), answer
-    assert answered > signalled  # answered during the drain, not before the signal
-    assert daemon.named("agent.stopping")
+    assert isinstance(answer, np.ndarray), str(answer)  # tritonclient's repr drops the message
+    assert answer.tolist() == digits_label(IMAGE)  # the model's answer, not an error
+    assert answered > released  # answered in the drain, after it ran
     assert daemon.named("agent.stopped")
 
 
+def digits_label(image: np.ndarray) -> list[int]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(ROOT / "models" / "digits" / "1" / "model.onnx"))
+    return [int(v) for v in session.run(["label"], {"input": image})[0]]
+
+
+def test_the_grace_bounds_a_drain(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
+    # A run longer than the grace: the agent stops when the grace is over, without waiting for the
+    # run, and the caller is told (not left waiting on a closed connection).
+    daemon, flag = held_daemon(tmp_path, start_daemon, EDGE_AGENT_SHUTDOWN_GRACE_SECONDS="1")
+    thread, result = infer_in_background(daemon)
+    wait_for(lambda: Path(f"{flag}.reached").exists(), "the request executing")
+    daemon.proc.send_signal(signal.SIGTERM)
+    try:
+        assert daemon.proc.wait(120) == 0  # the run is still held
+        thread.join(120)
+        answer, _ = result
+        assert "UNAVAILABLE" in str(answer)  # told, not left waiting
+        assert daemon.named("agent.runs_abandoned")[0]["running"] == 1
+        assert daemon.named("agent.stopped")
+    finally:
+        flag.unlink()
+
+
 def test_a_second_signal_forces_exit(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon(
-        "--model-repository", str(slow_repository(tmp_path)), "--execution-providers", "cpu"
-    ).wait_started()
-    threads = [infer_in_background(daemon)[0] for _ in range(3)]  # seconds of queued work
-    time.sleep(0.5)
+    daemon, flag = held_daemon(tmp_path, start_daemon)
+    threads = [infer_in_background(daemon)[0] for _ in range(3)]  # one held, two queued
+    wait_for(lambda: Path(f"{flag}.reached").exists(), "a request executing")
     daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: daemon.named("agent.stopping"), "the drain to begin")
     daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(10) == 1  # EXIT_FORCED, without waiting for the queue
+    assert daemon.proc.wait(30) == 1  # EXIT_FORCED, without waiting for the held run or the queue
     assert daemon.named("agent.forced_exit") and not daemon.named("agent.stopped")
+    flag.unlink()
     for t in threads:
         t.join(60)
 

@@ -556,9 +556,11 @@ async def start(
     app: web.Application,
     address: str,
     idle_seconds: float,
+    grace: float,
     tls: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Serve `app` on HOST:PORT; returns the runner (to stop it) and the bound port."""
+    """Serve `app` on HOST:PORT; returns the runner (to stop it: requests in progress get up to
+    `grace` seconds, as on the gRPC listeners) and the bound port."""
     from edge_agent.settings import parse_address
 
     host, port = parse_address(address, "http_address")
@@ -567,6 +569,7 @@ async def start(
         access_log=None,
         keepalive_timeout=idle_seconds,
         handle_signals=False,
+        shutdown_timeout=grace,
         logger=ClientErrorLogger(),
         # Compressed bodies are refused (the _errors middleware), so never inflated either:
         # not even the unread rest that aiohttp drains after the refusal.

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent._proto import model_config_pb2 as mc
+from edge_agent.common import failpoints
 from edge_agent.common.onnxgraph import data_dependent_ops
 from edge_agent.common.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, protocol_datatype
 from edge_agent.errors import EdgeAgentError, ModelLoadError
@@ -103,6 +104,7 @@ class ModelVersion:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         """One execution on a free instance's session; ORT's errors become ours."""
+        failpoints.reach(failpoints.REQUEST_EXECUTING)
         loaded = self._free_sessions.get()
         try:
             result: list[np.ndarray] = loaded.run(outputs, feeds)
