@@ -48,19 +48,11 @@ TIMEOUT_S = 10.0
 # Wrong answers whose cause lies in modules this harness's author may not change: tallied
 # apart (`known`), each with a probe that checks it still reproduces (benchmarks/fuzz.py), so
 # that a fix shows up and the entry is removed. Any other wrong answer fails the run.
-KNOWN_BUGS = {
-    "health-reflection-bytes": (
-        "bytes that do not parse, sent to grpc.health.v1.Health/Check or to server reflection: "
-        "UNKNOWN; api/server.py registers grpcio's health and reflection servicers with their "
-        "own deserializers, which raise, where our services use api/wire.py's lenient ones"
-    ),
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 # How each known bug shows in the log (benchmarks/fuzz.py reads the error lines).
-KNOWN_LOG = {
-    "health-reflection-bytes": ("raised by servicer method [/grpc.", "DecodeError"),
-}
+KNOWN_LOG: dict[str, tuple[str, ...]] = {}
 # Error lines that are answers, not failures: a fuzzed load of a deliberately broken model.
 EXPECTED_LOG = {"model.load_failed"}
 
@@ -217,10 +209,6 @@ class Grpc:
         what = f"{path} {payload[:120]!r}" if isinstance(payload, bytes) else path
         if code not in GRPC_ALLOWED:
             what += f" -> {answer!r}"
-        if code == grpc.StatusCode.UNKNOWN and path.startswith(
-            ("/grpc.health.", "/grpc.reflection.")
-        ):
-            known = "health-reflection-bytes"
         self.tally.record(listener, code.name, code in GRPC_ALLOWED, what, known)
         return code, answer
 

@@ -214,3 +214,39 @@ def test_malformed_protobuf_is_invalid_argument(server: Any) -> None:
         ]
     assert "malformed ModelInferRequest" in answers[0].error_message
     assert answers[1].error_message == "" and answers[1].infer_response.id == "good"
+
+
+def test_malformed_health_and_reflection_requests_are_invalid_argument(server: Any) -> None:
+    # grpcio's own health and reflection servicers, registered with our lenient deserializers:
+    # bytes that do not parse were UNKNOWN with a logged traceback.
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    garbage = b"\xff\xff\xff\xff not a protobuf"
+    with grpc.insecure_channel(server.url) as channel:
+        for path, streams in (
+            ("/grpc.health.v1.Health/Check", False),
+            ("/grpc.health.v1.Health/Watch", True),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                if streams:
+                    list(channel.unary_stream(path)(garbage, timeout=30))
+                else:
+                    channel.unary_unary(path)(garbage, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+            assert "malformed HealthCheckRequest" in info.value.details()
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        ok = health_pb2.HealthCheckResponse.FromString(check(b"", timeout=30))
+        assert ok.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+        )
+        listing = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        answers = []
+        with pytest.raises(grpc.RpcError) as info:
+            for raw in reflect(iter([listing, garbage, listing]), timeout=30):
+                answers.append(reflection_pb2.ServerReflectionResponse.FromString(raw))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed ServerReflectionRequest" in info.value.details()
+        names = {s.name for s in answers[0].list_services_response.service}  # answered up to it
+        assert "grpc.health.v1.Health" in names and len(answers) == 1

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge_agent._proto import examples_pb2
 from edge_agent._proto import grpc_service_pb2 as pb
@@ -23,11 +23,15 @@ from edge_agent.api.examples import SERVICE as EXAMPLES
 from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
 from edge_agent.api.servicer import InferenceServicer
-from edge_agent.api.wire import add_service, method_handlers
+from edge_agent.api.wire import add_foreign_service, add_service, method_handlers
 from edge_agent.errors import ConfigError
 from edge_agent.settings import Settings, parse_address
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+# What reflection lists: every service a listener serves.
+NAMES = (SERVICE.full_name, EXAMPLES.full_name, HEALTH.full_name, REFLECTION.full_name)
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -79,16 +83,9 @@ def build_server(
     add_inference_service(noting, servicer, deny_control)
     if examples is not None:
         add_service(noting, EXAMPLES, method_handlers(EXAMPLES, examples_pb2, examples))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, noting)
-    names = (
-        SERVICE.full_name,
-        EXAMPLES.full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        reflection.aio.ReflectionServicer(names), noting
-    )
+    add_foreign_service(noting, HEALTH, health_pb2, health_servicer)
+    reflecting = reflection.aio.ReflectionServicer(NAMES)
+    add_foreign_service(noting, REFLECTION, reflection_pb2, reflecting)
     return server
 
 

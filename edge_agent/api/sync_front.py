@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge_agent._proto import examples_pb2
 from edge_agent._proto import grpc_service_pb2 as pb
@@ -48,9 +48,16 @@ from edge_agent.api.infer import (
     request_parameters,
 )
 from edge_agent.api.security import CONTROL_METHODS
+from edge_agent.api.server import HEALTH, NAMES, REFLECTION
 from edge_agent.api.servicer import InferenceServicer, failure_kind
 from edge_agent.api.status import to_status
-from edge_agent.api.wire import Malformed, add_service, method_handlers
+from edge_agent.api.wire import (
+    Malformed,
+    add_foreign_service,
+    add_service,
+    method_handlers,
+    refusing,
+)
 from edge_agent.errors import InvalidArgument, Retiring
 from edge_agent.repository.registry import ModelRegistry
 from edge_agent.scheduling.batching import shape_key
@@ -314,18 +321,10 @@ def build_sync_server(
         add_service(
             noting, EXAMPLES, method_handlers(EXAMPLES, examples_pb2, _Namespace(**wrapped))
         )
-    health_pb2_grpc.add_HealthServicer_to_server(
-        _Namespace(
-            Check=_via_loop(health_servicer.Check, loop),
-            Watch=_via_loop(health_servicer.Watch, loop, stream=True),
-        ),
-        noting,
+    health_on_loop = _Namespace(
+        Check=_via_loop(refusing(health_servicer.Check, False), loop),
+        Watch=_via_loop(refusing(health_servicer.Watch, False), loop, stream=True),
     )
-    names = (
-        SERVICE.full_name,
-        EXAMPLES.full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
+    add_foreign_service(noting, HEALTH, health_pb2, health_on_loop)
+    add_foreign_service(noting, REFLECTION, reflection_pb2, reflection.ReflectionServicer(NAMES))
     return SyncServer(server)
