@@ -60,6 +60,11 @@ def encode(tensors: Mapping[str, np.ndarray], int8_threshold: int | None = None)
     return struct.pack("<I", len(text)) + text + b"".join(parts)
 
 
+# Dimensions a tensor may have: numpy's own limit is 64 (a reshape past it raises), and no
+# trainable weight comes near it.
+MAX_RANK = 32
+
+
 def decode(
     data: bytes, expected: Mapping[str, Sequence[int]] | None = None, limit: int = MAX_TENSORS
 ) -> dict[str, np.ndarray]:
@@ -80,8 +85,12 @@ def decode(
         name, shape, dtype = entry.get("name"), entry.get("shape"), entry.get("dtype")
         if not isinstance(name, str) or name in out:
             raise InvalidArgument(f"tensor name {name!r} is missing or repeated")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_RANK
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape
+            )
         ):
             raise InvalidArgument(f"tensor {name!r}: shape {shape!r} is not a list of sizes")
         count = math.prod(shape)
