@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import onnx
 import pytest
 
 import modelgen
+from edge_agent.common.failpoints import ENVIRONMENT, REQUEST_EXECUTING
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
@@ -242,3 +245,36 @@ def scale_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     root = tmp_path_factory.mktemp("services")
     with services.postgres() as pg, services.seaweedfs(root / "s3") as s3:
         yield pg, s3
+
+
+def held_daemon(
+    tmp_path: Path, start_daemon: Callable[..., Daemon], queue: int = 256, **env: str
+) -> tuple[Daemon, Path]:
+    """The shipped model on a thread (never inline: a held run must not hold the event loop),
+    with every run held at its start while the returned flag file exists (common/failpoints.py).
+    The test decides when a request finishes, whatever the machine's speed. `queue`: the model's
+    max_queue_size."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "models", repo)
+    config = repo / "digits" / "config.pbtxt"
+    config.write_text(
+        config.read_text().replace("max_queue_size: 256", f"max_queue_size: {queue}")
+        + 'parameters { key: "execution_inline" value { string_value: "false" } }\n'
+    )
+    flag = tmp_path / "hold"
+    flag.touch()
+    daemon = start_daemon(
+        "--model-repository", str(repo), "--execution-providers", "cpu",
+        "--http-address", "127.0.0.1:0",
+        env={ENVIRONMENT: f"{REQUEST_EXECUTING}:pause:{flag}", **env},
+    ).wait_started()  # fmt: skip
+    return daemon, flag
+
+
+def gauge(daemon: Daemon, name: str, model: str) -> float:
+    """A per-model gauge of the daemon's /metrics, summed over versions."""
+    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
+    prefix = f'{name}{{model="{model}",'
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )

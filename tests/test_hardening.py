@@ -25,7 +25,7 @@ import pytest
 from test_sync import Fleet, metric, serves, status_code
 
 import modelgen
-from conftest import ROOT, ControlPlaneProcess, Daemon, wait_for
+from conftest import ROOT, ControlPlaneProcess, Daemon, held_daemon, wait_for
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.fleet import auth, signing
@@ -457,3 +457,24 @@ def test_a_stalled_upload_is_cut_off(tmp_path: Path, start_daemon: Callable[...,
     assert not any((fleet.data / "blobs" / "tmp").iterdir())  # its temporary file is gone
     os.kill(fleet.cp.proc.pid, signal.SIGTERM)
     assert fleet.cp.proc.wait(20) == 0
+
+
+def test_a_connection_busy_with_one_long_call_is_not_shut_as_idle(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    # Its only call came before the guard's scan first listed the connection, then ran past
+    # first_request_seconds: the guard shut it as a connection that never made a call.
+    import tritonclient.grpc as grpcclient
+
+    daemon, flag = held_daemon(tmp_path, start_daemon, EDGE_AGENT_FIRST_REQUEST_SECONDS="2")
+    with grpcclient.InferenceServerClient(daemon.url) as client:
+        tensor = grpcclient.InferInput("input", [1, 64], "FP32")
+        tensor.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        answers: list[Any] = []
+        client.async_infer("digits", [tensor], lambda result, error: answers.append(error))
+        wait_for(lambda: Path(f"{flag}.reached").exists(), "the call running")
+        time.sleep(4.0)  # past the first-call deadline, with the call still running
+        flag.unlink()
+        wait_for(lambda: answers, "the answer")
+    assert answers == [None]
+    assert not daemon.named("connections.closed")

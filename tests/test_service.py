@@ -9,7 +9,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ import numpy as np
 import pytest
 
 import modelgen
-from conftest import ROOT, Daemon, wait_for
-from edge_agent.common.failpoints import ENVIRONMENT, REQUEST_EXECUTING
+from conftest import ROOT, Daemon, gauge, held_daemon, wait_for
 
 
 class NotifySocket:
@@ -60,38 +58,11 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     sock.close()
 
 
-def held_daemon(
-    tmp_path: Path, start_daemon: Callable[..., Daemon], **env: str
-) -> tuple[Daemon, Path]:
-    """The shipped model on a thread (never inline: a held run must not hold the event loop),
-    with every run held at its start while the returned flag file exists (common/failpoints.py).
-    The test decides when a request finishes, whatever the machine's speed."""
-    repo = tmp_path / "repo"
-    shutil.copytree(ROOT / "models", repo)
-    config = repo / "digits" / "config.pbtxt"
-    config.write_text(
-        config.read_text()
-        + 'parameters { key: "execution_inline" value { string_value: "false" } }\n'
-    )
-    flag = tmp_path / "hold"
-    flag.touch()
-    daemon = start_daemon(
-        "--model-repository", str(repo), "--execution-providers", "cpu",
-        "--http-address", "127.0.0.1:0",
-        env={ENVIRONMENT: f"{REQUEST_EXECUTING}:pause:{flag}", **env},
-    ).wait_started()  # fmt: skip
-    return daemon, flag
-
-
 IMAGE = np.full((1, 64), 8.0, np.float32)
 
 
 def in_flight(daemon: Daemon, model: str) -> float:
-    text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
-    prefix = f'edge_agent_requests_in_flight{{model="{model}",'
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
-    )
+    return gauge(daemon, "edge_agent_requests_in_flight", model)
 
 
 def infer_in_background(

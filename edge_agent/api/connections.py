@@ -11,8 +11,7 @@ process's established TCP connections on each watched port (/proc/self/fd and
 /proc/self/net/tcp{,6}), and shuts down (shutdown(2); gRPC then closes the connection itself)
 the connections of a peer address beyond its cap, those that never made a call first, and every
 connection that has made no call within `first_request_seconds`. Handlers tell the guard about
-calls with `saw(peer)`, which costs one attribute check while no new connection is waiting for
-its first call.
+calls with `saw(peer)`, which costs a known connection's call one dict lookup.
 
 The caps are sized to the process's file descriptor limit (`fit_to_fd_limit`), so that
 connections can never exhaust it: a process out of descriptors cannot accept, open a model file
@@ -42,6 +41,9 @@ log = get_logger(__name__)
 # log and notify sockets, the loader's and ONNX Runtime's own.
 FD_RESERVE = 256
 SCAN_INTERVAL_S = 1.0
+# A peer that made a call is remembered this long after its connection is gone: long enough for
+# a scan to list a connection whose first call came before it (a busy machine delays scans).
+FORGET_AFTER_S = 60.0
 _ESTABLISHED = "01"
 
 
@@ -153,10 +155,11 @@ class ConnectionGuard:
         self._interval = interval
         self._watches: dict[int, _Watch] = {}
         self._known: dict[tuple[int, str, int], _Connection] = {}  # (port, ip, port) -> conn
-        # Peers (ip, port) of connections still waiting for their first call: `saw` looks
-        # only while there are any.
-        self.pending: set[tuple[str, int]] = set()
-        self._called: set[tuple[str, int]] = set()
+        # Peers (ip, port) that made a call, and the peer strings already noted (a noted peer
+        # costs a call one dict lookup), each with when: kept while the connection lives, and
+        # for a while after it is gone (a call may come before a scan first lists it).
+        self._called: dict[tuple[str, int], float] = {}
+        self._noted: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = GuardStats()
@@ -169,12 +172,16 @@ class ConnectionGuard:
             )
 
     def saw(self, peer: str) -> None:
-        """A call arrived from `peer` (context.peer()); cheap when nothing is pending."""
-        if self.pending:
-            parsed = parse_peer(peer)
-            if parsed is not None and parsed in self.pending:
-                self._called.add(parsed)
-                self.pending.discard(parsed)
+        """A call arrived from `peer` (context.peer()). Every call counts, those made before a
+        scan first lists the connection too: a connection that opened its calls in its first
+        second and then kept them running was shut as one that never made a call."""
+        if peer in self._noted:
+            return
+        now = time.monotonic()
+        self._noted[peer] = now
+        parsed = parse_peer(peer)
+        if parsed is not None:
+            self._called[parsed] = now
 
     def start(self) -> None:
         if not self.enabled:
@@ -211,8 +218,14 @@ class ConnectionGuard:
             if not connection.called and connection.peer in self._called:
                 connection.called = True
         live_peers = {c.peer for c in current.values()}
-        self._called &= live_peers
-        self.pending = {c.peer for c in current.values() if not c.called}
+        # Forget peers gone for a while (snapshots: saw() adds from the event loop meanwhile).
+        cutoff = time.monotonic() - FORGET_AFTER_S
+        for peer, noted in list(self._called.items()):
+            if noted < cutoff and peer not in live_peers:
+                self._called.pop(peer, None)
+        for text, noted in list(self._noted.items()):
+            if noted < cutoff and parse_peer(text) not in live_peers:
+                self._noted.pop(text, None)
         victims: dict[tuple[int, str, int], str] = {}
         by_peer: dict[tuple[int, str], list[_Connection]] = {}
         for key, connection in current.items():
@@ -285,8 +298,7 @@ class _NotingGeneric(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 def noting(handler: grpc.RpcMethodHandler, guard: ConnectionGuard) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour wrapped: guard.saw(context.peer()) first (one attribute
-    check while no connection is waiting for its first call)."""
+    """`handler` with its behaviour wrapped: guard.saw(context.peer()) first."""
     for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
         behaviour = getattr(handler, kind)
         if behaviour is None:
@@ -294,8 +306,7 @@ def noting(handler: grpc.RpcMethodHandler, guard: ConnectionGuard) -> grpc.RpcMe
         if inspect.isasyncgenfunction(behaviour):
 
             async def stream(request: Any, context: Any, _b: Any = behaviour) -> Any:
-                if guard.pending:
-                    guard.saw(context.peer())
+                guard.saw(context.peer())
                 async for item in _b(request, context):
                     yield item
 
@@ -303,16 +314,14 @@ def noting(handler: grpc.RpcMethodHandler, guard: ConnectionGuard) -> grpc.RpcMe
         elif inspect.iscoroutinefunction(behaviour):
 
             async def call(request: Any, context: Any, _b: Any = behaviour) -> Any:
-                if guard.pending:
-                    guard.saw(context.peer())
+                guard.saw(context.peer())
                 return await _b(request, context)
 
             wrapped = call
         else:  # a plain function: gRPC runs it on a thread, and so it stays
 
             def plain(request: Any, context: Any, _b: Any = behaviour) -> Any:
-                if guard.pending:
-                    guard.saw(context.peer())
+                guard.saw(context.peer())
                 return _b(request, context)
 
             wrapped = plain
