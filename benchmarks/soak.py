@@ -265,12 +265,30 @@ def soak(
         cpu.append(cpu_seconds(pid))
         used = dict(zip(["steady", "swap_phase", "after"], np.diff(cpu).tolist(), strict=True))
         phases = Phases(steady, windows, after, rss_before, rss_mib(pid), used)
-    swapped = [e for e in daemon.events[first_event:] if e.get("event") == "model.swapped"]
+    events = daemon.events[first_event:]
+    swapped = [e for e in events if e.get("event") == "model.swapped"]
     return {
         "swaps_requested": swaps,
         **summary(load, phases, swapped),
+        "inline": inline_decisions(events),
         "load_average_1min": [round(load_average, 2), round(os.getloadavg()[0], 2)],
         "wall_s": round(time.monotonic() - began, 1),
+    }
+
+
+def inline_decisions(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the versions loaded were executed: inline at load or not, then demoted / promoted
+    (the scheduler's judge), with the demotions' own fields."""
+    loaded = [e for e in events if e.get("event") == "model.loaded"]
+    demoted = [e for e in events if e.get("event") == "model.inline_demoted"]
+    return {
+        "loaded_inline": sum(1 for e in loaded if e.get("inline")),
+        "loaded_threaded": sum(1 for e in loaded if not e.get("inline")),
+        "demoted": len(demoted),
+        "promoted": sum(1 for e in events if e.get("event") == "model.inline_promoted"),
+        "demotions": [
+            {k: v for k, v in e.items() if k not in ("event", "level")} for e in demoted[:10]
+        ],
     }
 
 
