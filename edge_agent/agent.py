@@ -390,7 +390,8 @@ class Agent:
             await asyncio.wait_for(self.registry.close(), max(0.0, ends - loop.time()))
         except TimeoutError:
             running = sum(model.scheduler.busy() for model in self.registry.versions())
-            log.warning("agent.runs_abandoned", running=running, grace_seconds=grace)
+            if running:  # a grace of 0 stops without waiting, runs or not
+                log.warning("agent.runs_abandoned", running=running, grace_seconds=grace)
         self.guard.stop()
         self.metrics.stop()
         self.notifier.close()
