@@ -271,10 +271,11 @@ def held_daemon(
     return daemon, flag
 
 
-def gauge(daemon: Daemon, name: str, model: str) -> float:
-    """A per-model gauge of the daemon's /metrics, summed over versions."""
+def metric(daemon: Daemon, name: str, model: str | None = None) -> float:
+    """A metric of the daemon's /metrics (`name` may carry its labels), summed over its series;
+    with `model`, over that model's series only."""
     text = urllib.request.urlopen(daemon.metrics_url, timeout=10).read().decode()
-    prefix = f'{name}{{model="{model}",'
+    prefixes = (f'{name}{{model="{model}",',) if model else (name + " ", name + "{")
     return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes)
     )

@@ -22,10 +22,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_sync import Fleet, metric, serves, status_code
+from test_sync import Fleet, serves, status_code
 
 import modelgen
-from conftest import ROOT, ControlPlaneProcess, Daemon, held_daemon, wait_for
+from conftest import ROOT, ControlPlaneProcess, Daemon, held_daemon, metric, wait_for
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.fleet import auth, signing

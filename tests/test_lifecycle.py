@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 import modelgen
-from conftest import ROOT, Daemon, gauge, wait_for
+from conftest import ROOT, Daemon, metric, wait_for
 
 X = np.ones((1, 4), np.float32)
 WAIT_S = 30.0
@@ -245,8 +245,8 @@ def test_unload_lets_requests_in_flight_finish(start_daemon: Any, tmp_path: Path
         # would be refused, rightly (a wait for 3 or 4 queued raced it on a busy machine).
         wait_for(
             lambda: (
-                gauge(daemon, "nv_inference_pending_request_count", "slow")
-                + gauge(daemon, "edge_agent_requests_in_flight", "slow")
+                metric(daemon, "nv_inference_pending_request_count", "slow")
+                + metric(daemon, "edge_agent_requests_in_flight", "slow")
                 == 5
             ),
             "five requests admitted on the slow model",

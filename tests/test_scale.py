@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 import pytest
-from test_sync import Fleet, metric, serves
+from test_sync import Fleet, serves
 
-from conftest import ControlPlaneProcess, Daemon, wait_for
+from conftest import ControlPlaneProcess, Daemon, metric, wait_for
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.fleet import auth

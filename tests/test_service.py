@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import modelgen
-from conftest import ROOT, Daemon, gauge, held_daemon, wait_for
+from conftest import ROOT, Daemon, held_daemon, metric, wait_for
 
 
 class NotifySocket:
@@ -62,7 +62,7 @@ IMAGE = np.full((1, 64), 8.0, np.float32)
 
 
 def in_flight(daemon: Daemon, model: str) -> float:
-    return gauge(daemon, "edge_agent_requests_in_flight", model)
+    return metric(daemon, "edge_agent_requests_in_flight", model)
 
 
 def infer_in_background(

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import onnxruntime as ort
 import pytest
 
 import modelgen
-from conftest import ROOT, ControlPlaneProcess, Daemon, wait_for
+from conftest import ROOT, ControlPlaneProcess, Daemon, metric, wait_for
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.fleet import auth, signing
@@ -63,15 +62,6 @@ def status_code(call: Callable[[], Any]) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
-
-
-def metric(agent: Daemon, name: str) -> float:
-    text = urllib.request.urlopen(agent.metrics_url, timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 class Fleet:

@@ -51,13 +51,7 @@ from edge_agent.api.security import CONTROL_METHODS
 from edge_agent.api.server import HEALTH, NAMES, REFLECTION
 from edge_agent.api.servicer import InferenceServicer, failure_kind
 from edge_agent.api.status import to_status
-from edge_agent.api.wire import (
-    Malformed,
-    add_foreign_service,
-    add_service,
-    method_handlers,
-    refusing,
-)
+from edge_agent.api.wire import Malformed, add_foreign_service, add_service, method_handlers
 from edge_agent.errors import InvalidArgument, Retiring
 from edge_agent.repository.registry import ModelRegistry
 from edge_agent.scheduling.batching import shape_key
@@ -322,8 +316,8 @@ def build_sync_server(
             noting, EXAMPLES, method_handlers(EXAMPLES, examples_pb2, _Namespace(**wrapped))
         )
     health_on_loop = _Namespace(
-        Check=_via_loop(refusing(health_servicer.Check, False), loop),
-        Watch=_via_loop(refusing(health_servicer.Watch, False), loop, stream=True),
+        Check=_via_loop(health_servicer.Check, loop),
+        Watch=_via_loop(health_servicer.Watch, loop, stream=True),
     )
     add_foreign_service(noting, HEALTH, health_pb2, health_on_loop)
     add_foreign_service(noting, REFLECTION, reflection_pb2, reflection.ReflectionServicer(NAMES))
