@@ -23,10 +23,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from edge_agent.api.connections import ConnectionGuard, fit_to_fd_limit
 from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.security import ControlGate, ServerTls
-from edge_agent.api.server import bind, build_server, check_listen, connection_limits
+from edge_agent.api.server import bind, build_server, connection_limits
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.api.shm import SharedMemory
 from edge_agent.errors import ConfigError
@@ -43,6 +42,8 @@ from edge_agent.observability.metrics import (
 )
 from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
+from edge_agent.rpc.connections import ConnectionGuard, fit_to_fd_limit
+from edge_agent.rpc.listen import check_listen
 from edge_agent.runtime.session import set_runtime_log_level
 from edge_agent.service.notify import Notifier
 from edge_agent.service.reload import NOT_FOR_MODELS, plan

@@ -349,10 +349,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _control_plane(args: argparse.Namespace) -> int:
-    from edge_agent.api.connections import ConnectionLimits
     from edge_agent.controlplane.server import ControlPlane, ControlPlaneSettings
     from edge_agent.controlplane.service import ServiceLimits
     from edge_agent.observability.logging import configure_logging, get_logger
+    from edge_agent.rpc.connections import ConnectionLimits
 
     if args.log_level not in LOG_LEVELS or args.log_format not in LOG_FORMATS:
         print("edge-agent: invalid --log-level or --log-format", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The one exception tree of edge-agent; api/status.py is the one place that puts it on the wire.
+"""The one exception tree of edge-agent; rpc/status.py is the one place that puts it on the wire.
 
     EdgeAgentError                  INTERNAL (never shown as-is to a client)
     ├── InvalidArgument             INVALID_ARGUMENT: the request itself is wrong
@@ -36,7 +36,7 @@ class EdgeAgentError(Exception):
     """Base of every error edge-agent raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    log_each = True  # api/status.py logs each failed call (request.failed)
+    log_each = True  # rpc/status.py logs each failed call (request.failed)
 
 
 class InvalidArgument(EdgeAgentError):

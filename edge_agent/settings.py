@@ -76,7 +76,7 @@ class Settings:
     # BYTES elements are also bounded at 2^20 per request.
     max_elements_per_tensor: int = 1 << 24
     max_elements_per_request: int = 1 << 25
-    # Connection hygiene, per listener (api/connections.py): connections in total (lowered to
+    # Connection hygiene, per listener (rpc/connections.py): connections in total (lowered to
     # fit the file descriptor limit), per peer address, the idle timeout (no call outstanding),
     # and how soon a new connection must make its first call.
     max_connections: int = 4096

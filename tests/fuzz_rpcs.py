@@ -174,7 +174,7 @@ def known_bug(method: str, payload: bytes) -> str | None:
 
 
 def stream_status(answers: list[bytes]) -> grpc.StatusCode | None:
-    """INTERNAL if a ModelStreamInfer answer carries the message of one (api/status.py)."""
+    """INTERNAL if a ModelStreamInfer answer carries the message of one (rpc/status.py)."""
     for data in answers:
         if pb.ModelStreamInferResponse.FromString(data).error_message.startswith("internal error"):
             return grpc.StatusCode.INTERNAL

@@ -12,11 +12,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent._proto import fleet_pb2 as pb
-from edge_agent.api.connections import ConnectionLimits, _decode, fit_to_fd_limit, parse_peer
-from edge_agent.api.wire import Malformed, lenient
 from edge_agent.controlplane.service import MAX_REPORTS, TokenBucket, accept_reports
 from edge_agent.errors import ModelLoadError, ReleaseRejected
 from edge_agent.fleet.release import build_release, check_graph_contract, parse_release
+from edge_agent.rpc.connections import ConnectionLimits, _decode, fit_to_fd_limit, parse_peer
+from edge_agent.rpc.wire import Malformed, lenient
 from edge_agent.runtime.external_data import validate_external_data
 
 

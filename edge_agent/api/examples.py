@@ -19,12 +19,12 @@ import numpy as np
 from edge_agent._proto import examples_pb2 as pb
 from edge_agent._proto import grpc_service_pb2 as inference
 from edge_agent.api.infer import decode_request
-from edge_agent.api.status import to_status
-from edge_agent.api.wire import Malformed
 from edge_agent.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from edge_agent.learn.examples import ExampleStore
 from edge_agent.repository.registry import ModelRegistry
 from edge_agent.repository.version import ModelVersion
+from edge_agent.rpc.status import to_status
+from edge_agent.rpc.wire import Malformed
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ExampleService"]
 ACCEPT_EXAMPLES = "accept_examples"  # model config parameter: also on the inference listener

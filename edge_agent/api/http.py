@@ -32,10 +32,10 @@ from google.protobuf import descriptor as _descriptor
 from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent.api.infer import ElementBudget
 from edge_agent.api.servicer import InferenceServicer
-from edge_agent.api.status import to_status
 from edge_agent.common.tensors import NUMPY_DTYPES, decode_raw, element_count
 from edge_agent.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from edge_agent.observability.logging import get_logger
+from edge_agent.rpc.status import to_status
 
 log = get_logger(__name__)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,19 +11,20 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge_agent._proto import examples_pb2
 from edge_agent._proto import grpc_service_pb2 as pb
-from edge_agent.api.connections import (
+from edge_agent.api.examples import SERVICE as EXAMPLES
+from edge_agent.api.examples import ExampleServicer
+from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
+from edge_agent.api.servicer import InferenceServicer
+from edge_agent.errors import ConfigError
+from edge_agent.rpc.connections import (
     ConnectionGuard,
     ConnectionLimits,
     NotingServer,
     server_options,
 )
-from edge_agent.api.examples import SERVICE as EXAMPLES
-from edge_agent.api.examples import ExampleServicer
-from edge_agent.api.security import CONTROL_METHODS, control_elsewhere
-from edge_agent.api.servicer import InferenceServicer
-from edge_agent.api.wire import add_foreign_service, add_service, method_handlers
-from edge_agent.errors import ConfigError
-from edge_agent.settings import Settings, parse_address
+from edge_agent.rpc.listen import check_listen
+from edge_agent.rpc.wire import add_foreign_service, add_service, method_handlers
+from edge_agent.settings import Settings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -116,35 +115,3 @@ def bind(
         check_listen(address, key)
         raise ConfigError(f"{key}: cannot listen on {address}")
     return port
-
-
-def check_listen(address: str, key: str) -> None:
-    """Raise ConfigError with the reason (address in use, permission denied, no such address)
-    when a TCP listener on `address` cannot be bound. Run at start before models load, so that
-    a taken port fails the start at once instead of after every model has been warmed; gRPC's
-    own bind error says only "Failed to bind". Port 0 and unix sockets are not checked."""
-    if address.startswith("unix:"):
-        return
-    host, port = parse_address(address, key)
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise ConfigError(f"{key}: cannot listen on {address}: {exc.strerror}") from exc
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # As gRPC does: a port left in TIME_WAIT by a previous run is free to bind.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                hint = ""
-                if exc.errno == errno.EADDRINUSE:  # e.g. a second agent on the same host
-                    flag = "--" + key.replace("_", "-")
-                    hint = f" (another process listens there: give this one another with {flag})"
-                raise ConfigError(
-                    f"{key}: cannot listen on {address}: {exc.strerror or exc}{hint}"
-                ) from exc

@@ -1,5 +1,5 @@
 """GRPCInferenceService: thin handlers over the registry. Every handler maps errors through
-api/status.py; a malformed request gets INVALID_ARGUMENT and touches nothing else."""
+rpc/status.py; a malformed request gets INVALID_ARGUMENT and touches nothing else."""
 
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ from edge_agent.api.infer import (
 )
 from edge_agent.api.shm import SharedMemory
 from edge_agent.api.statistics import fill_statistics
-from edge_agent.api.status import to_status
-from edge_agent.api.wire import Malformed
 from edge_agent.errors import (
     DeadlineExceeded,
     EdgeAgentError,
@@ -39,6 +37,8 @@ from edge_agent.repository.lifecycle import ROLLBACK_PARAMETER, LoadRequest, Mod
 from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
 from edge_agent.repository.scan import model_dirs
 from edge_agent.repository.staging import FILE_PREFIX, parse_files
+from edge_agent.rpc.status import to_status
+from edge_agent.rpc.wire import Malformed
 from edge_agent.runtime.session import cuda_known_unavailable
 from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
 

@@ -28,7 +28,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_agent.api.connections import parse_peer
 from edge_agent.api.cuda_shm import CudaRegion, CudaRuntime, check_registration
 from edge_agent.errors import (
     AlreadyExists,
@@ -37,6 +36,7 @@ from edge_agent.errors import (
     NotFound,
     PermissionDenied,
 )
+from edge_agent.rpc.connections import parse_peer
 
 SHM_ROOT = Path("/dev/shm")
 REGION, OFFSET, SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"

@@ -32,12 +32,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge_agent._proto import examples_pb2
 from edge_agent._proto import grpc_service_pb2 as pb
-from edge_agent.api.connections import (
-    ConnectionGuard,
-    ConnectionLimits,
-    NotingServer,
-    server_options,
-)
 from edge_agent.api.examples import SERVICE as EXAMPLES
 from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.infer import (
@@ -50,10 +44,16 @@ from edge_agent.api.infer import (
 from edge_agent.api.security import CONTROL_METHODS
 from edge_agent.api.server import HEALTH, NAMES, REFLECTION
 from edge_agent.api.servicer import InferenceServicer, failure_kind
-from edge_agent.api.status import to_status
-from edge_agent.api.wire import Malformed, add_foreign_service, add_service, method_handlers
 from edge_agent.errors import InvalidArgument, Retiring
 from edge_agent.repository.registry import ModelRegistry
+from edge_agent.rpc.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    NotingServer,
+    server_options,
+)
+from edge_agent.rpc.status import to_status
+from edge_agent.rpc.wire import Malformed, add_foreign_service, add_service, method_handlers
 from edge_agent.scheduling.batching import shape_key
 from edge_agent.scheduling.scheduler import Pending, ThreadFuture
 from edge_agent.scheduling.stats import CANCELED

@@ -23,15 +23,6 @@ from typing import Any
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
-from edge_agent.api.connections import (
-    ConnectionGuard,
-    ConnectionLimits,
-    NotingServer,
-    fit_to_fd_limit,
-    server_options,
-)
-from edge_agent.api.server import check_listen
-from edge_agent.api.wire import add_service, method_handlers
 from edge_agent.controlplane.blobs import BlobStore, FileBlobStore
 from edge_agent.controlplane.database import PostgresDatabase, describe, open_database
 from edge_agent.controlplane.registry import SqliteRegistry, SqlRegistry
@@ -46,6 +37,15 @@ from edge_agent.fleet import auth
 from edge_agent.fleet.release import CHUNK_SIZE
 from edge_agent.observability.logging import get_logger
 from edge_agent.observability.metrics import ConnectionCollector
+from edge_agent.rpc.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    NotingServer,
+    fit_to_fd_limit,
+    server_options,
+)
+from edge_agent.rpc.listen import check_listen
+from edge_agent.rpc.wire import add_service, method_handlers
 from edge_agent.settings import parse_address
 
 log = get_logger(__name__)

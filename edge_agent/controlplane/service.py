@@ -27,8 +27,6 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
-from edge_agent.api.status import to_status
-from edge_agent.api.wire import Malformed
 from edge_agent.controlplane.blobs import BlobStore
 from edge_agent.controlplane.learning import ParameterServer
 from edge_agent.controlplane.registry import (
@@ -55,6 +53,8 @@ from edge_agent.errors import (
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.release import CHUNK_SIZE, MAX_VERSION, Release, check_fresh, parse_release
 from edge_agent.observability.logging import get_logger
+from edge_agent.rpc.status import to_status
+from edge_agent.rpc.wire import Malformed
 
 log = get_logger(__name__)
 
@@ -71,7 +71,7 @@ ACTIONS = {
 }
 REPORT_STATES = frozenset({"downloading", "installed", "serving", "retrying", "failed"})
 MAX_REPORTS = 256  # per poll
-# The largest request each method reads, checked before it is parsed (api/wire.py); beyond it
+# The largest request each method reads, checked before it is parsed (rpc/wire.py); beyond it
 # the call answers INVALID_ARGUMENT. A poll carries at most MAX_REPORTS short reports.
 MAX_REQUEST_BYTES = {
     "WatchDesiredState": 512 << 10,

@@ -213,7 +213,7 @@ class SyncCollector:
 
 class ConnectionCollector:
     """edge_agent_connections (open, per listener port) and edge_agent_connections_closed_total
-    (by reason: peer_cap, no_request) from api/connections.py's GuardStats."""
+    (by reason: peer_cap, no_request) from rpc/connections.py's GuardStats."""
 
     def __init__(self, stats: Any, prefix: str = "edge_agent") -> None:
         self._stats = stats
