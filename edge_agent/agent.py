@@ -44,6 +44,7 @@ from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.registry import READY, ModelRegistry
 from edge_agent.rpc.connections import ConnectionGuard, fit_to_fd_limit
 from edge_agent.rpc.listen import check_listen
+from edge_agent.rpc.web import serve, ssl_context
 from edge_agent.runtime.session import set_runtime_log_level
 from edge_agent.service.notify import Notifier
 from edge_agent.service.reload import NOT_FOR_MODELS, plan
@@ -338,7 +339,7 @@ class Agent:
             return
         from edge_agent.api import http
 
-        tls = http.ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
+        tls = ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         token = read_token(s.control_token_file) if s.control_token_file is not None else None
         for address, control in ((s.http_address, False), (s.http_control_address, True)):
             if not address:
@@ -351,12 +352,13 @@ class Agent:
                 control_too=s.control_on_inference_listener,
                 token=token,
             )
+            key = "http_control_address" if control else "http_address"
             try:
-                runner, port = await http.start(
-                    front.app(), address, s.connection_idle_seconds, s.shutdown_grace_seconds, tls
-                )
+                runner, port = await serve(
+                    front.app(), address, key, s.connection_idle_seconds,
+                    s.shutdown_grace_seconds, tls,
+                )  # fmt: skip
             except OSError as exc:
-                key = "http_control_address" if control else "http_address"
                 raise ConfigError(f"{key}: cannot listen on {address}: {exc.strerror}") from exc
             self._http.append(runner)
             if control:

@@ -18,8 +18,6 @@ import asyncio
 import base64
 import hmac
 import json
-import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -517,68 +515,6 @@ async def read_body(request: web.Request) -> bytes:
         raise InvalidArgument(f"the request body ended before it was complete ({exc})") from exc
 
 
-class ClientErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic at runtime only in 3.11
-    """aiohttp's server logger, with a request that does not parse as HTTP (aiohttp answers
-    400, or drains the unread rest of a body already answered) logged as one warning line:
-    what a client sends is not an error of this process and must not flood the log with
-    tracebacks. Any other failure keeps its traceback."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.getLogger("aiohttp.server"), {})
-
-    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
-        cause = exc_info if isinstance(exc_info, BaseException) else None
-        while cause is not None and not isinstance(cause, HttpProcessingError):
-            cause = cause.__cause__  # a payload error raised from the parser's
-        if cause is not None:
-            self.logger.warning(f"{msg}: %s", *args, str(cause).replace("\n", " ")[:300])
-        else:
-            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
-
-
 def _allow(exc: web.HTTPException) -> dict[str, str]:
     allowed = getattr(exc, "allowed_methods", None)
     return {"Allow": ", ".join(sorted(allowed))} if allowed else {}
-
-
-def ssl_context(cert: Any, key: Any, client_ca: Any) -> ssl.SSLContext:
-    """The gRPC listeners' TLS settings for HTTPS: the same certificate and key, and with a
-    client CA, mTLS (a client certificate from it required)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(cert), str(key))
-    if client_ca is not None:
-        context.load_verify_locations(str(client_ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-async def start(
-    app: web.Application,
-    address: str,
-    idle_seconds: float,
-    grace: float,
-    tls: ssl.SSLContext | None = None,
-) -> tuple[web.AppRunner, int]:
-    """Serve `app` on HOST:PORT; returns the runner (to stop it: requests in progress get up to
-    `grace` seconds, as on the gRPC listeners) and the bound port."""
-    from edge_agent.settings import parse_address
-
-    host, port = parse_address(address, "http_address")
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        keepalive_timeout=idle_seconds,
-        handle_signals=False,
-        shutdown_timeout=grace,
-        logger=ClientErrorLogger(),
-        # Compressed bodies are refused (the _errors middleware), so never inflated either:
-        # not even the unread rest that aiohttp drains after the refusal.
-        auto_decompress=False,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=tls, reuse_address=True)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    bound = int(sockets[0].getsockname()[1]) if sockets else port
-    return runner, bound

@@ -443,20 +443,6 @@ class Dashboard:
 
 
 async def start(app: web.Application, address: str, tls: Any = None) -> tuple[web.AppRunner, int]:
-    from edge_agent.api.http import ClientErrorLogger
-    from edge_agent.settings import parse_address
+    from edge_agent.rpc.web import serve
 
-    host, port = parse_address(address, "--dashboard-address")
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        keepalive_timeout=30,
-        handle_signals=False,
-        logger=ClientErrorLogger(),
-        auto_decompress=False,  # a login form is never compressed: nothing is inflated
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=tls, reuse_address=True)
-    await site.start()
-    sockets = getattr(site._server, "sockets", None) or []
-    return runner, int(sockets[0].getsockname()[1]) if sockets else port
+    return await serve(app, address, "--dashboard-address", idle_seconds=30, tls=tls)

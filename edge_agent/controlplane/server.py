@@ -343,7 +343,7 @@ class ControlPlane:
 
     def _ssl(self) -> Any:
         """The gRPC listener's TLS settings for the dashboard's HTTPS (mTLS with a client CA)."""
-        from edge_agent.api.http import ssl_context
+        from edge_agent.rpc.web import ssl_context
 
         s = self.settings
         return ssl_context(s.tls_cert, s.tls_key, s.tls_client_ca)
