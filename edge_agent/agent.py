@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from edge_agent.api.dataplane import DataPlane
 from edge_agent.api.examples import ExampleServicer
 from edge_agent.api.security import ControlGate, ServerTls
 from edge_agent.api.server import bind, build_server, connection_limits
@@ -72,8 +73,9 @@ class Agent:
         self._reload_asked = False
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings, self.registry)
-        self.servicer = InferenceServicer(self.registry, self.manager)
-        self.servicer.shm = SharedMemory(settings.allow_shared_memory)
+        self.plane = DataPlane(self.registry, self.manager)
+        self.plane.shm = SharedMemory(settings.allow_shared_memory)
+        self.servicer = InferenceServicer(self.plane)
         self._apply_limits(settings)
         self.health = health.aio.HealthServicer()
         self.manager.on_change(self._publish_health)
@@ -115,7 +117,7 @@ class Agent:
 
             server = build_sync_server(
                 self.servicer,
-                self.registry,
+                self.plane,
                 self.health,
                 self.settings.max_message_bytes,
                 self._limits,
@@ -221,7 +223,7 @@ class Agent:
             if watched:
                 self.guard.watch(watched, self._limits)
         self.guard.start()
-        self.servicer.ready = True
+        self.plane.ready = True
         # Everything built at start lives as long as the agent: keep it out of the cyclic
         # collector's full passes, which otherwise pause the event loop for milliseconds.
         gc.freeze()
@@ -259,8 +261,8 @@ class Agent:
         self._stop.set()
 
     def _apply_limits(self, settings: Settings) -> None:
-        self.servicer.max_elements_per_tensor = settings.max_elements_per_tensor
-        self.servicer.max_elements_per_request = settings.max_elements_per_request
+        self.plane.max_elements_per_tensor = settings.max_elements_per_tensor
+        self.plane.max_elements_per_request = settings.max_elements_per_request
 
     def _status(self) -> str:
         serving = sum(1 for e in self.registry.entries() if e.ready_versions())
@@ -329,11 +331,11 @@ class Agent:
             for state in entry.states():
                 status = SERVING if state.state == READY else NOT_SERVING
                 await self.health.set(f"{entry.name}/{state.version}", status)
-        if self.servicer.ready:
+        if self.plane.ready:
             await self.health.set("", SERVING)
 
     async def _start_http(self) -> None:
-        """The HTTP/REST listeners (api/http.py), on this loop, over the same servicer."""
+        """The HTTP/REST listeners (api/http.py), on this loop, over the same data plane."""
         s = self.settings
         if not s.http_address and not s.http_control_address:
             return
@@ -345,7 +347,7 @@ class Agent:
             if not address:
                 continue
             front = http.HttpFrontEnd(
-                self.servicer,
+                self.plane,
                 s.max_message_bytes,
                 s.max_concurrent_rpcs,
                 control=control,
@@ -376,7 +378,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         grace = self.settings.shutdown_grace_seconds
         ends = loop.time() + grace
-        self.servicer.ready = False
+        self.plane.ready = False
         self.notifier.stopping("stopping: draining in-flight requests")
         for task in (self._watchdog, self._reloading):
             if task is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import DeadlineExceeded, InvalidArgument, QueueFull, Retiring, Unavailable
-from edge_agent.scheduling.batching import collate, shape_key, split, union_outputs
+from edge_agent.scheduling.batching import collate, split, union_outputs
 from edge_agent.scheduling.policy import (
     CEILING,
     DEMOTE_AFTER,
@@ -28,7 +28,7 @@ from edge_agent.scheduling.policy import (
     QueuePolicy,
     SchedulerPolicy,
 )
-from edge_agent.scheduling.scheduler import Pending, Scheduler, ThreadFuture
+from edge_agent.scheduling.scheduler import Job, Scheduler
 from edge_agent.scheduling.stats import ModelStats
 
 
@@ -69,7 +69,7 @@ async def hold(scheduler: Scheduler, model: FakeModel) -> asyncio.Task[Any]:
     """Occupy the only instance with request 0 until model.gate is set."""
     model.gate.clear()
     model.entered.clear()
-    task = asyncio.ensure_future(scheduler.infer(request(0), ["y"], 1, identity))
+    task = asyncio.ensure_future(scheduler.infer(Job(request(0), ["y"], 1, identity)))
     await asyncio.to_thread(model.entered.wait, 30)
     return task
 
@@ -123,7 +123,7 @@ async def test_batches_form_and_split_per_caller() -> None:
     specs = [(1, 2, 3), (2, 1, 3), (3, 1, 5), (4, 3, 3), (5, 4, 3), (6, 2, 3)]
     calls = [
         asyncio.ensure_future(
-            scheduler.infer(request(i, rows, width), ["y", "rowsum"], rows, identity)
+            scheduler.infer(Job(request(i, rows, width), ["y", "rowsum"], rows, identity))
         )
         for i, rows, width in specs
     ]
@@ -149,7 +149,9 @@ async def test_batches_form_and_split_per_caller() -> None:
 async def test_without_dynamic_batching_each_request_runs_alone() -> None:
     scheduler, model, _ = make(SchedulerPolicy(max_batch_size=8, dynamic_batching=False))
     held = await hold(scheduler, model)
-    calls = [asyncio.ensure_future(scheduler.infer(request(i), ["y"], 1, identity)) for i in (1, 2)]
+    calls = [
+        asyncio.ensure_future(scheduler.infer(Job(request(i), ["y"], 1, identity))) for i in (1, 2)
+    ]
     await asyncio.sleep(0)
     model.gate.set()
     await asyncio.gather(held, *calls)
@@ -161,7 +163,9 @@ async def test_preferred_batch_size_dispatches_without_waiting_for_more() -> Non
         max_batch_size=8, dynamic_batching=True, max_queue_delay_s=60, preferred_batch_sizes=(2,)
     )
     scheduler, model, _ = make(policy)
-    calls = [asyncio.ensure_future(scheduler.infer(request(i), ["y"], 1, identity)) for i in (1, 2)]
+    calls = [
+        asyncio.ensure_future(scheduler.infer(Job(request(i), ["y"], 1, identity))) for i in (1, 2)
+    ]
     # With a 60 s queue delay, only the preferred size can have sent these two off.
     await asyncio.wait_for(asyncio.gather(*calls), 30)
     assert model.batches == [[1, 2]]
@@ -174,11 +178,11 @@ async def test_full_queue_is_refused_at_once() -> None:
     scheduler, model, _ = make(policy)
     held = await hold(scheduler, model)
     queued = [
-        asyncio.ensure_future(scheduler.infer(request(i), ["y"], 1, identity)) for i in (1, 2)
+        asyncio.ensure_future(scheduler.infer(Job(request(i), ["y"], 1, identity))) for i in (1, 2)
     ]
     await asyncio.sleep(0)
     with pytest.raises(QueueFull, match="queue full"):
-        await scheduler.infer(request(3), ["y"], 1, identity)
+        await scheduler.infer(Job(request(3), ["y"], 1, identity))
     model.gate.set()
     await asyncio.gather(held, *queued)
     assert [i for b in model.batches for i in b] == [0, 1, 2]
@@ -189,9 +193,9 @@ async def test_expired_deadline_is_not_executed() -> None:
     held = await hold(scheduler, model)
     loop = asyncio.get_running_loop()
     with pytest.raises(DeadlineExceeded, match="deadline passed before queueing"):
-        await scheduler.infer(request(7), ["y"], 1, identity, deadline=loop.time() - 1)
+        await scheduler.infer(Job(request(7), ["y"], 1, identity, deadline=loop.time() - 1))
     doomed = asyncio.ensure_future(
-        scheduler.infer(request(8), ["y"], 1, identity, deadline=loop.time() + 0.05)
+        scheduler.infer(Job(request(8), ["y"], 1, identity, deadline=loop.time() + 0.05))
     )
     with pytest.raises(DeadlineExceeded, match="deadline passed while queued"):
         await doomed  # fails while the instance is still held
@@ -212,10 +216,10 @@ async def test_queue_policy_timeout() -> None:
     model.gate.clear()
     model.entered.clear()
     # The held request itself started in time; the next one times out in the queue.
-    held = asyncio.ensure_future(scheduler.infer(request(0), ["y"], 1, identity))
+    held = asyncio.ensure_future(scheduler.infer(Job(request(0), ["y"], 1, identity)))
     await asyncio.to_thread(model.entered.wait, 30)
     with pytest.raises(DeadlineExceeded):
-        await scheduler.infer(request(1), ["y"], 1, identity)
+        await scheduler.infer(Job(request(1), ["y"], 1, identity))
     model.gate.set()
     await held
     assert model.batches == [[0]]
@@ -224,8 +228,8 @@ async def test_queue_policy_timeout() -> None:
 async def test_cancelled_request_leaves_the_queue() -> None:
     scheduler, model, _ = make(BATCHING)
     held = await hold(scheduler, model)
-    gone = asyncio.ensure_future(scheduler.infer(request(1), ["y"], 1, identity))
-    kept = asyncio.ensure_future(scheduler.infer(request(2), ["y"], 1, identity))
+    gone = asyncio.ensure_future(scheduler.infer(Job(request(1), ["y"], 1, identity)))
+    kept = asyncio.ensure_future(scheduler.infer(Job(request(2), ["y"], 1, identity)))
     await asyncio.sleep(0)
     assert scheduler.pending() == 2
     gone.cancel()
@@ -248,7 +252,7 @@ async def test_priorities_order_the_queue() -> None:
     held = await hold(scheduler, model)
     order = [(1, 0), (2, 2), (3, 1), (4, 0), (5, 1)]  # (id, priority); 0 = default = level 2
     calls = [
-        asyncio.ensure_future(scheduler.infer(request(i), ["y"], 1, identity, priority=p))
+        asyncio.ensure_future(scheduler.infer(Job(request(i), ["y"], 1, identity, priority=p)))
         for i, p in order
     ]
     await asyncio.sleep(0)
@@ -256,7 +260,7 @@ async def test_priorities_order_the_queue() -> None:
     await asyncio.gather(held, *calls)
     assert model.batches == [[0], [3], [5], [1], [2], [4]]
     with pytest.raises(InvalidArgument, match=r"priority 3 is outside 1\.\.2"):
-        await scheduler.infer(request(9), ["y"], 1, identity, priority=3)
+        await scheduler.infer(Job(request(9), ["y"], 1, identity, priority=3))
 
 
 async def test_execution_errors_reach_every_caller_of_the_batch() -> None:
@@ -265,7 +269,8 @@ async def test_execution_errors_reach_every_caller_of_the_batch() -> None:
 
     scheduler = Scheduler("broken/1", BATCHING, broken, ModelStats())
     results = await asyncio.gather(
-        *(scheduler.infer(request(i), ["y"], 1, identity) for i in (1, 2)), return_exceptions=True
+        *(scheduler.infer(Job(request(i), ["y"], 1, identity)) for i in (1, 2)),
+        return_exceptions=True,
     )
     assert [str(r) for r in results] == ["boom", "boom"]
 
@@ -273,12 +278,12 @@ async def test_execution_errors_reach_every_caller_of_the_batch() -> None:
 async def test_close_drains_then_refuses() -> None:
     scheduler, model, _ = make(BATCHING)
     held = await hold(scheduler, model)
-    queued = asyncio.ensure_future(scheduler.infer(request(1), ["y"], 1, identity))
+    queued = asyncio.ensure_future(scheduler.infer(Job(request(1), ["y"], 1, identity)))
     await asyncio.sleep(0)
     closing = asyncio.ensure_future(scheduler.close())
     await asyncio.sleep(0)
     with pytest.raises(Unavailable, match="shutting down"):
-        await scheduler.infer(request(2), ["y"], 1, identity)
+        await scheduler.infer(Job(request(2), ["y"], 1, identity))
     model.gate.set()
     await asyncio.gather(held, queued, closing)
     assert model.batches == [[0], [1]]
@@ -287,20 +292,8 @@ async def test_close_drains_then_refuses() -> None:
 # -- callers on their own threads (the sync front end's Scheduler.submit) ---------------------
 
 
-def pending(ident: int, rows: int = 1, deadline: float | None = None) -> Pending:
-    feeds = request(ident, rows)
-    return Pending(
-        feeds,
-        ["y"],
-        rows,
-        shape_key(feeds),
-        identity,
-        ThreadFuture(),
-        0,
-        time.monotonic_ns(),
-        time.monotonic(),
-        deadline,
-    )
+def pending(ident: int, rows: int = 1, deadline: float | None = None, priority: int = 0) -> Job:
+    return Job(request(ident, rows), ["y"], rows, identity, priority, deadline)
 
 
 class Callers:
@@ -312,10 +305,10 @@ class Callers:
         self.leave: dict[int, Callable[[], None]] = {}  # on_queued callbacks by request id
 
     def submit(self, ident: int, priority: int = 0, **kwargs: Any) -> asyncio.Future[Any]:
-        item = pending(ident, **kwargs)
+        item = pending(ident, priority=priority, **kwargs)
 
         def call() -> Any:
-            return self.scheduler.submit(item, priority, lambda cb: self.leave.update({ident: cb}))
+            return self.scheduler.submit(item, lambda cb: self.leave.update({ident: cb}))
 
         return asyncio.wrap_future(self.pool.submit(call))
 
@@ -427,7 +420,7 @@ async def test_loop_and_thread_callers_share_one_queue() -> None:
     held = await hold_thread(callers, model)
     calls = [callers.submit(1)]
     await callers.until_pending(1)  # queued in this order
-    calls.append(asyncio.ensure_future(scheduler.infer(request(2), ["y"], 1, identity)))
+    calls.append(asyncio.ensure_future(scheduler.infer(Job(request(2), ["y"], 1, identity))))
     await callers.until_pending(2)
     calls.append(callers.submit(3))
     await callers.until_pending(3)
@@ -440,9 +433,9 @@ async def test_loop_and_thread_callers_share_one_queue() -> None:
     # the thread request behind it rides along.
     model.gate.clear()
     model.entered.clear()
-    first = asyncio.ensure_future(scheduler.infer(request(4), ["y"], 1, identity))
+    first = asyncio.ensure_future(scheduler.infer(Job(request(4), ["y"], 1, identity)))
     await asyncio.to_thread(model.entered.wait, 30)
-    calls = [asyncio.ensure_future(scheduler.infer(request(5), ["y"], 1, identity))]
+    calls = [asyncio.ensure_future(scheduler.infer(Job(request(5), ["y"], 1, identity)))]
     await callers.until_pending(1)
     calls.append(callers.submit(6))
     await callers.until_pending(2)
@@ -490,14 +483,14 @@ async def test_callers_under_churn_all_answered_nothing_lost() -> None:
         for ident in range(start, len(plans), 24):
             kind, priority = plans[ident]
             deadline = time.monotonic() + 0.0002 if kind == 1 else None
-            item = pending(ident, deadline=deadline)
+            item = pending(ident, deadline=deadline, priority=priority)
             try:
                 if kind == 2:  # the client goes away soon after it had to queue
                     result = scheduler.submit(
-                        item, priority, lambda leave: threading.Timer(0.0002, leave).start()
+                        item, lambda leave: threading.Timer(0.0002, leave).start()
                     )
                 else:
-                    result = scheduler.submit(item, priority)
+                    result = scheduler.submit(item)
                 assert result[0][0, 0] == ident * 2
                 outcomes.append("ok")
             except (DeadlineExceeded, QueueFull) as exc:
@@ -510,7 +503,7 @@ async def test_callers_under_churn_all_answered_nothing_lost() -> None:
 
     async def loop_caller(ident: int) -> str:
         try:
-            result = await scheduler.infer(request(ident), ["y"], 1, identity)
+            result = await scheduler.infer(Job(request(ident), ["y"], 1, identity))
         except QueueFull:
             return "QueueFull"
         assert result[0][0, 0] == ident * 2

@@ -2,10 +2,11 @@
 clients without a gRPC stack: `http_address` (off by default) for inference, and
 `http_control_address` for the repository endpoints, as the gRPC listeners split them.
 
-One data plane, two thin front ends: a request becomes the gRPC message (pb.ModelInferRequest,
-...) and goes to the same InferenceServicer, scheduler, limits, statistics and metrics; the
-answer goes back as JSON (and binary tensors). Errors answer {"error": MESSAGE} with the message
-the gRPC status carries, and an HTTP status mapped from its code.
+An adapter over the data plane (api/dataplane.py), as the gRPC listeners are: a request becomes
+the protocol's message (pb.ModelInferRequest, ...) and goes to the same scheduler, limits,
+statistics and metrics; the answer goes back as JSON (and binary tensors). Errors answer
+{"error": MESSAGE} with the message the gRPC status carries, and an HTTP status mapped from its
+code (`error_response`, the one place for HTTP).
 
 The server is aiohttp's, on the agent's event loop: no second loop, no thread hop between the
 front end and the scheduler (an ASGI server would add its own loop handling and a framework
@@ -28,10 +29,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import descriptor as _descriptor
 
 from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent.api.dataplane import DataPlane
 from edge_agent.api.infer import ElementBudget
-from edge_agent.api.servicer import InferenceServicer
+from edge_agent.api.security import control_denied
 from edge_agent.common.tensors import NUMPY_DTYPES, decode_raw, element_count
-from edge_agent.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from edge_agent.errors import InvalidArgument, Unauthenticated, Unavailable
 from edge_agent.observability.logging import get_logger
 from edge_agent.rpc.status import to_status
 
@@ -175,24 +177,10 @@ def parse_infer(
     body: bytes, header_length: str | None, model: str, version: str, budget: ElementBudget
 ) -> tuple[pb.ModelInferRequest, dict[str, bool], bool]:
     """An HTTP infer request -> (the gRPC request, output name -> binary?, all outputs binary?).
-    Every size is checked before data is read or converted."""
-    if header_length is not None:
-        try:
-            length = int(header_length)
-        except ValueError as exc:
-            raise InvalidArgument(f"{HEADER_LENGTH}: not a number: {header_length!r}") from exc
-        if not 0 <= length <= len(body):
-            raise InvalidArgument(
-                f"{HEADER_LENGTH} is {length}, but the body has only {len(body)} bytes"
-            )
-    else:
-        length = len(body)
-    try:
-        document = json.loads(body[:length])
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise InvalidArgument(f"the request is not valid JSON: {str(exc)[:200]}") from exc
-    document = _object(document, "the request")
-    binary = memoryview(body)[length:]
+    Sizes are checked before data is read or converted. Binary tensors are checked (shapes,
+    datatypes, element limits) by the data plane, as raw gRPC tensors are, so both answer
+    alike; JSON data is held to the element limits before it is converted."""
+    document, binary = _split_body(body, header_length)
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     request.id = str(document.get("id", ""))
     parameters = _object(document.get("parameters", {}), "'parameters'")
@@ -204,40 +192,7 @@ def parse_infer(
         raise InvalidArgument("'inputs' must be a non-empty list")
     offset = 0
     for entry in inputs:
-        entry = _object(entry, "an input")
-        name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument("an input has no 'name'")
-        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
-            raise InvalidArgument(f"input '{name}': unknown datatype {datatype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
-        ):
-            raise InvalidArgument(f"input '{name}': 'shape' must be a list of sizes 0..2^63-1")
-        budget.spend(name, datatype, shape)  # before any data is converted
-        request.inputs.add(name=name, datatype=datatype, shape=shape)
-        input_parameters = _object(entry.get("parameters", {}), f"input '{name}' parameters")
-        size = input_parameters.get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise InvalidArgument(f"input '{name}': binary_data_size must be a size")
-            if offset + size > len(binary):
-                raise InvalidArgument(
-                    f"input '{name}': binary_data_size {size}, but only {len(binary) - offset} "
-                    "bytes of binary data remain"
-                )
-            request.raw_input_contents.append(bytes(binary[offset : offset + size]))
-            offset += size
-        elif "data" in entry:
-            request.raw_input_contents.append(_json_tensor(name, datatype, shape, entry["data"]))
-        else:
-            raise InvalidArgument(f"input '{name}' has neither 'data' nor binary_data_size")
-        unknown = set(input_parameters) - {"binary_data_size"}
-        if unknown:
-            raise InvalidArgument(
-                f"input '{name}': unsupported parameters {sorted(unknown)} (shared memory is "
-                "served over gRPC)"
-            )
+        offset = _add_input(request, _object(entry, "an input"), binary, offset, budget)
     if offset != len(binary):
         raise InvalidArgument(
             f"{len(binary) - offset} bytes after the JSON header belong to no input "
@@ -256,6 +211,72 @@ def parse_infer(
         binary_outputs[name] = bool(out_parameters.get("binary_data", all_binary))
         request.outputs.add(name=name)
     return request, binary_outputs, all_binary
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """(the JSON header, the binary tensor data after it)."""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError as exc:
+            raise InvalidArgument(f"{HEADER_LENGTH}: not a number: {header_length!r}") from exc
+        if not 0 <= length <= len(body):
+            raise InvalidArgument(
+                f"{HEADER_LENGTH} is {length}, but the body has only {len(body)} bytes"
+            )
+    else:
+        length = len(body)
+    try:
+        document = json.loads(body[:length])
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise InvalidArgument(f"the request is not valid JSON: {str(exc)[:200]}") from exc
+    return _object(document, "the request"), memoryview(body)[length:]
+
+
+def _add_input(
+    request: pb.ModelInferRequest,
+    entry: dict[str, Any],
+    binary: memoryview,
+    offset: int,
+    budget: ElementBudget,
+) -> int:
+    """One input of the JSON header onto `request`, its bytes taken from `binary` at `offset`
+    (binary_data_size) or converted from its 'data'; returns the offset after it."""
+    name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument("an input has no 'name'")
+    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
+        raise InvalidArgument(f"input '{name}': unknown datatype {datatype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
+    ):
+        raise InvalidArgument(f"input '{name}': 'shape' must be a list of sizes 0..2^63-1")
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    input_parameters = _object(entry.get("parameters", {}), f"input '{name}' parameters")
+    size = input_parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidArgument(f"input '{name}': binary_data_size must be a size")
+        if offset + size > len(binary):
+            raise InvalidArgument(
+                f"input '{name}': binary_data_size {size}, but only {len(binary) - offset} "
+                "bytes of binary data remain"
+            )
+        data = bytes(binary[offset : offset + size])
+        offset += size
+    elif "data" in entry:
+        budget.spend(name, datatype, shape)  # before the values are converted
+        data = _json_tensor(name, datatype, shape, entry["data"])
+    else:
+        raise InvalidArgument(f"input '{name}' has neither 'data' nor binary_data_size")
+    unknown = set(input_parameters) - {"binary_data_size"}
+    if unknown:
+        raise InvalidArgument(
+            f"input '{name}': unsupported parameters {sorted(unknown)} (shared memory is "
+            "served over gRPC)"
+        )
+    request.raw_input_contents.append(data)
+    return offset
 
 
 def infer_response(
@@ -305,14 +326,14 @@ class HttpFrontEnd:
 
     def __init__(
         self,
-        servicer: InferenceServicer,
+        plane: DataPlane,
         max_body_bytes: int,
         max_concurrent: int,
         control: bool = False,
         control_too: bool = False,
         token: str | None = None,
     ) -> None:
-        self._servicer = servicer
+        self._plane = plane
         self._max_body = max_body_bytes
         self._control = control or control_too
         self._is_control_listener = control
@@ -372,25 +393,14 @@ class HttpFrontEnd:
             except Exception as exc:
                 return error_response(exc, rpc=f"HTTP {request.method} {request.path}")
 
-    def _call(self, name: str) -> Callable[..., Awaitable[Any]]:
-        """The servicer's handler without its gRPC error wrapper (errors become JSON here)."""
-        method = getattr(type(self._servicer), name)
-        plain = getattr(method, "__wrapped__", method)
-
-        async def call(message: Any) -> Any:
-            return await plain(self._servicer, message, None)
-
-        return call
-
     async def _live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
     async def _ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self._servicer.ready else 400)
+        return web.Response(status=200 if self._plane.ready else 400)
 
     async def _server_metadata(self, request: web.Request) -> web.Response:
-        answer = await self._call("ServerMetadata")(pb.ServerMetadataRequest())
-        document = to_json(answer)
+        document = to_json(self._plane.server_metadata())
         # Shared memory is served over gRPC only.
         document["extensions"] = [e for e in document["extensions"] if "shared_memory" not in e]
         return web.json_response(document)
@@ -401,51 +411,40 @@ class HttpFrontEnd:
 
     async def _metadata(self, request: web.Request) -> web.Response:
         name, version = self._names(request)
-        answer = await self._call("ModelMetadata")(
-            pb.ModelMetadataRequest(name=name, version=version)
-        )
-        document = to_json(answer)
+        document = to_json(self._plane.model_metadata(name, version))
         document.pop("parameters", None)
         return web.json_response(document)
 
     async def _model_ready(self, request: web.Request) -> web.Response:
         name, version = self._names(request)
-        answer = await self._call("ModelReady")(pb.ModelReadyRequest(name=name, version=version))
-        return web.Response(status=200 if answer.ready else 400)
+        return web.Response(status=200 if self._plane.model_ready(name, version) else 400)
 
     async def _config(self, request: web.Request) -> web.Response:
         name, version = self._names(request)
-        answer = await self._call("ModelConfig")(pb.ModelConfigRequest(name=name, version=version))
-        return web.json_response(to_json(answer.config))
+        return web.json_response(to_json(self._plane.model_config(name, version).config))
 
     async def _stats(self, request: web.Request) -> web.Response:
         name = request.match_info.get("model", "")
         version = request.match_info.get("version", "")
-        answer = await self._call("ModelStatistics")(
-            pb.ModelStatisticsRequest(name=name, version=version)
-        )
-        return web.json_response(to_json(answer))
+        return web.json_response(to_json(self._plane.statistics(name, version)))
 
     async def _infer(self, request: web.Request) -> web.Response:
         name, version = self._names(request)
         body = await read_body(request)
         budget = ElementBudget(
-            self._servicer.max_elements_per_tensor, self._servicer.max_elements_per_request
+            self._plane.max_elements_per_tensor, self._plane.max_elements_per_request
         )
         message, binary_outputs, all_binary = parse_infer(
             body, request.headers.get(HEADER_LENGTH), name, version, budget
         )
-        answer = await self._servicer.infer(message)
+        answer = await self._plane.infer(message)
         return infer_response(answer, binary_outputs, all_binary)
 
     # -- the control endpoints --------------------------------------------------------------
 
     def _allowed(self, request: web.Request) -> None:
         if not self._control:
-            raise PermissionDenied(
-                "model load / unload is served on the control listener "
-                "(http_control_address), not on the inference listener"
-            )
+            raise control_denied("http_control_address")
         if self._is_control_listener and self._token is not None:
             given = request.headers.get("Authorization", "")
             scheme, _, token = given.partition(" ")
@@ -466,9 +465,7 @@ class HttpFrontEnd:
     async def _repository_index(self, request: web.Request) -> web.Response:
         self._allowed(request)
         document = await self._json_body(request)
-        answer = await self._call("RepositoryIndex")(
-            pb.RepositoryIndexRequest(ready=bool(document.get("ready", False)))
-        )
+        answer = await self._plane.repository_index(bool(document.get("ready", False)))
         return web.json_response([to_json(m) for m in answer.models])
 
     async def _load(self, request: web.Request) -> web.Response:
@@ -490,7 +487,7 @@ class HttpFrontEnd:
                 message.parameters[key].string_param = value
             else:
                 raise InvalidArgument(f"parameter '{key}': must be a string or a boolean")
-        await self._call("RepositoryModelLoad")(message)
+        await self._plane.load(message.model_name, message.parameters)
         return web.Response(status=200)
 
     async def _unload(self, request: web.Request) -> web.Response:
@@ -502,7 +499,7 @@ class HttpFrontEnd:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"unknown or mistyped unload parameter {key!r}")
             message.parameters[key].bool_param = value
-        await self._call("RepositoryModelUnload")(message)
+        await self._plane.unload(message.model_name, message.parameters)
         return web.Response(status=200)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, PermissionDenied
 from edge_agent.observability.logging import get_logger
 from edge_agent.settings import Settings
 
@@ -92,13 +92,19 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-def control_elsewhere() -> grpc.RpcMethodHandler:
-    """The handler of a control RPC on the inference listener."""
-    return _deny(
-        grpc.StatusCode.PERMISSION_DENIED,
-        "model load / unload is served on the control listener (control_address), "
-        "not on the inference listener",
+def control_denied(setting: str) -> PermissionDenied:
+    """The answer to a control RPC on an inference listener (gRPC or HTTP); `setting` names the
+    control listener's address setting."""
+    return PermissionDenied(
+        f"model load / unload is served on the control listener ({setting}), "
+        "not on the inference listener"
     )
+
+
+def control_elsewhere() -> grpc.RpcMethodHandler:
+    """The handler of a control RPC on the asyncio inference listener."""
+    denied = control_denied("control_address")
+    return _deny(denied.code, str(denied))
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]

@@ -8,20 +8,19 @@ when the model is idle (the handler thread runs the model itself), and under loa
 the same scheduler (bounded queues, priorities, deadlines, the instance limit) as a follower:
 the thread that frees an instance hands the next waiting handler thread a batch of what queued
 (dynamic batching), which it runs and answers itself (`Scheduler.submit`: leader/follower,
-one wake-up per request, never through the event loop).
+one wake-up per request, never through the event loop). The request path itself is the data
+plane's (`DataPlane.infer_on_thread`), as on every front end.
 
 Everything else keeps its one implementation: the other RPCs of the service, health and the
 examples service run their asyncio handlers on the loop (`_via_loop`); a model in a drain_first
 swap is served through the loop too (the gate is an asyncio.Event). A version retired between a
-handler finding it and queueing on it answers Retiring, and the handler asks again (the new
-version): swaps fail nothing on this path either.
+handler finding it and queueing on it is asked again of the new version: swaps fail nothing on
+this path either.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,34 +31,20 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from edge_agent._proto import examples_pb2
 from edge_agent._proto import grpc_service_pb2 as pb
+from edge_agent.api.dataplane import DataPlane
 from edge_agent.api.examples import SERVICE as EXAMPLES
 from edge_agent.api.examples import ExampleServicer
-from edge_agent.api.infer import (
-    batch_rows,
-    decode_request,
-    encode_response,
-    output_regions,
-    request_parameters,
-)
-from edge_agent.api.security import CONTROL_METHODS
-from edge_agent.api.server import HEALTH, NAMES, REFLECTION
-from edge_agent.api.servicer import InferenceServicer, failure_kind
-from edge_agent.errors import InvalidArgument, Retiring
-from edge_agent.repository.registry import ModelRegistry
+from edge_agent.api.security import CONTROL_METHODS, control_denied
+from edge_agent.api.server import HEALTH, NAMES, REFLECTION, SERVICE
+from edge_agent.api.servicer import InferenceServicer
 from edge_agent.rpc.connections import (
     ConnectionGuard,
     ConnectionLimits,
     NotingServer,
     server_options,
 )
-from edge_agent.rpc.status import to_status
-from edge_agent.rpc.wire import Malformed, add_foreign_service, add_service, method_handlers
-from edge_agent.scheduling.batching import shape_key
-from edge_agent.scheduling.scheduler import Pending, ThreadFuture
-from edge_agent.scheduling.stats import CANCELED
-
-SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-RETRIES = 3  # a version retired under a request: ask again (a swap per attempt at most)
+from edge_agent.rpc.status import answers_sync
+from edge_agent.rpc.wire import add_foreign_service, add_service, method_handlers
 
 
 class _Abort(Exception):
@@ -98,133 +83,25 @@ class SyncServer:
 
 
 class SyncInference:
-    def __init__(
-        self, servicer: InferenceServicer, registry: ModelRegistry, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._servicer = servicer
-        self._registry = registry
+    """ModelInfer and ModelStreamInfer on the caller's thread, over the data plane."""
+
+    def __init__(self, plane: DataPlane, loop: asyncio.AbstractEventLoop) -> None:
+        self._plane = plane
         self._loop = loop
 
-    # -- the hot path -------------------------------------------------------------------------
-
+    @answers_sync
     def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.ServicerContext
     ) -> pb.ModelInferResponse:
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument(request.reason)
-            return self.infer(request, context)
-        except Exception as exc:
-            code, message = to_status(
-                exc,
-                rpc="ModelInfer",
-                model=getattr(request, "model_name", None),
-                request_id=getattr(request, "id", None) or None,
-            )
-            context.abort(code, message)
-            raise AssertionError("unreachable: abort raises") from exc
+        return self._plane.infer_on_thread(
+            request, context.time_remaining(), context.add_callback, self._loop
+        )
 
     def ModelStreamInfer(
         self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
-        # As the asyncio front end: a failed request answers with error_message, the stream
-        # goes on; one request at a time, in order.
         for request in requests:
-            try:
-                if isinstance(request, Malformed):
-                    raise InvalidArgument(request.reason)
-                response = self.infer(request, None)
-            except Exception as exc:
-                _, message = to_status(
-                    exc,
-                    rpc="ModelStreamInfer",
-                    model=getattr(request, "model_name", None),
-                    request_id=getattr(request, "id", None) or None,
-                )
-                yield pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(id=getattr(request, "id", "")),
-                )
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
-
-    def infer(
-        self, request: pb.ModelInferRequest, context: grpc.ServicerContext | None
-    ) -> pb.ModelInferResponse:
-        if not request.model_name:
-            raise InvalidArgument("model_name is empty")
-        remaining = context.time_remaining() if context is not None else None
-        for _ in range(RETRIES):
-            entry = self._registry.find(request.model_name)
-            if entry is not None and entry.gate is not None:  # drain_first: the loop's way
-                coroutine = self._servicer.infer(request, remaining)
-                return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
-            try:
-                return self._once(request, remaining, context)
-            except Retiring:
-                continue  # swapped out under us: the new version takes it
-        raise Retiring(f"model '{request.model_name}' is swapping versions; retry")
-
-    def _once(
-        self,
-        request: pb.ModelInferRequest,
-        remaining: float | None,
-        context: grpc.ServicerContext | None,
-    ) -> pb.ModelInferResponse:
-        started = time.monotonic_ns()
-        priority, timeout = request_parameters(request)
-        now = time.monotonic()  # asyncio's loop.time() is this clock: deadlines carry over
-        deadline = min((now + t for t in (remaining, timeout) if t is not None), default=None)
-        model = self._registry.get(request.model_name, request.model_version)
-        scheduler = model.scheduler
-        level = scheduler.policy.level_of(priority)  # refuses a priority outside the levels
-        if not scheduler.started:
-            asyncio.run_coroutine_threadsafe(_start(scheduler), self._loop).result()
-        servicer = self._servicer
-        held: list[Any] = []
-        try:
-            feeds, outputs = decode_request(
-                request,
-                model,
-                servicer.max_elements_per_tensor,
-                servicer.max_elements_per_request,
-                servicer.shm,
-                held,
-            )
-            targets = output_regions(request, servicer.shm, held) if request.outputs else None
-            pending = Pending(
-                feeds,
-                outputs,
-                batch_rows(feeds, model),
-                shape_key(feeds),
-                functools.partial(encode_response, request, model, outputs, targets=targets),
-                ThreadFuture(),
-                level,
-                time.monotonic_ns(),
-                now,
-                deadline,
-            )
-            response = scheduler.submit(
-                pending, priority, context.add_callback if context is not None else None
-            )
-        except Retiring:
-            raise
-        except Exception as exc:
-            reason, cause = failure_kind(exc)
-            model.stats.record_failure(time.monotonic_ns() - started, reason, cause)
-            raise
-        except BaseException:
-            model.stats.record_failure(time.monotonic_ns() - started, CANCELED, "cancelled")
-            raise
-        finally:
-            if held:
-                servicer.shm.release(held)
-        model.stats.record_success(time.monotonic_ns() - started)
-        return response  # type: ignore[no-any-return]
-
-
-async def _start(scheduler: Any) -> None:
-    scheduler.start_on(asyncio.get_running_loop())
+            yield self._plane.stream_infer_on_thread(request, self._loop)
 
 
 def _via_loop(
@@ -261,11 +138,9 @@ def _via_loop(
     return unary
 
 
-def _deny(message: str) -> Callable[..., Any]:
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
-
-    return deny
+def _deny(request: Any, context: grpc.ServicerContext) -> Any:
+    denied = control_denied("control_address")
+    context.abort(denied.code, str(denied))
 
 
 class _Namespace:
@@ -277,7 +152,7 @@ class _Namespace:
 
 def build_sync_server(
     servicer: InferenceServicer,
-    registry: ModelRegistry,
+    plane: DataPlane,
     health_servicer: health.aio.HealthServicer,
     max_message_bytes: int,
     limits: ConnectionLimits,
@@ -297,16 +172,13 @@ def build_sync_server(
         ],
     )
     noting = NotingServer(server, guard)
-    fast = SyncInference(servicer, registry, loop)
+    fast = SyncInference(plane, loop)
     methods: dict[str, Callable[..., Any]] = {}
     for method in SERVICE.methods:
         if method.name in ("ModelInfer", "ModelStreamInfer"):
             methods[method.name] = getattr(fast, method.name)
         elif deny_control and f"/{SERVICE.full_name}/{method.name}" in CONTROL_METHODS:
-            methods[method.name] = _deny(
-                "model load / unload is served on the control listener (control_address), "
-                "not on the inference listener"
-            )
+            methods[method.name] = _deny
         else:
             methods[method.name] = _via_loop(getattr(servicer, method.name), loop)
     add_service(noting, SERVICE, method_handlers(SERVICE, pb, _Namespace(**methods)))

@@ -120,6 +120,19 @@ def _settle_all(outcomes: list[tuple[Any, bool, Any]]) -> None:
 _SETTLING = threading.Lock()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    """One request as a caller hands it to the scheduler (`infer` from the loop, `submit` from
+    a caller's thread); the scheduler keeps its own record of it while it is queued."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: list[str]
+    rows: int  # what it adds to a batch
+    finish: Finish  # its outputs -> its answer (the encoded response)
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic() (= loop.time()) seconds
+
+
 @dataclasses.dataclass(eq=False)  # identity equality: deque.remove finds this very request
 class Pending:
     feeds: dict[str, np.ndarray]
@@ -134,6 +147,20 @@ class Pending:
     deadline: float | None  # loop.time() after which it must not run
     state: str = QUEUED
     timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(
+        cls,
+        job: Job,
+        future: asyncio.Future[Any] | ThreadFuture,
+        level: int,
+        now: float,
+        deadline: float | None,
+    ) -> Pending:
+        return cls(
+            job.feeds, job.outputs, job.rows, shape_key(job.feeds), job.finish, future, level,
+            time.monotonic_ns(), now, deadline,
+        )  # fmt: skip
 
 
 class Scheduler:
@@ -175,33 +202,14 @@ class Scheduler:
         """Requests queued or running now (read without the lock: a sample, for pacing)."""
         return self.pending() + self.policy.instances - self._free
 
-    async def infer(
-        self,
-        feeds: dict[str, np.ndarray],
-        outputs: list[str],
-        rows: int,
-        finish: Finish,
-        priority: int = 0,
-        deadline: float | None = None,
-    ) -> Any:
-        """Queue one request and wait for its result. `deadline` is in loop.time() seconds."""
+    async def infer(self, job: Job) -> Any:
+        """Queue one request from the event loop and wait for its result."""
         loop = self._start(asyncio.get_running_loop())
         if self._closing:
             raise Unavailable(f"model {self.label} is shutting down")
-        level, deadline = self._admission(priority, deadline, loop.time())
+        level, deadline = self._admission(job.priority, job.deadline, loop.time())
         waiting = self._queues[level]
-        request = Pending(
-            feeds,
-            outputs,
-            rows,
-            shape_key(feeds),
-            finish,
-            future := loop.create_future(),
-            level,
-            time.monotonic_ns(),
-            loop.time(),
-            deadline,
-        )
+        request = Pending.of(job, future := loop.create_future(), level, loop.time(), deadline)
         if self.policy.inline and self._take_idle():
             # Fast path: nothing waits and the run is cheaper than a trip through the batcher
             # (each extra event-loop iteration is a syscall): run it here, now.
@@ -255,10 +263,7 @@ class Scheduler:
         self._start(loop)
 
     def submit(
-        self,
-        request: Pending,
-        priority: int,
-        on_queued: Callable[[Callable[[], None]], object] | None = None,
+        self, job: Job, on_queued: Callable[[Callable[[], None]], object] | None = None
     ) -> Any:
         """From a caller's thread (its future a ThreadFuture): the request's result, or what its
         run raised, or the refusal (QueueFull, DeadlineExceeded, Retiring when shutting down).
@@ -273,8 +278,10 @@ class Scheduler:
         caller goes away (gRPC's context.add_callback): a queued request then leaves the queue.
         """
         now = time.monotonic()  # loop.time() is this clock: deadlines carry over
-        if request.deadline is not None and request.deadline <= now:
+        level = self.policy.level_of(job.priority)  # refuses a priority outside the levels
+        if job.deadline is not None and job.deadline <= now:
             raise DeadlineExceeded(f"model {self.label}: the deadline passed before queueing")
+        request = Pending.of(job, ThreadFuture(), level, now, job.deadline)
         with self._lock:
             if self._closing or self._loop is None:
                 raise Retiring(f"model {self.label} is shutting down")
@@ -283,8 +290,7 @@ class Scheduler:
                 request.state = TAKEN
                 batch: list[Pending] | None = [request]
             else:
-                request.level, request.deadline = self._admission(priority, request.deadline, now)
-                request.enqueued_at = now
+                request.level, request.deadline = self._admission(job.priority, job.deadline, now)
                 self._queues[request.level].append(request)
                 self._arrived.notify_all()
                 batch = None
