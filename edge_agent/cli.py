@@ -6,13 +6,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from edge_agent.errors import ConfigError
-from edge_agent.settings import LOG_FORMATS, LOG_LEVELS
+from edge_agent.fleet.commands import Commands, add_actions
+from edge_agent.settings import (
+    CONTROL_MODES,
+    FRONT_ENDS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    SWAP_POLICIES,
+    TRAIN_WHEN,
+    Settings,
+)
 
 EXIT_OK = 0
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
@@ -21,6 +32,94 @@ EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad con
 # Every device holds one long-poll almost all the time: a control plane replica's call cap is
 # about its fleet size (a held poll is a coroutine and a few KiB).
 CP_MAX_CONCURRENT_RPCS = 20_000
+
+# `serve`'s flags, in the order --help lists them: (flag, help, argparse options). Each sets the
+# setting of the same name (`_serve`), so none has a default of its own: an unset flag leaves
+# the file's, the environment's or the built-in value.
+_VALUE: Mapping[str, Any] = {}
+_SWITCH: Mapping[str, Any] = {"action": "store_const", "const": True, "default": None}
+SERVE_FLAGS: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
+    ("--model-repository", "model repository directory (default: shipped models/)", _VALUE),
+    ("--grpc-address", f"HOST:PORT for gRPC (default {Settings.grpc_address})", _VALUE),
+    ("--metrics-address", f"HOST:PORT for metrics (default {Settings.metrics_address})", _VALUE),
+    ("--log-level", "|".join(LOG_LEVELS), _VALUE),
+    ("--log-format", "|".join(LOG_FORMATS), _VALUE),
+    ("--execution-providers", "comma-separated, e.g. cuda,cpu", _VALUE),
+    ("--strict-provider", "refuse to serve a model on CPU when CUDA was asked for", _SWITCH),
+    ("--max-message-bytes", "gRPC message size limit, both ways", _VALUE),
+    (
+        "--allow-shared-memory",
+        "serve Triton's system shared memory extension to clients on this host",
+        _SWITCH,
+    ),
+    (
+        "--max-concurrent-rpcs",
+        f"RPCs in progress at once (default {Settings.max_concurrent_rpcs})",
+        _VALUE,
+    ),
+    (
+        "--model-control-mode",
+        f"{'|'.join(CONTROL_MODES)} (default {Settings.model_control_mode})",
+        _VALUE,
+    ),
+    (
+        "--repository-poll-secs",
+        f"poll mode: seconds between scans ({Settings.repository_poll_secs:g})",
+        _VALUE,
+    ),
+    (
+        "--load-model",
+        "explicit mode: load this model at start ('*' = all); repeatable",
+        {"action": "append", "metavar": "NAME"},
+    ),
+    ("--swap-policy", f"{'|'.join(SWAP_POLICIES)} (default {Settings.swap_policy})", _VALUE),
+    ("--state-dir", "directory for state kept across restarts", _VALUE),
+    ("--tls-cert", "PEM certificate for the listeners (with --tls-key)", _VALUE),
+    ("--tls-key", "PEM private key for the listeners", _VALUE),
+    ("--tls-client-ca", "PEM CA: clients must present a cert from it", _VALUE),
+    (
+        "--control-address",
+        f"HOST:PORT or unix:PATH for load/unload ({Settings.control_address})",
+        _VALUE,
+    ),
+    ("--control-token-file", "bearer token the control listener requires", _VALUE),
+    (
+        "--front-end",
+        "the inference listener's gRPC server: aio (default) or sync (thread pool)",
+        {"choices": FRONT_ENDS},
+    ),
+    (
+        "--http-address",
+        "HOST:PORT for KServe v2 over HTTP/REST (default: off; Triton: 8000)",
+        _VALUE,
+    ),
+    (
+        "--http-control-address",
+        "HOST:PORT for the HTTP repository endpoints (default: off)",
+        _VALUE,
+    ),
+    ("--control-plane", "HOST:PORT of the control plane to sync from", _VALUE),
+    ("--control-plane-ca", "PEM CA to verify a TLS control plane with", _VALUE),
+    ("--device-id", "this device's id on the control plane", _VALUE),
+    ("--device-token-file", "file holding this device's token", _VALUE),
+    (
+        "--trusted-key",
+        "public key (PEM) whose release signatures are accepted; repeatable",
+        {"action": "append", "metavar": "PUBFILE"},
+    ),
+    ("--sync-interval", f"long-poll wait in seconds (default {Settings.sync_interval:g})", _VALUE),
+    ("--sync-bandwidth-limit", "download bytes per second (0: no limit)", _VALUE),
+    (
+        "--learn",
+        "take part in the control plane's learning tasks (needs edge-agent[learn])",
+        _SWITCH,
+    ),
+    (
+        "--train-when",
+        "idle: local training pauses while serving is busy (default); always: it does not",
+        {"choices": TRAIN_WHEN},
+    ),
+)
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,91 +131,34 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from edge_agent.compress.cli import add_arguments as add_optimize
+    from edge_agent.compress.cli import add_distill_arguments
+    from edge_agent.fleet.client import add_arguments as add_fleet
+    from edge_agent.learn.cli import add_arguments as add_learning
+
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_serve(commands)
+    _add_control_plane(commands)
+    add_fleet(commands)
+    add_optimize(commands)
+    add_distill_arguments(commands)
+    add_learning(commands)
+    _add_infer(commands)
+    _add_models(commands)
+    return parser
 
+
+def _add_serve(commands: Commands) -> None:
     serve = commands.add_parser("serve", help="run the inference daemon")
     serve.add_argument("--config", type=Path, help="TOML settings file (also EDGE_AGENT_CONFIG)")
-    serve.add_argument(
-        "--model-repository", help="model repository directory (default: shipped models/)"
-    )
-    serve.add_argument("--grpc-address", help="HOST:PORT for gRPC (default 0.0.0.0:8001)")
-    serve.add_argument("--metrics-address", help="HOST:PORT for metrics (default 0.0.0.0:8002)")
-    serve.add_argument("--log-level", help="debug|info|warning|error|critical")
-    serve.add_argument("--log-format", help="auto|json|console")
-    serve.add_argument("--execution-providers", help="comma-separated, e.g. cuda,cpu")
-    serve.add_argument(
-        "--strict-provider",
-        action="store_const",
-        const=True,
-        default=None,
-        help="refuse to serve a model on CPU when CUDA was asked for",
-    )
-    serve.add_argument("--max-message-bytes", help="gRPC message size limit, both ways")
-    serve.add_argument(
-        "--allow-shared-memory",
-        action="store_const",
-        const=True,
-        default=None,
-        help="serve Triton's system shared memory extension to clients on this host",
-    )
-    serve.add_argument("--max-concurrent-rpcs", help="RPCs in progress at once (default 512)")
-    serve.add_argument("--model-control-mode", help="none|poll|explicit (default none)")
-    serve.add_argument("--repository-poll-secs", help="poll mode: seconds between scans (15)")
-    serve.add_argument(
-        "--load-model",
-        action="append",
-        metavar="NAME",
-        help="explicit mode: load this model at start ('*' = all); repeatable",
-    )
-    serve.add_argument("--swap-policy", help="overlap|drain_first (default overlap)")
-    serve.add_argument("--state-dir", help="directory for state kept across restarts")
-    serve.add_argument("--tls-cert", help="PEM certificate for the listeners (with --tls-key)")
-    serve.add_argument("--tls-key", help="PEM private key for the listeners")
-    serve.add_argument("--tls-client-ca", help="PEM CA: clients must present a cert from it")
-    serve.add_argument(
-        "--control-address", help="HOST:PORT or unix:PATH for load/unload (127.0.0.1:8003)"
-    )
-    serve.add_argument("--control-token-file", help="bearer token the control listener requires")
-    serve.add_argument(
-        "--front-end",
-        choices=("aio", "sync"),
-        help="the inference listener's gRPC server: aio (default) or sync (thread pool)",
-    )
-    serve.add_argument(
-        "--http-address", help="HOST:PORT for KServe v2 over HTTP/REST (default: off; Triton: 8000)"
-    )
-    serve.add_argument(
-        "--http-control-address", help="HOST:PORT for the HTTP repository endpoints (default: off)"
-    )
-    serve.add_argument("--control-plane", help="HOST:PORT of the control plane to sync from")
-    serve.add_argument("--control-plane-ca", help="PEM CA to verify a TLS control plane with")
-    serve.add_argument("--device-id", help="this device's id on the control plane")
-    serve.add_argument("--device-token-file", help="file holding this device's token")
-    serve.add_argument(
-        "--trusted-key",
-        action="append",
-        metavar="PUBFILE",
-        help="public key (PEM) whose release signatures are accepted; repeatable",
-    )
-    serve.add_argument("--sync-interval", help="long-poll wait in seconds (default 30)")
-    serve.add_argument("--sync-bandwidth-limit", help="download bytes per second (0: no limit)")
-    serve.add_argument(
-        "--learn",
-        action="store_const",
-        const=True,
-        default=None,
-        help="take part in the control plane's learning tasks (needs edge-agent[learn])",
-    )
-    serve.add_argument(
-        "--train-when",
-        choices=("idle", "always"),
-        help="idle: local training pauses while serving is busy (default); always: it does not",
-    )
+    for flag, text, options in SERVE_FLAGS:
+        serve.add_argument(flag, help=text, **options)
 
-    control = commands.add_parser("control-plane", help="run the fleet's control plane")
-    control_actions = control.add_subparsers(dest="action", required=True, metavar="ACTION")
-    cp = control_actions.add_parser(
+
+def _add_control_plane(commands: Commands) -> None:
+    actions = add_actions(commands, "control-plane", "run the fleet's control plane")
+    cp = actions.add_parser(
         "serve",
         help="serve the fleet protocol (runs until SIGTERM)",
         description="Serve the fleet protocol: releases, rollouts and device state in "
@@ -159,6 +201,14 @@ def _parser() -> argparse.ArgumentParser:
         default=0.2,
         help="pause a rollout once more than this share of its devices fail (default 0.2)",
     )
+    _add_control_plane_keys(cp)
+    _add_control_plane_limits(cp)
+    cp.add_argument("--log-level", default="info", help="|".join(LOG_LEVELS))
+    cp.add_argument("--log-format", default="auto", help="|".join(LOG_FORMATS))
+
+
+def _add_control_plane_keys(cp: argparse.ArgumentParser) -> None:
+    """TLS, the keys releases are checked and learned releases signed with, and /metrics."""
     cp.add_argument("--tls-cert", type=Path, help="PEM certificate (with --tls-key)")
     cp.add_argument("--tls-key", type=Path, help="PEM private key (with --tls-cert)")
     cp.add_argument("--tls-client-ca", type=Path, help="PEM CA: clients need a cert from it")
@@ -177,6 +227,10 @@ def _parser() -> argparse.ArgumentParser:
         help="P-256 private key (PEM) that signs learned releases; without it learning tasks "
         "are refused. Devices must trust its public key (--trusted-key) explicitly",
     )
+
+
+def _add_control_plane_limits(cp: argparse.ArgumentParser) -> None:
+    """What one replica and one caller may cost it."""
     cp.add_argument(
         "--max-blob-bytes", type=int, default=8 << 30, help="largest blob upload (8 GiB)"
     )
@@ -211,19 +265,9 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="an upload that sends nothing for this long is cut off (60)",
     )
-    cp.add_argument("--log-level", default="info", help="debug|info|warning|error|critical")
-    cp.add_argument("--log-format", default="auto", help="auto|json|console")
 
-    from edge_agent.compress.cli import add_arguments as add_optimize
-    from edge_agent.compress.cli import add_distill_arguments
-    from edge_agent.fleet.client import add_arguments
-    from edge_agent.learn.cli import add_arguments as add_learning
 
-    add_arguments(commands)
-    add_optimize(commands)
-    add_distill_arguments(commands)
-    add_learning(commands)
-
+def _add_infer(commands: Commands) -> None:
     infer = commands.add_parser("infer", help="send one inference request to an agent")
     infer.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the agent")
     infer.add_argument("--model", required=True, help="the model to call")
@@ -247,6 +291,8 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
     add_connection_arguments(infer)
 
+
+def _add_models(commands: Commands) -> None:
     models = commands.add_parser(
         "models", help="list, load, unload or roll back models of a running agent"
     )
@@ -267,7 +313,6 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--timeout", type=float, default=300.0, help="seconds (default 300: loads take time)"
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -350,16 +395,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _control_plane(args: argparse.Namespace) -> int:
     from edge_agent.controlplane.server import ControlPlane, ControlPlaneSettings
-    from edge_agent.controlplane.service import ServiceLimits
     from edge_agent.observability.logging import configure_logging, get_logger
-    from edge_agent.rpc.connections import ConnectionLimits
 
     if args.log_level not in LOG_LEVELS or args.log_format not in LOG_FORMATS:
         print("edge-agent: invalid --log-level or --log-format", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(args.log_level, args.log_format)
-    settings = ControlPlaneSettings(
-        data_dir=args.data_dir,
+    defaults = ControlPlaneSettings(data_dir=args.data_dir)
+    settings = dataclasses.replace(
+        defaults,
         address=args.address,
         max_failure_share=args.max_failure_share,
         tls_cert=args.tls_cert,
@@ -372,14 +416,15 @@ def _control_plane(args: argparse.Namespace) -> int:
         blob_store=args.blob_store,
         publisher_token_file=args.publisher_token_file,
         dashboard_address=args.dashboard_address,
-        connections=ConnectionLimits(
+        # The idle and first-call timeouts have no flag: ControlPlaneSettings' own apply.
+        connections=dataclasses.replace(
+            defaults.connections,
             max_connections=args.max_connections,
             max_connections_per_peer=args.max_connections_per_peer,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
-            idle_seconds=120.0,
-            first_request_seconds=30.0,  # see ControlPlaneSettings.connections
         ),
-        service=ServiceLimits(
+        service=dataclasses.replace(
+            defaults.service,
             max_blob_bytes=args.max_blob_bytes,
             device_rate=args.device_rate,
             publisher_rate=args.publisher_rate,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -17,9 +18,15 @@ from edge_agent._proto import grpc_service_pb2 as pb
 from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
 from edge_agent.common.tensors import decode_raw, encode
 from edge_agent.errors import ConfigError, InvalidArgument
-from edge_agent.fleet.client import channel_credentials
+from edge_agent.fleet import auth
+from edge_agent.fleet.connect import channel_credentials, open_channel
+from edge_agent.settings import MAX_MESSAGE_BYTES
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Tensors travel both ways, as large as an agent with its default limit takes.
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
 
 
 def _load_inputs(specs: list[str]) -> dict[str, np.ndarray]:
@@ -100,22 +107,13 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         return Path(value) if value else None
 
     credentials = channel_credentials(path(args.tls_ca), path(args.tls_cert), path(args.tls_key))
-    if credentials is None:
-        return grpc.insecure_channel(args.url, options=_channel_options())
-    return grpc.secure_channel(args.url, credentials, options=_channel_options())
+    return open_channel(args.url, credentials, CHANNEL_OPTIONS)
 
 
-def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+def _metadata(args: argparse.Namespace) -> Sequence[tuple[str, str]]:
     if args.token_file is None:
         return ()
-    return (("authorization", "Bearer " + Path(args.token_file).read_text().strip()),)
-
-
-def _channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
+    return auth.metadata(Path(args.token_file).read_text().strip())
 
 
 def _load_parameters(args: argparse.Namespace) -> dict[str, pb.ModelRepositoryParameter]:

@@ -27,6 +27,13 @@ CUDNN_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
 CONTROL_MODES = ("none", "poll", "explicit")
 SWAP_POLICIES = ("overlap", "drain_first")
+FRONT_ENDS = ("aio", "sync")
+TRAIN_WHEN = ("idle", "always")
+# How a true or false setting may be spelt (TOML, environment, flags, config.pbtxt parameters).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+# gRPC's 4 MiB default silently breaks image-sized tensors; both directions.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def default_model_repository() -> Path:
@@ -65,8 +72,7 @@ class Settings:
     metrics_address: str = "0.0.0.0:8002"
     log_level: str = "info"
     log_format: str = "auto"  # auto: console on a TTY, JSON otherwise (journald)
-    # gRPC's 4 MiB default silently breaks image-sized tensors; both directions.
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     shutdown_grace_seconds: float = 10.0
     # RPCs in progress at once, all models together; past it gRPC answers RESOURCE_EXHAUSTED
     # before any of our code runs. Under overload the backlog otherwise waits inside gRPC, ahead
@@ -230,9 +236,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
+            if text in TRUE_WORDS:
                 return True
-            if text in ("0", "false", "no", "off"):
+            if text in FALSE_WORDS:
                 return False
             raise ValueError(f"expected true or false, got {value!r}")
         if annotation == "int":
@@ -261,6 +267,31 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _check(settings: Settings) -> None:
+    """Every check, in the order their errors are reported: the first one found is raised (and
+    state_dir is made before the checks after it run)."""
+    _check_inference_listener(settings)
+    _check_choices(settings)
+    _check_numbers(settings)
+    _check_lifecycle(settings)
+    _check_tls(settings)
+    if settings.control_address and not settings.control_address.startswith("unix:"):
+        _check_control_listener(settings, "control_address")
+    if not 0 <= settings.swap_warmup_pause_ms <= 1000:
+        raise ConfigError("swap_warmup_pause_ms: 0..1000")
+    _check_front_ends(settings)
+    _check_control_plane(settings)
+    for key in ("connection_idle_seconds", "first_request_seconds"):
+        if getattr(settings, key) <= 0:
+            raise ConfigError(f"{key}: must be positive")
+    _check_learning(settings)
+    if settings.sync_interval <= 0:
+        raise ConfigError("sync_interval: must be positive")
+    if settings.sync_bandwidth_limit < 0:
+        raise ConfigError("sync_bandwidth_limit: must not be negative")
+    _check_model_repository(settings)
+
+
+def _check_inference_listener(settings: Settings) -> None:
     for address in grpc_addresses(settings):
         if address.startswith("unix:"):
             if not address[5:].startswith("/"):
@@ -277,6 +308,9 @@ def _check(settings: Settings) -> None:
             f"unix_socket_mode: {settings.unix_socket_mode!r} is not an octal mode like 0660"
         ) from None
     parse_address(settings.metrics_address, "metrics_address")
+
+
+def _check_choices(settings: Settings) -> None:
     choices = {
         "log_level": LOG_LEVELS,
         "log_format": LOG_FORMATS,
@@ -285,7 +319,7 @@ def _check(settings: Settings) -> None:
         "cuda_arena_extend_strategy": ARENA_STRATEGIES,
         "model_control_mode": CONTROL_MODES,
         "swap_policy": SWAP_POLICIES,
-        "train_when": ("idle", "always"),
+        "train_when": TRAIN_WHEN,
     }
     for key, allowed in choices.items():
         if getattr(settings, key) not in allowed:
@@ -297,6 +331,9 @@ def _check(settings: Settings) -> None:
             raise ConfigError(
                 f"execution_providers: unknown provider {provider!r}, use {PROVIDERS}"
             )
+
+
+def _check_numbers(settings: Settings) -> None:
     for key in (
         "max_message_bytes",
         "default_max_batch_size",
@@ -318,6 +355,11 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"loader_nice: must lie in 0..19, got {settings.loader_nice}")
     if settings.repository_poll_secs <= 0:
         raise ConfigError("repository_poll_secs: must be positive")
+
+
+def _check_lifecycle(settings: Settings) -> None:
+    """Which models load at start, where state is kept (made here when missing), how long a
+    stop may take."""
     if settings.load_model and settings.model_control_mode != "explicit":
         raise ConfigError("load_model: only meaningful with model_control_mode explicit")
     if settings.state_dir is not None and not settings.state_dir.is_dir():
@@ -331,6 +373,10 @@ def _check(settings: Settings) -> None:
             ) from exc
     if settings.shutdown_grace_seconds < 0:
         raise ConfigError("shutdown_grace_seconds: must not be negative")
+
+
+def _check_tls(settings: Settings) -> None:
+    """TLS comes as a cert and key pair; every credential file named must exist."""
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ConfigError("tls_cert and tls_key: give both or neither")
     if settings.tls_client_ca is not None and settings.tls_cert is None:
@@ -339,11 +385,11 @@ def _check(settings: Settings) -> None:
         path = getattr(settings, key)
         if path is not None and not path.is_file():
             raise ConfigError(f"{key}: {path} is not a file")
-    if settings.control_address and not settings.control_address.startswith("unix:"):
-        _check_control_listener(settings, "control_address")
-    if not 0 <= settings.swap_warmup_pause_ms <= 1000:
-        raise ConfigError("swap_warmup_pause_ms: 0..1000")
-    if settings.front_end not in ("aio", "sync"):
+
+
+def _check_front_ends(settings: Settings) -> None:
+    """The inference listener's gRPC server, and the HTTP listeners when on."""
+    if settings.front_end not in FRONT_ENDS:
         raise ConfigError(f"front_end: 'aio' or 'sync', got {settings.front_end!r}")
     if settings.front_end_threads < 1:
         raise ConfigError("front_end_threads: at least 1")
@@ -351,42 +397,47 @@ def _check(settings: Settings) -> None:
         parse_address(settings.http_address, "http_address")
     if settings.http_control_address:
         _check_control_listener(settings, "http_control_address")
-    if settings.control_plane:
-        addresses = [a.strip() for a in settings.control_plane.split(",")]
-        for address in addresses:  # one, or several replicas: HOST:PORT,HOST:PORT
-            parse_address(address, "control_plane")
-        for key in ("device_id", "device_token_file", "trusted_keys", "state_dir"):
-            if not getattr(settings, key):
-                raise ConfigError(f"{key}: required when control_plane is set")
-        for key_file in settings.trusted_keys:
-            if not Path(key_file).is_file():
-                raise ConfigError(f"trusted_keys: {key_file} is not a file")
-        if settings.device_token_file is not None and not settings.device_token_file.is_file():
-            raise ConfigError(f"device_token_file: {settings.device_token_file} is not a file")
-    for key in ("connection_idle_seconds", "first_request_seconds"):
-        if getattr(settings, key) <= 0:
-            raise ConfigError(f"{key}: must be positive")
+
+
+def _check_control_plane(settings: Settings) -> None:
+    """Sync from a control plane needs an identity, trusted keys and somewhere to keep state."""
+    if not settings.control_plane:
+        return
+    addresses = [a.strip() for a in settings.control_plane.split(",")]
+    for address in addresses:  # one, or several replicas: HOST:PORT,HOST:PORT
+        parse_address(address, "control_plane")
+    for key in ("device_id", "device_token_file", "trusted_keys", "state_dir"):
+        if not getattr(settings, key):
+            raise ConfigError(f"{key}: required when control_plane is set")
+    for key_file in settings.trusted_keys:
+        if not Path(key_file).is_file():
+            raise ConfigError(f"trusted_keys: {key_file} is not a file")
+    if settings.device_token_file is not None and not settings.device_token_file.is_file():
+        raise ConfigError(f"device_token_file: {settings.device_token_file} is not a file")
+
+
+def _check_learning(settings: Settings) -> None:
     if settings.learn and not settings.control_plane:
         raise ConfigError("learn: needs a control_plane (learning tasks come from it)")
     if not 0 < settings.min_train_share <= 1:
         raise ConfigError("min_train_share: must lie in (0, 1]")
     if not 0 <= settings.train_quiet_ms <= 60_000:
         raise ConfigError("train_quiet_ms: 0..60000")
-    if settings.sync_interval <= 0:
-        raise ConfigError("sync_interval: must be positive")
-    if settings.sync_bandwidth_limit < 0:
-        raise ConfigError("sync_bandwidth_limit: must not be negative")
-    if not settings.model_repository.is_dir():
-        if not _under(settings.model_repository, settings.state_dir):
-            raise ConfigError(f"model_repository: {settings.model_repository} is not a directory")
-        # Inside the agent's own state directory (e.g. /var/lib/edge-agent/models, where weight
-        # sync installs): the agent owns it, so a fresh device gets it made, not an exit 78.
-        try:
-            settings.model_repository.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"model_repository: cannot create {settings.model_repository}: {exc}"
-            ) from exc
+
+
+def _check_model_repository(settings: Settings) -> None:
+    if settings.model_repository.is_dir():
+        return
+    if not _under(settings.model_repository, settings.state_dir):
+        raise ConfigError(f"model_repository: {settings.model_repository} is not a directory")
+    # Inside the agent's own state directory (e.g. /var/lib/edge-agent/models, where weight
+    # sync installs): the agent owns it, so a fresh device gets it made, not an exit 78.
+    try:
+        settings.model_repository.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"model_repository: cannot create {settings.model_repository}: {exc}"
+        ) from exc
 
 
 def _under(path: Path, parent: Path | None) -> bool:

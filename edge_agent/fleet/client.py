@@ -1,29 +1,33 @@
 """The publisher's side of the fleet protocol: `edge-agent publish`, `keygen` and `fleet ...`.
 
-`open_channel` is the one place a fleet channel is made (the agent's sync uses it too), so TLS
-credentials, when they come, are added here once.
+A command-line module: the agent never imports it. How a channel to the control plane is made
+lives in fleet/connect.py (shared with the agent's sync); what the commands share in
+fleet/commands.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import grpc
-from google.protobuf import json_format
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import ConfigError
 from edge_agent.fleet import auth, signing
+from edge_agent.fleet.commands import (
+    EXIT_OK,
+    Commands,
+    add_actions,
+    add_remote_arguments,
+    print_json,
+    report_failures,
+    table,
+)
+from edge_agent.fleet.connect import channel_credentials, open_channel, upload_chunks
 from edge_agent.fleet.release import (
-    CHUNK_SIZE,
     CONFIG,
     DEFAULT_LIFETIME_SECONDS,
     GOLDEN,
@@ -34,101 +38,9 @@ from edge_agent.fleet.release import (
     variant_dir,
 )
 
-EXIT_OK, EXIT_FAILED = 0, 1
-CHANNEL_OPTIONS = [
-    # What a device or a publisher reads: a blob chunk (1 MiB), a manifest, a status page. A
-    # hostile server cannot make it hold more than this per message.
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 2 * CHUNK_SIZE),
-]
-
-
-def channel_credentials(
-    ca: Path | None, cert: Path | None = None, key: Path | None = None
-) -> grpc.ChannelCredentials | None:
-    """TLS to the control plane when `ca` is given (the server is verified with it); `cert` and
-    `key` are our identity for mTLS."""
-    if ca is None:
-        return None
-    try:
-        return grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes(),
-            private_key=key.read_bytes() if key is not None else None,
-            certificate_chain=cert.read_bytes() if cert is not None else None,
-        )
-    except OSError as exc:
-        raise ConfigError(f"cannot read a TLS file: {exc}") from exc
-
-
-def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
-    if credentials is not None:
-        return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-
-
-def split_addresses(addresses: str) -> list[str]:
-    """ "HOST:PORT,HOST:PORT" -> the addresses, in order (several control-plane replicas)."""
-    return [a.strip() for a in addresses.split(",") if a.strip()]
-
-
-class FailoverStub:
-    """A FleetService stub over one of several control-plane replicas. Calls go to the current
-    replica; `fail_over` moves to the next one (the caller decides when: a call that found the
-    replica unreachable). Any replica serves any device, and a blob download resumes wherever it
-    stopped, so moving loses nothing. Thread-safe: the sync thread and the learning thread share
-    it."""
-
-    def __init__(self, addresses: str, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.addresses = split_addresses(addresses)
-        if not self.addresses:
-            raise ConfigError("control_plane: no address given")
-        self._credentials = credentials
-        self._lock = threading.Lock()
-        self._index = 0
-        self._channel = open_channel(self.addresses[0], credentials)
-        self._stub = pb_grpc.FleetServiceStub(self._channel)
-        self._closed = False
-
-    @property
-    def address(self) -> str:
-        return self.addresses[self._index]
-
-    def __getattr__(self, method: str) -> Any:
-        with self._lock:
-            return getattr(self._stub, method)
-
-    def fail_over(self) -> str | None:
-        """Move to the next replica; returns its address (None with a single one)."""
-        if len(self.addresses) == 1:
-            return None
-        with self._lock:
-            if self._closed:
-                return None
-            old = self._channel
-            self._index = (self._index + 1) % len(self.addresses)
-            self._channel = open_channel(self.addresses[self._index], self._credentials)
-            self._stub = pb_grpc.FleetServiceStub(self._channel)
-        old.close()
-        return self.address
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._channel.close()
-
-
-def upload_chunks(digest: str, path: Path) -> Iterator[pb.UploadBlobRequest]:
-    """UploadBlob's messages for the file at `path`: digest and size first, then 1 MiB chunks."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        first = True
-        while True:
-            data = f.read(CHUNK_SIZE)
-            if first or data:
-                yield pb.UploadBlobRequest(digest=digest if first else "", size=size, data=data)
-            first = False
-            if not data:
-                return
+# Every fleet command's call but publish's (which uploads, and takes --timeout), in seconds.
+CALL_TIMEOUT = 30
+STATUS_PAGE_TIMEOUT = 60
 
 
 def upload_release(
@@ -256,7 +168,7 @@ def publish(args: argparse.Namespace) -> int:
                 variant_signatures,
             )
     if args.json:
-        print(json_format.MessageToJson(response, preserving_proto_field_name=True))
+        print_json(response)
         return EXIT_OK
     parts = []
     for name in release.variant_names():
@@ -308,16 +220,6 @@ def rollout_line(r: pb.RolloutStatus) -> str:
     )
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns as wide as their widest cell, so values line up under their headers."""
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
-    lines = [headers, *rows]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
-
-
 def keygen(args: argparse.Namespace) -> int:
     signing.generate_keypair(args.private_key, args.public_key)
     print(f"wrote {args.private_key} (keep it secret) and {args.public_key} (give it to devices)")
@@ -326,33 +228,9 @@ def keygen(args: argparse.Namespace) -> int:
 
 def fleet(args: argparse.Namespace) -> int:
     if args.action == "add-device" and args.data_dir is not None:
-        from edge_agent.controlplane.server import add_device
-
-        add_device(args.data_dir, args.device_id, args.group or "", args.device_token_file)
-        print(f"device {args.device_id} enrolled; its token is in {args.device_token_file} (0600)")
-        return EXIT_OK
+        return _enroll_locally(args)
     if args.action == "add-device":
-        if args.control_plane is None or args.token_file is None:
-            raise ConfigError("add-device needs --data-dir, or --control-plane and --token-file")
-        out = args.device_token_file
-        if out.exists() or out.is_symlink():
-            raise ConfigError(
-                f"{out} exists: refusing to overwrite it (it may hold another credential); "
-                "choose a new file for the device token"
-            )
-        meta = auth.metadata(auth.read_token(args.token_file))
-        credentials = channel_credentials(args.control_plane_ca)
-        with open_channel(args.control_plane, credentials) as channel:
-            request = pb.EnrollDevicesRequest(
-                devices=[pb.DeviceEnrollment(device_id=args.device_id, group=args.group or "")],
-                rotate=args.rotate,
-            )
-            answer = pb_grpc.FleetServiceStub(channel).EnrollDevices(
-                request, metadata=meta, timeout=30
-            )
-        auth.write_secret(out, answer.tokens[0].token)
-        print(f"device {args.device_id} enrolled; its token is in {out} (0600)")
-        return EXIT_OK
+        return _enroll_remotely(args)
     meta = auth.metadata(auth.read_token(args.token_file))
     with open_channel(args.control_plane, channel_credentials(args.control_plane_ca)) as channel:
         stub = pb_grpc.FleetServiceStub(channel)
@@ -361,20 +239,56 @@ def fleet(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.action == "revoke-device":
             stub.RevokeDevice(
-                pb.RevokeDeviceRequest(device_id=args.device_id), metadata=meta, timeout=30
+                pb.RevokeDeviceRequest(device_id=args.device_id),
+                metadata=meta,
+                timeout=CALL_TIMEOUT,
             )
             print(f"device {args.device_id} revoked")
             return EXIT_OK
         if args.action == "target":
-            rollout = stub.SetTarget(_target(args), metadata=meta, timeout=30)
+            rollout = stub.SetTarget(_target(args), metadata=meta, timeout=CALL_TIMEOUT)
         else:
             action = getattr(pb.ControlRolloutRequest, args.action.upper())
             request = pb.ControlRolloutRequest(model=args.model, action=action)
-            rollout = stub.ControlRollout(request, metadata=meta, timeout=30)
+            rollout = stub.ControlRollout(request, metadata=meta, timeout=CALL_TIMEOUT)
     if args.json:
-        print(json_format.MessageToJson(rollout, preserving_proto_field_name=True))
+        print_json(rollout)
     else:
         print(rollout_line(rollout))
+    return EXIT_OK
+
+
+def _enroll_locally(args: argparse.Namespace) -> int:
+    """add-device --data-dir: straight into the registry, on the control plane's host."""
+    from edge_agent.controlplane.server import add_device
+
+    add_device(args.data_dir, args.device_id, args.group or "", args.device_token_file)
+    print(f"device {args.device_id} enrolled; its token is in {args.device_token_file} (0600)")
+    return EXIT_OK
+
+
+def _enroll_remotely(args: argparse.Namespace) -> int:
+    """add-device --control-plane: through the API (EnrollDevices), with the publisher token."""
+    if args.control_plane is None or args.token_file is None:
+        raise ConfigError("add-device needs --data-dir, or --control-plane and --token-file")
+    out = args.device_token_file
+    if out.exists() or out.is_symlink():
+        raise ConfigError(
+            f"{out} exists: refusing to overwrite it (it may hold another credential); "
+            "choose a new file for the device token"
+        )
+    meta = auth.metadata(auth.read_token(args.token_file))
+    credentials = channel_credentials(args.control_plane_ca)
+    with open_channel(args.control_plane, credentials) as channel:
+        request = pb.EnrollDevicesRequest(
+            devices=[pb.DeviceEnrollment(device_id=args.device_id, group=args.group or "")],
+            rotate=args.rotate,
+        )
+        answer = pb_grpc.FleetServiceStub(channel).EnrollDevices(
+            request, metadata=meta, timeout=CALL_TIMEOUT
+        )
+    auth.write_secret(out, answer.tokens[0].token)
+    print(f"device {args.device_id} enrolled; its token is in {out} (0600)")
     return EXIT_OK
 
 
@@ -385,7 +299,7 @@ def fleet_status(
     whole = pb.FleetStatusResponse()
     request = pb.FleetStatusRequest(rollout_id=rollout_id)
     while True:
-        page = stub.FleetStatus(request, metadata=meta, timeout=60)
+        page = stub.FleetStatus(request, metadata=meta, timeout=STATUS_PAGE_TIMEOUT)
         whole.devices.extend(page.devices)
         whole.rollouts.extend(page.rollouts)
         if not page.next_page_token:
@@ -399,44 +313,19 @@ def _show_status(status: pb.FleetStatusResponse, rollout_id: int | None, as_json
         if not found:
             raise ConfigError(f"no rollout {rollout_id}")
         if as_json:
-            print(json_format.MessageToJson(found[0], preserving_proto_field_name=True))
+            print_json(found[0])
             return
         print(rollout_line(found[0]))
         print(f"devices: {', '.join(found[0].devices) or '-'}")
         return
     if as_json:
-        print(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        print_json(status)
         return
-    rows = []
-    for d in status.devices:
-        seen = (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_seen))
-            if d.last_seen
-            else "never"
-        )
-        desired = {t.model: t.version for t in d.desired}
-        reports = {r.model: r for r in d.models}
-        for name in sorted(set(desired) | set(reports)) or ["-"]:
-            r = reports.get(name)
-            rows.append(
-                [
-                    d.device_id,
-                    d.group or "-",
-                    seen,
-                    name,
-                    str(r.serving_version or "-") if r else "-",
-                    (r.variant or "-") if r else "-",
-                    str(r.installed_version or "-") if r else "-",
-                    str(desired.get(name, "-")),
-                    (r.state or "-") if r else "-",
-                    d.last_error or "-",
-                ]
-            )
     headers = [
         "DEVICE", "GROUP", "LAST SEEN", "MODEL", "SERVING", "VARIANT", "INSTALLED", "DESIRED",
         "STATE", "LAST ERROR",
     ]  # fmt: skip
-    print(table(headers, rows))
+    print(table(headers, [row for d in status.devices for row in _device_rows(d)]))
     if status.rollouts:
         print()
         print(
@@ -459,15 +348,37 @@ def _show_status(status: pb.FleetStatusResponse, rollout_id: int | None, as_json
         )
 
 
+def _device_rows(d: pb.DeviceStatus) -> list[list[str]]:
+    """One row per model the device runs or should run (one "-" row when neither)."""
+    seen = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.last_seen)) if d.last_seen else "never"
+    )
+    desired = {t.model: t.version for t in d.desired}
+    reports = {r.model: r for r in d.models}
+    rows = []
+    for name in sorted(set(desired) | set(reports)) or ["-"]:
+        r = reports.get(name)
+        rows.append(
+            [
+                d.device_id,
+                d.group or "-",
+                seen,
+                name,
+                str(r.serving_version or "-") if r else "-",
+                (r.variant or "-") if r else "-",
+                str(r.installed_version or "-") if r else "-",
+                str(desired.get(name, "-")),
+                (r.state or "-") if r else "-",
+                d.last_error or "-",
+            ]
+        )
+    return rows
+
+
 def run(command: str, args: argparse.Namespace) -> int:
     """publish / keygen / fleet: errors become one line on stderr and a non-zero exit."""
-    try:
-        return {"publish": publish, "keygen": keygen, "fleet": fleet}[command](args)
-    except grpc.RpcError as exc:
-        print(f"edge-agent {command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    except (EdgeAgentError, OSError) as exc:
-        print(f"edge-agent {command}: {exc}", file=sys.stderr)
-    return EXIT_FAILED
+    action = {"publish": publish, "keygen": keygen, "fleet": fleet}[command]
+    return report_failures(command, lambda: action(args))
 
 
 def lifetime(text: str) -> float:
@@ -484,19 +395,6 @@ def _variant(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def _remote(parser: argparse.ArgumentParser) -> None:
-    """How a publisher command reaches the control plane."""
-    parser.add_argument("--control-plane", required=True, help="HOST:PORT of the control plane")
-    parser.add_argument(
-        "--token-file",
-        required=True,
-        type=Path,
-        help="file holding the publisher token (the control plane's DATA_DIR/publisher.token)",
-    )
-    parser.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS to the control plane")
-    parser.add_argument("--json", action="store_true", help="print the answer as JSON")
-
-
 def _where(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--group", help="target the devices of this group only")
@@ -508,7 +406,15 @@ def _where(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_arguments(commands: Commands) -> None:
+    _add_publish(commands)
+    key = commands.add_parser("keygen", help="make a P-256 signing key pair")
+    key.add_argument("--private-key", required=True, type=Path, help="written 0600; never shared")
+    key.add_argument("--public-key", required=True, type=Path, help="give it to the devices")
+    _add_fleet(commands)
+
+
+def _add_publish(commands: Commands) -> None:
     pub = commands.add_parser(
         "publish",
         help="split, sign and publish a model version",
@@ -522,7 +428,7 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     pub.add_argument("--model", required=True, help="the model's name on the devices")
     pub.add_argument("--version", required=True, type=int, help="the version number (>= 1)")
     pub.add_argument("--signing-key", required=True, type=Path, help="P-256 private key (PEM)")
-    _remote(pub)
+    add_remote_arguments(pub)
     pub.add_argument("--no-activate", action="store_true", help="register only, target nothing")
     _where(pub)
     pub.add_argument(
@@ -548,13 +454,40 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     )
     pub.add_argument("--timeout", type=float, default=300.0, help="seconds per call")
 
-    key = commands.add_parser("keygen", help="make a P-256 signing key pair")
-    key.add_argument("--private-key", required=True, type=Path, help="written 0600; never shared")
-    key.add_argument("--public-key", required=True, type=Path, help="give it to the devices")
 
-    fl = commands.add_parser("fleet", help="enroll devices, show and steer rollouts")
-    actions = fl.add_subparsers(dest="action", required=True, metavar="ACTION")
+def _add_fleet(commands: Commands) -> None:
+    actions = add_actions(commands, "fleet", "enroll devices, show and steer rollouts")
+    _add_device_action(actions)
 
+    revoke = actions.add_parser(
+        "revoke-device", help="remove a device: its token is refused from its next request on"
+    )
+    revoke.add_argument("--device-id", required=True, help="the device to revoke")
+    add_remote_arguments(revoke)
+
+    status = actions.add_parser("status", help="devices, their versions, and rollouts")
+    add_remote_arguments(status)
+    status.add_argument(
+        "--rollout", type=int, metavar="ID", help="one rollout, with the list of its devices"
+    )
+
+    target = actions.add_parser("target", help="roll a registered version out")
+    target.add_argument("--model", required=True, help="the model to target")
+    target.add_argument("--version", required=True, type=int, help="its registered version")
+    _where(target)
+    add_remote_arguments(target)
+
+    for action, text in (
+        ("pause", "pause the model's current rollout (no device starts it)"),
+        ("resume", "resume the model's paused rollout"),
+        ("rollback", "roll the model's current rollout back (devices return to the one before)"),
+    ):
+        steer = actions.add_parser(action, help=text, description=text)
+        steer.add_argument("--model", required=True, help="the model whose rollout to steer")
+        add_remote_arguments(steer)
+
+
+def _add_device_action(actions: Commands) -> None:
     add = actions.add_parser(
         "add-device",
         help="enroll a device (on the control plane's host)",
@@ -588,30 +521,3 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         type=Path,
         help="where to write the new device token (must not exist)",
     )
-
-    revoke = actions.add_parser(
-        "revoke-device", help="remove a device: its token is refused from its next request on"
-    )
-    revoke.add_argument("--device-id", required=True, help="the device to revoke")
-    _remote(revoke)
-
-    status = actions.add_parser("status", help="devices, their versions, and rollouts")
-    _remote(status)
-    status.add_argument(
-        "--rollout", type=int, metavar="ID", help="one rollout, with the list of its devices"
-    )
-
-    target = actions.add_parser("target", help="roll a registered version out")
-    target.add_argument("--model", required=True, help="the model to target")
-    target.add_argument("--version", required=True, type=int, help="its registered version")
-    _where(target)
-    _remote(target)
-
-    for action, text in (
-        ("pause", "pause the model's current rollout (no device starts it)"),
-        ("resume", "resume the model's paused rollout"),
-        ("rollback", "roll the model's current rollout back (devices return to the one before)"),
-    ):
-        steer = actions.add_parser(action, help=text, description=text)
-        steer.add_argument("--model", required=True, help="the model whose rollout to steer")
-        _remote(steer)

@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 from google.protobuf import json_format
 
@@ -23,10 +22,18 @@ from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
-from edge_agent.fleet.client import channel_credentials, open_channel, table, upload_chunks
+from edge_agent.fleet.commands import (
+    EXIT_OK,
+    Commands,
+    add_actions,
+    add_remote_arguments,
+    print_json,
+    report_failures,
+    table,
+)
+from edge_agent.fleet.connect import channel_credentials, open_channel, upload_chunks
 from edge_agent.learn.defaults import SERVER_LR_DEFAULTS, TASK_DEFAULTS
 
-EXIT_OK, EXIT_FAILED = 0, 1
 # `learn start`'s flags for LearningSpec fields: (flag, type, help); unset ones take the control
 # plane's defaults (learn/defaults.py), shown in the help.
 SPEC_HELP: tuple[tuple[str, type, str], ...] = (
@@ -150,7 +157,7 @@ def learn(args: argparse.Namespace) -> int:
             if task.notice:
                 print(f"edge-agent learn start: {task.notice}", file=sys.stderr)
             if args.json:
-                print(json_format.MessageToJson(task, preserving_proto_field_name=True))
+                print_json(task)
             else:
                 print(task.id)
             return EXIT_OK
@@ -164,7 +171,7 @@ def learn(args: argparse.Namespace) -> int:
             pb.LearningStatusRequest(task_id=args.task or 0), metadata=meta, timeout=60
         )
     if args.json:
-        print(json_format.MessageToJson(status, preserving_proto_field_name=True))
+        print_json(status)
         return EXIT_OK
     for task in status.tasks:
         print(_task_line(task))
@@ -183,18 +190,19 @@ def learn(args: argparse.Namespace) -> int:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    try:
-        return import_examples(args) if command == "examples" else learn(args)
-    except grpc.RpcError as exc:
-        print(f"edge-agent {command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-    except (EdgeAgentError, OSError, json.JSONDecodeError) as exc:
-        print(f"edge-agent {command}: {exc}", file=sys.stderr)
-    return EXIT_FAILED
+    action = import_examples if command == "examples" else learn
+    return report_failures(
+        command, lambda: action(args), (EdgeAgentError, OSError, json.JSONDecodeError)
+    )
 
 
-def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    examples = commands.add_parser("examples", help="hand an agent labelled examples")
-    actions = examples.add_subparsers(dest="action", required=True, metavar="ACTION")
+def add_arguments(commands: Commands) -> None:
+    _add_examples(commands)
+    _add_learn(commands)
+
+
+def _add_examples(commands: Commands) -> None:
+    actions = add_actions(commands, "examples", "hand an agent labelled examples")
     imp = actions.add_parser(
         "import",
         help="send the examples of an .npz to an agent (SubmitExamples)",
@@ -212,17 +220,15 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
     imp.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS)")
     imp.add_argument("--tls-key", type=Path, help="PEM client key (mTLS)")
 
-    learn_parser = commands.add_parser("learn", help="start, watch and stop learning tasks")
-    steps = learn_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def remote(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--control-plane", required=True, help="HOST:PORT")
-        parser.add_argument("--token-file", required=True, type=Path, help="publisher token")
-        parser.add_argument("--control-plane-ca", type=Path, help="PEM CA: TLS")
-        parser.add_argument("--json", action="store_true", help="print the answer as JSON")
+def _remote(parser: argparse.ArgumentParser) -> None:
+    add_remote_arguments(parser, "HOST:PORT", "publisher token", "PEM CA: TLS")
 
+
+def _add_learn(commands: Commands) -> None:
+    steps = add_actions(commands, "learn", "start, watch and stop learning tasks")
     start = steps.add_parser("start", help="start a learning task; prints its id")
-    remote(start)
+    _remote(start)
     start.add_argument("--model", required=True, help="the model to train")
     start.add_argument("--validation", required=True, type=Path, help=".npz with labels: the gate")
     start.add_argument("--base-version", type=int, help="release to start from (newest)")
@@ -237,5 +243,5 @@ def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore
         start.add_argument(f"--{flag}", type=kind, help=f"{text} ({default})")
     for name in ("status", "stop"):
         step = steps.add_parser(name, help=f"{name} learning tasks")
-        remote(step)
+        _remote(step)
         step.add_argument("--task", type=int, required=name == "stop", help="the task id")

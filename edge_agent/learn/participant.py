@@ -38,7 +38,7 @@ import grpc
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.errors import EdgeAgentError
-from edge_agent.fleet.client import FailoverStub
+from edge_agent.fleet.connect import FailoverStub
 from edge_agent.fleet.release import CHUNK_SIZE
 from edge_agent.learn import cgroup
 from edge_agent.learn.defaults import TASK_DEFAULTS, min_interval

@@ -38,7 +38,7 @@ from edge_agent.common import failpoints
 from edge_agent.common.files import write_atomically
 from edge_agent.errors import ConfigError, DiskFull, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
-from edge_agent.fleet.client import FailoverStub, channel_credentials
+from edge_agent.fleet.connect import FailoverStub, channel_credentials
 from edge_agent.fleet.release import (
     CHUNK_SIZE,
     DEFAULT_VARIANT,
