@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import modelgen
+from edge_agent.common.device_blobs import MAX_CORRUPT_CHUNKS, BandwidthLimit, DeviceBlobs
 from edge_agent.controlplane.blobs import FileBlobStore
 from edge_agent.controlplane.database import PostgresDatabase
 from edge_agent.controlplane.registry import (
@@ -42,7 +43,6 @@ from edge_agent.fleet.release import (
     parse_release,
     variant_dir,
 )
-from edge_agent.sync.store import MAX_CORRUPT_CHUNKS, BandwidthLimit, BlobStore
 
 CHUNK = 1024
 
@@ -250,7 +250,7 @@ def chunks_of(blob: bytes) -> list[str]:
 BLOB = bytes(range(256)) * 20  # 5120 bytes: 5 chunks
 
 
-def download(store: BlobStore, server: FakeServer, blob: bytes = BLOB) -> Path:
+def download(store: DeviceBlobs, server: FakeServer, blob: bytes = BLOB) -> Path:
     return store.download(
         hashlib.sha256(blob).hexdigest(),
         len(blob),
@@ -263,7 +263,7 @@ def download(store: BlobStore, server: FakeServer, blob: bytes = BLOB) -> Path:
 
 
 def test_download_verifies_and_moves_into_the_store(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     server = FakeServer(BLOB)
     path = download(store, server)
     assert path.read_bytes() == BLOB and store.has(hashlib.sha256(BLOB).hexdigest())
@@ -271,7 +271,7 @@ def test_download_verifies_and_moves_into_the_store(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_chunk_is_refetched_alone(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     server = FakeServer(BLOB)
     server.corrupt_at = {3 * CHUNK + 5}
     assert download(store, server).read_bytes() == BLOB
@@ -279,7 +279,7 @@ def test_a_corrupt_chunk_is_refetched_alone(tmp_path: Path) -> None:
 
 
 def test_chunks_that_keep_failing_reject_the_blob(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     server = FakeServer(BLOB)
 
     def always_bad(digest: str, offset: int) -> Iterator[bytes]:
@@ -300,7 +300,7 @@ def test_chunks_that_keep_failing_reject_the_blob(tmp_path: Path) -> None:
 
 
 def test_a_server_sending_too_much_is_cut_off(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     server = FakeServer(BLOB, piece=CHUNK)
     server.extra = b"x" * 100 * CHUNK
     assert download(store, server).read_bytes() == BLOB
@@ -308,7 +308,7 @@ def test_a_server_sending_too_much_is_cut_off(tmp_path: Path) -> None:
 
 
 def test_a_truncated_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     server = FakeServer(BLOB)
     server.truncate_first_at = 2 * CHUNK + 300
     assert download(store, server).read_bytes() == BLOB
@@ -316,7 +316,7 @@ def test_a_truncated_transfer_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 
 def test_a_stream_that_ends_without_data_is_a_transfer_failure(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     server = FakeServer(BLOB)
     server.truncate_first_at = 0
     with pytest.raises(ReleaseRejected) as cut:
@@ -327,12 +327,12 @@ def test_a_stream_that_ends_without_data_is_a_transfer_failure(tmp_path: Path) -
 
 def test_a_partial_file_survives_a_restart(tmp_path: Path) -> None:
     digest = hashlib.sha256(BLOB).hexdigest()
-    BlobStore(tmp_path)  # a previous run made the directories
+    DeviceBlobs(tmp_path)  # a previous run made the directories
     part = tmp_path / "partial" / f"{digest}.part"
     part.write_bytes(BLOB[: 2 * CHUNK] + b"garbage")  # two good chunks, then a torn write
     server = FakeServer(BLOB)
     received: list[int] = []
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     store.download(
         digest, len(BLOB), CHUNK, chunks_of(BLOB), server.fetch, received.append, BandwidthLimit(0)
     )
@@ -346,7 +346,7 @@ def test_a_partial_file_survives_a_restart(tmp_path: Path) -> None:
 
 def test_a_chunk_table_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ReleaseRejected) as bad:
-        BlobStore(tmp_path).download(
+        DeviceBlobs(tmp_path).download(
             "0" * 64,
             len(BLOB),
             CHUNK,
@@ -359,7 +359,7 @@ def test_a_chunk_table_that_does_not_fit_is_refused(tmp_path: Path) -> None:
 
 
 def test_whole_digest_is_checked(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DeviceBlobs(tmp_path)
     with pytest.raises(ReleaseRejected) as bad:
         store.download(
             "f" * 64,
@@ -642,7 +642,7 @@ def test_only_plain_names_and_warmup_files(name: str) -> None:
 
 def test_an_empty_blob_downloads(tmp_path: Path) -> None:
     digest = hashlib.sha256(b"").hexdigest()
-    path = BlobStore(tmp_path).download(
+    path = DeviceBlobs(tmp_path).download(
         digest, 0, CHUNK, [], FakeServer(b"").fetch, lambda n: None, BandwidthLimit(0)
     )
     assert path.read_bytes() == b""

@@ -37,6 +37,7 @@ import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.common.device_blobs import BandwidthLimit, DeviceBlobs
 from edge_agent.errors import EdgeAgentError
 from edge_agent.fleet.connect import FailoverStub
 from edge_agent.fleet.release import CHUNK_SIZE
@@ -48,7 +49,6 @@ from edge_agent.learn.process import WORKER_EXIT_S, Cancelled, Pacing, Worker
 from edge_agent.learn.worker import PAUSED_NS, PAUSES
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository.version import read_variant
-from edge_agent.sync.store import BandwidthLimit, BlobStore
 
 log = get_logger(__name__)
 
@@ -91,7 +91,7 @@ class Participant:
         self,
         stub: pb_grpc.FleetServiceStub | FailoverStub,
         metadata: Sequence[tuple[str, str]],
-        store: BlobStore,
+        blobs: DeviceBlobs,
         examples: ExampleStore,
         repository: Path,
         serving: Callable[[str], int],
@@ -101,7 +101,7 @@ class Participant:
     ) -> None:
         self._stub = stub
         self._meta = metadata
-        self._blobs = store
+        self._blobs = blobs
         self._examples = examples
         self._repository = repository
         self._serving = serving
@@ -268,7 +268,7 @@ class Participant:
             lambda n: None,
             BandwidthLimit(0),
         )
-        # The store keeps one global per task: the one before this is no longer needed.
+        # The device keeps one global per task: the one before this is no longer needed.
         previous = self._globals.get(task.task_id)
         if previous not in (None, ref.digest):
             self._blobs.discard([previous])

@@ -1,2 +1,3 @@
 """The agent's weight sync: long-poll the control plane, fetch what is missing, verify, install
-through the lifecycle's hot-swap path, report (syncer.py); blobs on disk with resume (store.py)."""
+through the lifecycle's hot-swap path, report (syncer.py); the blobs it downloads live in
+common/device_blobs.py, shared with local training."""

@@ -35,6 +35,7 @@ import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.common import failpoints
+from edge_agent.common.device_blobs import BandwidthLimit, DeviceBlobs
 from edge_agent.common.files import write_atomically
 from edge_agent.errors import ConfigError, DiskFull, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import auth, signing
@@ -58,7 +59,6 @@ from edge_agent.repository.lifecycle import ModelManager
 from edge_agent.repository.version import read_variant
 from edge_agent.runtime.session import likely_provider
 from edge_agent.settings import Settings
-from edge_agent.sync.store import BandwidthLimit, BlobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -166,7 +166,7 @@ class Syncer:
         # What a cut left: an assembled copy (made again from the store) and blobs no pending
         # release needs (an install recorded just before the cut, a release no longer wanted).
         shutil.rmtree(self._root / STAGING, ignore_errors=True)
-        self._store = BlobStore(self._root)
+        self._store = DeviceBlobs(self._root)
         self._state = SyncState(self._root / STATE_FILE)
         freed = self._store.retain(self._state.needed())
         if freed:
@@ -607,8 +607,8 @@ class Syncer:
 
 
 class _Pieces:
-    """A GetBlob call as an iterator of bytes that can be cancelled (store.py cuts a server off
-    at the declared size)."""
+    """A GetBlob call as an iterator of bytes that can be cancelled (common/device_blobs.py cuts a
+    server off at the declared size)."""
 
     def __init__(self, call: Any) -> None:
         self._call = call

@@ -1,4 +1,6 @@
-"""The device's content-addressed blob store, with downloads that resume.
+"""The device's content-addressed blobs, with downloads that resume: what the sync fetches for a
+release (sync/) and what local training fetches for a task's global weights (learn/), below both.
+(The control plane's store of published blobs is another thing: controlplane/blobs.py.)
 
     STATE_DIR/sync/blobs/<sha256>          complete, verified blobs
     STATE_DIR/sync/partial/<sha256>.part   a download in progress: verified chunks only
@@ -8,7 +10,7 @@ prefix of good chunks; after a restart it is re-checked (pages not yet on disk a
 back as zeros) and the download resumes at the first bad or missing chunk. A corrupt chunk is
 refetched alone, never the file. The server is cut off at the declared size, whatever it sends.
 
-The store holds only what is still to be installed: the sync discards a release's blobs once it
+The device keeps only what is still to be installed: the sync discards a release's blobs once it
 is in the repository, and `retain` (at start and after each install) drops every blob and partial
 download that no pending release and no running training needs (`hold`).
 """
@@ -49,7 +51,9 @@ class BandwidthLimit:
             self._sleep(ahead)
 
 
-class BlobStore:
+class DeviceBlobs:
+    """The blobs on this device (`root`/blobs) and the downloads in progress (`root`/partial)."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.blobs = root / "blobs"
@@ -86,7 +90,7 @@ class BlobStore:
 
     def retain(self, needed: Iterable[str]) -> int:
         """Remove every blob and partial download not in `needed` and not held; the bytes freed.
-        Anything else found in the store's folders (a temporary file of a cut write) goes too."""
+        Anything else found in its folders (a temporary file of a cut write) goes too."""
         with self._lock:
             keep = {*needed, *self._held}
         freed = 0
@@ -124,9 +128,10 @@ class BlobStore:
         received: Callable[[int], None],
         limit: BandwidthLimit,
     ) -> Path:
-        """Fetch the blob (resuming a partial download) and move it into the store. Raises
-        ReleaseRejected("digest") when chunks keep arriving corrupt or the whole does not match;
-        transport errors (grpc.RpcError) pass through with the good prefix kept for next time."""
+        """Fetch the blob (resuming a partial download) and move it among the complete blobs.
+        Raises ReleaseRejected("digest") when chunks keep arriving corrupt or the whole does not
+        match; transport errors (grpc.RpcError) pass through with the good prefix kept for next
+        time."""
         if chunk_size <= 0 or len(chunks) != -(-size // chunk_size):
             raise ReleaseRejected("format", f"blob {digest}: chunk table does not fit its size")
         part = self.partial / f"{digest}.part"
