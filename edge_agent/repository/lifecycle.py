@@ -1,20 +1,25 @@
 """Model lifecycle: load, reload, unload, roll back and poll, without failing a request.
 
-Every operation on a model holds that model's lock and runs on the event loop; building a version
-(ORT session, warmup, golden check) runs on the one loader thread, so loads never run in
-parallel with each other and never on the serving path. A built version becomes current in one
-synchronous step of the loop (see registry.py); the versions it replaces stop taking requests in
-that same step and are released once their admitted requests have finished.
+ModelManager is the one object the agent, its front ends and the sync hold to change which model
+versions serve. It parses what is asked, holds the model's lock for every operation (each runs on
+the event loop, to its end even when the caller goes away) and drives the modules that do the
+work: swap.py (build, activate, retire, release; the swap policies), push.py (pushed files),
+rollback.py (withdrawn versions, persisted), poll.py (poll mode).
 
-Swap policies:
-- overlap (default): the new version is built while the old one serves; both are loaded briefly.
-- drain_first: for devices that cannot hold two copies. New requests wait (bounded by the model's
-  queue size, and by their deadlines) while the old version drains and is released and the new
-  one loads; callers see a pause, not an error. If the new version fails, the old one is rebuilt.
-
-Each swap logs `model.swapped` with its pause and the process's peak resident memory during it
-(the same numbers are metrics); each failure logs `model.load_failed` with its reason, which also
-stays in RepositoryIndex and the model's per-version health entry.
+Words, each with one meaning here and in those modules:
+- stage: write files into a staging directory on the repository's filesystem (staging.py): the
+  inline files of a RepositoryModelLoad, or the directory of a release the sync assembled.
+- build: make a ModelVersion from a version directory (sessions, warmup, golden check;
+  version.py), on the one loader thread, off the serving path.
+- install: move staged version directories into the repository, fsynced, by rename
+  (staging.install). An installed version directory is never changed in place.
+- activate: make built versions the ones that serve, in one synchronous step of the event loop
+  (swap.py). The versions they replace are retired in that same step (they take no new request)
+  and released once their admitted requests have finished.
+- load: bring a model to what its files and version policy say: build what changed, activate it,
+  retire the rest. A push (files given with a load, or a synced release: `load_release`) is
+  staged, built and installed first, and the load then activates the versions it built.
+- withdraw: a rolled-back version stays on disk and does not serve (rollback.py).
 """
 
 from __future__ import annotations
@@ -23,58 +28,40 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import time
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
 
 from google.protobuf import json_format, text_format
 
 from edge_agent._proto import model_config_pb2 as mc
-from edge_agent.common import failpoints
-from edge_agent.common.files import write_atomically
 from edge_agent.errors import (
-    DiskFull,
     EdgeAgentError,
-    FailedPrecondition,
     InvalidArgument,
     ModelLoadError,
     NotFound,
     Unavailable,
 )
-from edge_agent.observability import memory
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
 from edge_agent.repository import staging
+from edge_agent.repository.poll import RepositoryPoller
+from edge_agent.repository.push import Pusher
 from edge_agent.repository.registry import (
-    LOADING,
     READY,
     UNAVAILABLE,
-    UNLOADING,
     ModelEntry,
     ModelRegistry,
     VersionState,
 )
-from edge_agent.repository.scan import (
-    FileList,
-    ModelFiles,
-    StabilityTracker,
-    model_dirs,
-    scan_model,
-    scan_repository,
-)
-from edge_agent.repository.version import ModelVersion, build_version
-from edge_agent.runtime.priority import Priority
+from edge_agent.repository.rollback import Rollbacks
+from edge_agent.repository.scan import ModelFiles, model_dirs, scan_model, scan_repository
+from edge_agent.repository.swap import Prebuilt, Swapper, plan_swap
+from edge_agent.repository.version import ModelVersion, Source
 from edge_agent.settings import SWAP_POLICIES, Settings
 
 log = get_logger(__name__)
 
-T = TypeVar("T")
-# A version built ahead of its load: the model, the files and the config it was built from.
-Prebuilt = tuple[ModelVersion, FileList, tuple[mc.ModelConfig, bool]]
 ROLLBACK_PARAMETER = "rollback"
-STATE_FILE = "lifecycle.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,24 +96,28 @@ def config_from_json(text: str, model: str) -> tuple[mc.ModelConfig, bool, str]:
 
 
 class ModelManager:
+    """Every change to which versions of a model serve (see the module doc)."""
+
     def __init__(self, settings: Settings, registry: ModelRegistry) -> None:
         self._settings = settings
         self._repository = settings.model_repository
         self._registry = registry
-        # One loader thread, at a lower CPU priority than serving (runtime/priority.py).
-        self._priority = Priority(settings.loader_nice)
-        self._loader = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="model-loader",
-            initializer=self._priority.lower_this_thread,
-        )
         self._locks: dict[str, asyncio.Lock] = {}
         self._listeners: list[Callable[[], Awaitable[None]]] = []
-        self._poll_task: asyncio.Task[None] | None = None
-        self._operations: set[asyncio.Future[None]] = set()  # detached load / unload / rollback
-        self._overrides: dict[str, tuple[mc.ModelConfig, bool]] = {}  # in-memory config params
-        self._state_path = settings.state_dir / STATE_FILE if settings.state_dir else None
-        self._withdrawn = self._read_state()
+        self._operations: set[asyncio.Future[None]] = set()  # detached operations
+        self._overrides: dict[str, Source] = {}  # in-memory config parameters, by model
+        self._swaps = Swapper(settings, self._changed)
+        self._pusher = Pusher(self._repository, registry, self._swaps)
+        self._rollbacks = Rollbacks(
+            settings.state_dir, self._repository, registry, self._swaps, self._load
+        )
+        self._poller = RepositoryPoller(
+            self._repository,
+            registry,
+            lambda: self._settings.repository_poll_secs,
+            self._reload,
+            self._drop_if_gone,
+        )
 
     @property
     def repository(self) -> Path:
@@ -146,15 +137,12 @@ class ModelManager:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _in_loader(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
-
     # -- start and stop -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """The loads at start, by mode; then polling in poll mode."""
-        if not self._priority.enabled:
-            reason = self._priority.disabled_reason
+        if not self._swaps.priority.enabled:
+            reason = self._swaps.priority.disabled_reason
             log.warning("lifecycle.loader_priority_unchanged", reason=reason)
         staging.clean_staging(self._repository)
         first_scan = await asyncio.to_thread(scan_repository, self._repository)
@@ -170,15 +158,12 @@ class ModelManager:
             except EdgeAgentError:
                 pass  # recorded and logged; the other models go on
         if self.mode == "poll":
-            self._poll_task = asyncio.create_task(self._poll(first_scan), name="repository-poll")
+            self._poller.start(first_scan)
 
     async def stop(self) -> None:
         """Stop polling (a load in progress finishes on its thread, unused)."""
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poll_task
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        await self._poller.stop()
+        self._swaps.shutdown()
 
     # -- the operations -------------------------------------------------------------------------
 
@@ -191,8 +176,9 @@ class ModelManager:
         await asyncio.shield(task)
 
     async def load(self, name: str, request: LoadRequest, at_start: bool = False) -> None:
-        """Load or reload `name` from the repository (or from pushed files, or roll it back).
-        Raises the reason when the model or a version it should serve failed to load."""
+        """Load or reload `name` from the repository (or from pushed files, or roll it back:
+        the newest version older than the one serving serves, and that one is withdrawn until an
+        explicit load). Raises the reason when the model or a version it should serve failed."""
         await self._detached(self._load_request(name, request, at_start))
 
     async def _load_request(self, name: str, request: LoadRequest, at_start: bool) -> None:
@@ -200,43 +186,46 @@ class ModelManager:
         if request.rollback:
             if request.files or request.config_json:
                 raise InvalidArgument("'rollback' cannot be combined with 'config' or files")
-            await self._rollback(name)
+            async with self._lock(name):
+                await self._rollbacks.roll_back(name)
             return
         if self.mode != "explicit" and not at_start:
             raise Unavailable(
                 f"explicit model load / unload is not allowed in model control mode "
                 f"'{self.mode}' (start the agent with --model-control-mode explicit)"
             )
-        override = None
+        override: Source | None = None
         config_text = None
         if request.config_json is not None:
             config, batch_given, config_text = config_from_json(request.config_json, name)
             override = (config, batch_given)
         async with self._lock(name):
-            entry = self._registry.find(name)
-            if entry is not None and entry.withdrawn:  # an explicit load undoes a rollback
-                entry.withdrawn.clear()
-                self._write_state()
+            self._rollbacks.undo(name)
             prebuilt: dict[int, Prebuilt] = {}
             if request.files:
-                files = request.files
-                prebuilt = await self._push(
-                    name,
-                    lambda: staging.stage(self._repository, name, files, config_text),
-                    sorted(files),
-                    ["config.pbtxt"] if config_text is not None else [],
-                    sum(len(c) for f in files.values() for c in f.values()),
-                )
-                self._overrides.pop(name, None)  # the config is now config.pbtxt
-            elif override is not None:
-                self._overrides[name] = override
-            else:
+                prebuilt = await self._push_files(name, request.files, config_text)
+                override = None  # the config is config.pbtxt now
+            if override is None:
                 self._overrides.pop(name, None)
+            else:
+                self._overrides[name] = override
             if not (self._repository / name).is_dir():
                 self._registry.remove(name)
                 await self._close_unused(name, prebuilt)
                 raise NotFound(f"no model '{name}' in the repository")
             await self._load_prebuilt(name, prebuilt)
+
+    async def _push_files(
+        self, name: str, files: Mapping[int, Mapping[str, bytes]], config_text: str | None
+    ) -> dict[int, Prebuilt]:
+        """A load's inline files (and its config, as config.pbtxt) staged, built, installed."""
+        return await self._pusher.push(
+            name,
+            lambda: staging.stage(self._repository, name, files, config_text),
+            sorted(files),
+            ["config.pbtxt"] if config_text is not None else [],
+            sum(len(content) for each in files.values() for content in each.values()),
+        )
 
     async def unload(self, name: str) -> None:
         await self._detached(self._unload_request(name))
@@ -253,97 +242,45 @@ class ModelManager:
                 if (self._repository / name).is_dir():
                     return  # known, not loaded: nothing to do
                 raise NotFound(f"no model '{name}' in the repository")
-            await self._unload(entry, "unloaded")
+            await self._swaps.unload(entry, "unloaded")
 
-    async def rollback(self, name: str) -> None:
-        """Serve the newest version older than the one serving now, through the same swap path.
-        The rolled-back version is withdrawn (persisted with --state-dir) until an explicit load
-        of the model or a newer version on disk."""
-        await self._detached(self._rollback(name))
+    async def load_release(self, name: str, version: int, directory: Path) -> None:
+        """Serve `directory` (a release's verified files, assembled by the sync, which gives
+        them up) as `version` of `name`: staged, built, warmed and checked there, installed,
+        then loaded. Allowed in every model control mode."""
+        await self._detached(self._load_release(name, version, directory))
 
-    async def _rollback(self, name: str) -> None:
-        async with self._lock(name):
-            entry = self._registry.find(name)
-            ready = entry.ready_versions() if entry is not None else []
-            if entry is None or not ready:
-                raise FailedPrecondition(f"model '{name}' serves no version to roll back from")
-            current = ready[-1].version
-            on_disk = scan_model(self._repository / name).versions
-            earlier = [v for v in on_disk if v < current and v not in entry.withdrawn]
-            if not earlier:
-                raise FailedPrecondition(
-                    f"model '{name}' has no version older than {current} on disk to roll back to"
-                )
-            entry.withdrawn.add(current)
-            await self._in_loader(
-                staging.restore_model_files, self._repository / name, max(earlier)
-            )
-            try:
-                await self._load(name)
-            finally:
-                if entry.versions.get(current) and entry.versions[current].state == READY:
-                    entry.withdrawn.discard(current)  # the rollback failed: it still serves
-                    await self._in_loader(
-                        staging.restore_model_files, self._repository / name, current
-                    )
-            self._write_state()
-            log.info("model.rolled_back", model=name, from_version=current)
-
-    async def install(self, name: str, version: int, source: Path) -> None:
-        """Install `source` (a directory of verified files, the sync's) as `version` of `name`
-        through the push path: copied to staging, built, warmed and checked there, installed by
-        rename, then swapped in. Allowed in every model control mode."""
-        await self._detached(self._install_from(name, version, source))
-
-    async def _install_from(self, name: str, version: int, source: Path) -> None:
+    async def _load_release(self, name: str, version: int, directory: Path) -> None:
         staging.check_model_name(name)
         async with self._lock(name):
             # A release that carries the model's config.pbtxt / warmup/ installs them too.
-            prebuilt = await self._push(
+            prebuilt = await self._pusher.push(
                 name,
-                lambda: staging.stage_directory(self._repository, name, version, source),
+                lambda: staging.stage_directory(self._repository, name, version, directory),
                 [version],
-                staging.model_files_of(source),
-                staging.tree_size(source),
+                staging.model_files_of(directory),
+                staging.tree_size(directory),
             )
             self._registry.ensure(name).withdrawn.discard(version)
             await self._load_prebuilt(name, prebuilt)
-            self._write_state()
+            self._rollbacks.save()
 
     async def adopt(self, name: str, version: int) -> None:
         """Serve `version`, already in the repository with the files its installer checked (an
-        install cut off between the rename and its record), as `install` would have: its own
-        config.pbtxt / warmup/, not withdrawn, loaded by the model's version policy."""
-        await self._detached(self._adopt(name, version))
-
-    async def _adopt(self, name: str, version: int) -> None:
+        install cut off between the rename and its record), as `load_release` would have: its
+        own config.pbtxt / warmup/, not withdrawn, loaded by the model's version policy."""
         staging.check_model_name(name)
-        async with self._lock(name):
-            if not (self._repository / name / str(version)).is_dir():
-                raise NotFound(f"model '{name}' has no version {version} on disk")
-            self._registry.ensure(name).withdrawn.discard(version)
-            self._withdrawn.get(name, set()).discard(version)
-            await self._in_loader(staging.restore_model_files, self._repository / name, version)
-            await self._load(name)
-            self._write_state()
+        await self._detached(self._locked(name, self._rollbacks.adopt(name, version)))
 
     async def serve_only_up_to(self, name: str, version: int) -> None:
         """Serve `version` (on disk already) as the newest: newer versions on disk are withdrawn
         (a rollback, persisted), this one and older ones are not. Allowed in every mode."""
-        await self._detached(self._serve_only_up_to(name, version))
-
-    async def _serve_only_up_to(self, name: str, version: int) -> None:
         staging.check_model_name(name)
+        await self._detached(self._locked(name, self._rollbacks.serve_only_up_to(name, version)))
+
+    async def _locked(self, name: str, operation: Awaitable[None]) -> None:
         async with self._lock(name):
-            on_disk = (await asyncio.to_thread(scan_model, self._repository / name)).versions
-            if version not in on_disk:
-                raise NotFound(f"model '{name}' has no version {version} on disk")
-            entry = self._registry.ensure(name)
-            entry.withdrawn = {v for v in on_disk if v > version}
-            self._withdrawn.pop(name, None)
-            await self._in_loader(staging.restore_model_files, self._repository / name, version)
-            await self._load(name)
-            self._write_state()
+            await operation
 
     async def reconfigure(self, settings: Settings, rebuild: bool) -> None:
         """New settings (a SIGHUP reload): reload every model on disk through the hot-swap path,
@@ -351,16 +288,16 @@ class ModelManager:
         Versions whose files and config did not change are kept unless `rebuild` (settings that
         builds read changed)."""
         self._settings = settings
+        self._swaps.settings = settings
         on_disk = await asyncio.to_thread(model_dirs, self._repository)
         loaded = {e.name for e in self._registry.entries() if e.ready_versions()}
         names = loaded if self.mode == "explicit" else set(on_disk) | loaded
         for name in sorted(names):
-            async with self._lock(name):
-                if name not in on_disk:
+            if name in on_disk:
+                await self._reload(name, force=rebuild)
+            else:
+                async with self._lock(name):
                     await self._drop(name)
-                    continue
-                with contextlib.suppress(EdgeAgentError):  # recorded and logged
-                    await self._load(name, force=rebuild)
         await self._changed()
 
     def activity(self) -> tuple[int, int]:
@@ -374,6 +311,25 @@ class ModelManager:
         return ready[-1].version if ready else 0
 
     # -- loading --------------------------------------------------------------------------------
+
+    async def _reload(self, name: str, force: bool = False) -> None:
+        """Load the model again; a failure is recorded and logged, and the other models go on."""
+        async with self._lock(name):
+            with contextlib.suppress(EdgeAgentError):
+                await self._load(name, force=force)
+
+    async def _drop_if_gone(self, name: str) -> None:
+        async with self._lock(name):
+            if name not in model_dirs(self._repository):
+                await self._drop(name)
+
+    async def _drop(self, name: str) -> None:
+        """The model's directory is gone: unload it and forget it (caller holds its lock)."""
+        entry = self._registry.find(name)
+        if entry is not None:
+            await self._swaps.unload(entry, "unloaded: removed from the repository")
+            self._registry.remove(name)
+            await self._changed()
 
     async def _load_prebuilt(self, name: str, prebuilt: Mapping[int, Prebuilt]) -> None:
         """`_load` offered versions built ahead; those it did not take are closed."""
@@ -397,66 +353,61 @@ class ModelManager:
         """Bring the model to what its files and version policy say, swapping atomically.
         `prebuilt`: versions already built from exactly these files (pushed ones). `force`:
         rebuild even unchanged versions (the settings they were built with changed)."""
-        model_dir = self._repository / name
         entry = self._registry.ensure(name)
-        entry.withdrawn |= self._withdrawn.pop(name, set())
-        files = await asyncio.to_thread(scan_model, model_dir)
+        entry.withdrawn |= self._rollbacks.take_persisted(name)
+        files = await asyncio.to_thread(scan_model, self._repository / name)
         try:
-            if name in self._overrides:
-                config, batch_given = self._overrides[name]
-            else:
-                config, batch_given = cfg.read_config(model_dir)
-            policy = self._swap_policy(config)
-            available = [v for v in files.versions if v not in entry.withdrawn]
-            chosen, absent = cfg.select_versions(config, available)
-            if not chosen and not absent:
-                raise ModelLoadError(
-                    f"no version directories (expected {name}/<number>/"
-                    f"{config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME})"
-                )
+            source, policy, chosen, absent = self._select(entry, files)
         except ModelLoadError as exc:
             entry.error, entry.applied = str(exc), files
-            self._failed(entry, None, str(exc))
+            self._swaps.failed(entry, None, str(exc))
             await self._changed()
             raise
         entry.error = ""
         entry.applied = files
-        source = (config, batch_given)
-        rebuild = [
-            v
-            for v in chosen
-            if force
-            or not (
-                v in entry.versions
-                and entry.versions[v].state == READY
-                and entry.versions[v].files == files.version(v)
-                and entry.versions[v].source == source
-            )
+        plan = plan_swap(entry, source, files, chosen, prebuilt or {}, force)
+        await self._swaps.swap(entry, plan, policy)
+        self._mark_unserved(entry, absent)
+        await self._changed()
+        failures = [
+            f"version {v}: {entry.versions[v].reason}"
+            for v in [*plan.rebuild, *absent]
+            if entry.versions[v].state != READY or entry.versions[v].reason
         ]
-        reuse = {
-            v: model
-            for v, (model, built_files, built_source) in (prebuilt or {}).items()
-            if v in rebuild and built_files == files.version(v) and built_source == source
-        }
-        if rebuild and policy == "drain_first" and entry.ready_versions():
-            await self._swap_drain_first(entry, source, files, chosen, rebuild, reuse)
+        if failures:
+            raise ModelLoadError(f"failed to load '{name}': " + "; ".join(failures))
+
+    def _select(
+        self, entry: ModelEntry, files: ModelFiles
+    ) -> tuple[Source, str, list[int], list[int]]:
+        """(the config, the swap policy, the versions the version policy chooses among those
+        on disk and not withdrawn, those it names that have no directory); raises
+        ModelLoadError."""
+        if entry.name in self._overrides:
+            source = self._overrides[entry.name]
         else:
-            await self._swap_overlap(entry, source, files, chosen, rebuild, reuse)
+            source = cfg.read_config(self._repository / entry.name)
+        config = source[0]
+        policy = self._swap_policy(config)
+        available = [v for v in files.versions if v not in entry.withdrawn]
+        chosen, absent = cfg.select_versions(config, available)
+        if not chosen and not absent:
+            raise ModelLoadError(
+                f"no version directories (expected {entry.name}/<number>/"
+                f"{config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME})"
+            )
+        return source, policy, chosen, absent
+
+    def _mark_unserved(self, entry: ModelEntry, absent: list[int]) -> None:
+        """Say why the withdrawn versions and the missing ones named by the policy do not
+        serve."""
         for version in entry.withdrawn & set(entry.versions):
             if entry.versions[version].state == UNAVAILABLE:
                 entry.versions[version].reason = "rolled back"
         for version in absent:
             reason = "version_policy names this version; its directory is missing"
             entry.versions[version] = VersionState(version, UNAVAILABLE, reason)
-            self._failed(entry, version, reason)
-        await self._changed()
-        failures = [
-            f"version {v}: {entry.versions[v].reason}"
-            for v in [*rebuild, *absent]
-            if entry.versions[v].state != READY or entry.versions[v].reason
-        ]
-        if failures:
-            raise ModelLoadError(f"failed to load '{name}': " + "; ".join(failures))
+            self._swaps.failed(entry, version, reason)
 
     def _swap_policy(self, config: mc.ModelConfig) -> str:
         value = self._settings.swap_policy
@@ -465,331 +416,3 @@ class ModelManager:
         if value not in SWAP_POLICIES:
             raise ModelLoadError(f"config.pbtxt parameters: swap_policy {value!r}: {SWAP_POLICIES}")
         return value
-
-    async def _build(
-        self,
-        entry: ModelEntry,
-        source: tuple[mc.ModelConfig, bool],
-        versions: list[int],
-        model_dir: Path | None = None,
-        reuse: Mapping[int, ModelVersion] | None = None,
-    ) -> dict[int, ModelVersion | str]:
-        """Build each version on the loader thread: a ModelVersion, or the reason it failed."""
-        model_dir = model_dir or self._repository / entry.name
-        results: dict[int, ModelVersion | str] = {}
-        for version in versions:
-            if reuse and version in reuse:
-                results[version] = reuse[version]
-                continue
-            if version not in entry.versions or entry.versions[version].state != READY:
-                entry.versions[version] = VersionState(version, LOADING)
-                await self._changed()
-            started = time.monotonic()
-            try:
-                built = await self._in_loader(
-                    build_version,
-                    model_dir,
-                    version,
-                    source[0],
-                    source[1],
-                    self._settings,
-                    self._priority,
-                    any(v.state == READY for v in entry.versions.values()),
-                )
-            except ModelLoadError as exc:
-                results[version] = str(exc)
-                continue
-            except Exception as exc:  # a bug or an ORT surprise must not stop the others
-                log.exception("model.load_error", model=entry.name, version=version)
-                results[version] = f"unexpected error: {exc!r}"
-                continue
-            results[version] = built
-            log.info(
-                "model.loaded",
-                model=entry.name,
-                version=version,
-                provider=built.provider,
-                max_batch_size=built.max_batch_size,
-                instances=cfg.instance_count(built.config),
-                inline=built.scheduler.policy.inline,
-                intra_op_threads=built.intra_op_threads,
-                execution=built.execution_mode,
-                warmup_runs=built.warmup_runs,
-                seconds=round(time.monotonic() - started, 3),
-            )
-        return results
-
-    def _install(
-        self,
-        entry: ModelEntry,
-        source: tuple[mc.ModelConfig, bool],
-        files: ModelFiles,
-        results: Mapping[int, ModelVersion | str],
-    ) -> list[ModelVersion]:
-        """One synchronous step: built versions serve, failed ones are recorded. Returns the
-        models this replaced (same version numbers), to be released."""
-        replaced = []
-        for version, result in results.items():
-            state = entry.versions.get(version)
-            if isinstance(result, str):
-                if state is not None and state.state == READY:
-                    state.reason = f"reload failed, the previous build serves: {result}"
-                else:
-                    entry.versions[version] = VersionState(version, UNAVAILABLE, result)
-                self._failed(entry, version, result)
-                continue
-            if state is not None and state.model is not None:
-                replaced.append(state.model)
-            entry.versions[version] = VersionState(
-                version, READY, model=result, files=files.version(version), source=source
-            )
-        return replaced
-
-    def _retire(self, entry: ModelEntry, versions: list[int], reason: str) -> list[VersionState]:
-        """One synchronous step: these versions stop taking requests."""
-        retired = []
-        for version in versions:
-            state = entry.versions[version]
-            if state.state == READY:
-                state.state, state.reason = UNLOADING, reason
-                retired.append(state)
-        return retired
-
-    async def _release(self, retiring: list[VersionState], replaced: list[ModelVersion]) -> None:
-        """Wait for the retired versions' admitted requests, then free them."""
-        await asyncio.gather(
-            *(s.model.close() for s in retiring if s.model is not None),
-            *(m.close() for m in replaced),
-        )
-        for state in retiring:
-            if state.state == UNLOADING:
-                state.state, state.model = UNAVAILABLE, None
-
-    @staticmethod
-    def _swap_start(entry: ModelEntry) -> tuple[list[int], float, int]:
-        """(versions serving, start time, resident memory) of a swap; its memory peak starts."""
-        memory.reset_peak()
-        return [m.version for m in entry.ready_versions()], time.monotonic(), memory.rss_bytes()
-
-    async def _swap_overlap(
-        self,
-        entry: ModelEntry,
-        source: tuple[mc.ModelConfig, bool],
-        files: ModelFiles,
-        chosen: list[int],
-        rebuild: list[int],
-        reuse: Mapping[int, ModelVersion],
-    ) -> None:
-        before, started, rss_before = self._swap_start(entry)
-        results = await self._build(entry, source, rebuild, reuse=reuse)
-        # The step: new versions serve and the unchosen stop, together, or nothing retires.
-        replaced = self._install(entry, source, files, results)
-        retiring: list[VersionState] = []
-        if any(entry.versions[v].state == READY for v in chosen):
-            unchosen = [s.version for s in entry.states() if s.version not in chosen]
-            retiring = self._retire(entry, unchosen, "unloaded: replaced by a newer version")
-        await self._changed()
-        await self._release(retiring, replaced)
-        changed = replaced or retiring or any(isinstance(r, ModelVersion) for r in results.values())
-        if before and changed:  # a first load is no swap
-            self._swapped(entry, "overlap", before, 0.0, started, rss_before)
-
-    async def _swap_drain_first(
-        self,
-        entry: ModelEntry,
-        source: tuple[mc.ModelConfig, bool],
-        files: ModelFiles,
-        chosen: list[int],
-        rebuild: list[int],
-        reuse: Mapping[int, ModelVersion],
-    ) -> None:
-        before, started, rss_before = self._swap_start(entry)
-        serving = entry.ready_versions()
-        entry.gate = asyncio.Event()
-        entry.gate_limit = max(
-            level.max_queue_size for m in serving for level in m.scheduler.policy.levels
-        )
-        try:
-            old = {
-                s.version: (s.source, s.files)
-                for s in entry.states()
-                if s.state == READY and (s.version not in chosen or s.version in rebuild)
-            }
-            retiring = self._retire(entry, list(old), "unloaded: replaced (drain_first)")
-            await self._changed()
-            await self._release(retiring, [])
-            results = await self._build(entry, source, rebuild, reuse=reuse)
-            self._install(entry, source, files, results)
-            restored = not any(entry.versions[v].state == READY for v in chosen)
-            if restored:
-                # Nothing new serves: bring the old versions back, each as it was built.
-                log.warning("model.swap_restoring", model=entry.name, versions=sorted(old))
-                for version, (old_source, old_files) in old.items():
-                    if old_source is None:
-                        continue
-                    rebuilt = await self._build(entry, old_source, [version])
-                    self._install(entry, old_source, ModelFiles((), {version: old_files}), rebuilt)
-        finally:
-            entry.gate.set()
-            entry.gate = None
-        pause = time.monotonic() - started
-        self._swapped(entry, "drain_first", before, pause, started, rss_before, restored)
-
-    def _swapped(
-        self,
-        entry: ModelEntry,
-        policy: str,
-        before: list[int],
-        pause: float,
-        started: float,
-        rss_before: int,
-        restored: bool = False,
-    ) -> None:
-        """Report a swap (or, `restored`, a drain_first swap that failed and brought the old
-        versions back: requests paused all the same, but nothing was swapped)."""
-        peak = memory.peak_rss_bytes()
-        life = entry.lifecycle
-        if not restored:
-            life.swaps[policy] = life.swaps.get(policy, 0) + 1
-        life.last_pause_s, life.last_peak_rss_bytes = pause, peak
-        log.info(
-            "model.swap_restored" if restored else "model.swapped",
-            model=entry.name,
-            policy=policy,
-            versions_before=before,
-            versions=[m.version for m in entry.ready_versions()],
-            pause_seconds=round(pause, 4),
-            peak_rss_bytes=peak,
-            rss_before_bytes=rss_before,
-            seconds=round(time.monotonic() - started, 3),
-        )
-
-    def _failed(self, entry: ModelEntry, version: int | None, reason: str) -> None:
-        entry.lifecycle.load_failures += 1
-        log.error("model.load_failed", model=entry.name, version=version, reason=reason)
-
-    async def _unload(self, entry: ModelEntry, reason: str) -> None:
-        retiring = self._retire(entry, [s.version for s in entry.states()], reason)
-        await self._changed()
-        await self._release(retiring, [])
-        for state in retiring:
-            state.reason = reason
-        log.info("model.unloaded", model=entry.name, versions=[s.version for s in retiring])
-        await self._changed()
-
-    async def _push(
-        self,
-        name: str,
-        stage: Callable[[], Path],
-        versions: list[int],
-        model_files: list[str],
-        size: int,
-    ) -> dict[int, Prebuilt]:
-        """Stage the files (`stage` writes them, `size` bytes, to a staging model directory),
-        build every staged version from there (it must load, warm and pass its golden check),
-        then install them into the repository. Returns the built versions, which serve as they
-        are when the load that follows selects them."""
-        try:
-            staged = await self._in_loader(stage)
-        except OSError as exc:
-            if DiskFull.caused(exc):
-                raise DiskFull(self._repository, size, f"staging '{name}'") from exc
-            raise FailedPrecondition(f"cannot write to the model repository: {exc}") from exc
-        try:
-            config, batch_given = await asyncio.to_thread(cfg.read_config, staged)
-            trial = self._registry.find(name) or ModelEntry(name)
-            probe = ModelEntry(name, lifecycle=trial.lifecycle)
-            results = await self._build(probe, (config, batch_given), versions, staged)
-            staged_files = await asyncio.to_thread(scan_model, staged)
-            built = {
-                v: (r, staged_files.version(v), (config, batch_given))
-                for v, r in results.items()
-                if isinstance(r, ModelVersion)
-            }
-            failed = {v: r for v, r in results.items() if isinstance(r, str)}
-            if failed:
-                for model, _, _ in built.values():
-                    await model.close()
-                for version, reason in failed.items():
-                    self._failed(trial, version, reason)
-                raise ModelLoadError(
-                    f"failed to load '{name}' from the pushed files: "
-                    + "; ".join(f"version {v}: {r}" for v, r in sorted(failed.items()))
-                )
-            try:
-                await self._in_loader(failpoints.reach, "install.staged")
-                await self._in_loader(
-                    staging.install, staged, self._repository, versions, model_files
-                )
-                await self._in_loader(failpoints.reach, "install.renamed")
-            except OSError as exc:
-                for model, _, _ in built.values():
-                    await model.close()
-                if DiskFull.caused(exc):
-                    raise DiskFull(self._repository, size, f"installing '{name}'") from exc
-                raise FailedPrecondition(
-                    f"cannot install into the model repository: {exc}"
-                ) from exc
-        finally:
-            await asyncio.to_thread(staging.discard, staged)
-        log.info("model.files_installed", model=name, versions=versions)
-        return built
-
-    # -- poll mode ------------------------------------------------------------------------------
-
-    async def _poll(self, first_scan: Mapping[str, ModelFiles]) -> None:
-        tracker = StabilityTracker(first_scan)
-        while True:
-            await asyncio.sleep(self._settings.repository_poll_secs)
-            try:
-                await self.poll_once(tracker)
-            except Exception:  # one bad scan must not end polling
-                log.exception("repository.poll_failed")
-
-    async def poll_once(self, tracker: StabilityTracker) -> None:
-        scan = await asyncio.to_thread(scan_repository, self._repository)
-        applied = {e.name: e.applied for e in self._registry.entries()}
-        decision = tracker.decide(scan, applied)
-        for name in decision.pending:
-            log.info("repository.change_pending", model=name)
-        for name in decision.load:
-            async with self._lock(name):
-                # A failure is logged and recorded; the other models go on.
-                with contextlib.suppress(EdgeAgentError):
-                    await self._load(name)
-        for name in decision.unload:
-            async with self._lock(name):
-                if name not in model_dirs(self._repository):
-                    await self._drop(name)
-
-    async def _drop(self, name: str) -> None:
-        """The model's directory is gone: unload it and forget it (caller holds its lock)."""
-        entry = self._registry.find(name)
-        if entry is not None:
-            await self._unload(entry, "unloaded: removed from the repository")
-            self._registry.remove(name)
-            await self._changed()
-
-    # -- rollbacks across restarts ----------------------------------------------------------------
-
-    def _read_state(self) -> dict[str, set[int]]:
-        if self._state_path is None or not self._state_path.exists():
-            return {}
-        try:
-            data = json.loads(self._state_path.read_text())
-            return {str(k): {int(v) for v in vs} for k, vs in data["withdrawn"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.error("lifecycle.state_unreadable", path=str(self._state_path), error=str(exc))
-            return {}
-
-    def _write_state(self) -> None:
-        """Persist the rollbacks; a state directory that cannot be written is logged (the
-        rollback itself has happened and serves; it will not survive a restart)."""
-        if self._state_path is None:
-            return
-        withdrawn = {e.name: sorted(e.withdrawn) for e in self._registry.entries() if e.withdrawn}
-        withdrawn.update({k: sorted(v) for k, v in self._withdrawn.items() if v})
-        try:
-            write_atomically(self._state_path, json.dumps({"withdrawn": withdrawn}).encode())
-        except OSError as exc:
-            log.error("lifecycle.state_unwritable", path=str(self._state_path), error=str(exc))

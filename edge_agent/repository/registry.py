@@ -1,6 +1,7 @@
 """The serving table: which versions of which models exist, in which state, and which one serves a
-request. Only the lifecycle manager (repository/lifecycle.py) changes it, always on the event loop
-and in single synchronous steps, so a request sees either the old table or the new one.
+request. Only the lifecycle (repository/lifecycle.py and the modules it drives: swap.py, push.py,
+rollback.py) changes it, always on the event loop and in single synchronous steps, so a request
+sees either the old table or the new one.
 
 A request takes its version with `acquire` and queues on that version's scheduler in the same
 event-loop step, so a version that is retired afterwards still finishes every request it admitted.
@@ -12,10 +13,9 @@ import asyncio
 import dataclasses
 import threading
 
-from edge_agent._proto import model_config_pb2 as mc
 from edge_agent.errors import DeadlineExceeded, EdgeAgentError, NotFound, QueueFull, Unavailable
 from edge_agent.repository.scan import FileList, ModelFiles
-from edge_agent.repository.version import ModelVersion
+from edge_agent.repository.version import ModelVersion, Source
 
 READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
 
@@ -26,9 +26,9 @@ class VersionState:
     state: str
     reason: str = ""
     model: ModelVersion | None = None
-    # What the serving model was built from: its files and its (uncompleted) config.
+    # What the serving model was built from.
     files: FileList = ()
-    source: tuple[mc.ModelConfig, bool] | None = None
+    source: Source | None = None
 
 
 @dataclasses.dataclass

@@ -53,6 +53,9 @@ WARMUP_DIR = "warmup"
 # of ONNX Runtime's default pool (_one_thread_enough): 20 us per sample is 50,000 samples/s on
 # one thread, beyond what this Python server answers in requests on any core count.
 ONE_THREAD_S_PER_SAMPLE = 20e-6
+# What a version is built from besides its files: the model's config as given (before
+# complete_config fills it in from the graph) and whether it sets max_batch_size.
+Source = tuple[mc.ModelConfig, bool]
 
 
 class ModelVersion:

@@ -462,7 +462,7 @@ class Syncer:
             (staged / VARIANT_FILE).write_text(release.variant + "\n")
             # The manager moves the files into the repository's staging (one copy when the state
             # dir is on another filesystem).
-            self._on_loop(lambda: self._manager.install(model, version, staged))
+            self._on_loop(lambda: self._manager.load_release(model, version, staged))
         except OSError as exc:
             if DiskFull.caused(exc):
                 raise DiskFull(self._root, release.size, f"{model} v{version}") from exc
