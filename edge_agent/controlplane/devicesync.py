@@ -73,7 +73,9 @@ def is_transfer_cut(exc: BaseException) -> bool:
 
 
 class DeviceSync:
-    """WatchDesiredState, GetManifest, GetBlob; and when devices were last seen."""
+    """The devices' RPCs, and when devices were last seen."""
+
+    RPCS = ("WatchDesiredState", "GetManifest", "GetBlob")
 
     def __init__(
         self, core: FleetCore, learning: ParameterServer, max_failure_share: float

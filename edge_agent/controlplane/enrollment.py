@@ -45,7 +45,7 @@ def check_enrollment(devices: Sequence[pb.DeviceEnrollment]) -> None:
 
 
 class Enrollment:
-    """EnrollDevices, RevokeDevice."""
+    RPCS = ("EnrollDevices", "RevokeDevice")
 
     def __init__(self, core: FleetCore) -> None:
         self._core = core

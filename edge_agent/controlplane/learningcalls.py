@@ -23,7 +23,7 @@ MAX_UPDATE_BYTES = 256 << 20
 
 
 class LearningCalls:
-    """StartLearning, StopLearning, LearningStatus, UploadUpdate."""
+    RPCS = ("StartLearning", "StopLearning", "LearningStatus", "UploadUpdate")
 
     def __init__(self, core: FleetCore, learning: ParameterServer) -> None:
         self._core = core

@@ -89,7 +89,10 @@ def check_release_request(request: pb.RegisterReleaseRequest) -> Release:
 
 
 class Publishing:
-    """MissingBlobs, UploadBlob, RegisterRelease, SetTarget, ControlRollout, FleetStatus."""
+    RPCS = (
+        "MissingBlobs", "UploadBlob", "RegisterRelease", "SetTarget", "ControlRollout",
+        "FleetStatus",
+    )  # fmt: skip
 
     def __init__(self, core: FleetCore, trusted_keys: Iterable[Path] = ()) -> None:
         self._core = core
@@ -223,6 +226,10 @@ class Publishing:
             devices=len(rollout.devices),
             device_states=dict(rollout.device_states),
         )
+        return self._moved(rollout)
+
+    def _moved(self, rollout: Rollout) -> pb.RolloutStatus:
+        """Wake the rollout's devices (their desired state changed); its status for the answer."""
         self._core.notify(rollout.devices)
         return rollout_message(rollout)
 
@@ -246,8 +253,7 @@ class Publishing:
             "rollout.changed", model=rollout.model, version=rollout.version, state=rollout.state
         )
         # A rollback or pause moves its devices (back) to the rollout before it.
-        self._core.notify(rollout.devices)
-        return rollout_message(rollout)
+        return self._moved(rollout)
 
     @answers
     async def FleetStatus(

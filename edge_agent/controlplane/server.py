@@ -18,7 +18,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -48,6 +48,9 @@ from edge_agent.rpc.listen import check_listen
 from edge_agent.rpc.wire import add_service, method_handlers
 from edge_agent.settings import parse_address
 
+if TYPE_CHECKING:  # the dashboard's aiohttp is imported only when a dashboard is asked for
+    from aiohttp import web
+
 log = get_logger(__name__)
 REGISTRY_FILE = "registry.sqlite"
 FLEET_SERVICE = pb.DESCRIPTOR.services_by_name["FleetService"]
@@ -55,6 +58,8 @@ FLEET_SERVICE = pb.DESCRIPTOR.services_by_name["FleetService"]
 # registration, with room to spare. A device's poll is far smaller; a flood of reports is cut
 # here, before it is parsed.
 MAX_RECEIVE_BYTES = 2 * CHUNK_SIZE
+MAX_SEND_BYTES = 64 << 20
+METRIC_PREFIX = "edge_agent_controlplane"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,48 +149,51 @@ class ServiceCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = self._servicer.stats
-        ignored = CounterMetricFamily(
-            "edge_agent_controlplane_reports_ignored",
-            "Device reports ignored: not about a model of the device's desired state",
-        )
-        ignored.add_metric([], stats.reports_ignored)
-        yield ignored
-        limited = CounterMetricFamily(
-            "edge_agent_controlplane_rate_limited",
-            "Calls refused with RESOURCE_EXHAUSTED by a caller's rate limit",
-            labels=["role"],
-        )
-        for role, count in sorted(stats.rate_limited.items()):
-            limited.add_metric([role], count)
-        yield limited
-        replaced = CounterMetricFamily(
-            "edge_agent_controlplane_polls_replaced",
-            "Long-polls ended because the same device started a newer one",
-        )
-        replaced.add_metric([], stats.polls_replaced)
-        yield replaced
-        refused = CounterMetricFamily(
-            "edge_agent_controlplane_fetch_refused",
-            "Manifest or blob reads refused: no rollout sent that release to the device",
-        )
-        refused.add_metric([], stats.fetch_refused)
-        yield refused
-        waiting = GaugeMetricFamily(
-            "edge_agent_controlplane_polls_waiting", "Long-polls held open now"
-        )
-        waiting.add_metric([], stats.polls_waiting)
-        yield waiting
-        learning = self._servicer.learning
-        for name, text, value in (
-            ("learning_aggregations", "Aggregations of buffered updates", learning.aggregations),
-            ("learning_gated_out", "Candidates below the validation gate", learning.gated_out),
-            ("learning_updates", "Updates received (all tasks)", learning.updates),
-            ("learning_updates_refused", "Updates refused as malformed", learning.refused),
-        ):
-            family = CounterMetricFamily(f"edge_agent_controlplane_{name}", text)
-            family.add_metric([], value)
+        stats, learning = self._servicer.stats, self._servicer.learning.stats
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        # (family, name, help, label names, samples as (label values, value))
+        families: tuple[tuple[Any, str, str, list[str], list[tuple[list[str], float]]], ...] = (
+            (counter, "reports_ignored",
+             "Device reports ignored: not about a model of the device's desired state",
+             [], [([], stats.reports_ignored)]),
+            (counter, "rate_limited",
+             "Calls refused with RESOURCE_EXHAUSTED by a caller's rate limit",
+             ["role"], [([role], n) for role, n in sorted(stats.rate_limited.items())]),
+            (counter, "polls_replaced",
+             "Long-polls ended because the same device started a newer one",
+             [], [([], stats.polls_replaced)]),
+            (counter, "fetch_refused",
+             "Manifest or blob reads refused: no rollout sent that release to the device",
+             [], [([], stats.fetch_refused)]),
+            (gauge, "polls_waiting", "Long-polls held open now", [], [([], stats.polls_waiting)]),
+            (counter, "learning_aggregations", "Aggregations of buffered updates",
+             [], [([], learning.aggregations)]),
+            (counter, "learning_gated_out", "Candidates below the validation gate",
+             [], [([], learning.gated_out)]),
+            (counter, "learning_updates", "Updates received (all tasks)",
+             [], [([], learning.updates)]),
+            (counter, "learning_updates_refused", "Updates refused as malformed",
+             [], [([], learning.refused)]),
+        )  # fmt: skip
+        for kind, name, text, labels, samples in families:
+            family = kind(f"{METRIC_PREFIX}_{name}", text, labels=labels)
+            for values, value in samples:
+                family.add_metric(values, value)
             yield family
+
+
+@dataclasses.dataclass
+class Running:
+    """What startup opened and shutdown closes."""
+
+    registry: SqlRegistry
+    servicer: FleetServicer
+    server: grpc.aio.Server
+    guard: ConnectionGuard
+    metrics: Any  # prometheus_client's HTTP server, or None
+    dashboard: web.AppRunner | None
+    background: list[asyncio.Task[None]]
+    listening: threading.Event | None  # stops the LISTEN thread (PostgreSQL)
 
 
 class ControlPlane:
@@ -194,14 +202,16 @@ class ControlPlane:
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop (uvicorn's startup / main loop / shutdown)."""
+        running = await self._startup()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(running)
+
+    async def _startup(self) -> Running:
         s = self.settings
-        if not 0 <= s.max_failure_share <= 1:
-            raise ConfigError("max_failure_share must lie in [0, 1] (1: never pause)")
-        for key in s.trusted_keys:
-            if not key.is_file():
-                raise ConfigError(f"--trusted-key {key}: not a file")
-        if s.learning_key is not None and not s.learning_key.is_file():
-            raise ConfigError(f"--learning-key {s.learning_key}: not a file")
+        self._check_settings()
         os.umask(0o077)  # everything the control plane writes is its own
         registry = open_registry(s.data_dir, s.database)
         try:
@@ -221,11 +231,46 @@ class ControlPlane:
             s.trusted_keys,
             s.learning_key,
         )
+        server, port = self._grpc_server(servicer, guard, limits)
+        metrics = self._metrics(servicer, guard)
+        dashboard = await self._dashboard(servicer, registry, blobs, token)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        await server.start()
+        guard.watch(port, limits)
+        guard.start()
+        background = [
+            asyncio.create_task(servicer.prune_forever(), name="prune"),
+            asyncio.create_task(servicer.flush_seen_forever(), name="last-seen"),
+        ]
+        listening = self._listen(registry, servicer, loop)
+        background.append(asyncio.create_task(servicer.learning.run_forever(), name="learning"))
+        running = Running(
+            registry, servicer, server, guard, metrics, dashboard[0], background, listening
+        )
+        self._log_started(running, blobs, port, limits, dashboard[1])
+        return running
+
+    def _check_settings(self) -> None:
+        s = self.settings
+        if not 0 <= s.max_failure_share <= 1:
+            raise ConfigError("max_failure_share must lie in [0, 1] (1: never pause)")
+        for key in s.trusted_keys:
+            if not key.is_file():
+                raise ConfigError(f"--trusted-key {key}: not a file")
+        if s.learning_key is not None and not s.learning_key.is_file():
+            raise ConfigError(f"--learning-key {s.learning_key}: not a file")
+
+    def _grpc_server(
+        self, servicer: FleetServicer, guard: ConnectionGuard, limits: ConnectionLimits
+    ) -> tuple[grpc.aio.Server, int]:
+        """The fleet service's listener, bound (not started); and its port."""
         server = grpc.aio.server(
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
                 # gRPC core cancels calls that wait for the (Python) server to pick them up
                 # beyond 1,000 (its default): a fleet reconnecting at once, every device opening
                 # a long-poll, got CANCELLED by the hundred. Let the call cap bound them instead.
@@ -236,76 +281,83 @@ class ControlPlane:
         )
         handlers = method_handlers(FLEET_SERVICE, pb, servicer, MAX_REQUEST_BYTES)
         add_service(NotingServer(server, guard), FLEET_SERVICE, handlers)
+        address = self.settings.address
         try:
             credentials = self._credentials()
             if credentials is not None:
-                port = server.add_secure_port(s.address, credentials)
-            else:
-                port = server.add_insecure_port(s.address)
+                return server, server.add_secure_port(address, credentials)
+            return server, server.add_insecure_port(address)
         except (RuntimeError, OSError) as exc:
-            raise ConfigError(f"cannot bind {s.address}: {exc}") from exc
-        metrics = self._metrics(servicer, guard)
-        dashboard = None
-        if s.dashboard_address:
-            from edge_agent.controlplane import dashboard as pages
+            raise ConfigError(f"cannot bind {address}: {exc}") from exc
 
-            check_listen(s.dashboard_address, "--dashboard-address")
-            tls = self._ssl() if s.tls_cert is not None else None
-            board = pages.Dashboard(servicer.db, registry, blobs, token, tls=tls is not None)
-            dashboard, dashboard_port = await pages.start(board.app(), s.dashboard_address, tls)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal)
-        await server.start()
-        guard.watch(port, limits)
-        guard.start()
-        pruning = asyncio.create_task(servicer.prune_forever(), name="prune")
-        flushing = asyncio.create_task(servicer.flush_seen_forever(), name="last-seen")
-        listening = self._listen(registry, servicer, loop)
-        recovering = asyncio.create_task(servicer.learning.run_forever(), name="learning")
-        host = s.address.rpartition(":")[0]
+    async def _dashboard(
+        self, servicer: FleetServicer, registry: SqlRegistry, blobs: BlobStore, token: str
+    ) -> tuple[web.AppRunner | None, int | None]:
+        """The read-only dashboard, serving, and its port; (None, None) without
+        --dashboard-address."""
+        s = self.settings
+        if not s.dashboard_address:
+            return None, None
+        from edge_agent.controlplane import dashboard as pages
+
+        check_listen(s.dashboard_address, "--dashboard-address")
+        tls = self._ssl() if s.tls_cert is not None else None
+        board = pages.Dashboard(servicer.db, registry, blobs, token, tls=tls is not None)
+        return await pages.start(board.app(), s.dashboard_address, tls)
+
+    def _log_started(
+        self,
+        running: Running,
+        blobs: BlobStore,
+        port: int,
+        limits: ConnectionLimits,
+        dashboard_port: int | None,
+    ) -> None:
+        s = self.settings
         if not s.trusted_keys:
             log.warning(
                 "controlplane.releases_unverified",
                 hint="without --trusted-key, RegisterRelease stores releases it cannot check "
                 "(devices still verify them)",
             )
+        host = s.address.rpartition(":")[0]
+        metrics = running.metrics
         log.info(
             "controlplane.started",
             address=f"{host}:{port}",
             port=port,
             data_dir=str(s.data_dir),
             database=describe(s.database) if s.database else "sqlite",
-            schema_version=registry.schema_version,
+            schema_version=running.registry.schema_version,
             blob_store=blobs.describe(),
             max_connections=limits.max_connections,
             max_concurrent_rpcs=limits.max_concurrent_rpcs,
             metrics_port=metrics.server_address[1] if metrics is not None else None,
-            dashboard_port=dashboard_port if dashboard is not None else None,
+            dashboard_port=dashboard_port,
             pid=os.getpid(),
         )
+
+    async def _shutdown(self, running: Running) -> None:
+        """Background work stops, listeners close (in-flight calls get the grace), what is
+        pending is written, then everything closes."""
+        for task in running.background:
+            task.cancel()
+        if running.dashboard is not None:
+            await running.dashboard.cleanup()
+        await running.server.stop(self.settings.shutdown_grace_seconds)
+        if running.listening is not None:
+            running.listening.set()
         try:
-            await self._stop.wait()
-        finally:
-            pruning.cancel()
-            recovering.cancel()
-            flushing.cancel()
-            if dashboard is not None:
-                await dashboard.cleanup()
-            await server.stop(s.shutdown_grace_seconds)
-            if listening is not None:
-                listening.set()
-            try:
-                await servicer.flush_seen()
-            except Exception as exc:  # the database is gone: when devices were seen is lost
-                log.warning("registry.touch_failed", error=str(exc))
-            guard.stop()
-            servicer.close()
-            registry.close()
-            if metrics is not None:
-                metrics.shutdown()
-                metrics.server_close()
-            log.info("controlplane.stopped")
+            await running.servicer.flush_seen()
+        except Exception as exc:  # the database is gone: when devices were seen is lost
+            log.warning("registry.touch_failed", error=str(exc))
+        running.guard.stop()
+        running.servicer.close()
+        running.registry.close()
+        if running.metrics is not None:
+            running.metrics.shutdown()
+            running.metrics.server_close()
+        log.info("controlplane.stopped")
 
     @staticmethod
     def _listen(
@@ -334,7 +386,7 @@ class ControlPlane:
         host, port = parse_address(self.settings.metrics_address, "--metrics-address")
         registry = CollectorRegistry()
         registry.register(ServiceCollector(servicer))
-        registry.register(ConnectionCollector(guard.stats, "edge_agent_controlplane"))
+        registry.register(ConnectionCollector(guard.stats, METRIC_PREFIX))
         try:
             server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)
         except OSError as exc:

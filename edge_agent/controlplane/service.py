@@ -85,8 +85,9 @@ R = TypeVar("R")
 
 
 class FleetServicer:
-    """Registered with rpc/wire.py's method_handlers (by method name): each method is its
-    group's, so the service stays one object while each group reads on its own."""
+    """Registered with rpc/wire.py's method_handlers, which looks each method up by name: each
+    is its group's (the names in the group's RPCS), so the service stays one object while each
+    group reads on its own."""
 
     def __init__(
         self,
@@ -104,25 +105,16 @@ class FleetServicer:
         self.learning = ParameterServer(
             registry, blobs, self._core.db, self._core.notify, learning_key
         )
-        publishing = Publishing(self._core, trusted_keys)
         self._sync = DeviceSync(self._core, self.learning, max_failure_share)
-        enrollment = Enrollment(self._core)
-        learning = LearningCalls(self._core, self.learning)
-        self.MissingBlobs = publishing.MissingBlobs
-        self.UploadBlob = publishing.UploadBlob
-        self.RegisterRelease = publishing.RegisterRelease
-        self.SetTarget = publishing.SetTarget
-        self.ControlRollout = publishing.ControlRollout
-        self.FleetStatus = publishing.FleetStatus
-        self.WatchDesiredState = self._sync.WatchDesiredState
-        self.GetManifest = self._sync.GetManifest
-        self.GetBlob = self._sync.GetBlob
-        self.EnrollDevices = enrollment.EnrollDevices
-        self.RevokeDevice = enrollment.RevokeDevice
-        self.StartLearning = learning.StartLearning
-        self.StopLearning = learning.StopLearning
-        self.LearningStatus = learning.LearningStatus
-        self.UploadUpdate = learning.UploadUpdate
+        groups = (
+            Publishing(self._core, trusted_keys),
+            self._sync,
+            Enrollment(self._core),
+            LearningCalls(self._core, self.learning),
+        )
+        for group in groups:
+            for name in group.RPCS:
+                setattr(self, name, getattr(group, name))
 
     def close(self) -> None:
         self._core.close()

@@ -15,7 +15,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -35,6 +35,7 @@ TOKEN_CACHE_S = 30.0  # how long a replica trusts a device's token hash without 
 MAX_TOKEN_CACHE = 200_000  # device token hashes a replica keeps at most
 MAX_NOTICE_CHARS = 7000  # NOTIFY payloads are limited to 8000 bytes
 R = TypeVar("R")
+Db = Callable[..., Awaitable[Any]]  # runs a registry call on the registry thread (FleetCore.db)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Callers:
     def __init__(
         self,
         registry: Registry,
-        db: Callable[..., Any],
+        db: Db,
         publisher_token: str,
         limits: ServiceLimits,
         stats: ServiceStats,
