@@ -1,4 +1,4 @@
-"""The learning RPCs over the parameter server (controlplane/learning.py): the publisher starts,
+"""The learning RPCs over the parameter server (controlplane/learning/): the publisher starts,
 stops and reads tasks; a device uploads its update.
 
 An update arrives as a client stream: a header (its task, id, base version, size and sha256)
