@@ -1,6 +1,7 @@
-"""Model files pushed inline (RepositoryModelLoad's `file:<version>/<name>` parameters): written to
-a staging directory inside the repository (same filesystem, so installing is a rename), built and
-checked there, and only then installed.
+"""Pushed model files, RepositoryModelLoad's `file:<version>/<name>` parameters (`stage`) or a
+synced release's directory (`stage_directory`): staged, that is written to a staging directory
+inside the repository (same filesystem, so installing is a rename), built and checked there
+(repository/push.py), and only then installed (`install`).
 
 Layout: REPO/.staging/<random>/<model>/{config.pbtxt, <version>/<files>}. The staged model
 directory carries the model's name, so it loads exactly as it will from the repository.
@@ -29,7 +30,7 @@ from edge_agent.errors import InvalidArgument
 STAGING = ".staging"
 REPLACED = ".replaced"
 FILE_PREFIX = "file:"
-WARMUP = "warmup"  # the model's model_warmup input files (repository/version.py)
+WARMUP = "warmup"  # the model's model_warmup input files (read by repository/version.py)
 
 
 def check_model_name(name: str) -> None:

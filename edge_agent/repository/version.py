@@ -1,8 +1,8 @@
 """One model version: building it (sessions, completed config, warmup, golden check) and running it.
 
 `build_version` runs on the loader thread, off the serving path. Nothing it builds is visible to a
-request until the registry installs the finished version in one step, so a version that fails to
-load, to warm or to pass its golden check never serves.
+request until the finished version is activated, in one step (repository/swap.py), so a version
+that fails to load, to warm or to pass its golden check never serves.
 
 Warmup, before a version can serve:
 - every batch size the batcher can produce (1..max_batch_size), once each, so no request pays for
@@ -29,9 +29,11 @@ from edge_agent.common import failpoints
 from edge_agent.common.onnxgraph import data_dependent_ops
 from edge_agent.common.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, protocol_datatype
 from edge_agent.errors import EdgeAgentError, ModelLoadError
+from edge_agent.fleet.release import VARIANT_FILE
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
 from edge_agent.repository.golden import GOLDEN_FILE, check_golden, read_golden
+from edge_agent.repository.staging import WARMUP
 from edge_agent.runtime.external_data import validate_external_data
 from edge_agent.runtime.priority import Priority
 from edge_agent.runtime.session import (
@@ -48,7 +50,6 @@ from edge_agent.settings import Settings
 
 log = get_logger(__name__)
 
-WARMUP_DIR = "warmup"
 # A CPU model whose largest batch runs within this per sample gets one intra-op thread instead
 # of ONNX Runtime's default pool (_one_thread_enough): 20 us per sample is 50,000 samples/s on
 # one thread, beyond what this Python server answers in requests on any core count.
@@ -81,7 +82,7 @@ class ModelVersion:
         for i in range(policy.instances):
             self._free_sessions.put(sessions[i % len(sessions)])
         self.stats = ModelStats()
-        self.variant = ""  # fp32 / fp16 / int8 for a version installed by sync; "" otherwise
+        self.variant = ""  # fp32 / fp16 / int8 for a version the sync installed; "" otherwise
         self.warmup_runs = warmup_runs  # inferences run before it could serve (for the log)
         self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
 
@@ -125,9 +126,9 @@ class ModelVersion:
 
 
 def read_variant(version_dir: Path) -> str:
-    """The variant a synced version directory holds (its `variant` file), "" when none."""
+    """The variant a synced version directory holds (its VARIANT_FILE), "" when none."""
     try:
-        text = (version_dir / "variant").read_text().strip()
+        text = (version_dir / VARIANT_FILE).read_text().strip()
     except OSError:
         return ""
     return text if text.isascii() and text.replace("-", "").replace("_", "").isalnum() else ""
@@ -164,6 +165,31 @@ def _build(
     pause: float = 0.0,
 ) -> ModelVersion:
     name = model_dir.name
+    path, options, first = _open(model_dir, version, config, settings)
+    complete = cfg.complete_config(
+        config,
+        _tensors(first.session.get_inputs()),
+        _tensors(first.session.get_outputs()),
+        settings.default_max_batch_size,
+        batch_given,
+    )
+    policy = cfg.scheduler_policy(complete, settings)
+    inputs, _ = cfg.tensor_specs(complete)
+    sessions = _sessions(path, options, first, complete, inputs, policy.instances, name, version)
+    largest, runs, warmed = _warm_sessions(sessions, complete, inputs, model_dir, version, pause)
+    forced = cfg.inline_execution(complete)
+    inline = bool(forced) if forced is not None else _inline_auto(path, inputs, warmed, largest)
+    policy = dataclasses.replace(policy, inline=inline, inline_forced=forced is True)
+    built = ModelVersion(name, version, complete, sessions, policy, runs)
+    built.variant = read_variant(model_dir / str(version))
+    return built
+
+
+def _open(
+    model_dir: Path, version: int, config: mc.ModelConfig, settings: Settings
+) -> tuple[Path, RuntimeOptions, LoadedSession]:
+    """The version's graph (its external data checked), the runtime options its config and the
+    settings ask for, and a first session made with them."""
     filename = config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME
     path = model_dir / str(version) / filename
     if not path.is_file():
@@ -174,26 +200,32 @@ def _build(
     if loaded.fallback_reason:
         log.warning(
             "runtime.provider_fallback",
-            model=name,
+            model=model_dir.name,
             version=version,
             requested=list(options.providers),
             active=loaded.provider,
             reason=loaded.fallback_reason,
         )
-    session = loaded.session
-    complete = cfg.complete_config(
-        config,
-        [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in session.get_inputs()],
-        [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in session.get_outputs()],
-        settings.default_max_batch_size,
-        batch_given,
-    )
-    policy = cfg.scheduler_policy(complete, settings)
-    sessions = [loaded]
-    if loaded.provider == "cuda":
-        sessions += [create_session(path, options) for _ in range(policy.instances - 1)]
-    inputs, _ = cfg.tensor_specs(complete)
-    if _one_thread_enough(options, loaded, complete, inputs, path):
+    return path, options, loaded
+
+
+def _sessions(
+    path: Path,
+    options: RuntimeOptions,
+    first: LoadedSession,
+    config: mc.ModelConfig,
+    inputs: dict[str, cfg.TensorSpec],
+    instances: int,
+    name: str,
+    version: int,
+) -> list[LoadedSession]:
+    """The sessions the version serves with: on CUDA one per instance (one stream each); on the
+    CPU the first one, or one made again with one intra-op thread or a pool that sleeps, when
+    the first one shows that serves better."""
+    sessions = [first]
+    if first.provider == "cuda":
+        sessions += [create_session(path, options) for _ in range(instances - 1)]
+    if _one_thread_enough(options, first, config, inputs, path):
         # ONNX Runtime's default pool (a thread per core) buys a model this cheap a few
         # microseconds per run, and its threads spin-wait after every run, taking the cores
         # that gRPC and Python need under concurrent load (BENCHMARKS.md "One intra-op thread
@@ -202,43 +234,55 @@ def _build(
         options = dataclasses.replace(
             options, intra_op_threads=1, providers=("cpu",), cuda_graph=False
         )
-        loaded = create_session(path, options)
-        sessions = [loaded]
+        sessions = [create_session(path, options)]
         log.info("model.one_intra_op_thread", model=name, version=version)
-    elif _spin_off(options, loaded, path, inputs):
+    elif _spin_off(options, first, path, inputs):
         # A run whose cost its inputs decide (a Loop, a dynamic length) may take tens of
         # milliseconds: the pool's spin-waits between and after its parallel sections buy
         # nothing at that length and take the cores the event loop needs to answer others
         # (BENCHMARKS.md "Overload: refusals while the cores compute").
         options = dataclasses.replace(options, spinning=False, providers=("cpu",))
-        loaded = create_session(path, options)
-        sessions = [loaded]
+        sessions = [create_session(path, options)]
         log.info("model.spinning_off", model=name, version=version)
-    samples = warmup_samples(complete, inputs, model_dir)
+    return sessions
+
+
+def _warm_sessions(
+    sessions: list[LoadedSession],
+    config: mc.ModelConfig,
+    inputs: dict[str, cfg.TensorSpec],
+    model_dir: Path,
+    version: int,
+    pause: float,
+) -> tuple[float, int, bool]:
+    """Warm each session (every batch size, then the model_warmup samples) and check it against
+    the golden outputs. Returns the best time of the largest batch, the number of runs (counted
+    for the last session), and whether the synthetic warmup ran."""
+    samples = warmup_samples(config, inputs, model_dir)
     golden = read_golden(model_dir / str(version) / GOLDEN_FILE, set(inputs))
     largest, runs = 0.0, 0
     warmed = True
     for each in sessions:
         try:
-            largest, runs = _warm(each, complete, inputs, pause)
+            largest, runs = _warm(each, config, inputs, pause)
         except ModelLoadError as exc:
             # The synthetic warmup invents sizes (1 for every dynamic dimension), which a valid
             # model may refuse (e.g. a minimum length along a dynamic axis). Triton does not warm
             # up at all without model_warmup: serve it, say why, and never run it inline.
             warmed = False
-            log.warning("model.warmup_skipped", model=name, version=version, reason=str(exc)[:500])
+            log.warning(
+                "model.warmup_skipped",
+                model=model_dir.name,
+                version=version,
+                reason=str(exc)[:500],
+            )
         for sample_name, count, feeds in samples:
             for _ in range(count):
                 _run(each, feeds, f"model_warmup '{sample_name}'")
                 runs += 1
         if golden is not None:
             check_golden(each.session, *golden)
-    forced = cfg.inline_execution(complete)
-    inline = bool(forced) if forced is not None else _inline_auto(path, inputs, warmed, largest)
-    policy = dataclasses.replace(policy, inline=inline, inline_forced=forced is True)
-    built = ModelVersion(name, version, complete, sessions, policy, runs)
-    built.variant = read_variant(model_dir / str(version))
-    return built
+    return largest, runs, warmed
 
 
 def _one_thread_enough(
@@ -410,11 +454,11 @@ def _sample(
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
             raise ModelLoadError(
                 f"model_warmup '{label}': input_data_file {spec.input_data_file!r} must be a "
-                f"plain path inside {WARMUP_DIR}/"
+                f"plain path inside {WARMUP}/"
             )
-        path = model_dir / WARMUP_DIR / relative
+        path = model_dir / WARMUP / relative
         if path.is_symlink() or not path.is_file():
-            raise ModelLoadError(f"model_warmup '{label}': {WARMUP_DIR}/{relative} is missing")
+            raise ModelLoadError(f"model_warmup '{label}': {WARMUP}/{relative} is missing")
         try:
             array = decode_raw(input_name, datatype, dims, path.read_bytes())
         except EdgeAgentError as exc:
@@ -430,6 +474,11 @@ def _sample(
             return rng.integers(0, 100, dims).astype(dtype)
         return rng.random(dims).astype(dtype)
     return np.zeros(dims, dtype=dtype)
+
+
+def _tensors(args: list[Any]) -> list[cfg.OrtTensor]:
+    """ONNX Runtime's inputs or outputs (NodeArg) as complete_config takes them."""
+    return [cfg.OrtTensor(a.name, a.type, _shape(a.shape)) for a in args]
 
 
 def _shape(shape: Any) -> tuple[int | None, ...]:
