@@ -12,7 +12,8 @@ Words, each with one meaning here and in those modules:
 - build: make a ModelVersion from a version directory (sessions, warmup, golden check;
   version.py), on the one loader thread, off the serving path.
 - install: move staged version directories into the repository, fsynced, by rename
-  (staging.install). An installed version directory is never changed in place.
+  (staging.install). An installed version directory is never changed in place; a version the
+  sync reports "installed" is one it installed so.
 - activate: make built versions the ones that serve, in one synchronous step of the event loop
   (swap.py). The versions they replace are retired in that same step (they take no new request)
   and released once their admitted requests have finished.
