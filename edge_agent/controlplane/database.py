@@ -11,17 +11,21 @@ broken connections.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from edge_agent.errors import ConfigError, Unavailable
 from edge_agent.observability.logging import get_logger
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = get_logger(__name__)
 
@@ -31,22 +35,38 @@ CHANNEL = "edge_agent_changes"
 # cohorts, auto-pause, a learning aggregation): "edgeagnt" as 8 bytes.
 DECISION_LOCK = int.from_bytes(b"edgeagnt", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
+Record = dict[str, Any]  # one row, by column name
+_Stored = TypeVar("_Stored", bound="DataclassInstance")
+
 
 class Rows:
-    """A statement's result, read whole (the connection goes back to the pool at once)."""
+    """A statement's result, read whole (the connection goes back to the pool at once).
 
-    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int) -> None:
+    `first` and `all` give rows by column name, the same in both dialects (an expression's
+    column needs an `AS` name: SQLite and PostgreSQL name `MAX(x)` differently; two columns of
+    one name would collapse into one); `fetchone` keeps the DB-API's tuple."""
+
+    def __init__(self, columns: Sequence[str], rows: list[tuple[Any, ...]], rowcount: int) -> None:
+        self._columns = tuple(columns)
         self._rows = rows
         self.rowcount = rowcount
 
     def fetchone(self) -> tuple[Any, ...] | None:
         return self._rows[0] if self._rows else None
 
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        return self._rows
+    def first(self) -> Record | None:
+        return dict(zip(self._columns, self._rows[0], strict=True)) if self._rows else None
 
-    def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return iter(self._rows)
+    def all(self) -> list[Record]:
+        return [dict(zip(self._columns, row, strict=True)) for row in self._rows]
+
+
+def row_to(cls: type[_Stored], row: Record, **stored_otherwise: Any) -> _Stored:
+    """The dataclass `cls` from a row whose columns carry its fields' names; `stored_otherwise`
+    gives the fields whose columns do not hold them as they are (JSON text, 0/1 for a bool, a
+    column named otherwise). A field the row has no column for keeps its default."""
+    names = {field.name for field in dataclasses.fields(cls)} - stored_otherwise.keys()
+    return cls(**{n: row[n] for n in names if n in row}, **stored_otherwise)
 
 
 class Database(Protocol):
@@ -72,6 +92,12 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
+def _column_names(description: Sequence[Sequence[Any]] | None) -> list[str]:
+    """The result's column names from a DB-API cursor description (None: a statement that
+    returns no rows)."""
+    return [str(column[0]) for column in description or ()]
+
+
 def describe(url: str) -> str:
     """A database address fit for logs: the password, if any, replaced."""
     parts = urlsplit(url)
@@ -81,11 +107,11 @@ def describe(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_database(spec: str, data_dir: Path) -> Database:
-    """`spec`: empty (SQLite in DATA_DIR/registry.db) or a postgresql:// URL."""
-    if not spec or spec.startswith("sqlite:"):
-        path = Path(spec.removeprefix("sqlite:")) if spec else data_dir / "registry.db"
-        return SqliteDatabase(path)
+def open_database(spec: str, data_dir: Path | None = None) -> Database:
+    """`spec`: sqlite:PATH or a postgresql:// URL. No spec at all (SQLite in DATA_DIR) is
+    server.open_registry's to handle; `data_dir` is not read (its callers still pass it)."""
+    if spec.startswith("sqlite:"):
+        return SqliteDatabase(Path(spec.removeprefix("sqlite:")))
     if spec.startswith(("postgresql://", "postgres://")):
         return PostgresDatabase(spec)
     raise ConfigError(f"--database: expected postgresql://... or sqlite:PATH, got {spec!r}")
@@ -108,7 +134,7 @@ class SqliteDatabase:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Rows:
         cursor = self._db.execute(sql, params)
-        return Rows(cursor.fetchall(), cursor.rowcount)
+        return Rows(_column_names(cursor.description), cursor.fetchall(), cursor.rowcount)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._db.executemany(sql, rows)
@@ -247,7 +273,8 @@ class PostgresDatabase:
         with self._unavailable(), self._connection() as conn:
             cursor = conn.execute(postgres_sql(sql), tuple(params))
             rows = cursor.fetchall() if cursor.description is not None else []
-            return Rows([tuple(r) for r in rows], cursor.rowcount)
+            columns = _column_names(cursor.description)
+            return Rows(columns, [tuple(r) for r in rows], cursor.rowcount)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = [tuple(r) for r in rows]
@@ -278,8 +305,8 @@ class PostgresDatabase:
         self.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload))
 
     def size_bytes(self) -> int:
-        row = self.execute("SELECT pg_database_size(current_database())").fetchone()
-        return int(row[0]) if row else 0
+        row = self.execute("SELECT pg_database_size(current_database()) AS size").first()
+        return int(row["size"]) if row else 0
 
     def listen(self, deliver: Callable[[str], None], stop: threading.Event) -> None:
         """On a thread of its own: LISTEN on CHANNEL and hand each payload to `deliver`, until
