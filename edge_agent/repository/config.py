@@ -17,7 +17,14 @@ from edge_agent.errors import ModelLoadError
 from edge_agent.runtime.binding import IO_BINDING_MODES
 from edge_agent.runtime.session import RuntimeOptions
 from edge_agent.scheduling.policy import QueuePolicy, SchedulerPolicy
-from edge_agent.settings import CUDNN_SEARCH, GRAPH_LEVELS, PROVIDERS, Settings
+from edge_agent.settings import (
+    ARENA_STRATEGIES,
+    CUDNN_SEARCH,
+    GRAPH_LEVELS,
+    PROVIDERS,
+    TRUE_WORDS,
+    Settings,
+)
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
@@ -303,6 +310,16 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
         cuda_use_tf32=settings.cuda_use_tf32,
         spinning=settings.ort_spinning,
     )
+    changes = _instance_options(settings, config)
+    try:  # the parameters are the most specific: they win over what the instance groups imply
+        changes.update(_parameter_options(config))
+    except ValueError as exc:
+        raise ModelLoadError(f"config.pbtxt parameters: {exc}") from exc
+    return dataclasses.replace(opts, **changes)  # type: ignore[arg-type]
+
+
+def _instance_options(settings: Settings, config: mc.ModelConfig) -> dict[str, object]:
+    """What instance_group (count, kind, gpus) and optimization.graph.level change."""
     changes: dict[str, object] = {}
     instances = instance_count(config)
     if settings.intra_op_threads == 0 and instances > 1:
@@ -321,46 +338,54 @@ def runtime_options(settings: Settings, config: mc.ModelConfig) -> RuntimeOption
     level = config.optimization.graph.level
     if level:
         changes["graph_optimization_level"] = "basic" if level < 0 else "extended"
-    try:
-        if (value := _param(config, "execution_providers")) is not None:
-            providers = tuple(p.strip().lower() for p in value.split(",") if p.strip())
-            if not providers or any(p not in PROVIDERS for p in providers):
-                raise ValueError(f"execution_providers {value!r}: use a list of {PROVIDERS}")
-            changes["providers"] = providers
-        if (value := _param(config, "strict_provider")) is not None:
-            changes["strict"] = value.strip().lower() in ("1", "true", "yes", "on")
-        if (value := _param(config, "io_binding")) is not None:
-            if value.strip().lower() not in IO_BINDING_MODES:
-                raise ValueError(f"io_binding {value!r}: use one of {IO_BINDING_MODES}")
-            changes["io_binding"] = value.strip().lower()
-        if (value := _param(config, "cuda_graph")) is not None:
-            changes["cuda_graph"] = value.strip().lower() in ("1", "true", "yes", "on")
-        if (value := _param(config, "use_tf32")) is not None:
-            changes["cuda_use_tf32"] = value.strip().lower() in ("1", "true", "yes", "on")
-        for key, field in (
-            ("intra_op_thread_count", "intra_op_threads"),
-            ("inter_op_thread_count", "inter_op_threads"),
-            ("gpu_mem_limit", "cuda_gpu_mem_limit"),
-        ):
-            if (value := _param(config, key)) is not None:
-                number = int(value)
-                if number < 0:
-                    raise ValueError(f"{key} must not be negative")
-                changes[field] = number
-        if (value := _param(config, "graph_optimization_level")) is not None:
-            if value not in GRAPH_LEVELS:
-                raise ValueError(f"graph_optimization_level {value!r}: use one of {GRAPH_LEVELS}")
-            changes["graph_optimization_level"] = value
-        if (value := _param(config, "cudnn_conv_algo_search")) is not None:
-            # Triton's ONNX backend spells these 0/1/2.
-            value = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}.get(value, value.upper())
-            if value not in CUDNN_SEARCH:
-                raise ValueError(f"cudnn_conv_algo_search: use one of {CUDNN_SEARCH}")
-            changes["cudnn_conv_algo_search"] = value
-        if (value := _param(config, "arena_extend_strategy")) is not None:
-            if value not in ("kNextPowerOfTwo", "kSameAsRequested"):
-                raise ValueError("arena_extend_strategy: kNextPowerOfTwo or kSameAsRequested")
-            changes["cuda_arena_extend_strategy"] = value
-    except ValueError as exc:
-        raise ModelLoadError(f"config.pbtxt parameters: {exc}") from exc
-    return dataclasses.replace(opts, **changes)  # type: ignore[arg-type]
+    return changes
+
+
+def _parameter_options(config: mc.ModelConfig) -> dict[str, object]:
+    """What the config's parameters change; raises ValueError on a value that does not parse."""
+    changes: dict[str, object] = {}
+    if (value := _param(config, "execution_providers")) is not None:
+        providers = tuple(p.strip().lower() for p in value.split(",") if p.strip())
+        if not providers or any(p not in PROVIDERS for p in providers):
+            raise ValueError(f"execution_providers {value!r}: use a list of {PROVIDERS}")
+        changes["providers"] = providers
+    if (value := _param(config, "strict_provider")) is not None:
+        changes["strict"] = _is_true(value)
+    if (value := _param(config, "io_binding")) is not None:
+        if value.strip().lower() not in IO_BINDING_MODES:
+            raise ValueError(f"io_binding {value!r}: use one of {IO_BINDING_MODES}")
+        changes["io_binding"] = value.strip().lower()
+    if (value := _param(config, "cuda_graph")) is not None:
+        changes["cuda_graph"] = _is_true(value)
+    if (value := _param(config, "use_tf32")) is not None:
+        changes["cuda_use_tf32"] = _is_true(value)
+    for key, field in (
+        ("intra_op_thread_count", "intra_op_threads"),
+        ("inter_op_thread_count", "inter_op_threads"),
+        ("gpu_mem_limit", "cuda_gpu_mem_limit"),
+    ):
+        if (value := _param(config, key)) is not None:
+            number = int(value)
+            if number < 0:
+                raise ValueError(f"{key} must not be negative")
+            changes[field] = number
+    if (value := _param(config, "graph_optimization_level")) is not None:
+        if value not in GRAPH_LEVELS:
+            raise ValueError(f"graph_optimization_level {value!r}: use one of {GRAPH_LEVELS}")
+        changes["graph_optimization_level"] = value
+    if (value := _param(config, "cudnn_conv_algo_search")) is not None:
+        # Triton's ONNX backend spells these 0/1/2.
+        value = {"0": "EXHAUSTIVE", "1": "HEURISTIC", "2": "DEFAULT"}.get(value, value.upper())
+        if value not in CUDNN_SEARCH:
+            raise ValueError(f"cudnn_conv_algo_search: use one of {CUDNN_SEARCH}")
+        changes["cudnn_conv_algo_search"] = value
+    if (value := _param(config, "arena_extend_strategy")) is not None:
+        if value not in ARENA_STRATEGIES:
+            raise ValueError("arena_extend_strategy: kNextPowerOfTwo or kSameAsRequested")
+        changes["cuda_arena_extend_strategy"] = value
+    return changes
+
+
+def _is_true(value: str) -> bool:
+    """A switch parameter: anything but a word for true is false."""
+    return value.strip().lower() in TRUE_WORDS
