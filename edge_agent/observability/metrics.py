@@ -9,7 +9,7 @@ counters follow the client's convention (`edge_agent_..._total`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import start_http_server
@@ -41,6 +41,61 @@ def _add(family: Metric, labels: dict[str, str], value: float, **extra: str) -> 
     family.add_sample(family.name, {**labels, **extra}, value)
 
 
+def _add_version(f: dict[str, Metric], model: Served) -> None:
+    """One model version's samples into each of the per-version families."""
+    labels = {"model": model.name, "version": str(model.version)}
+    s = model.stats.snapshot()
+    _add(f["nv_inference_request_success"], labels, s.success.count)
+    for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
+        _add(f["nv_inference_request_failure"], labels, s.failures[reason], reason=reason)
+    _add(f["nv_inference_count"], labels, s.inference_count)
+    _add(f["nv_inference_exec_count"], labels, s.execution_count)
+    _add(f["nv_inference_request_duration_us"], labels, (s.success.ns + s.fail.ns) // 1000)
+    _add(f["nv_inference_queue_duration_us"], labels, s.queue.ns // 1000)
+    _add(f["nv_inference_compute_input_duration_us"], labels, s.compute_input.ns // 1000)
+    _add(f["nv_inference_compute_infer_duration_us"], labels, s.compute_infer.ns // 1000)
+    _add(f["nv_inference_compute_output_duration_us"], labels, s.compute_output.ns // 1000)
+    for cause in ("queue_full", "deadline", "cancelled", "unavailable"):
+        f["edge_agent_rejected_requests"].add_sample(
+            "edge_agent_rejected_requests_total",
+            {**labels, "cause": cause},
+            s.rejections.get(cause, 0),
+        )
+    _add(f["nv_inference_pending_request_count"], labels, model.scheduler.pending())
+    _add(f["edge_agent_requests_in_flight"], labels, model.scheduler.busy())
+    f["edge_agent_inline_demotions"].add_sample(
+        "edge_agent_inline_demotions_total", labels, model.scheduler.demotions
+    )
+    _add(f["edge_agent_execution_provider"], labels, 1, provider=model.provider)
+    counts = {size: b.compute_infer.count for size, b in s.batches.items()}
+    _add_histogram(f["edge_agent_batch_size"], labels, counts)
+
+
+def _add_histogram(family: Metric, labels: dict[str, str], counts: Mapping[int, int]) -> None:
+    """A histogram over BATCH_BUCKETS from exact counts per batch size."""
+    name = family.name
+    for bound in BATCH_BUCKETS:
+        cumulative = sum(c for size, c in counts.items() if size <= bound)
+        family.add_sample(f"{name}_bucket", {**labels, "le": str(bound)}, cumulative)
+    total = sum(counts.values())
+    family.add_sample(f"{name}_bucket", {**labels, "le": "+Inf"}, total)
+    family.add_sample(f"{name}_count", labels, total)
+    family.add_sample(f"{name}_sum", labels, sum(size * c for size, c in counts.items()))
+
+
+def _per_key(family: Any, values: Mapping[Any, float]) -> Any:
+    """`family` with one sample per key of `values`, in key order, the key as its label."""
+    for key, value in sorted(dict(values).items()):
+        family.add_metric([str(key)], value)
+    return family
+
+
+def _single(family: Any, value: float) -> Any:
+    """`family` with its one unlabelled sample."""
+    family.add_metric([], value)
+    return family
+
+
 class Lifecycled(Protocol):
     """What a collector needs of a model's lifecycle (repository/registry.py ModelEntry)."""
 
@@ -48,6 +103,41 @@ class Lifecycled(Protocol):
 
     @property
     def lifecycle(self) -> Any: ...
+
+
+# Triton's cumulative series, written as "unknown" to keep their names free of `_total`.
+TRITON_COUNTERS = {
+    "nv_inference_request_success": "Successful inference requests",
+    "nv_inference_request_failure": "Failed inference requests, by reason",
+    "nv_inference_count": "Inferences performed (batch rows)",
+    "nv_inference_exec_count": "Model executions (batches)",
+    "nv_inference_request_duration_us": "Cumulative request duration, microseconds",
+    "nv_inference_queue_duration_us": "Cumulative time requests waited, microseconds",
+    "nv_inference_compute_input_duration_us": "Cumulative input preparation, microseconds",
+    "nv_inference_compute_infer_duration_us": "Cumulative model execution, microseconds",
+    "nv_inference_compute_output_duration_us": "Cumulative output handling, microseconds",
+}
+# The other per-version families: (name, help, type), in the order a scrape lists them.
+VERSION_FAMILIES = (
+    (
+        "edge_agent_rejected_requests",
+        "Requests refused or dropped unexecuted, by cause",
+        "counter",
+    ),
+    ("nv_inference_pending_request_count", "Requests waiting in the queue", "gauge"),
+    ("edge_agent_requests_in_flight", "Requests of the version queued or executing now", "gauge"),
+    (
+        "edge_agent_execution_provider",
+        "1 for the execution provider a model version actually runs on",
+        "gauge",
+    ),
+    ("edge_agent_batch_size", "Rows per model execution", "histogram"),
+    (
+        "edge_agent_inline_demotions",
+        "Times the version was moved from inline to threaded execution by slow runs",
+        "counter",
+    ),
+)
 
 
 class AgentCollector:
@@ -60,86 +150,11 @@ class AgentCollector:
         self._entries = entries
 
     def collect(self) -> Iterator[Metric]:
-        counters = {
-            "nv_inference_request_success": "Successful inference requests",
-            "nv_inference_request_failure": "Failed inference requests, by reason",
-            "nv_inference_count": "Inferences performed (batch rows)",
-            "nv_inference_exec_count": "Model executions (batches)",
-            "nv_inference_request_duration_us": "Cumulative request duration, microseconds",
-            "nv_inference_queue_duration_us": "Cumulative time requests waited, microseconds",
-            "nv_inference_compute_input_duration_us": "Cumulative input preparation, microseconds",
-            "nv_inference_compute_infer_duration_us": "Cumulative model execution, microseconds",
-            "nv_inference_compute_output_duration_us": "Cumulative output handling, microseconds",
-        }
-        families = {name: Metric(name, doc, "unknown") for name, doc in counters.items()}
-        families["edge_agent_rejected_requests"] = Metric(
-            "edge_agent_rejected_requests",
-            "Requests refused or dropped unexecuted, by cause",
-            "counter",
-        )
-        pending = Metric(
-            "nv_inference_pending_request_count", "Requests waiting in the queue", "gauge"
-        )
-        in_flight = Metric(
-            "edge_agent_requests_in_flight",
-            "Requests of the version queued or executing now",
-            "gauge",
-        )
-        provider = Metric(
-            "edge_agent_execution_provider",
-            "1 for the execution provider a model version actually runs on",
-            "gauge",
-        )
-        batch_size = Metric("edge_agent_batch_size", "Rows per model execution", "histogram")
-        demoted = Metric(
-            "edge_agent_inline_demotions",
-            "Times the version was moved from inline to threaded execution by slow runs",
-            "counter",
-        )
+        families = {name: Metric(name, doc, "unknown") for name, doc in TRITON_COUNTERS.items()}
+        families.update((name, Metric(name, doc, kind)) for name, doc, kind in VERSION_FAMILIES)
         for model in self._versions():
-            labels = {"model": model.name, "version": str(model.version)}
-            s = model.stats.snapshot()
-            f = families
-            _add(f["nv_inference_request_success"], labels, s.success.count)
-            for reason in ("REJECTED", "CANCELED", "BACKEND", "OTHER"):
-                _add(f["nv_inference_request_failure"], labels, s.failures[reason], reason=reason)
-            _add(f["nv_inference_count"], labels, s.inference_count)
-            _add(f["nv_inference_exec_count"], labels, s.execution_count)
-            _add(f["nv_inference_request_duration_us"], labels, (s.success.ns + s.fail.ns) // 1000)
-            _add(f["nv_inference_queue_duration_us"], labels, s.queue.ns // 1000)
-            _add(f["nv_inference_compute_input_duration_us"], labels, s.compute_input.ns // 1000)
-            _add(f["nv_inference_compute_infer_duration_us"], labels, s.compute_infer.ns // 1000)
-            _add(f["nv_inference_compute_output_duration_us"], labels, s.compute_output.ns // 1000)
-            for cause in ("queue_full", "deadline", "cancelled", "unavailable"):
-                families["edge_agent_rejected_requests"].add_sample(
-                    "edge_agent_rejected_requests_total",
-                    {**labels, "cause": cause},
-                    s.rejections.get(cause, 0),
-                )
-            _add(pending, labels, model.scheduler.pending())
-            _add(in_flight, labels, model.scheduler.busy())
-            demoted.add_sample(
-                "edge_agent_inline_demotions_total", labels, model.scheduler.demotions
-            )
-            _add(provider, labels, 1, provider=model.provider)
-            counts = {size: b.compute_infer.count for size, b in s.batches.items()}
-            for bound in BATCH_BUCKETS:
-                cumulative = sum(c for size, c in counts.items() if size <= bound)
-                batch_size.add_sample(
-                    "edge_agent_batch_size_bucket", {**labels, "le": str(bound)}, cumulative
-                )
-            total = sum(counts.values())
-            batch_size.add_sample("edge_agent_batch_size_bucket", {**labels, "le": "+Inf"}, total)
-            batch_size.add_sample("edge_agent_batch_size_count", labels, total)
-            batch_size.add_sample(
-                "edge_agent_batch_size_sum", labels, sum(size * c for size, c in counts.items())
-            )
+            _add_version(families, model)
         yield from families.values()
-        yield pending
-        yield in_flight
-        yield provider
-        yield batch_size
-        yield demoted
         yield from self._lifecycle()
 
     def _lifecycle(self) -> Iterator[Metric]:
@@ -172,33 +187,39 @@ class AgentCollector:
         yield from (swaps, failures, pause, peak)
 
 
-class SyncCollector:
-    """edge_agent_sync_* from the sync task's stats (sync/syncer.py SyncStats), read at scrape."""
+class _StatsCollector:
+    """A collector that reads one stats object, at scrape time."""
 
     def __init__(self, stats: Any) -> None:
         self._stats = stats
+
+
+class SyncCollector(_StatsCollector):
+    """edge_agent_sync_* from the sync task's stats (sync/syncer.py SyncStats), read at scrape."""
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = self._stats
-        sent = CounterMetricFamily(
-            "edge_agent_sync_bytes", "Blob bytes received from the control plane"
+        yield _single(
+            CounterMetricFamily(
+                "edge_agent_sync_bytes", "Blob bytes received from the control plane"
+            ),
+            stats.bytes_total,
         )
-        sent.add_metric([], stats.bytes_total)
-        yield sent
-        failures = CounterMetricFamily(
-            "edge_agent_sync_failures", "Failed sync steps by reason", labels=["reason"]
+        yield _per_key(
+            CounterMetricFamily(
+                "edge_agent_sync_failures", "Failed sync steps by reason", labels=["reason"]
+            ),
+            stats.failures,
         )
-        for reason, count in sorted(dict(stats.failures).items()):
-            failures.add_metric([reason], count)
-        yield failures
-        last = GaugeMetricFamily(
-            "edge_agent_sync_last_success_timestamp_seconds",
-            "When the control plane last answered (unix time; 0 = never)",
+        yield _single(
+            GaugeMetricFamily(
+                "edge_agent_sync_last_success_timestamp_seconds",
+                "When the control plane last answered (unix time; 0 = never)",
+            ),
+            stats.last_success,
         )
-        last.add_metric([], stats.last_success)
-        yield last
         versions = GaugeMetricFamily(
             "edge_agent_sync_model_version",
             "Newest version installed by sync, and the version serving, per model",
@@ -222,92 +243,74 @@ class ConnectionCollector:
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        open_now = GaugeMetricFamily(
-            f"{self._prefix}_connections",
-            "Established connections per listener port (at the guard's last scan)",
-            labels=["port"],
+        yield _per_key(
+            GaugeMetricFamily(
+                f"{self._prefix}_connections",
+                "Established connections per listener port (at the guard's last scan)",
+                labels=["port"],
+            ),
+            self._stats.open,
         )
-        for port, count in sorted(dict(self._stats.open).items()):
-            open_now.add_metric([str(port)], count)
-        yield open_now
-        closed = CounterMetricFamily(
-            f"{self._prefix}_connections_closed",
-            "Connections the guard shut: over the per-peer cap, or no call in time",
-            labels=["reason"],
+        yield _per_key(
+            CounterMetricFamily(
+                f"{self._prefix}_connections_closed",
+                "Connections the guard shut: over the per-peer cap, or no call in time",
+                labels=["reason"],
+            ),
+            self._stats.closed,
         )
-        for reason, count in sorted(dict(self._stats.closed).items()):
-            closed.add_metric([reason], count)
-        yield closed
 
 
-class ExampleCollector:
+class ExampleCollector(_StatsCollector):
     """edge_agent_examples_* from the example store (learn/examples.py), per model."""
-
-    def __init__(self, stats: Any) -> None:
-        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stored = GaugeMetricFamily(
-            "edge_agent_examples_stored", "Labelled examples kept for learning", labels=["model"]
+        yield _per_key(
+            GaugeMetricFamily(
+                "edge_agent_examples_stored",
+                "Labelled examples kept for learning",
+                labels=["model"],
+            ),
+            self._stats.stored,
         )
-        for model, count in sorted(dict(self._stats.stored).items()):
-            stored.add_metric([model], count)
-        yield stored
         for name, text, values in (
             ("dropped", "Examples dropped, oldest first, to stay within the store's size",
              self._stats.dropped),
             ("refused", "Submissions refused as malformed", self._stats.refused),
         ):  # fmt: skip
-            family = CounterMetricFamily(f"edge_agent_examples_{name}", text, labels=["model"])
-            for model, count in sorted(dict(values).items()):
-                family.add_metric([model], count)
-            yield family
+            yield _per_key(
+                CounterMetricFamily(f"edge_agent_examples_{name}", text, labels=["model"]), values
+            )
 
 
-class LearningCollector:
+class LearningCollector(_StatsCollector):
     """edge_agent_learning_* from the learner (learn/participant.py)."""
-
-    def __init__(self, stats: Any) -> None:
-        self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        runs = CounterMetricFamily(
-            "edge_agent_learning_runs", "Local training runs by result", labels=["result"]
+        stats = self._stats
+        yield _per_key(
+            CounterMetricFamily(
+                "edge_agent_learning_runs", "Local training runs by result", labels=["result"]
+            ),
+            stats.runs,
         )
-        for result, count in sorted(dict(self._stats.runs).items()):
-            runs.add_metric([result], count)
-        yield runs
-        sent = CounterMetricFamily("edge_agent_learning_updates_sent", "Updates uploaded")
-        sent.add_metric([], self._stats.updates_sent)
-        yield sent
-        up = CounterMetricFamily("edge_agent_learning_bytes_up", "Update bytes uploaded")
-        up.add_metric([], self._stats.bytes_up)
-        yield up
-        last = GaugeMetricFamily(
-            "edge_agent_learning_last_run_seconds", "How long the last local run took"
-        )
-        last.add_metric([], self._stats.last_run_seconds)
-        yield last
-        paused = CounterMetricFamily(
-            "edge_agent_learning_paused_seconds",
-            "Time local training waited for serving (train_when = idle)",
-        )
-        paused.add_metric([], self._stats.paused_seconds)
-        yield paused
-        pauses = CounterMetricFamily(
-            "edge_agent_learning_pauses", "Times local training stopped for serving"
-        )
-        pauses.add_metric([], self._stats.pauses)
-        yield pauses
-        starts = CounterMetricFamily(
-            "edge_agent_learning_worker_starts", "Training worker processes started"
-        )
-        starts.add_metric([], self._stats.worker_starts)
-        yield starts
+        for kind, name, text, value in (
+            (CounterMetricFamily, "updates_sent", "Updates uploaded", stats.updates_sent),
+            (CounterMetricFamily, "bytes_up", "Update bytes uploaded", stats.bytes_up),
+            (GaugeMetricFamily, "last_run_seconds", "How long the last local run took",
+             stats.last_run_seconds),
+            (CounterMetricFamily, "paused_seconds",
+             "Time local training waited for serving (train_when = idle)", stats.paused_seconds),
+            (CounterMetricFamily, "pauses", "Times local training stopped for serving",
+             stats.pauses),
+            (CounterMetricFamily, "worker_starts", "Training worker processes started",
+             stats.worker_starts),
+        ):  # fmt: skip
+            yield _single(kind(f"edge_agent_learning_{name}", text), value)
 
 
 class MetricsServer:
