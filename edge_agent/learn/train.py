@@ -110,31 +110,9 @@ def train(
         if spec.optimizer == "adam"
         else torch.optim.SGD(parameters, lr=spec.lr)
     )
-    mask_tensors = {
-        name: torch.from_numpy(np.asarray(m, dtype=np.float32))
-        for name, m in (masks or {}).items()
-        if name in module.parameters_by_name
-    }
-
-    start_values = {n: p.detach().clone() for n, p in module.parameters_by_name.items()}
-
-    def objective(batch: Any, index: Any) -> Any:
-        logits = module(batch)[output]
-        if loss is not None:
-            return loss(logits, target[index], index)
-        return torch.nn.functional.cross_entropy(logits, target[index])
-
-    def proximal() -> Any:
-        return (spec.proximal_mu / 2) * sum(
-            torch.sum((p - start_values[n]) ** 2) for n, p in module.parameters_by_name.items()
-        )
-
-    def evaluate() -> float:
-        with torch.no_grad():
-            everything = torch.arange(rows)
-            return float(objective(tensors, everything))
-
-    before = evaluate()
+    mask_tensors = _mask_tensors(module, masks or {})
+    objective = _Objective(module, output, target, loss, spec.proximal_mu)
+    before = objective.on_all(tensors)
     epochs = 0
     waited = 0.0
     generator = torch.Generator().manual_seed(spec.seed)
@@ -144,12 +122,8 @@ def train(
             if before_batch is not None:
                 waited += before_batch()
             index = order[start : start + spec.batch_size]
-            batch = {k: v[index] for k, v in tensors.items()}
             optimizer.zero_grad()
-            value = objective(batch, index)
-            if spec.proximal_mu > 0:
-                value = value + proximal()
-            value.backward()
+            objective.to_minimise({k: v[index] for k, v in tensors.items()}, index).backward()
             optimizer.step()
             if mask_tensors:
                 with torch.no_grad():
@@ -162,6 +136,58 @@ def train(
         name: (p.detach().numpy() - values[name]).astype(np.float32)
         for name, p in module.parameters_by_name.items()
     }
-    return TrainResult(
-        deltas, before, evaluate(), epochs, rows, time.monotonic() - started, check_error
-    )
+    after = objective.on_all(tensors)
+    return TrainResult(deltas, before, after, epochs, rows, time.monotonic() - started, check_error)
+
+
+def _mask_tensors(module: OnnxModule, masks: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The masks of parameters being trained, as tensors to multiply them with after a step."""
+    import torch
+
+    return {
+        name: torch.from_numpy(np.asarray(m, dtype=np.float32))
+        for name, m in masks.items()
+        if name in module.parameters_by_name
+    }
+
+
+class _Objective:
+    """The loss on some rows: cross-entropy on the training output's logits, or the caller's
+    `loss`; what is minimised adds FedProx's term (`proximal_mu` > 0) against the values
+    training started from."""
+
+    def __init__(
+        self, module: OnnxModule, output: str, target: Any, loss: Any, proximal_mu: float
+    ) -> None:
+        self._module = module
+        self._output = output
+        self._target = target
+        self._loss = loss
+        self._mu = proximal_mu
+        self._start = {n: p.detach().clone() for n, p in module.parameters_by_name.items()}
+
+    def __call__(self, batch: Any, index: Any) -> Any:
+        import torch
+
+        logits = self._module(batch)[self._output]
+        if self._loss is not None:
+            return self._loss(logits, self._target[index], index)
+        return torch.nn.functional.cross_entropy(logits, self._target[index])
+
+    def to_minimise(self, batch: Any, index: Any) -> Any:
+        import torch
+
+        value = self(batch, index)
+        if self._mu > 0:
+            value = value + (self._mu / 2) * sum(
+                torch.sum((p - self._start[n]) ** 2)
+                for n, p in self._module.parameters_by_name.items()
+            )
+        return value
+
+    def on_all(self, tensors: Mapping[str, Any]) -> float:
+        """The loss on every row, without gradients (before and after training)."""
+        import torch
+
+        with torch.no_grad():
+            return float(self(tensors, torch.arange(int(self._target.shape[0]))))
