@@ -114,13 +114,7 @@ def build_distilled(args: argparse.Namespace) -> dict[str, Any]:
         "out": str(args.out),
         "temperature": args.temperature,
         "alpha": args.alpha,
-        "size_bytes": {"before": len(teacher_bytes), "after": len(data)},
-        "compression_rate": (len(teacher_bytes) - len(data)) / len(teacher_bytes),
-        "parameters": {"before": report.parameters(teacher), "after": report.parameters(out)},
-        "compressed_size_bytes": {
-            "before": report.compressed_sizes(teacher_bytes),
-            "after": report.compressed_sizes(data),
-        },
+        **_sizes(teacher, teacher_bytes, out, data),
         "validation": report.accuracy_report(
             teacher_session, report.session(data), validation, val_labels
         ),
@@ -138,6 +132,21 @@ def build_distilled(args: argparse.Namespace) -> dict[str, Any]:
     result["accepted"] = args.max_accuracy_drop is None or drop <= args.max_accuracy_drop
     result["_model_bytes"] = data
     return result
+
+
+def _sizes(
+    before: onnx.ModelProto, before_bytes: bytes, after: onnx.ModelProto, after_bytes: bytes
+) -> dict[str, Any]:
+    """The report's size entries, before and after: bytes, parameters, compressed bytes."""
+    return {
+        "size_bytes": {"before": len(before_bytes), "after": len(after_bytes)},
+        "compression_rate": (len(before_bytes) - len(after_bytes)) / len(before_bytes),
+        "parameters": {"before": report.parameters(before), "after": report.parameters(after)},
+        "compressed_size_bytes": {
+            "before": report.compressed_sizes(before_bytes),
+            "after": report.compressed_sizes(after_bytes),
+        },
+    }
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -198,13 +207,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "model": str(args.model_file),
         "out": str(args.out),
-        "size_bytes": {"before": len(source_bytes), "after": len(data)},
-        "compression_rate": (len(source_bytes) - len(data)) / len(source_bytes),
-        "parameters": {"before": report.parameters(source), "after": report.parameters(model)},
-        "compressed_size_bytes": {
-            "before": report.compressed_sizes(source_bytes),
-            "after": report.compressed_sizes(data),
-        },
+        **_sizes(source, source_bytes, model, data),
         "validation": None,
         "latency_ms_median": report.latency_report(source, before, after, validation),
         "max_accuracy_drop": args.max_accuracy_drop,
