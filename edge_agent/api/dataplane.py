@@ -176,8 +176,7 @@ class DataPlane:
         # Waits only while a drain_first swap is under way; from here to the scheduler's queue
         # there is no await, so a version retired meanwhile still answers this request.
         model = await self.registry.acquire(request.model_name, request.model_version, deadline)
-        with self._accounted(model, started) as held:
-            job = self._job(request, model, priority, deadline, held)
+        with self._job(request, model, priority, deadline, started) as job:
             response: pb.ModelInferResponse = await model.scheduler.infer(job)
         return response
 
@@ -216,8 +215,7 @@ class DataPlane:
         model = self.registry.get(request.model_name, request.model_version)
         if not model.scheduler.started:
             asyncio.run_coroutine_threadsafe(_start(model.scheduler), loop).result()
-        with self._accounted(model, started) as held:
-            job = self._job(request, model, priority, deadline, held)
+        with self._job(request, model, priority, deadline, started) as job:
             response: pb.ModelInferResponse = model.scheduler.submit(job, on_cancel)
         return response
 
@@ -245,34 +243,31 @@ class DataPlane:
         except Exception as exc:
             return stream_failure(exc, request)
 
+    @contextlib.contextmanager
     def _job(
         self,
         request: pb.ModelInferRequest,
         model: ModelVersion,
         priority: int,
         deadline: float | None,
-        held: list[Held],
-    ) -> Job:
-        """The request decoded and checked against `model`, as its scheduler takes it; the
-        shared memory regions it reads or writes go to `held`."""
-        feeds, outputs = decode_request(
-            request,
-            model,
-            self.max_elements_per_tensor,
-            self.max_elements_per_request,
-            self.shm,
-            held,
-        )
-        targets = output_regions(request, self.shm, held) if request.outputs else None
-        finish = functools.partial(encode_response, request, model, outputs, targets=targets)
-        return Job(feeds, outputs, batch_rows(feeds, model), finish, priority, deadline)
-
-    @contextlib.contextmanager
-    def _accounted(self, model: ModelVersion, started: int) -> Iterator[list[Held]]:
-        """Statistics for one inference on `model`, and the release of its shared memory."""
+        started: int,
+    ) -> Iterator[Job]:
+        """The request decoded and checked against `model`, as its scheduler takes it; on the
+        way out, its statistics recorded and the shared memory it read or wrote released,
+        whatever the outcome."""
         held: list[Held] = []
         try:
-            yield held
+            feeds, outputs = decode_request(
+                request,
+                model,
+                self.max_elements_per_tensor,
+                self.max_elements_per_request,
+                self.shm,
+                held,
+            )
+            targets = output_regions(request, self.shm, held) if request.outputs else None
+            finish = functools.partial(encode_response, request, model, outputs, targets=targets)
+            yield Job(feeds, outputs, batch_rows(feeds, model), finish, priority, deadline)
         except Retiring:
             raise  # asked again of the new version (infer_on_thread): not a failure
         except Exception as exc:

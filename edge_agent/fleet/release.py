@@ -28,7 +28,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -226,9 +226,7 @@ def _parse_variant(data: Mapping[str, Any]) -> Variant:
     if graph.get("path") != GRAPH or not _DIGEST.match(str(graph.get("sha256", ""))):
         raise ReleaseRejected("format", "release.json: 'graph' must name model.onnx and its sha256")
     files = []
-    for item in _field(data, "files", list):
-        if not isinstance(item, dict):
-            raise ReleaseRejected("format", "release.json: a file entry is not an object")
+    for item in _objects(data, "files", "file"):
         path = _field(item, "path", str)
         check_file_name(path)
         sha = _field(item, "sha256", str)
@@ -242,9 +240,7 @@ def _parse_variant(data: Mapping[str, Any]) -> Variant:
     if GRAPH not in paths or next(f for f in files if f.path == GRAPH).sha256 != graph["sha256"]:
         raise ReleaseRejected("format", "release.json: the graph is not among the files")
     tensors = []
-    for item in _field(data, "tensors", list):
-        if not isinstance(item, dict):
-            raise ReleaseRejected("format", "release.json: a tensor entry is not an object")
+    for item in _objects(data, "tensors", "tensor"):
         shape = _field(item, "shape", list)
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ReleaseRejected("format", "release.json: a tensor shape is not a list of sizes")
@@ -255,6 +251,13 @@ def _parse_variant(data: Mapping[str, Any]) -> Variant:
             TensorEntry(_field(item, "name", str), path, _field(item, "dtype", str), tuple(shape))
         )
     return Variant(graph["sha256"], tuple(files), tuple(tensors))
+
+
+def _objects(data: Mapping[str, Any], key: str, what: str) -> Iterator[Mapping[str, Any]]:
+    for item in _field(data, key, list):
+        if not isinstance(item, dict):
+            raise ReleaseRejected("format", f"release.json: a {what} entry is not an object")
+        yield item
 
 
 def check_fresh(release: Release, now: float | None = None) -> None:

@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,27 +68,17 @@ def signed_files(signature: bytes, trusted_keys: Sequence[Path]) -> dict[str, st
     release.json's file table must match it (`check_signed`). Raises ReleaseRejected."""
     from model_signing._signing import sign_ec_key, sign_sigstore_pb
 
-    if not trusted_keys:
-        raise ReleaseRejected("signature", "no trusted keys configured")
-    errors = []
-    with tempfile.TemporaryDirectory() as scratch:
-        bundle = Path(scratch) / "release.sig"
-        bundle.write_bytes(signature)
-        for key in trusted_keys:
-            try:
-                parsed = sign_sigstore_pb.Signature.read(bundle)
-                manifest = sign_ec_key.Verifier(Path(key)).verify(parsed)
-                files = {}
-                for item in manifest.resource_descriptors():
-                    if item.digest.algorithm != "sha256":
-                        raise ValueError(f"digest algorithm {item.digest.algorithm}")
-                    files[str(item.identifier)] = str(item.digest.digest_hex)
-                return files
-            except Exception as exc:  # model_signing raises ValueError and assorted others
-                errors.append(f"{Path(key).name}: {str(exc)[:200]}")
-    raise ReleaseRejected(
-        "signature", "signature not valid for any trusted key: " + "; ".join(errors)
-    )
+    def files(bundle: Path, key: Path) -> dict[str, str]:
+        parsed = sign_sigstore_pb.Signature.read(bundle)
+        manifest = sign_ec_key.Verifier(Path(key)).verify(parsed)
+        listed = {}
+        for item in manifest.resource_descriptors():
+            if item.digest.algorithm != "sha256":
+                raise ValueError(f"digest algorithm {item.digest.algorithm}")
+            listed[str(item.identifier)] = str(item.digest.digest_hex)
+        return listed
+
+    return _with_any_key(signature, trusted_keys, files)
 
 
 def check_signed(signed: Mapping[str, str], release_json: bytes, files: Mapping[str, str]) -> None:
@@ -105,6 +96,24 @@ def verify_directory(directory: Path, signature: bytes, trusted_keys: Sequence[P
     """Returns the key that verified; raises ReleaseRejected("signature") when none does."""
     from model_signing import verifying
 
+    def verified(bundle: Path, key: Path) -> Path:
+        config = verifying.Config().use_elliptic_key_verifier(  # type: ignore[no-untyped-call]
+            public_key=key
+        )
+        config.verify(directory, bundle)
+        return key
+
+    return _with_any_key(signature, trusted_keys, verified)
+
+
+T = TypeVar("T")
+
+
+def _with_any_key(
+    signature: bytes, trusted_keys: Sequence[Path], verify: Callable[[Path, Path], T]
+) -> T:
+    """`verify(bundle file, key)` with the first trusted key it succeeds with; ReleaseRejected
+    with every key's reason when none does."""
     if not trusted_keys:
         raise ReleaseRejected("signature", "no trusted keys configured")
     errors = []
@@ -113,13 +122,9 @@ def verify_directory(directory: Path, signature: bytes, trusted_keys: Sequence[P
         bundle.write_bytes(signature)
         for key in trusted_keys:
             try:
-                config = verifying.Config().use_elliptic_key_verifier(  # type: ignore[no-untyped-call]
-                    public_key=key
-                )
-                config.verify(directory, bundle)
-                return key
+                return verify(bundle, Path(key))
             except Exception as exc:  # model_signing raises ValueError and assorted others
-                errors.append(f"{key.name}: {str(exc)[:200]}")
+                errors.append(f"{Path(key).name}: {str(exc)[:200]}")
     raise ReleaseRejected(
         "signature", "signature not valid for any trusted key: " + "; ".join(errors)
     )
