@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from edge_agent.common.layout import MODEL_FILE
 from edge_agent.compress.data import batches
 from edge_agent.errors import InvalidArgument
 
@@ -45,7 +46,7 @@ def int8_dynamic(source: Path) -> onnx.ModelProto:
 
     _quiet()
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "model.onnx"
+        out = Path(scratch) / MODEL_FILE
         quantize_dynamic(source, out, weight_type=QuantType.QInt8)
         return _quantized(onnx.load(str(out)), "int8-dynamic")
 
@@ -60,7 +61,7 @@ def int8_static(source: Path, calibration: Mapping[str, np.ndarray]) -> onnx.Mod
 
     _quiet()
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "model.onnx"
+        out = Path(scratch) / MODEL_FILE
         quantize_static(
             source,
             out,

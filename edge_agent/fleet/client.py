@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.common.layout import CONFIG_FILE, GOLDEN_FILE, WARMUP_DIR
 from edge_agent.errors import ConfigError
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.commands import (
@@ -28,11 +29,8 @@ from edge_agent.fleet.commands import (
 )
 from edge_agent.fleet.connect import channel_credentials, open_channel, upload_chunks
 from edge_agent.fleet.release import (
-    CONFIG,
     DEFAULT_LIFETIME_SECONDS,
-    GOLDEN,
     RELEASE_JSON,
-    WARMUP_DIR,
     build_release,
     parse_release,
     variant_dir,
@@ -95,18 +93,18 @@ def release_extras(
     version_dir = model_file.resolve().parent
     in_repository = version_dir.name.isdigit()
     model_dir = version_dir.parent
-    if config is None and in_repository and (model_dir / CONFIG).is_file():
-        config = model_dir / CONFIG
-    if golden is None and in_repository and (version_dir / GOLDEN).is_file():
-        golden = version_dir / GOLDEN
+    if config is None and in_repository and (model_dir / CONFIG_FILE).is_file():
+        config = model_dir / CONFIG_FILE
+    if golden is None and in_repository and (version_dir / GOLDEN_FILE).is_file():
+        golden = version_dir / GOLDEN_FILE
     if warmup is None and in_repository and (model_dir / WARMUP_DIR).is_dir():
         warmup = model_dir / WARMUP_DIR
     extras: dict[str, Path] = {}
     if config is not None:
         _check_config(config, model)
-        extras[CONFIG] = config
+        extras[CONFIG_FILE] = config
     if golden is not None:
-        extras[GOLDEN] = golden
+        extras[GOLDEN_FILE] = golden
     if warmup is not None:
         if not warmup.is_dir():
             raise ConfigError(f"--warmup {warmup}: not a directory")

@@ -35,22 +35,18 @@ from typing import Any
 import onnx
 from onnx import external_data_helper, numpy_helper
 
+from edge_agent.common.layout import GOLDEN_FILE, MODEL_FILE, VARIANT_FILE, WARMUP_DIR
 from edge_agent.common.onnxgraph import nested_tensors
 from edge_agent.errors import ReleaseRejected
 
 FORMAT = 1
-GRAPH = "model.onnx"
 RELEASE_JSON = "release.json"
-# Files a release may carry beside the graph and its weights (publish --config / --golden /
-# --warmup): the model's configuration travels with its weights, signed with them.
-CONFIG = "config.pbtxt"
-GOLDEN = "golden.npz"
-WARMUP_DIR = "warmup"
+# Beside the graph and its weights a release may carry CONFIG_FILE, GOLDEN_FILE and WARMUP_DIR
+# files (publish --config / --golden / --warmup): the model's configuration travels with its
+# weights, signed with them.
 EXTERNAL_MIN_BYTES = 1024
 CHUNK_SIZE = 1 << 20  # transfer unit: blobs stream in chunks of this size, each with its digest
 DEFAULT_VARIANT = "fp32"
-# Written by the agent into an installed version directory: the variant it holds.
-VARIANT_FILE = "variant"
 DEFAULT_LIFETIME_SECONDS = 365 * 24 * 3600
 MAX_VERSION = 2**63 - 1  # versions are stored as signed 64-bit integers
 MAX_RELEASE_JSON_BYTES = 1 << 20
@@ -81,7 +77,7 @@ class Variant:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "graph": {"path": GRAPH, "sha256": self.graph_sha256},
+            "graph": {"path": MODEL_FILE, "sha256": self.graph_sha256},
             "files": [dataclasses.asdict(f) for f in self.files],
             "tensors": [{**dataclasses.asdict(t), "shape": list(t.shape)} for t in self.tensors],
         }
@@ -223,7 +219,7 @@ def _time(data: Mapping[str, Any], key: str) -> float:
 
 def _parse_variant(data: Mapping[str, Any]) -> Variant:
     graph = _field(data, "graph", dict)
-    if graph.get("path") != GRAPH or not _DIGEST.match(str(graph.get("sha256", ""))):
+    if graph.get("path") != MODEL_FILE or not _DIGEST.match(str(graph.get("sha256", ""))):
         raise ReleaseRejected("format", "release.json: 'graph' must name model.onnx and its sha256")
     files = []
     for item in _objects(data, "files", "file"):
@@ -237,7 +233,10 @@ def _parse_variant(data: Mapping[str, Any]) -> Variant:
     paths = [f.path for f in files]
     if len(set(paths)) != len(paths):
         raise ReleaseRejected("format", "release.json: a file is listed twice")
-    if GRAPH not in paths or next(f for f in files if f.path == GRAPH).sha256 != graph["sha256"]:
+    if (
+        MODEL_FILE not in paths
+        or next(f for f in files if f.path == MODEL_FILE).sha256 != graph["sha256"]
+    ):
         raise ReleaseRejected("format", "release.json: the graph is not among the files")
     tensors = []
     for item in _objects(data, "tensors", "tensor"):
@@ -306,9 +305,9 @@ def _split(model_path: Path, out_dir: Path, extras: Mapping[str, Path]) -> Varia
         tensor.ClearField("raw_data")
         tensors.append(TensorEntry(tensor.name, name, _dtype_name(tensor.data_type), data.shape))
     graph_bytes = proto.SerializeToString()
-    (out_dir / GRAPH).write_bytes(graph_bytes)
+    (out_dir / MODEL_FILE).write_bytes(graph_bytes)
     graph_sha = hashlib.sha256(graph_bytes).hexdigest()
-    files[GRAPH] = FileEntry(GRAPH, graph_sha, len(graph_bytes))
+    files[MODEL_FILE] = FileEntry(MODEL_FILE, graph_sha, len(graph_bytes))
     for name, source in sorted(extras.items()):
         check_file_name(name)
         if name in files:
@@ -346,7 +345,7 @@ def build_release(
         if not _SAFE_NAME.match(name) or name == DEFAULT_VARIANT:
             raise ReleaseRejected("format", f"variant name {name!r}: use a plain name, not fp32")
     extras = dict(extras or {})
-    shared = {k: v for k, v in extras.items() if k != GOLDEN}
+    shared = {k: v for k, v in extras.items() if k != GOLDEN_FILE}
     default = _split(model_path, out_dir, extras)
     others = {
         name: _split(path, variant_dir(out_dir, name), shared)
@@ -380,7 +379,7 @@ def check_directory(release: Release, directory: Path) -> None:
     for entry in release.files:
         if sha256_file(directory / entry.path) != entry.sha256:
             raise ReleaseRejected("digest", f"{entry.path}: content does not match its sha256")
-    check_graph_contract(release, directory / GRAPH)
+    check_graph_contract(release, directory / MODEL_FILE)
 
 
 def is_installed_in(release: Release, release_json: bytes, directory: Path) -> bool:

@@ -133,13 +133,14 @@ def run_job(job: dict[str, Any], channel: Channel | None) -> dict[str, Any]:
     import onnx
     import torch
 
+    from edge_agent.common.layout import MODEL_FILE
     from edge_agent.learn.delta import decode
     from edge_agent.learn.onnxinfo import apply
     from edge_agent.learn.train import TrainSpec, train
 
     torch.set_num_threads(int(job.get("threads", 1)))
     model_dir = Path(job["model_dir"])
-    model = onnx.load(str(model_dir / job.get("model_file", "model.onnx")))  # + external data
+    model = onnx.load(str(model_dir / job.get("model_file", MODEL_FILE)))  # + external data
     if job.get("global"):
         model = apply(model, decode(Path(job["global"]).read_bytes()), add=False)
     with np.load(job["examples"], allow_pickle=False) as data:

@@ -12,6 +12,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from edge_agent._proto import model_config_pb2 as mc
+from edge_agent.common.layout import CONFIG_FILE, MODEL_FILE
 from edge_agent.common.tensors import ORT_TYPES, config_type_name, protocol_datatype
 from edge_agent.errors import ModelLoadError
 from edge_agent.runtime.binding import IO_BINDING_MODES
@@ -28,7 +29,6 @@ from edge_agent.settings import (
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
-DEFAULT_MODEL_FILENAME = "model.onnx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
     Returns the config and whether it set max_batch_size explicitly.
     """
     config = mc.ModelConfig()
-    path = model_dir / "config.pbtxt"
+    path = model_dir / CONFIG_FILE
     given = False
     if path.exists():
         try:
@@ -163,7 +163,7 @@ def complete_config(
     if not done.HasField("version_policy"):
         done.version_policy.latest.num_versions = 1
     if not done.default_model_filename:
-        done.default_model_filename = DEFAULT_MODEL_FILENAME
+        done.default_model_filename = MODEL_FILE
     return done
 
 

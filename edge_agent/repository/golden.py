@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.common.layout import GOLDEN_FILE
 from edge_agent.errors import ModelLoadError
-
-GOLDEN_FILE = "golden.npz"
 
 Golden = tuple[dict[str, np.ndarray], dict[str, np.ndarray], float, float]
 

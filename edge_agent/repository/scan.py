@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from edge_agent.common.layout import CONFIG_FILE
+
 # (path relative to the model directory, size, mtime_ns) of every file, sorted.
 FileList = tuple[tuple[str, int, int], ...]
 
@@ -65,10 +67,10 @@ def _files(root: Path, prefix: str = "") -> FileList:
 
 
 def scan_model(model_dir: Path) -> ModelFiles:
-    config = model_dir / "config.pbtxt"
+    config = model_dir / CONFIG_FILE
     try:
         st = config.lstat()
-        config_files: FileList = (("config.pbtxt", st.st_size, st.st_mtime_ns),)
+        config_files: FileList = ((CONFIG_FILE, st.st_size, st.st_mtime_ns),)
     except OSError:
         config_files = ()
     return ModelFiles(

@@ -25,12 +25,12 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from edge_agent.common.files import write_atomically
+from edge_agent.common.layout import CONFIG_FILE, WARMUP_DIR
 from edge_agent.errors import InvalidArgument
 
 STAGING = ".staging"
 REPLACED = ".replaced"
 FILE_PREFIX = "file:"
-WARMUP = "warmup"  # the model's model_warmup input files (read by repository/version.py)
 
 
 def check_model_name(name: str) -> None:
@@ -100,13 +100,13 @@ def stage(
     staged = repository / STAGING / uuid.uuid4().hex / model
     staged.mkdir(parents=True)
     try:
-        existing = repository / model / "config.pbtxt"
+        existing = repository / model / CONFIG_FILE
         if config_text is not None:
-            _write(staged / "config.pbtxt", config_text.encode())
+            _write(staged / CONFIG_FILE, config_text.encode())
         elif existing.is_file():
-            _write(staged / "config.pbtxt", existing.read_bytes())
-        if (repository / model / WARMUP).is_dir():  # for the build only; not installed
-            _copy_tree(repository / model / WARMUP, staged / WARMUP)
+            _write(staged / CONFIG_FILE, existing.read_bytes())
+        if (repository / model / WARMUP_DIR).is_dir():  # for the build only; not installed
+            _copy_tree(repository / model / WARMUP_DIR, staged / WARMUP_DIR)
         for version, version_files in files.items():
             for relative, content in version_files.items():
                 _write(staged / str(version) / relative, content)
@@ -170,7 +170,7 @@ def stage_directory(repository: Path, model: str, version: int, source: Path) ->
 
 def _stage_model_files(model_dir: Path, version_dir: Path, staged: Path) -> None:
     """config.pbtxt and warmup/ for a staged model: the version's own copies, else the model's."""
-    for name, copy in (("config.pbtxt", shutil.copyfile), (WARMUP, _copy_tree)):
+    for name, copy in ((CONFIG_FILE, shutil.copyfile), (WARMUP_DIR, _copy_tree)):
         own = version_dir / name
         source = own if own.exists() else model_dir / name
         if source.exists():
@@ -179,7 +179,7 @@ def _stage_model_files(model_dir: Path, version_dir: Path, staged: Path) -> None
 
 def model_files_of(version_dir: Path) -> list[str]:
     """The model-level files (config.pbtxt, warmup/) a version directory carries copies of."""
-    return [name for name in ("config.pbtxt", WARMUP) if (version_dir / name).exists()]
+    return [name for name in (CONFIG_FILE, WARMUP_DIR) if (version_dir / name).exists()]
 
 
 def restore_model_files(model_dir: Path, version: int) -> None:
@@ -187,15 +187,15 @@ def restore_model_files(model_dir: Path, version: int) -> None:
     (a synced release's), so that a rollback serves the version with the config it was published
     with. A version without copies changes nothing."""
     version_dir = model_dir / str(version)
-    own = version_dir / "config.pbtxt"
-    current = model_dir / "config.pbtxt"
+    own = version_dir / CONFIG_FILE
+    current = model_dir / CONFIG_FILE
     if own.is_file() and (not current.is_file() or current.read_bytes() != own.read_bytes()):
         write_atomically(current, own.read_bytes())
-    own_warmup = version_dir / WARMUP
-    if own_warmup.is_dir() and _tree(own_warmup) != _tree(model_dir / WARMUP):
-        fresh = model_dir / f".{WARMUP}-{uuid.uuid4().hex}"  # hidden: never taken for a version
+    own_warmup = version_dir / WARMUP_DIR
+    if own_warmup.is_dir() and _tree(own_warmup) != _tree(model_dir / WARMUP_DIR):
+        fresh = model_dir / f".{WARMUP_DIR}-{uuid.uuid4().hex}"  # hidden: never taken for a version
         _copy_tree(own_warmup, fresh)
-        _rename_over(fresh, model_dir / WARMUP, model_dir)
+        _rename_over(fresh, model_dir / WARMUP_DIR, model_dir)
         _fsync_dir(model_dir)
         shutil.rmtree(model_dir / REPLACED, ignore_errors=True)
 
@@ -221,7 +221,7 @@ def install(
     for version in versions:
         _rename_over(staged / str(version), target / str(version), target)
     for name in model_files or []:
-        if name == "config.pbtxt":
+        if name == CONFIG_FILE:
             os.replace(staged / name, target / name)
         else:
             _rename_over(staged / name, target / name, target)
@@ -255,5 +255,5 @@ def clean_staging(repository: Path) -> None:
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
         shutil.rmtree(model_dir / REPLACED, ignore_errors=True)
-        for leftover in model_dir.glob(f".{WARMUP}-*"):
+        for leftover in model_dir.glob(f".{WARMUP_DIR}-*"):
             shutil.rmtree(leftover, ignore_errors=True)

@@ -26,14 +26,13 @@ import numpy as np
 
 from edge_agent._proto import model_config_pb2 as mc
 from edge_agent.common import failpoints
+from edge_agent.common.layout import GOLDEN_FILE, MODEL_FILE, VARIANT_FILE, WARMUP_DIR
 from edge_agent.common.onnxgraph import data_dependent_ops
 from edge_agent.common.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, protocol_datatype
 from edge_agent.errors import EdgeAgentError, ModelLoadError
-from edge_agent.fleet.release import VARIANT_FILE
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
-from edge_agent.repository.golden import GOLDEN_FILE, check_golden, read_golden
-from edge_agent.repository.staging import WARMUP
+from edge_agent.repository.golden import check_golden, read_golden
 from edge_agent.runtime.external_data import validate_external_data
 from edge_agent.runtime.priority import Priority
 from edge_agent.runtime.session import (
@@ -190,7 +189,7 @@ def _open(
 ) -> tuple[Path, RuntimeOptions, LoadedSession]:
     """The version's graph (its external data checked), the runtime options its config and the
     settings ask for, and a first session made with them."""
-    filename = config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME
+    filename = config.default_model_filename or MODEL_FILE
     path = model_dir / str(version) / filename
     if not path.is_file():
         raise ModelLoadError(f"{version}/{filename} is missing")
@@ -454,11 +453,11 @@ def _sample(
         if relative.is_absolute() or ".." in relative.parts or not relative.parts:
             raise ModelLoadError(
                 f"model_warmup '{label}': input_data_file {spec.input_data_file!r} must be a "
-                f"plain path inside {WARMUP}/"
+                f"plain path inside {WARMUP_DIR}/"
             )
-        path = model_dir / WARMUP / relative
+        path = model_dir / WARMUP_DIR / relative
         if path.is_symlink() or not path.is_file():
-            raise ModelLoadError(f"model_warmup '{label}': {WARMUP}/{relative} is missing")
+            raise ModelLoadError(f"model_warmup '{label}': {WARMUP_DIR}/{relative} is missing")
         try:
             array = decode_raw(input_name, datatype, dims, path.read_bytes())
         except EdgeAgentError as exc:

@@ -29,11 +29,11 @@ import grpc
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.common import failpoints
 from edge_agent.common.device_blobs import DeviceBlobs
+from edge_agent.common.layout import VARIANT_FILE
 from edge_agent.errors import DiskFull, EdgeAgentError, ReleaseRejected
 from edge_agent.fleet import signing
 from edge_agent.fleet.release import (
     DEFAULT_VARIANT,
-    VARIANT_FILE,
     Release,
     check_directory,
     check_fresh,

@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from edge_agent.common.layout import CONFIG_FILE, MODEL_FILE, WARMUP_DIR
 from edge_agent.controlplane.blobs import BlobStore
 from edge_agent.controlplane.registry import BlobInfo, LearningTaskRow, Registry
 from edge_agent.errors import NotFound
-from edge_agent.fleet.release import CHUNK_SIZE, CONFIG, GRAPH, WARMUP_DIR, parse_release
+from edge_agent.fleet.release import CHUNK_SIZE, parse_release
 from edge_agent.learn import delta
 
 BaseModel = tuple[Any, dict[str, bytes]]  # an onnx.ModelProto; the release's config/warmup files
@@ -84,7 +85,7 @@ class LearningStore:
             for entry in release.files:
                 (Path(scratch) / entry.path).parent.mkdir(exist_ok=True)
                 (Path(scratch) / entry.path).write_bytes(self.read_blob(entry.sha256))
-                if entry.path == CONFIG or entry.path.startswith(WARMUP_DIR + "/"):
+                if entry.path == CONFIG_FILE or entry.path.startswith(WARMUP_DIR + "/"):
                     extras[entry.path] = (Path(scratch) / entry.path).read_bytes()
-            model = onnx.load(str(Path(scratch) / GRAPH))
+            model = onnx.load(str(Path(scratch) / MODEL_FILE))
         return model, extras
