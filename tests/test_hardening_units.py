@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.controlplane.service import MAX_REPORTS, TokenBucket, accept_reports
 from edge_agent.errors import ModelLoadError, ReleaseRejected
+from edge_agent.fleet import auth
 from edge_agent.fleet.release import build_release, check_graph_contract, parse_release
 from edge_agent.rpc.connections import ConnectionLimits, _decode, fit_to_fd_limit, parse_peer
 from edge_agent.rpc.wire import Malformed, lenient
@@ -152,3 +153,21 @@ def test_a_release_graph_keeps_external_data_in_its_initializers(kind: str, tmp_
     onnx.save(_with_hidden_external(kind, release.files[0].path), graph)
     with pytest.raises(ReleaseRejected, match="outside the graph's initializers"):
         check_graph_contract(release, graph)
+
+
+@pytest.mark.parametrize(
+    ("value", "token"),
+    [
+        ("Bearer abc", "abc"),
+        (b"Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("BEARER abc", "abc"),
+        ("abc", ""),  # a bare token is not a bearer credential
+        ("Basic YWJj", ""),
+        ("Bearer", ""),
+        ("", ""),
+    ],
+)
+def test_one_bearer_parser_for_every_listener(value: str | bytes, token: str) -> None:
+    assert auth.bearer_token(value) == token
+    assert auth.bearer([("authorization", value), ("x-device-id", b"d1")]) == (token, "d1")

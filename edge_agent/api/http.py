@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -34,6 +33,7 @@ from edge_agent.api.infer import ElementBudget
 from edge_agent.api.security import control_denied
 from edge_agent.common.tensors import NUMPY_DTYPES, decode_raw, element_count
 from edge_agent.errors import InvalidArgument, Unauthenticated, Unavailable
+from edge_agent.fleet import auth
 from edge_agent.observability.logging import get_logger
 from edge_agent.rpc.status import to_status
 
@@ -446,11 +446,8 @@ class HttpFrontEnd:
         if not self._control:
             raise control_denied("http_control_address")
         if self._is_control_listener and self._token is not None:
-            given = request.headers.get("Authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self._token.encode()
-            ):
+            given = auth.bearer_token(request.headers.get("Authorization", ""))
+            if not auth.same(given, self._token):
                 raise Unauthenticated("the control listener needs Authorization: Bearer TOKEN")
 
     async def _json_body(self, request: web.Request) -> dict[str, Any]:

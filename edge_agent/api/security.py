@@ -12,7 +12,6 @@ no interceptor sits on the inference path).
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import grpc
 
 from edge_agent.errors import ConfigError, PermissionDenied
+from edge_agent.fleet import auth
 from edge_agent.observability.logging import get_logger
 from edge_agent.settings import Settings
 
@@ -121,12 +121,8 @@ class ControlGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, continuation: Continuation, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         if self._token is not None:
-            presented = ""
-            for key, value in details.invocation_metadata or ():
-                if key == "authorization":
-                    text = value.decode() if isinstance(value, bytes) else value
-                    presented = text.removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(presented.encode(), self._token.encode()):
+            presented, _ = auth.bearer(details.invocation_metadata)
+            if not auth.same(presented, self._token):
                 return _deny(
                     grpc.StatusCode.UNAUTHENTICATED,
                     "the control listener needs 'authorization: Bearer <token>'",

@@ -18,7 +18,6 @@ the control plane's registry, for the people who run the fleet.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import html
 import secrets
 import time
@@ -28,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from edge_agent.controlplane.registry import PAUSED, Device, LearningTaskRow, Rollout, VersionRow
+from edge_agent.fleet import auth
 from edge_agent.observability.logging import get_logger
 
 log = get_logger(__name__)
@@ -282,9 +282,9 @@ class Dashboard:
     # -- who may read ---------------------------------------------------------------------
 
     def _authorized(self, request: web.Request) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token:
-            return hmac.compare_digest(token.strip().encode(), self._token.encode())
+        token = auth.bearer_token(request.headers.get("Authorization", ""))
+        if token:
+            return auth.same(token, self._token)
         session = request.cookies.get(COOKIE, "")
         expiry = self._sessions.get(session)
         return expiry is not None and expiry > time.time()
@@ -353,7 +353,7 @@ class Dashboard:
         except ValueError:  # not a form: undecodable, a multipart body without its boundary
             return self._form("the login form could not be read", 400)
         token = str(form.get("token", ""))
-        if not hmac.compare_digest(token.strip().encode(), self._token.encode()):
+        if not auth.same(token.strip(), self._token):
             log.warning("dashboard.login_refused", address=address)
             return self._form("that is not the publisher token", 401)
         session = secrets.token_urlsafe(32)

@@ -60,13 +60,21 @@ def metadata(token: str, device_id: str | None = None) -> Sequence[tuple[str, st
     return tuple(items)
 
 
+def bearer_token(value: str | bytes) -> str:
+    """The token of an Authorization value `Bearer TOKEN` (the scheme in any case, RFC 6750);
+    "" when the value is anything else. Every listener (gRPC metadata, HTTP headers) reads its
+    credentials through this one function."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    scheme, _, token = text.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def bearer(invocation_metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str, str]:
     """(token, device id) from call metadata; empty strings when absent."""
     token = device = ""
     for key, value in invocation_metadata or ():
-        text = value.decode(errors="replace") if isinstance(value, bytes) else value
-        if key == AUTHORIZATION and text.startswith("Bearer "):
-            token = text[len("Bearer ") :].strip()
+        if key == AUTHORIZATION:
+            token = bearer_token(value)
         elif key == DEVICE_ID:
-            device = text
+            device = value.decode(errors="replace") if isinstance(value, bytes) else value
     return token, device
