@@ -475,7 +475,7 @@ def due(
     waiting: list[Arrival], settings: delta.Aggregation, version: int
 ) -> tuple[list[Arrival], int]:
     """A full buffer out of `waiting` (removed from it) or nothing, and how many were dropped,
-    as the control plane's `due` (controlplane/learning.py) decides: updates grown older than
+    as the control plane's `due` (controlplane/learning/) decides: updates grown older than
     max_staleness while they waited are dropped; with DP or the median one update per device
     counts, its newest, and its older ones are dropped (superseded)."""
     fresh = [a for a in waiting if version - a.base_version <= settings.max_staleness]

@@ -172,25 +172,7 @@ class Agent:
             model_repository=str(self.settings.model_repository),
             repository_source=repository_source(self.settings.model_repository),
         )
-        # A taken port fails the start now, with its reason, not after every model is warm.
-        listen = [("grpc_address", a) for a in grpc_addresses(self.settings)]
-        listen += [
-            (key, getattr(self.settings, key))
-            for key in (
-                "control_address",
-                "metrics_address",
-                "http_address",
-                "http_control_address",
-            )
-        ]
-        for key, address in listen:
-            if address:
-                check_listen(address, key)
-        if self.settings.learn and not torch_available():
-            raise ConfigError(
-                "learning (--learn / learn = true) needs PyTorch: install the extra with "
-                "pip install 'edge-agent[learn]'"
-            )
+        check_before_start(self.settings)
         if self.settings.control_plane:  # its state is read now: a bad one fails the start
             self.syncer = Syncer(self.settings, self.manager, loop, self.examples)
             self.metrics.registry.register(SyncCollector(self.syncer.stats))
@@ -198,6 +180,25 @@ class Agent:
                 self.metrics.registry.register(LearningCollector(self.syncer.participant.stats))
         # Sessions are built on the loader thread: the event loop stays free meanwhile.
         await self.manager.start()
+        await self._listen(server, control, tls)
+        self.plane.ready = True
+        # Everything built at start lives as long as the agent: keep it out of the cyclic
+        # collector's full passes, which otherwise pause the event loop for milliseconds.
+        gc.freeze()
+        await self._publish_health()
+        self._log_started(tls)
+        if self.syncer is not None:
+            # After the start: serving never waits for the control plane.
+            self.syncer.start()
+        # Only now: every configured model is warm and the listeners are bound.
+        self.notifier.ready(self._status())
+        if self.notifier.watchdog_interval is not None:
+            self._watchdog = asyncio.create_task(self._keepalive(), name="watchdog")
+
+    async def _listen(
+        self, server: grpc.aio.Server, control: grpc.aio.Server | None, tls: ServerTls | None
+    ) -> None:
+        """Bind and start every listener: gRPC (TCP and unix sockets), control, metrics, HTTP."""
         self.unix_sockets: list[str] = []
         for address in grpc_addresses(self.settings):
             bound = bind(server, address, tls.credentials() if tls else None)
@@ -223,11 +224,8 @@ class Agent:
             if watched:
                 self.guard.watch(watched, self._limits)
         self.guard.start()
-        self.plane.ready = True
-        # Everything built at start lives as long as the agent: keep it out of the cyclic
-        # collector's full passes, which otherwise pause the event loop for milliseconds.
-        gc.freeze()
-        await self._publish_health()
+
+    def _log_started(self, tls: ServerTls | None) -> None:
         tcp = [a for a in grpc_addresses(self.settings) if not a.startswith("unix:")]
         host = tcp[0].rpartition(":")[0] if tcp else ""
         log.info(
@@ -244,13 +242,6 @@ class Agent:
             model_repository=str(self.settings.model_repository),
             pid=os.getpid(),
         )
-        if self.syncer is not None:
-            # After the start: serving never waits for the control plane.
-            self.syncer.start()
-        # Only now: every configured model is warm and the listeners are bound.
-        self.notifier.ready(self._status())
-        if self.notifier.watchdog_interval is not None:
-            self._watchdog = asyncio.create_task(self._keepalive(), name="watchdog")
 
     def _on_signal(self) -> None:
         if self._stop.is_set():
@@ -401,3 +392,25 @@ class Agent:
         self.metrics.stop()
         self.notifier.close()
         log.info("agent.stopped")
+
+
+def check_before_start(settings: Settings) -> None:
+    """What can fail the start fails it now, with its reason, before any model is built."""
+    listen = [("grpc_address", a) for a in grpc_addresses(settings)]
+    listen += [
+        (key, getattr(settings, key))
+        for key in (
+            "control_address",
+            "metrics_address",
+            "http_address",
+            "http_control_address",
+        )
+    ]
+    for key, address in listen:
+        if address:
+            check_listen(address, key)
+    if settings.learn and not torch_available():
+        raise ConfigError(
+            "learning (--learn / learn = true) needs PyTorch: install the extra with "
+            "pip install 'edge-agent[learn]'"
+        )

@@ -5,7 +5,7 @@ without tritonclient, like tests/fuzz_rpcs.py).
   at the edges: 0, 2^31, 2^63, 2^64-1; strings of any characters and lengths; nested messages),
   sent with each kind of credentials (publisher, the device, a wrong device id, garbage, none),
   and random bytes.
-- Learning (the parameter server, controlplane/learning.py): StartLearning with valid specs
+- Learning (the parameter server, controlplane/learning/): StartLearning with valid specs
   changed a field or three at a time (every field at its edges: NaN, Inf, 2^64-1, unknown
   enums and names), StopLearning / LearningStatus of tasks that exist and do not, and
   UploadUpdate for a running task the device takes part in: valid updates, and updates with

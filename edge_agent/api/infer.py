@@ -76,21 +76,8 @@ def decode_request(
     batching = model.max_batch_size > 0
     batch_size: int | None = None
     for index, tensor in enumerate(inputs):
-        name = tensor.name
-        spec = model.inputs.get(name)
-        if spec is None:
-            raise InvalidArgument(
-                f"unknown input '{name}' for model '{model.name}' (inputs: {sorted(model.inputs)})"
-            )
-        if name in feeds:
-            raise InvalidArgument(f"input '{name}' is given twice")
-        datatype = tensor.datatype
-        if datatype != spec.datatype:
-            raise InvalidArgument(
-                f"input '{name}': datatype {datatype!r}, the model expects {spec.datatype}"
-            )
-        shape = list(tensor.shape)
-        check_shape(name, shape, spec.dims, model.max_batch_size)
+        name, datatype = tensor.name, tensor.datatype
+        shape = _checked_shape(tensor, model, feeds)
         budget.spend(name, datatype, shape)
         typed = tensor.HasField("contents")
         if raw and typed:
@@ -120,8 +107,35 @@ def decode_request(
         missing = sorted(n for n, s in model.inputs.items() if n not in feeds and not s.optional)
         if missing:
             raise InvalidArgument(f"missing inputs {missing} for model '{model.name}'")
+    return feeds, _requested_outputs(request, model)
+
+
+def _checked_shape(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    model: ModelVersion,
+    feeds: dict[str, np.ndarray],
+) -> list[int]:
+    """The shape of one request input, once its name, datatype and shape fit the model."""
+    name = tensor.name
+    spec = model.inputs.get(name)
+    if spec is None:
+        raise InvalidArgument(
+            f"unknown input '{name}' for model '{model.name}' (inputs: {sorted(model.inputs)})"
+        )
+    if name in feeds:
+        raise InvalidArgument(f"input '{name}' is given twice")
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(
+            f"input '{name}': datatype {tensor.datatype!r}, the model expects {spec.datatype}"
+        )
+    shape = list(tensor.shape)
+    check_shape(name, shape, spec.dims, model.max_batch_size)
+    return shape
+
+
+def _requested_outputs(request: pb.ModelInferRequest, model: ModelVersion) -> list[str]:
     if not request.outputs:
-        return feeds, list(model.outputs)
+        return list(model.outputs)
     outputs = [o.name for o in request.outputs]
     for name in outputs:
         if name not in model.outputs:
@@ -131,7 +145,7 @@ def decode_request(
             )
     if len(set(outputs)) != len(outputs):
         raise InvalidArgument("an output is requested twice")
-    return feeds, outputs
+    return outputs
 
 
 def request_parameters(request: pb.ModelInferRequest) -> tuple[int, float | None]:

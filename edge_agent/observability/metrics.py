@@ -195,7 +195,7 @@ class _StatsCollector:
 
 
 class SyncCollector(_StatsCollector):
-    """edge_agent_sync_* from the sync task's stats (sync/syncer.py SyncStats), read at scrape."""
+    """edge_agent_sync_* from the sync task's stats (sync/reports.py SyncStats), read at scrape."""
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

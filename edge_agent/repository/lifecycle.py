@@ -35,6 +35,7 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 
 from edge_agent._proto import model_config_pb2 as mc
+from edge_agent.common.layout import CONFIG_FILE, MODEL_FILE
 from edge_agent.errors import (
     EdgeAgentError,
     InvalidArgument,
@@ -67,7 +68,8 @@ ROLLBACK_PARAMETER = "rollback"
 
 @dataclasses.dataclass(frozen=True)
 class LoadRequest:
-    """What a RepositoryModelLoad asks, parsed (see api/servicer.py)."""
+    """What a RepositoryModelLoad asks, parsed (by api/dataplane.py load_request, whatever the
+    transport)."""
 
     config_json: str | None = None
     files: Mapping[int, Mapping[str, bytes]] = dataclasses.field(default_factory=dict)
@@ -224,7 +226,7 @@ class ModelManager:
             name,
             lambda: staging.stage(self._repository, name, files, config_text),
             sorted(files),
-            ["config.pbtxt"] if config_text is not None else [],
+            [CONFIG_FILE] if config_text is not None else [],
             sum(len(content) for each in files.values() for content in each.values()),
         )
 
@@ -395,7 +397,7 @@ class ModelManager:
         if not chosen and not absent:
             raise ModelLoadError(
                 f"no version directories (expected {entry.name}/<number>/"
-                f"{config.default_model_filename or cfg.DEFAULT_MODEL_FILENAME})"
+                f"{config.default_model_filename or MODEL_FILE})"
             )
         return source, policy, chosen, absent
 
