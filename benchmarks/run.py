@@ -359,22 +359,28 @@ def report(results: dict[str, Any]) -> str:
                 return "—"
             return f"{x['throughput']:,.0f}/s ({x['p50_ms']:.2f} / {x['p99_ms']:.2f} ms)"
 
-        def ratio(a: dict[str, float] | None, b: float) -> str:
-            return f"{a['throughput'] / b:.2f}" if a else "—"
+        def ratio(a: dict[str, float] | None, b: dict[str, float] | float | None) -> str:
+            base = b["throughput"] if isinstance(b, dict) else b
+            return f"{a['throughput'] / base:.2f}" if a and base else "—"
 
-        for c in entry["naive"]:
+        # --systems may leave any system out (the naive one too): list every level measured.
+        levels = sorted(
+            {c for system, by_c in entry.items() if system != "in_process" for c in by_c}, key=int
+        )
+        for c in levels:
             d = entry.get("daemon", {}).get(c)
             sync = entry.get("daemon-sync", {}).get(c)
             nb = entry.get("daemon-nobatch", {}).get(c)
-            nv = entry["naive"][c]
+            nv = entry.get("naive", {}).get(c)
             rs, ra = entry.get("nowork", {}).get(c), entry.get("nowork-aio", {}).get(c)
             # Without the no-work servers (--systems left them out) there is no R, hence no L.
-            r = max(x["throughput"] for x in (rs, ra) if x) if rs or ra else float("nan")
-            limit = 1 / (1 / r + 1 / c_limit)
+            r = max(x["throughput"] for x in (rs, ra) if x) if rs or ra else None
+            limit = 1 / (1 / r + 1 / c_limit) if r else None
+            limit_cell = f"{limit:,.0f}/s" if limit else "—"
             lines.append(
                 f"| {c} | {cell(d)} | {cell(sync)} | {cell(nb)} | {cell(nv)} | {cell(rs)} | "
-                f"{cell(ra)} | {limit:,.0f}/s | {ratio(d, nv['throughput'])} | "
-                f"{ratio(sync, nv['throughput'])} | {ratio(sync, r)} | {ratio(sync, limit)} |"
+                f"{cell(ra)} | {limit_cell} | {ratio(d, nv)} | "
+                f"{ratio(sync, nv)} | {ratio(sync, r)} | {ratio(sync, limit)} |"
             )
         lines.append("")
     o = results.get("overload")

@@ -40,7 +40,8 @@ from benchmarks.run import free_port, wait_port  # noqa: E402
 from edge_agent._proto import fleet_pb2 as pb  # noqa: E402
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc  # noqa: E402
 from edge_agent.fleet import auth, signing  # noqa: E402
-from edge_agent.fleet.client import open_channel, upload_release  # noqa: E402
+from edge_agent.fleet.cli import upload_release  # noqa: E402
+from edge_agent.fleet.connect import open_channel  # noqa: E402
 from edge_agent.fleet.release import build_release  # noqa: E402
 
 EA = [sys.executable, "-m", "edge_agent"]

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_agent.controlplane import defaults as cp_defaults
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.commands import Commands, add_actions
 from edge_agent.settings import (
@@ -28,10 +29,6 @@ from edge_agent.settings import (
 EXIT_OK = 0
 EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
 
-
-# Every device holds one long-poll almost all the time: a control plane replica's call cap is
-# about its fleet size (a held poll is a coroutine and a few KiB).
-CP_MAX_CONCURRENT_RPCS = 20_000
 
 # `serve`'s flags, in the order --help lists them: (flag, help, argparse options). Each sets the
 # setting of the same name (`_serve`), so none has a default of its own: an unset flag leaves
@@ -133,7 +130,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     from edge_agent.compress.cli import add_arguments as add_optimize
     from edge_agent.compress.cli import add_distill_arguments
-    from edge_agent.fleet.client import add_arguments as add_fleet
+    from edge_agent.fleet.cli import add_arguments as add_fleet
     from edge_agent.learn.cli import add_arguments as add_learning
 
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
@@ -167,7 +164,9 @@ def _add_control_plane(commands: Commands) -> None:
         "until SIGTERM/SIGINT.",
     )
     cp.add_argument("--data-dir", required=True, type=Path, help="state directory (created)")
-    cp.add_argument("--address", default="0.0.0.0:8010", help="HOST:PORT (0.0.0.0:8010)")
+    cp.add_argument(
+        "--address", default=cp_defaults.ADDRESS, help=f"HOST:PORT ({cp_defaults.ADDRESS})"
+    )
     cp.add_argument(
         "--database",
         default="",
@@ -198,8 +197,9 @@ def _add_control_plane(commands: Commands) -> None:
     cp.add_argument(
         "--max-failure-share",
         type=float,
-        default=0.2,
-        help="pause a rollout once more than this share of its devices fail (default 0.2)",
+        default=cp_defaults.MAX_FAILURE_SHARE,
+        help="pause a rollout once more than this share of its devices fail "
+        f"(default {cp_defaults.MAX_FAILURE_SHARE})",
     )
     _add_control_plane_keys(cp)
     _add_control_plane_limits(cp)
@@ -232,38 +232,50 @@ def _add_control_plane_keys(cp: argparse.ArgumentParser) -> None:
 def _add_control_plane_limits(cp: argparse.ArgumentParser) -> None:
     """What one replica and one caller may cost it."""
     cp.add_argument(
-        "--max-blob-bytes", type=int, default=8 << 30, help="largest blob upload (8 GiB)"
+        "--max-blob-bytes",
+        type=int,
+        default=cp_defaults.MAX_BLOB_BYTES,
+        help=f"largest blob upload ({cp_defaults.MAX_BLOB_BYTES >> 30} GiB)",
     )
     cp.add_argument(
         "--max-connections",
         type=int,
-        default=4096,
-        help="connections in total (lowered to fit the file descriptor limit)",
+        default=cp_defaults.MAX_CONNECTIONS,
+        help=f"connections in total ({cp_defaults.MAX_CONNECTIONS}; lowered to fit the file "
+        "descriptor limit)",
     )
     cp.add_argument(
         "--max-concurrent-rpcs",
         type=int,
-        default=CP_MAX_CONCURRENT_RPCS,
+        default=cp_defaults.MAX_CONCURRENT_RPCS,
         help=f"calls in flight at once, held long-polls included: about one per device "
-        f"({CP_MAX_CONCURRENT_RPCS}); beyond it a call answers RESOURCE_EXHAUSTED",
+        f"({cp_defaults.MAX_CONCURRENT_RPCS}); beyond it a call answers RESOURCE_EXHAUSTED",
     )
     cp.add_argument(
         "--max-connections-per-peer",
         type=int,
-        default=256,
-        help="connections per client address (256; devices behind one NAT share an address)",
+        default=cp_defaults.MAX_CONNECTIONS_PER_PEER,
+        help=f"connections per client address ({cp_defaults.MAX_CONNECTIONS_PER_PEER}; devices "
+        "behind one NAT share an address)",
     )
     cp.add_argument(
-        "--device-rate", type=float, default=20.0, help="calls per second per device (20)"
+        "--device-rate",
+        type=float,
+        default=cp_defaults.DEVICE_RATE,
+        help=f"calls per second per device ({cp_defaults.DEVICE_RATE:g})",
     )
     cp.add_argument(
-        "--publisher-rate", type=float, default=100.0, help="calls per second, publisher (100)"
+        "--publisher-rate",
+        type=float,
+        default=cp_defaults.PUBLISHER_RATE,
+        help=f"calls per second, publisher ({cp_defaults.PUBLISHER_RATE:g})",
     )
     cp.add_argument(
         "--upload-idle-seconds",
         type=float,
-        default=60.0,
-        help="an upload that sends nothing for this long is cut off (60)",
+        default=cp_defaults.UPLOAD_IDLE_SECONDS,
+        help="an upload that sends nothing for this long is cut off "
+        f"({cp_defaults.UPLOAD_IDLE_SECONDS:g})",
     )
 
 
@@ -330,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_learning(args.command, args)
     if args.command in ("publish", "keygen", "fleet"):
-        from edge_agent.fleet.client import run
+        from edge_agent.fleet.cli import run
 
         return run(args.command, args)
     from edge_agent.client import run_infer, run_models

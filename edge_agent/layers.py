@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "command lines",
         (
             "edge_agent.client",
-            "edge_agent.fleet.client",
+            "edge_agent.fleet.cli",
             "edge_agent.learn.cli",
             "edge_agent.compress.cli",
         ),

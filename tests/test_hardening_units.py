@@ -4,6 +4,7 @@ that hides outside the graph's initializers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -74,10 +75,17 @@ def test_caps_fit_the_descriptor_limit() -> None:
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    fitted = fit_to_fd_limit(ConnectionLimits(max_connections=10**9), listeners=2)
+    base = ConnectionLimits(
+        max_connections=0,
+        max_connections_per_peer=256,
+        idle_seconds=300.0,
+        first_request_seconds=10.0,
+        max_concurrent_rpcs=512,
+    )
+    fitted = fit_to_fd_limit(dataclasses.replace(base, max_connections=10**9), listeners=2)
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)  # raised to the hard limit if it could
     assert 16 <= fitted.max_connections <= max(16, (soft - 256) // 2)
-    assert fit_to_fd_limit(ConnectionLimits(max_connections=8), 2).max_connections == 8
+    assert fit_to_fd_limit(dataclasses.replace(base, max_connections=8), 2).max_connections == 8
 
 
 def test_requests_over_their_size_are_not_parsed() -> None:

@@ -85,7 +85,7 @@ def test_layers_point_one_way() -> None:
 def test_layer_rules_catch_what_they_forbid() -> None:
     from edge_agent import layers
 
-    assert layers.violation("edge_agent.agent", "edge_agent.fleet.client")  # the publisher CLI
+    assert layers.violation("edge_agent.agent", "edge_agent.fleet.cli")  # the publisher CLI
     assert layers.violation("edge_agent.controlplane.server", "edge_agent.api.servicer")
     assert layers.violation("edge_agent.learn.participant", "edge_agent.sync.syncer")
     assert layers.violation("edge_agent.common.files", "edge_agent.settings")

@@ -361,7 +361,7 @@ def craft_release(
 ) -> None:
     """Build a release directory, change it with `mutate`, sign what results, and upload it
     with the fleet API: a release that only a buggy or hostile publisher would make."""
-    from edge_agent.fleet.client import upload_release
+    from edge_agent.fleet.cli import upload_release
 
     directory = fleet.tmp / f"crafted-{version}"
     build_release(model_file, "mlp", version, directory)

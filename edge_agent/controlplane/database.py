@@ -107,9 +107,9 @@ def describe(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_database(spec: str, data_dir: Path | None = None) -> Database:
+def open_database(spec: str) -> Database:
     """`spec`: sqlite:PATH or a postgresql:// URL. No spec at all (SQLite in DATA_DIR) is
-    server.open_registry's to handle; `data_dir` is not read (its callers still pass it)."""
+    server.open_registry's to handle."""
     if spec.startswith("sqlite:"):
         return SqliteDatabase(Path(spec.removeprefix("sqlite:")))
     if spec.startswith(("postgresql://", "postgres://")):

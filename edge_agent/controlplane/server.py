@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.controlplane import defaults
 from edge_agent.controlplane.blobs import BlobStore, FileBlobStore
 from edge_agent.controlplane.database import PostgresDatabase, describe, open_database
 from edge_agent.controlplane.registry import SqliteRegistry, SqlRegistry
@@ -65,9 +66,8 @@ METRIC_PREFIX = "edge_agent_controlplane"
 @dataclasses.dataclass(frozen=True)
 class ControlPlaneSettings:
     data_dir: Path
-    address: str = "0.0.0.0:8010"
-    # A rollout pauses itself once more than this share of its devices report a failed install.
-    max_failure_share: float = 0.2
+    address: str = defaults.ADDRESS
+    max_failure_share: float = defaults.MAX_FAILURE_SHARE
     shutdown_grace_seconds: float = 5.0
     # TLS (both or neither); a client CA makes it mTLS: devices and publishers need a cert.
     tls_cert: Path | None = None
@@ -79,13 +79,13 @@ class ControlPlaneSettings:
     # Signs learned releases (learning on the fleet); read at start, never sent anywhere.
     # Without it learning tasks are refused.
     learning_key: Path | None = None
-    # Devices poll with a call outstanding almost all the time, so a short idle timeout costs
-    # them nothing and frees what idle clients hold.
     connections: ConnectionLimits = dataclasses.field(
-        # A replica under a reconnecting fleet may take seconds to run a connection's first
-        # call: a first-call deadline of 10 s (the agent's) closed good connections then.
         default_factory=lambda: ConnectionLimits(
-            idle_seconds=120.0, max_concurrent_rpcs=20_000, first_request_seconds=30.0
+            max_connections=defaults.MAX_CONNECTIONS,
+            max_connections_per_peer=defaults.MAX_CONNECTIONS_PER_PEER,
+            idle_seconds=defaults.IDLE_SECONDS,
+            first_request_seconds=defaults.FIRST_REQUEST_SECONDS,
+            max_concurrent_rpcs=defaults.MAX_CONCURRENT_RPCS,
         )
     )
     service: ServiceLimits = dataclasses.field(default_factory=ServiceLimits)
@@ -105,7 +105,7 @@ def open_registry(data_dir: Path, database: str = "") -> SqlRegistry:
         os.chmod(data_dir, 0o700)
     if not database:
         return SqliteRegistry(data_dir / REGISTRY_FILE)
-    return SqlRegistry(open_database(database, data_dir))
+    return SqlRegistry(open_database(database))
 
 
 def open_blob_store(data_dir: Path, spec: str) -> BlobStore:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from edge_agent.controlplane import defaults
 from edge_agent.controlplane.blobs import BlobStore
 from edge_agent.controlplane.registry import Registry
 from edge_agent.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
@@ -42,13 +43,13 @@ Db = Callable[..., Awaitable[Any]]  # runs a registry call on the registry threa
 class ServiceLimits:
     """What one caller may cost the control plane."""
 
-    device_rate: float = 20.0  # calls per second per device (a download is one call per blob)
-    device_burst: int = 200
-    publisher_rate: float = 100.0  # scripts polling FleetStatus included
-    publisher_burst: int = 1000
-    max_blob_bytes: int = 8 << 30
-    upload_seconds: float = 3600.0  # one whole blob upload
-    upload_idle_seconds: float = 60.0  # between two messages of an upload
+    device_rate: float = defaults.DEVICE_RATE
+    device_burst: int = defaults.DEVICE_BURST
+    publisher_rate: float = defaults.PUBLISHER_RATE
+    publisher_burst: int = defaults.PUBLISHER_BURST
+    max_blob_bytes: int = defaults.MAX_BLOB_BYTES
+    upload_seconds: float = defaults.UPLOAD_SECONDS
+    upload_idle_seconds: float = defaults.UPLOAD_IDLE_SECONDS
 
 
 @dataclasses.dataclass

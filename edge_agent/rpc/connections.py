@@ -49,13 +49,15 @@ _ESTABLISHED = "01"
 
 @dataclasses.dataclass(frozen=True)
 class ConnectionLimits:
-    """What one listener allows. 0 for a count means "no cap of our own" (gRPC's defaults)."""
+    """What one listener allows. 0 for a count means "no cap of our own" (gRPC's defaults).
+    No defaults here: the agent's come from its Settings, the control plane's from
+    controlplane/defaults.py."""
 
-    max_connections: int = 4096  # in total, before fit_to_fd_limit lowers it
-    max_connections_per_peer: int = 256  # per remote IP address (a NAT puts many behind one)
-    idle_seconds: float = 300.0  # no call outstanding for this long: GOAWAY, then close
-    first_request_seconds: float = 10.0  # a new connection must make a call within this
-    max_concurrent_rpcs: int = 512
+    max_connections: int  # in total, before fit_to_fd_limit lowers it
+    max_connections_per_peer: int  # per remote IP address (a NAT puts many behind one)
+    idle_seconds: float  # no call outstanding for this long: GOAWAY, then close
+    first_request_seconds: float  # a new connection must make a call within this
+    max_concurrent_rpcs: int
 
 
 def fit_to_fd_limit(limits: ConnectionLimits, listeners: int) -> ConnectionLimits:

@@ -56,9 +56,7 @@ from edge_agent.controlplane.learning.aggregation import (
 from edge_agent.controlplane.learning.gate import MAX_VALIDATION_BYTES, Gate, read_validation
 from edge_agent.controlplane.learning.spec import (
     OPTIONAL_FIELDS,
-    RUNNING,
     SCOPES,
-    STOPPED,
     aggregation,
     check_spec,
     one_per_device,
@@ -67,7 +65,7 @@ from edge_agent.controlplane.learning.spec import (
 )
 from edge_agent.controlplane.learning.store import LearningStore
 from edge_agent.controlplane.learning.tasks import ACTIVE_S, Tasks, progress
-from edge_agent.controlplane.registry import Registry
+from edge_agent.controlplane.registry import RUNNING, STOPPED, Registry
 from edge_agent.controlplane.shared import Db
 from edge_agent.observability.logging import get_logger
 

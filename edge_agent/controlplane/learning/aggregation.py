@@ -20,14 +20,19 @@ import numpy as np
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.controlplane.learning.gate import Gate, Verdict
 from edge_agent.controlplane.learning.spec import (
-    RUNNING,
-    STOPPED,
     aggregation,
     one_per_device,
     server_optimizer,
 )
 from edge_agent.controlplane.learning.store import LearningStore
-from edge_agent.controlplane.registry import LearningTaskRow, Registry, UpdateRow, VersionRow
+from edge_agent.controlplane.registry import (
+    RUNNING,
+    STOPPED,
+    LearningTaskRow,
+    Registry,
+    UpdateRow,
+    VersionRow,
+)
 from edge_agent.controlplane.shared import Db
 from edge_agent.errors import (
     Aborted,

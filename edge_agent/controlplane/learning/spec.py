@@ -17,7 +17,6 @@ from edge_agent.learn import delta, privacy
 from edge_agent.learn.defaults import SERVER_LR_DEFAULTS, TASK_DEFAULTS
 
 SCOPES = {pb.FLEET: FLEET, pb.GROUP: GROUP, pb.CANARY: CANARY}
-RUNNING, STOPPED = "running", "stopped"
 OPTIONAL_FIELDS = {
     f.name for f in pb.LearningSpec.DESCRIPTOR.fields if f.has_presence and f.message_type is None
 }  # proto3 `optional`: 0 may be meant

@@ -20,15 +20,13 @@ from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.controlplane.learning.aggregation import due
 from edge_agent.controlplane.learning.gate import validation_accuracy
 from edge_agent.controlplane.learning.spec import (
-    RUNNING,
     SCOPES,
-    STOPPED,
     check_spec,
     one_per_device,
     spec_defaults,
 )
 from edge_agent.controlplane.learning.store import LearningStore
-from edge_agent.controlplane.registry import LearningTaskRow, Registry, UpdateRow
+from edge_agent.controlplane.registry import RUNNING, STOPPED, LearningTaskRow, Registry, UpdateRow
 from edge_agent.controlplane.shared import Db
 from edge_agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from edge_agent.learn import delta, privacy

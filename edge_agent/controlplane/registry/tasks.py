@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from edge_agent.controlplane.database import Database, row_to
 from edge_agent.errors import Aborted
 
-# A task's states as stored (the parameter server sets others, such as stopped).
-RUNNING = "running"
+# A task's states as stored.
+RUNNING, STOPPED = "running", "stopped"
 # An update's states as stored: waiting for an aggregation, or used by one.
 BUFFERED, APPLIED = "buffered", "applied"
 
