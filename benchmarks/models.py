@@ -75,3 +75,78 @@ def small_cnn(path: Path) -> Path:
         inits,
     )
     return _save(graph, path)
+
+
+def pipeline(work: Path, side: int = 112) -> dict[str, Path]:
+    """Three steps of a camera pipeline on [batch, 3, side, side] images: `pre` normalises
+    (x * a + b), `features` pools 4x4 and flattens, `head` classifies (fc -> softmax)."""
+    rng = np.random.default_rng(2)
+    pooled = 3 * (side // 4) ** 2
+    image: list[str | int] = ["batch", 3, side, side]
+    pre = helper.make_graph(
+        [
+            helper.make_node("Mul", ["image", "scale"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "shift"], ["normalised"]),
+        ],
+        "pre",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, image)],
+        [helper.make_tensor_value_info("normalised", TensorProto.FLOAT, image)],
+        [
+            numpy_helper.from_array(np.array([1 / 58.0], np.float32), "scale"),
+            numpy_helper.from_array(np.array([-2.1], np.float32), "shift"),
+        ],
+    )
+    features = helper.make_graph(
+        [
+            helper.make_node(
+                "AveragePool", ["normalised"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]
+            ),
+            helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+        ],
+        "features",
+        [helper.make_tensor_value_info("normalised", TensorProto.FLOAT, image)],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", pooled])],
+    )
+    w = (rng.standard_normal((pooled, 10)) / np.sqrt(pooled)).astype(np.float32)
+    head = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+        ],
+        "head",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", pooled])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return {
+        name: _save(graph, work / f"{name}.onnx")
+        for name, graph in (("pre", pre), ("features", features), ("head", head))
+    }
+
+
+def recurrent(path: Path, width: int = 64, hidden: int = 256) -> Path:
+    """A recurrent cell for stream benchmarks: h' = tanh(x W + h U), answered as y = h' and
+    kept as the state (h_in -> h_out); x [batch, width], h [batch, hidden]."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)
+    u = (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("MatMul", ["h_in", "U"], ["hu"]),
+            helper.make_node("Add", ["xw", "hu"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["y"]),
+            helper.make_node("Identity", ["y"], ["h_out"]),
+        ],
+        "recurrent",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", hidden]),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", hidden]),
+        ],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(u, "U")],
+    )
+    return _save(graph, path)

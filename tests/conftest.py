@@ -271,6 +271,15 @@ def held_daemon(
     return daemon, flag
 
 
+def triton_failure(call: Callable[[], Any]) -> tuple[str, str]:
+    """(status, message) of the InferenceServerException a tritonclient call raises."""
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as failed:
+        call()
+    return str(failed.value.status()), str(failed.value.message())
+
+
 def metric(daemon: Daemon, name: str, model: str | None = None) -> float:
     """A metric of the daemon's /metrics (`name` may carry its labels), summed over its series;
     with `model`, over that model's series only."""

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.models import recurrent  # noqa: F401 (one recurrent cell for tests and benchmarks)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models"
 
@@ -274,3 +276,107 @@ def cnn(path: Path, seed: int = 0) -> Path:
         ],
     )
     return _save(helper.make_model(graph), path)
+
+
+def affine(
+    path: Path, scale: float, bias: float, width: int = 4, names: tuple[str, str] = ("x", "y")
+) -> Path:
+    """y = x * scale + bias, [batch, width] FP32 (a pipeline step)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", [names[0], "scale"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "bias"], [names[1]]),
+        ],
+        "affine",
+        [helper.make_tensor_value_info(names[0], TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(names[1], TensorProto.FLOAT, ["batch", width])],
+        [
+            numpy_helper.from_array(np.array([scale], np.float32), "scale"),
+            numpy_helper.from_array(np.array([bias], np.float32), "bias"),
+        ],
+    )
+    return _save(helper.make_model(graph), path)
+
+
+def dense(path: Path, seed: int, width: int = 4, names: tuple[str, str] = ("x", "y")) -> Path:
+    """y = tanh(x W), W [width, width] from `seed`, FP32 (a pipeline step)."""
+    weight = np.random.default_rng(seed).standard_normal((width, width)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", [names[0], "W"], ["xw"]),
+            helper.make_node("Tanh", ["xw"], [names[1]]),
+        ],
+        "dense",
+        [helper.make_tensor_value_info(names[0], TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(names[1], TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return _save(helper.make_model(graph), path)
+
+
+def join(path: Path, width: int = 4) -> Path:
+    """y = a + 2 b, [batch, width] FP32: two branches meet (a pipeline step)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["b", "two"], ["b2"]),
+            helper.make_node("Add", ["a", "b2"], ["y"]),
+        ],
+        "join",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", width]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        [numpy_helper.from_array(np.array([2.0], np.float32), "two")],
+    )
+    return _save(helper.make_model(graph), path)
+
+
+def accumulator(path: Path, width: int = 4) -> Path:
+    """A stateful model for the sequence batcher: total = acc + x (acc the state input, total
+    its output and the answer), with the sequence's START and CORRID control inputs echoed
+    (started, corrid). [batch, ...] everywhere."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["acc", "x"], ["total"]),
+            helper.make_node("Identity", ["total"], ["acc_out"]),
+            helper.make_node("Identity", ["START"], ["started"]),
+            helper.make_node("Identity", ["CORRID"], ["corrid"]),
+        ],
+        "accumulator",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("acc", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("START", TensorProto.INT32, ["batch", 1]),
+            helper.make_tensor_value_info("CORRID", TensorProto.UINT64, ["batch", 1]),
+        ],
+        [
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["batch", width]),
+            helper.make_tensor_value_info("started", TensorProto.INT32, ["batch", 1]),
+            helper.make_tensor_value_info("corrid", TensorProto.UINT64, ["batch", 1]),
+        ],
+    )
+    return _save(helper.make_model(graph), path)
+
+
+ACCUMULATOR_CONFIG = """max_batch_size: 8
+sequence_batching {{
+  max_sequence_idle_microseconds: {idle_us}
+  oldest {{ max_queue_delay_microseconds: 500 }}
+  control_input [
+    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "CORRID" control [ {{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 }} ] }}
+  ]
+  state [ {{ input_name: "acc" output_name: "acc_out" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+}}
+{parameters}"""
+
+RECURRENT_CONFIG = """max_batch_size: 16
+sequence_batching {
+  max_sequence_idle_microseconds: 60000000
+  oldest { max_queue_delay_microseconds: 2000 }
+  state [ { input_name: "h_in" output_name: "h_out" data_type: TYPE_FP32 dims: [ 64 ] } ]
+}
+parameters { key: "execution_inline" value { string_value: "false" } }
+"""

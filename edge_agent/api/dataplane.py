@@ -30,18 +30,14 @@ from edge_agent.api.infer import (
     encode_response,
     output_regions,
     request_parameters,
+    sequence_flags,
 )
 from edge_agent.api.shm import Held, SharedMemory
 from edge_agent.api.statistics import fill_statistics
 from edge_agent.errors import (
-    DeadlineExceeded,
-    EdgeAgentError,
-    ExecutionError,
     InvalidArgument,
     ModelLoadError,
-    QueueFull,
     Retiring,
-    Unavailable,
 )
 from edge_agent.repository.lifecycle import ROLLBACK_PARAMETER, LoadRequest, ModelManager
 from edge_agent.repository.registry import READY, UNAVAILABLE, ModelRegistry
@@ -51,8 +47,8 @@ from edge_agent.repository.version import ModelVersion
 from edge_agent.rpc.status import call_fields, to_status
 from edge_agent.rpc.wire import Malformed
 from edge_agent.runtime.session import cuda_known_unavailable
-from edge_agent.scheduling.scheduler import Job, Scheduler
-from edge_agent.scheduling.stats import BACKEND, CANCELED, OTHER, REJECTED
+from edge_agent.scheduling.scheduler import Job, VersionScheduler
+from edge_agent.scheduling.stats import CANCELED, failure_kind
 
 # What ServerMetadata advertises: only what is implemented (perf_analyzer acts on this list).
 EXTENSIONS = ("model_configuration", "model_repository", "statistics", "schedule_policy")
@@ -158,11 +154,13 @@ class DataPlane:
     async def unload(
         self, name: str, parameters: Mapping[str, pb.ModelRepositoryParameter]
     ) -> None:
+        dependents = False
         for key, value in parameters.items():
-            # Triton's only unload parameter; nothing here depends on another model.
+            # Triton's only unload parameter: also unload the ensembles that run this model.
             if key != "unload_dependents" or value.WhichOneof("parameter_choice") != "bool_param":
                 raise InvalidArgument(f"unknown or mistyped unload parameter {key!r}")
-        await self.manager.unload(name)
+            dependents = value.bool_param
+        await self.manager.unload(name, dependents)
 
     # -- inference -----------------------------------------------------------------------------
 
@@ -267,7 +265,8 @@ class DataPlane:
             )
             targets = output_regions(request, self.shm, held) if request.outputs else None
             finish = functools.partial(encode_response, request, model, outputs, targets=targets)
-            yield Job(feeds, outputs, batch_rows(feeds, model), finish, priority, deadline)
+            rows = batch_rows(feeds, model)
+            yield Job(feeds, outputs, rows, finish, priority, deadline, sequence_flags(request))
         except Retiring:
             raise  # asked again of the new version (infer_on_thread): not a failure
         except Exception as exc:
@@ -295,7 +294,7 @@ def _parameters(
     return priority, deadline
 
 
-async def _start(scheduler: Scheduler) -> None:
+async def _start(scheduler: VersionScheduler) -> None:
     scheduler.start_on(asyncio.get_running_loop())
 
 
@@ -326,16 +325,3 @@ def load_request(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> LoadR
                 f"file:<version>/<name> (bytes) or {ROLLBACK_PARAMETER} (bool)"
             )
     return LoadRequest(config_json, parse_files(files), rollback)
-
-
-def failure_kind(exc: BaseException) -> tuple[str, str | None]:
-    """(Triton's failure reason, our rejection cause or None) for the metrics."""
-    if isinstance(exc, QueueFull):
-        return REJECTED, "queue_full"
-    if isinstance(exc, DeadlineExceeded):
-        return REJECTED, "deadline"
-    if isinstance(exc, Unavailable):
-        return REJECTED, "unavailable"
-    if isinstance(exc, ExecutionError) or not isinstance(exc, EdgeAgentError):
-        return BACKEND, None
-    return OTHER, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from edge_agent._proto import grpc_service_pb2 as pb
@@ -9,10 +11,12 @@ from edge_agent.api.shm import Held, SharedMemory, uses_shared_memory
 from edge_agent.common.tensors import bytes_to_text, check_shape, decode_raw, decode_typed, encode
 from edge_agent.errors import InvalidArgument
 from edge_agent.repository.version import ModelVersion
+from edge_agent.scheduling.sequences import SequenceFlags
 
 # Elements a request may carry (settings max_elements_per_tensor / _per_request); BYTES elements
 # become Python objects (~40 bytes each), so they have a bound of their own.
 MAX_BYTES_ELEMENTS_PER_REQUEST = 1 << 20
+MAX_SEQUENCE_ID_CHARS = 256  # a string sequence_id
 
 
 class ElementBudget:
@@ -163,6 +167,41 @@ def request_parameters(request: pb.ModelInferRequest) -> tuple[int, float | None
             raise InvalidArgument(f"timeout must not be negative, got {micros}")
         timeout = micros / 1e6 if micros else None
     return priority, timeout
+
+
+def sequence_flags(request: pb.ModelInferRequest) -> SequenceFlags | None:
+    """Triton's sequence parameters (sequence_id: an integer, or a string; sequence_start and
+    sequence_end: booleans), or None when the request names no sequence (id 0 or "")."""
+    parameters = request.parameters
+    if "sequence_id" not in parameters:
+        return None
+    parameter = parameters["sequence_id"]
+    sequence_id: int | str
+    if parameter.WhichOneof("parameter_choice") == "string_param":
+        text = parameter.string_param
+        if len(text) > MAX_SEQUENCE_ID_CHARS or not text.isprintable():
+            raise InvalidArgument(
+                f"sequence_id: at most {MAX_SEQUENCE_ID_CHARS} printable characters"
+            )
+        sequence_id = text
+    else:
+        sequence_id = _integer(parameter, "sequence_id")
+        if sequence_id < 0:
+            raise InvalidArgument(f"sequence_id must not be negative, got {sequence_id}")
+    if not sequence_id:
+        return None
+    return SequenceFlags(
+        sequence_id, _flag(parameters, "sequence_start"), _flag(parameters, "sequence_end")
+    )
+
+
+def _flag(parameters: Mapping[str, pb.InferParameter], name: str) -> bool:
+    if name not in parameters:
+        return False
+    parameter = parameters[name]
+    if parameter.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidArgument(f"parameter '{name}' must be a boolean")
+    return bool(parameter.bool_param)
 
 
 def _integer(parameter: pb.InferParameter, name: str) -> int:

@@ -69,6 +69,22 @@ def _add_version(f: dict[str, Metric], model: Served) -> None:
     _add(f["edge_agent_execution_provider"], labels, 1, provider=model.provider)
     counts = {size: b.compute_infer.count for size, b in s.batches.items()}
     _add_histogram(f["edge_agent_batch_size"], labels, counts)
+    sequences = getattr(model.scheduler, "sequences", None)  # a stateful model's (sequences.py)
+    if sequences is not None:
+        _add(f["edge_agent_sequences_live"], labels, sequences.live)
+        _add(f["edge_agent_sequence_state_bytes"], labels, sequences.state_bytes)
+        for outcome in ("started", "ended", "expired"):
+            f["edge_agent_sequences"].add_sample(
+                "edge_agent_sequences_total",
+                {**labels, "outcome": outcome},
+                sequences.counts[outcome],
+            )
+        for cause in ("too_many", "state_bytes", "unknown", "second_start"):
+            f["edge_agent_sequence_refusals"].add_sample(
+                "edge_agent_sequence_refusals_total",
+                {**labels, "cause": cause},
+                sequences.refusals[cause],
+            )
 
 
 def _add_histogram(family: Metric, labels: dict[str, str], counts: Mapping[int, int]) -> None:
@@ -135,6 +151,16 @@ VERSION_FAMILIES = (
     (
         "edge_agent_inline_demotions",
         "Times the version was moved from inline to threaded execution by slow runs",
+        "counter",
+    ),
+    # Stateful models only (sequence batching).
+    ("edge_agent_sequences_live", "Sequences whose state the version holds now", "gauge"),
+    ("edge_agent_sequence_state_bytes", "Bytes of state the live sequences hold", "gauge"),
+    ("edge_agent_sequences", "Sequences started, ended and expired (idle too long)", "counter"),
+    (
+        "edge_agent_sequence_refusals",
+        "Sequence requests refused: too many live sequences, state bytes, an unknown or "
+        "expired sequence, a second start",
         "counter",
     ),
 )

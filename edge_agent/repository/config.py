@@ -29,6 +29,7 @@ from edge_agent.settings import (
 
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
+ENSEMBLE_PLATFORM = "ensemble"  # a pipeline of the repository's models (repository/ensemble.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +79,16 @@ def read_config(model_dir: Path) -> tuple[mc.ModelConfig, bool]:
 
 
 def _refuse_unsupported(config: mc.ModelConfig) -> None:
-    if config.platform not in ("", PLATFORM) or config.backend not in ("", BACKEND):
+    choice = config.WhichOneof("scheduling_choice")
+    if config.platform == ENSEMBLE_PLATFORM:
+        _refuse_unsupported_ensemble(config, choice)
+    elif config.platform not in ("", PLATFORM) or config.backend not in ("", BACKEND):
         raise ModelLoadError(
             f"platform {config.platform!r} / backend {config.backend!r} is not served here "
-            f"(only {PLATFORM!r} / {BACKEND!r})"
+            f"(only {PLATFORM!r} / {BACKEND!r}, or {ENSEMBLE_PLATFORM!r})"
         )
-    choice = config.WhichOneof("scheduling_choice")
-    if choice in ("sequence_batching", "ensemble_scheduling"):
-        raise ModelLoadError(f"{choice} is not supported")
+    elif choice == "ensemble_scheduling":
+        raise ModelLoadError(f"ensemble_scheduling needs platform: {ENSEMBLE_PLATFORM!r}")
     if config.batch_input or config.batch_output:
         raise ModelLoadError("batch_input / batch_output are not supported")
     if config.model_transaction_policy.decoupled:
@@ -100,6 +103,20 @@ def _refuse_unsupported(config: mc.ModelConfig) -> None:
     for group in config.instance_group:
         if group.count < 0:
             raise ModelLoadError(f"instance_group count must not be negative, got {group.count}")
+
+
+def _refuse_unsupported_ensemble(config: mc.ModelConfig, choice: str | None) -> None:
+    """An ensemble has no graph to complete its config from: its steps, inputs and outputs
+    must be written out (Triton's rules)."""
+    if config.backend:
+        raise ModelLoadError(f"an ensemble has no backend (backend {config.backend!r})")
+    if choice != "ensemble_scheduling":
+        raise ModelLoadError(f"platform {ENSEMBLE_PLATFORM!r} needs ensemble_scheduling")
+    if not config.input or not config.output:
+        raise ModelLoadError("an ensemble must declare its inputs and outputs")
+    for tensor in [*config.input, *config.output]:
+        if tensor.data_type == mc.TYPE_INVALID or not tensor.dims:
+            raise ModelLoadError(f"ensemble tensor '{tensor.name}' needs data_type and dims")
 
 
 def select_versions(
@@ -231,6 +248,15 @@ def scheduler_policy(config: mc.ModelConfig, settings: Settings) -> SchedulerPol
     batching = config.dynamic_batching
     dynamic = config.HasField("dynamic_batching") and config.max_batch_size > 0
     preferred = tuple(batching.preferred_batch_size)
+    delay_us = batching.max_queue_delay_microseconds
+    if config.HasField("sequence_batching"):
+        # A stateful model's requests of different sequences batch with each other, with its
+        # strategy's delay (scheduling/sequences.py).
+        sequences = config.sequence_batching
+        dynamic = config.max_batch_size > 0
+        strategy = sequences.oldest if sequences.HasField("oldest") else sequences.direct
+        delay_us = strategy.max_queue_delay_microseconds
+        preferred = tuple(sequences.oldest.preferred_batch_size)
     if any(not 0 < size <= config.max_batch_size for size in preferred):
         raise ModelLoadError(
             f"preferred_batch_size {list(preferred)} must lie in 1..{config.max_batch_size}"
@@ -265,7 +291,7 @@ def scheduler_policy(config: mc.ModelConfig, settings: Settings) -> SchedulerPol
     return SchedulerPolicy(
         max_batch_size=config.max_batch_size,
         dynamic_batching=dynamic,
-        max_queue_delay_s=batching.max_queue_delay_microseconds / 1e6,
+        max_queue_delay_s=delay_us / 1e6,
         preferred_batch_sizes=preferred,
         levels=levels,
         default_level=default_level,

@@ -46,6 +46,7 @@ from edge_agent.errors import (
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
 from edge_agent.repository import staging
+from edge_agent.repository.ensemble import ensemble_names, ensembles_using, is_ensemble
 from edge_agent.repository.poll import RepositoryPoller
 from edge_agent.repository.push import Pusher
 from edge_agent.repository.registry import (
@@ -109,7 +110,10 @@ class ModelManager:
         self._listeners: list[Callable[[], Awaitable[None]]] = []
         self._operations: set[asyncio.Future[None]] = set()  # detached operations
         self._overrides: dict[str, Source] = {}  # in-memory config parameters, by model
-        self._swaps = Swapper(settings, self._changed)
+        self._swaps = Swapper(settings, self._changed, registry)
+        # Ensembles that did not load because a step model did not serve: loaded again once
+        # one of their step models loads.
+        self._waiting_ensembles: set[str] = set()
         self._pusher = Pusher(self._repository, registry, self._swaps)
         self._rollbacks = Rollbacks(
             settings.state_dir, self._repository, registry, self._swaps, self._load
@@ -153,6 +157,9 @@ class ModelManager:
         if self.mode == "explicit":
             wanted = set(self._settings.load_model)
             names = names if "*" in wanted else sorted(wanted)
+        # Ensembles after the models they run (their check reads what serves).
+        ensembles = set(await asyncio.to_thread(ensemble_names, self._repository))
+        names.sort(key=lambda name: name in ensembles)
         for name in names:
             try:
                 await self.load(name, LoadRequest(), at_start=True)
@@ -230,8 +237,14 @@ class ModelManager:
             sum(len(content) for each in files.values() for content in each.values()),
         )
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, dependents: bool = False) -> None:
+        """Unload `name`; with `dependents` (Triton's unload_dependents), also the ensembles
+        that run it."""
         await self._detached(self._unload_request(name))
+        if dependents:
+            using = await asyncio.to_thread(ensembles_using, self._repository, name)
+            for ensemble in using:
+                await self._detached(self._unload_request(ensemble))
 
     async def _unload_request(self, name: str) -> None:
         if self.mode != "explicit":
@@ -245,6 +258,7 @@ class ModelManager:
                 if (self._repository / name).is_dir():
                     return  # known, not loaded: nothing to do
                 raise NotFound(f"no model '{name}' in the repository")
+            self._waiting_ensembles.discard(name)
             await self._swaps.unload(entry, "unloaded")
 
     async def load_release(self, name: str, version: int, directory: Path) -> None:
@@ -377,8 +391,22 @@ class ModelManager:
             for v in [*plan.rebuild, *absent]
             if entry.versions[v].state != READY or entry.versions[v].reason
         ]
+        if is_ensemble(source[0]):
+            (self._waiting_ensembles.add if failures else self._waiting_ensembles.discard)(name)
+        elif entry.ready_versions():
+            await self._load_waiting_ensembles(name)
         if failures:
             raise ModelLoadError(f"failed to load '{name}': " + "; ".join(failures))
+
+    async def _load_waiting_ensembles(self, step: str) -> None:
+        """`step` serves now: the ensembles waiting for a step model load again if they run it
+        (each under its own lock; one being loaded meanwhile sees `step` itself)."""
+        if not self._waiting_ensembles:
+            return
+        using = await asyncio.to_thread(ensembles_using, self._repository, step)
+        for name in sorted(self._waiting_ensembles & set(using)):
+            if not self._lock(name).locked():
+                await self._reload(name, force=True)
 
     def _select(
         self, entry: ModelEntry, files: ModelFiles
@@ -395,9 +423,9 @@ class ModelManager:
         available = [v for v in files.versions if v not in entry.withdrawn]
         chosen, absent = cfg.select_versions(config, available)
         if not chosen and not absent:
+            inside = "" if is_ensemble(config) else config.default_model_filename or MODEL_FILE
             raise ModelLoadError(
-                f"no version directories (expected {entry.name}/<number>/"
-                f"{config.default_model_filename or MODEL_FILE})"
+                f"no version directories (expected {entry.name}/<number>/{inside})"
             )
         return source, policy, chosen, absent
 

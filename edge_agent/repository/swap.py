@@ -30,12 +30,14 @@ from edge_agent.errors import ModelLoadError
 from edge_agent.observability import memory
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
+from edge_agent.repository.ensemble import build_ensemble, is_ensemble
 from edge_agent.repository.registry import (
     LOADING,
     READY,
     UNAVAILABLE,
     UNLOADING,
     ModelEntry,
+    ModelRegistry,
     VersionState,
 )
 from edge_agent.repository.scan import FileList, ModelFiles
@@ -111,10 +113,16 @@ class Swapper:
     """Builds versions on the loader thread and changes which of them serve. The caller holds
     the model's lock; `changed` is awaited after each change to the serving table (health)."""
 
-    def __init__(self, settings: Settings, changed: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        changed: Callable[[], Awaitable[None]],
+        registry: ModelRegistry,
+    ) -> None:
         self.settings = settings  # the builds read the current settings (a reload replaces them)
         self._repository = settings.model_repository
         self._changed = changed
+        self._registry = registry  # an ensemble is checked against the step models serving
         self.priority = Priority(settings.loader_nice)  # runtime/priority.py
         self._loader = ThreadPoolExecutor(
             max_workers=1,
@@ -247,16 +255,21 @@ class Swapper:
                 await self._changed()
             started = time.monotonic()
             try:
-                built = await self.in_loader(
-                    build_version,
-                    model_dir,
-                    version,
-                    source[0],
-                    source[1],
-                    self.settings,
-                    self.priority,
-                    any(v.state == READY for v in entry.versions.values()),
-                )
+                if is_ensemble(source[0]):  # no files to load: on the loop, it reads the table
+                    built: ModelVersion = build_ensemble(
+                        entry.name, version, source[0], self._registry, self.settings
+                    )
+                else:
+                    built = await self.in_loader(
+                        build_version,
+                        model_dir,
+                        version,
+                        source[0],
+                        source[1],
+                        self.settings,
+                        self.priority,
+                        any(v.state == READY for v in entry.versions.values()),
+                    )
             except ModelLoadError as exc:
                 results[version] = str(exc)
                 continue

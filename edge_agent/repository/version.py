@@ -32,6 +32,7 @@ from edge_agent.common.tensors import NUMPY_DTYPES, bytes_to_text, decode_raw, p
 from edge_agent.errors import EdgeAgentError, ModelLoadError
 from edge_agent.observability.logging import get_logger
 from edge_agent.repository import config as cfg
+from edge_agent.repository import stateful
 from edge_agent.repository.golden import check_golden, read_golden
 from edge_agent.runtime.external_data import validate_external_data
 from edge_agent.runtime.priority import Priority
@@ -43,7 +44,8 @@ from edge_agent.runtime.session import (
     warmup_feeds,
 )
 from edge_agent.scheduling.policy import INLINE_BUDGET_S, SchedulerPolicy
-from edge_agent.scheduling.scheduler import Scheduler
+from edge_agent.scheduling.scheduler import Scheduler, VersionScheduler
+from edge_agent.scheduling.sequences import SequenceScheduler
 from edge_agent.scheduling.stats import ModelStats
 from edge_agent.settings import Settings
 
@@ -83,7 +85,9 @@ class ModelVersion:
         self.stats = ModelStats()
         self.variant = ""  # fp32 / fp16 / int8 for a version the sync installed; "" otherwise
         self.warmup_runs = warmup_runs  # inferences run before it could serve (for the log)
-        self.scheduler = Scheduler(f"{name}/{version}", policy, self.run, self.stats)
+        self.scheduler: VersionScheduler = Scheduler(
+            f"{name}/{version}", policy, self.run, self.stats
+        )
 
     @property
     def intra_op_threads(self) -> int:
@@ -165,12 +169,14 @@ def _build(
 ) -> ModelVersion:
     name = model_dir.name
     path, options, first = _open(model_dir, version, config, settings)
-    complete = cfg.complete_config(
-        config,
+    graph_inputs, graph_outputs = (
         _tensors(first.session.get_inputs()),
         _tensors(first.session.get_outputs()),
-        settings.default_max_batch_size,
-        batch_given,
+    )
+    if stateful.is_stateful(config):  # its state tensors are built and warmed, then hidden
+        config = stateful.with_hidden_tensors(config, graph_inputs, graph_outputs)
+    complete = cfg.complete_config(
+        config, graph_inputs, graph_outputs, settings.default_max_batch_size, batch_given
     )
     policy = cfg.scheduler_policy(complete, settings)
     inputs, _ = cfg.tensor_specs(complete)
@@ -179,7 +185,14 @@ def _build(
     forced = cfg.inline_execution(complete)
     inline = bool(forced) if forced is not None else _inline_auto(path, inputs, warmed, largest)
     policy = dataclasses.replace(policy, inline=inline, inline_forced=forced is True)
-    built = ModelVersion(name, version, complete, sessions, policy, runs)
+    if not stateful.is_stateful(complete):
+        built = ModelVersion(name, version, complete, sessions, policy, runs)
+    else:
+        sequences = stateful.sequence_policy(complete, model_dir)
+        built = ModelVersion(
+            name, version, stateful.served_config(complete), sessions, policy, runs
+        )
+        built.scheduler = SequenceScheduler(built.scheduler, sequences)
     built.variant = read_variant(model_dir / str(version))
     return built
 

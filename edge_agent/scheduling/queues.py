@@ -46,6 +46,7 @@ class Job:
     finish: Finish  # its outputs -> its answer (the encoded response)
     priority: int = 0
     deadline: float | None = None  # time.monotonic() (= loop.time()) seconds
+    sequence: Any = None  # a stateful model's SequenceFlags (scheduling/sequences.py)
 
 
 class ThreadFuture:

@@ -20,8 +20,8 @@ queue.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from edge_agent.scheduling.caller_threads import CallerThreads
 from edge_agent.scheduling.execution import Execute, Execution
@@ -30,7 +30,56 @@ from edge_agent.scheduling.policy import SchedulerPolicy
 from edge_agent.scheduling.queues import BatchQueues, Finish, Job, ThreadFuture
 from edge_agent.scheduling.stats import ModelStats
 
-__all__ = ["Execute", "Finish", "Job", "Scheduler", "ThreadFuture"]
+__all__ = [
+    "Execute",
+    "Finish",
+    "Job",
+    "OnQueued",
+    "Scheduler",
+    "ThreadFuture",
+    "VersionScheduler",
+    "submit_to_loop",
+]
+
+# How a caller's thread learns it may be cancelled: gRPC's context.add_callback.
+OnQueued = Callable[[Callable[[], None]], object]
+
+
+def submit_to_loop(
+    loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, Any], on_queued: OnQueued | None
+) -> Any:
+    """Run `coroutine` on `loop` from a caller's thread and wait for its result: how a
+    scheduler that lives on the event loop (an ensemble's, a sequence model's) serves the sync
+    front end. If the caller goes away, the coroutine is cancelled."""
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    if on_queued is not None:
+
+        def cancel() -> None:
+            future.cancel()
+
+        on_queued(cancel)
+    return future.result()
+
+
+class VersionScheduler(Protocol):
+    """What a model version's scheduler offers its callers: `Scheduler` for a model that runs
+    on ONNX Runtime, an ensemble's own (repository/ensemble.py) for a pipeline of models, and
+    SequenceScheduler (scheduling/sequences.py) around a stateful model's `Scheduler`."""
+
+    label: str
+
+    @property
+    def policy(self) -> SchedulerPolicy: ...
+    def pending(self) -> int: ...
+    def busy(self) -> int: ...
+    async def infer(self, job: Job) -> Any: ...
+    def submit(self, job: Job, on_queued: OnQueued | None = None) -> Any: ...
+    @property
+    def started(self) -> bool: ...
+    def start_on(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    @property
+    def demotions(self) -> int: ...
+    async def close(self) -> None: ...
 
 
 class Scheduler:
@@ -60,9 +109,7 @@ class Scheduler:
         """From the event loop: queue one request and wait for its result."""
         return await self._batcher.infer(job)
 
-    def submit(
-        self, job: Job, on_queued: Callable[[Callable[[], None]], object] | None = None
-    ) -> Any:
+    def submit(self, job: Job, on_queued: OnQueued | None = None) -> Any:
         """From a caller's thread: its result (see CallerThreads.submit)."""
         return self._callers.submit(job, on_queued)
 

@@ -11,6 +11,14 @@ import dataclasses
 import threading
 import time
 
+from edge_agent.errors import (
+    DeadlineExceeded,
+    EdgeAgentError,
+    ExecutionError,
+    QueueFull,
+    Unavailable,
+)
+
 
 @dataclasses.dataclass
 class Duration:
@@ -96,3 +104,16 @@ class ModelStats:
         snap = ModelStats()
         vars(snap).update(state)
         return snap
+
+
+def failure_kind(exc: BaseException) -> tuple[str, str | None]:
+    """(Triton's failure reason, our rejection cause or None) for the metrics."""
+    if isinstance(exc, QueueFull):
+        return REJECTED, "queue_full"
+    if isinstance(exc, DeadlineExceeded):
+        return REJECTED, "deadline"
+    if isinstance(exc, Unavailable):
+        return REJECTED, "unavailable"
+    if isinstance(exc, ExecutionError) or not isinstance(exc, EdgeAgentError):
+        return BACKEND, None
+    return OTHER, None
