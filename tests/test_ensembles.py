@@ -95,6 +95,12 @@ def build(repo: Path) -> Path:
     write_ensemble(repo, "wrongtype", CHAIN, inputs={"IN": "TYPE_INT32"})
     # Looser than its first step: a request the ensemble takes and the step refuses.
     write_ensemble(repo, "loose", CHAIN, dims="[-1]")
+    # An ensemble of an ensemble, named to load before the one it runs.
+    write_ensemble(
+        repo,
+        "a_nested",
+        [("chain", {"IN": "IN"}, {"OUT": "t"}), ("post", {"x": "t"}, {"y": "OUT"})],
+    )
     return repo
 
 
@@ -212,6 +218,12 @@ def test_concurrent_threads_each_get_their_own_answer(agent: Daemon, reference: 
     for thread in threads:
         thread.join()
     assert errors.empty(), list(errors.queue)
+
+
+def test_an_ensemble_of_an_ensemble(agent: Daemon, reference: Reference) -> None:
+    x = sample(3, 5)
+    got = grpc_infer(agent.url, "a_nested", x).as_numpy("OUT")
+    np.testing.assert_allclose(got, reference.run("post", x=reference.chain(x)), rtol=1e-5)
 
 
 def test_metadata_and_config_are_the_ensembles_own(agent: Daemon) -> None:
@@ -436,3 +448,39 @@ def test_a_step_swapped_under_ensemble_traffic_fails_no_request(
     outcomes = list(seen.queue)
     assert not [o for o in outcomes if o not in ("old", "new")], set(outcomes)
     assert outcomes[0] == "old" and outcomes[-1] == "new"
+
+
+def test_an_ensemble_follows_its_steps_going_and_changing(
+    tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    """Checked again whenever a step model changes: unloaded (without unload_dependents) or
+    swapped to a version with other tensors, the ensemble stops serving with the reason; the
+    step back as it was, the ensemble serves again."""
+    import tritonclient.grpc as grpcclient
+
+    repo = build(tmp_path / "repo")
+    agent = explicit_agent(repo, start_daemon, "pre", "mid", "post", "chain")
+
+    def reason() -> str:
+        with grpcclient.InferenceServerClient(agent.url) as client:
+            index = {m.name: m for m in client.get_model_repository_index().models}
+        return str(index["chain"].reason)
+
+    with grpcclient.InferenceServerClient(agent.url) as client:
+        assert client.is_model_ready("chain")
+        client.unload_model("mid")
+        assert not client.is_model_ready("chain")
+        assert "step 2 (model 'mid') cannot serve" in reason()
+        status, _ = triton_failure(lambda: grpc_infer(agent.url, "chain", sample(1)))
+        assert status == "StatusCode.UNAVAILABLE"
+        client.load_model("mid")
+        assert client.is_model_ready("chain")
+        grpc_infer(agent.url, "chain", sample(2))
+        # A new version of a step whose input is named otherwise.
+        renamed = modelgen.dense(tmp_path / "renamed.onnx", seed=4, names=("z", "y"))
+        client.load_model("mid", files={"file:2/model.onnx": renamed.read_bytes()})
+        assert client.is_model_ready("mid") and not client.is_model_ready("chain")
+        assert "input_map names 'x', not an input of the model" in reason()
+        same = modelgen.dense(tmp_path / "same.onnx", seed=5)
+        client.load_model("mid", files={"file:3/model.onnx": same.read_bytes()})
+        assert client.is_model_ready("chain")

@@ -20,6 +20,7 @@ import pytest
 
 import modelgen
 from conftest import Daemon, metric, triton_failure, wait_for
+from edge_agent.common.failpoints import ENVIRONMENT, REQUEST_EXECUTING
 
 WIDTH = 4
 
@@ -29,11 +30,16 @@ def build(repo: Path) -> Path:
     (repo / "acc" / "config.pbtxt").write_text(
         modelgen.ACCUMULATOR_CONFIG.format(idle_us=60_000_000, parameters="")
     )
-    # Expires fast, and holds at most three sequences.
+    # Expires fast.
     modelgen.accumulator(repo / "brief" / "1" / "model.onnx")
     (repo / "brief" / "config.pbtxt").write_text(
+        modelgen.ACCUMULATOR_CONFIG.format(idle_us=300_000, parameters="")
+    )
+    # Holds at most three sequences.
+    modelgen.accumulator(repo / "capped" / "1" / "model.onnx")
+    (repo / "capped" / "config.pbtxt").write_text(
         modelgen.ACCUMULATOR_CONFIG.format(
-            idle_us=300_000,
+            idle_us=600_000_000,
             parameters='parameters { key: "max_sequences" value { string_value: "3" } }\n',
         )
     )
@@ -140,10 +146,11 @@ def test_start_resets_and_end_frees(agent: Daemon) -> None:
 def test_misuse_gets_clear_errors(agent: Daemon) -> None:
     status, message = triton_failure(lambda: step(agent.url, 31, row(1)))
     assert status == "StatusCode.INVALID_ARGUMENT" and "must set sequence_start" in message
-    step(agent.url, 32, row(1), start=True)
-    status, message = triton_failure(lambda: step(agent.url, 32, row(1), start=True))
-    assert status == "StatusCode.INVALID_ARGUMENT" and "already started" in message
-    assert step(agent.url, 32, row(1), end=True)["total"][0, 0] == 2  # the refusal lost nothing
+    # A start for a live sequence ends it early and starts it again from zero (Triton's rule).
+    assert step(agent.url, 32, row(1), start=True)["total"][0, 0] == 1
+    assert step(agent.url, 32, row(1))["total"][0, 0] == 2
+    assert step(agent.url, 32, row(5), start=True)["total"][0, 0] == 5
+    assert step(agent.url, 32, row(1), end=True)["total"][0, 0] == 6
     status, message = triton_failure(lambda: step(agent.url, 0, row(1)))
     assert status == "StatusCode.INVALID_ARGUMENT" and "needs a sequence_id" in message
     status, message = triton_failure(lambda: step(agent.url, 33, np.ones((2, WIDTH), np.float32)))
@@ -161,20 +168,25 @@ def test_misuse_gets_clear_errors(agent: Daemon) -> None:
     assert refusals >= 2
 
 
-def test_an_idle_sequence_expires_and_the_cap_holds(agent: Daemon) -> None:
+def test_an_idle_sequence_expires(agent: Daemon) -> None:
     step(agent.url, 41, row(1), model="brief", start=True)
     expired = 'edge_agent_sequences_total{model="brief",outcome="expired",version="1"}'
     wait_for(lambda: metric(agent, expired) >= 1, "the idle sequence to expire")
     status, message = triton_failure(lambda: step(agent.url, 41, row(1), model="brief"))
     assert status == "StatusCode.INVALID_ARGUMENT" and "expired after 0.3 s idle" in message
+
+
+def test_the_cap_on_live_sequences_holds(agent: Daemon) -> None:
     # Three live sequences at most; a fourth start is UNAVAILABLE until one ends.
     for sequence in (51, 52, 53):
-        step(agent.url, sequence, row(1), model="brief", start=True)
-    status, message = triton_failure(lambda: step(agent.url, 54, row(1), model="brief", start=True))
+        step(agent.url, sequence, row(1), model="capped", start=True)
+    status, message = triton_failure(
+        lambda: step(agent.url, 54, row(1), model="capped", start=True)
+    )
     assert status == "StatusCode.UNAVAILABLE" and "3 live sequences" in message
-    step(agent.url, 51, row(1), model="brief", end=True)
-    assert step(agent.url, 54, row(7), model="brief", start=True)["total"][0, 0] == 7
-    too_many = 'edge_agent_sequence_refusals_total{cause="too_many",model="brief",version="1"}'
+    step(agent.url, 51, row(1), model="capped", end=True)
+    assert step(agent.url, 54, row(7), model="capped", start=True)["total"][0, 0] == 7
+    too_many = 'edge_agent_sequence_refusals_total{cause="too_many",model="capped",version="1"}'
     assert metric(agent, too_many) == 1
 
 
@@ -215,11 +227,19 @@ class Recurrent:
         return answers
 
 
-def test_concurrent_streams_batch_across_sequences(agent: Daemon, repo: Path) -> None:
+def test_concurrent_streams_batch_across_sequences(
+    repo: Path, tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    """16 streams at once, each seeing its own state; while the first run is held (a failpoint),
+    the other first requests queue, then run together: one batch of several sequences."""
     reference = Recurrent(repo)
     errors: queue.Queue[str] = queue.Queue()
-    executions = 'nv_inference_exec_count{model="rnn",version="1"}'
-    before = metric(agent, executions)
+    flag = tmp_path / "hold"
+    flag.touch()
+    agent = start_daemon(
+        "--model-repository", str(repo), "--execution-providers", "cpu",
+        env={ENVIRONMENT: f"{REQUEST_EXECUTING}:pause:{flag}"},
+    ).wait_started()  # fmt: skip
 
     def stream(sequence: int) -> None:
         import tritonclient.grpc as grpcclient
@@ -248,12 +268,19 @@ def test_concurrent_streams_batch_across_sequences(agent: Daemon, repo: Path) ->
     threads = [threading.Thread(target=stream, args=(100 + n,)) for n in range(16)]
     for thread in threads:
         thread.start()
+    # A sequence begins as its first request is queued (nothing waits in between).
+    live = 'edge_agent_sequences_live{model="rnn",version="1"}'
+    wait_for(lambda: metric(agent, live) == 16, "16 first requests queued, the first run held")
+    flag.unlink()
     for thread in threads:
         thread.join()
     assert errors.empty(), list(errors.queue)
-    runs = metric(agent, executions) - before
-    # 192 requests; with 16 streams at once, batches of several sequences form.
-    assert runs < 192, runs
+    sizes = 'edge_agent_batch_size_bucket{le="4",model="rnn",version="1"}'
+    executions = 'edge_agent_batch_size_count{model="rnn",version="1"}'
+    # The 16 first requests ran in two executions at most (the held one, then all the others
+    # at once): one of them took at least 8 sequences' rows.
+    assert metric(agent, executions) - metric(agent, sizes) >= 1
+    assert metric(agent, executions) < 16 * 12
 
 
 def test_a_stream_is_a_natural_client(agent: Daemon) -> None:

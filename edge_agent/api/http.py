@@ -162,9 +162,12 @@ def _parameter(target: Any, key: str, value: Any) -> None:
     if isinstance(value, bool):
         target[key].bool_param = value
     elif isinstance(value, int):
-        if value not in INT64_RANGE:
-            raise InvalidArgument(f"parameter '{key}': {value} does not fit int64")
-        target[key].int64_param = value
+        if value in INT64_RANGE:
+            target[key].int64_param = value
+        elif 0 <= value < 1 << 64:  # e.g. a uint64 sequence_id
+            target[key].uint64_param = value
+        else:
+            raise InvalidArgument(f"parameter '{key}': {value} does not fit int64 or uint64")
     elif isinstance(value, str):
         target[key].string_param = value
     elif isinstance(value, float):

@@ -73,13 +73,13 @@ def _add_version(f: dict[str, Metric], model: Served) -> None:
     if sequences is not None:
         _add(f["edge_agent_sequences_live"], labels, sequences.live)
         _add(f["edge_agent_sequence_state_bytes"], labels, sequences.state_bytes)
-        for outcome in ("started", "ended", "expired"):
+        for outcome in ("started", "ended", "expired", "restarted", "failed_start"):
             f["edge_agent_sequences"].add_sample(
                 "edge_agent_sequences_total",
                 {**labels, "outcome": outcome},
                 sequences.counts[outcome],
             )
-        for cause in ("too_many", "state_bytes", "unknown", "second_start"):
+        for cause in ("too_many", "state_bytes", "unknown", "waiting"):
             f["edge_agent_sequence_refusals"].add_sample(
                 "edge_agent_sequence_refusals_total",
                 {**labels, "cause": cause},
@@ -156,11 +156,16 @@ VERSION_FAMILIES = (
     # Stateful models only (sequence batching).
     ("edge_agent_sequences_live", "Sequences whose state the version holds now", "gauge"),
     ("edge_agent_sequence_state_bytes", "Bytes of state the live sequences hold", "gauge"),
-    ("edge_agent_sequences", "Sequences started, ended and expired (idle too long)", "counter"),
+    (
+        "edge_agent_sequences",
+        "Sequences started, ended, expired (idle too long), restarted (a start for a live id) "
+        "and dropped because their start failed",
+        "counter",
+    ),
     (
         "edge_agent_sequence_refusals",
         "Sequence requests refused: too many live sequences, state bytes, an unknown or "
-        "expired sequence, a second start",
+        "expired sequence, too many requests of one sequence waiting",
         "counter",
     ),
 )

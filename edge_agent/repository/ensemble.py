@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent._proto import model_config_pb2 as mc
-from edge_agent.errors import InvalidArgument, ModelLoadError, Retiring
+from edge_agent.errors import InvalidArgument, ModelLoadError, Retiring, Unavailable
 from edge_agent.repository import config as cfg
 from edge_agent.repository.registry import ModelRegistry
 from edge_agent.repository.scan import model_dirs
@@ -127,9 +127,10 @@ def check_graph(
     """Raise ModelLoadError naming the first fault of the ensemble's graph. `signatures`: per
     step model, its signature, or why it cannot serve."""
     inputs, outputs = cfg.tensor_specs(config)
-    # ensemble tensor -> (datatype, who produces it)
-    produced: dict[str, tuple[str, str]] = {
-        n: (s.datatype, "the ensemble's input") for n, s in inputs.items()
+    batched = config.max_batch_size > 0
+    # ensemble tensor -> (datatype, full shape (batch dimension -1 included), who produces it)
+    produced: dict[str, tuple[str, tuple[int, ...], str]] = {
+        n: (s.datatype, _full(s, batched), "the ensemble's input") for n, s in inputs.items()
     }
     for step in steps:
         if step.model == config.name:
@@ -141,10 +142,12 @@ def check_graph(
         for model_output, tensor in step.outputs.items():
             if tensor in produced:
                 raise ModelLoadError(
-                    f"ensemble tensor '{tensor}' is produced twice: by {produced[tensor][1]} "
+                    f"ensemble tensor '{tensor}' is produced twice: by {produced[tensor][2]} "
                     f"and by {step}"
                 )
-            produced[tensor] = (signature.outputs[model_output].datatype, str(step))
+            spec = signature.outputs[model_output]
+            shape = _full(spec, signature.max_batch_size > 0)
+            produced[tensor] = (spec.datatype, shape, str(step))
     for step in steps:
         signature = signatures[step.model]
         assert not isinstance(signature, str)
@@ -154,22 +157,44 @@ def check_graph(
                     f"{step}: input '{model_input}' reads ensemble tensor '{tensor}', which "
                     "neither an ensemble input nor a step produces"
                 )
-            datatype, source = produced[tensor]
-            wanted = signature.inputs[model_input].datatype
-            if datatype != wanted:
-                raise ModelLoadError(
-                    f"{step}: input '{model_input}' is {wanted}, but ensemble tensor "
-                    f"'{tensor}' from {source} is {datatype}"
-                )
+            spec = signature.inputs[model_input]
+            _connects(
+                f"{step}: input '{model_input}'",
+                (spec.datatype, _full(spec, signature.max_batch_size > 0)),
+                tensor,
+                produced[tensor],
+            )
     for name, spec in outputs.items():
         if name not in produced or name in inputs:
             raise ModelLoadError(f"ensemble output '{name}' is produced by no step")
-        if produced[name][0] != spec.datatype:
-            raise ModelLoadError(
-                f"ensemble output '{name}' is {spec.datatype}, but {produced[name][1]} "
-                f"produces {produced[name][0]}"
-            )
+        _connects(f"ensemble output '{name}'", (spec.datatype, _full(spec, batched)), name,
+                  produced[name])  # fmt: skip
     _check_acyclic(steps, set(inputs))
+
+
+def _full(spec: cfg.TensorSpec, batched: bool) -> tuple[int, ...]:
+    return ((-1,) if batched else ()) + tuple(spec.dims)
+
+
+def _connects(
+    what: str,
+    wanted: tuple[str, tuple[int, ...]],
+    tensor: str,
+    source: tuple[str, tuple[int, ...], str],
+) -> None:
+    """The tensor's datatype is the one wanted and its shape can be (-1: any size)."""
+    datatype, shape, producer = source
+    if datatype != wanted[0]:
+        raise ModelLoadError(
+            f"{what} is {wanted[0]}, but ensemble tensor '{tensor}' from {producer} is {datatype}"
+        )
+    if len(shape) != len(wanted[1]) or any(
+        a != b and -1 not in (a, b) for a, b in zip(shape, wanted[1], strict=True)
+    ):
+        raise ModelLoadError(
+            f"{what} has shape {list(wanted[1])}, but ensemble tensor '{tensor}' from "
+            f"{producer} has {list(shape)} (batch dimension as -1)"
+        )
 
 
 def _check_step(config: mc.ModelConfig, step: Step, signature: Signature) -> None:
@@ -192,16 +217,13 @@ def _check_step(config: mc.ModelConfig, step: Step, signature: Signature) -> Non
             )
     if not step.outputs:
         raise ModelLoadError(f"{step}: output_map is empty (the step would produce nothing)")
+    # Triton's rule: a batching step takes the ensemble's batches; a step that does not batch
+    # takes the whole tensors (their shapes checked above).
     batch = config.max_batch_size
-    if batch > 0 and signature.max_batch_size < batch:
+    if batch > 0 and 0 < signature.max_batch_size < batch:
         raise ModelLoadError(
             f"{step}: the model's max_batch_size {signature.max_batch_size} is below the "
             f"ensemble's {batch}"
-        )
-    if batch == 0 and signature.max_batch_size > 0:
-        raise ModelLoadError(
-            f"{step}: the model batches (max_batch_size {signature.max_batch_size}) but the "
-            "ensemble does not (max_batch_size 0): give the ensemble a max_batch_size"
         )
 
 
@@ -365,8 +387,9 @@ class EnsembleScheduler:
         waiting = list(self._steps)
         running: dict[asyncio.Future[dict[str, np.ndarray]], Step] = {}
         task: asyncio.Future[dict[str, np.ndarray]]
+        failure: BaseException | None = None
         try:
-            while waiting or running:
+            while (waiting or running) and failure is None:
                 ready = [s for s in waiting if all(t in tensors for t in s.inputs.values())]
                 for step in ready:
                     waiting.remove(step)
@@ -382,10 +405,19 @@ class EnsembleScheduler:
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     del running[task]
-                    tensors.update(task.result())  # a step's error answers the request
+                    error = task.exception()
+                    if error is None:
+                        tensors.update(task.result())
+                    elif failure is None:
+                        failure = error  # the first step error answers the request
+            if running:  # as Triton does: the steps under way finish before the answer
+                await asyncio.gather(*running, return_exceptions=True)
+                running.clear()
         finally:
-            for task in running:
+            for task in running:  # the request itself was cancelled
                 task.cancel()
+        if failure is not None:
+            raise failure
         return tensors
 
     async def _step(
@@ -419,7 +451,12 @@ def _check_feeds(step: Step, model: ModelVersion, feeds: Mapping[str, np.ndarray
     a mismatch is the request's fault, INVALID_ARGUMENT naming the step."""
     batched = model.max_batch_size > 0
     for name, array in feeds.items():
-        spec = model.inputs[name]
+        spec = model.inputs.get(name)
+        if spec is None:
+            raise Unavailable(
+                f"{step}: the model serving now has no input '{name}' (its inputs changed "
+                "since the ensemble loaded)"
+            )
         shape = array.shape[1:] if batched else array.shape
         fits = len(shape) == len(spec.dims) and all(
             d == -1 or d == n for d, n in zip(spec.dims, shape, strict=True)

@@ -114,6 +114,7 @@ class ModelManager:
         # Ensembles that did not load because a step model did not serve: loaded again once
         # one of their step models loads.
         self._waiting_ensembles: set[str] = set()
+        self._rechecking: set[str] = set()  # models whose ensembles are being checked again
         self._pusher = Pusher(self._repository, registry, self._swaps)
         self._rollbacks = Rollbacks(
             settings.state_dir, self._repository, registry, self._swaps, self._load
@@ -245,6 +246,7 @@ class ModelManager:
             using = await asyncio.to_thread(ensembles_using, self._repository, name)
             for ensemble in using:
                 await self._detached(self._unload_request(ensemble))
+        await self._recheck_ensembles(name)
 
     async def _unload_request(self, name: str) -> None:
         if self.mode != "explicit":
@@ -321,6 +323,10 @@ class ModelManager:
         """(requests queued or running, requests finished so far), every model together."""
         return self._registry.activity()
 
+    def versions(self) -> list[ModelVersion]:
+        """Every loaded version (any thread: the registry's table is locked)."""
+        return self._registry.versions()
+
     def serving_version(self, name: str) -> int:
         """The newest version of `name` serving now (0: none)."""
         entry = self._registry.find(name)
@@ -347,6 +353,7 @@ class ModelManager:
             await self._swaps.unload(entry, "unloaded: removed from the repository")
             self._registry.remove(name)
             await self._changed()
+            await self._recheck_ensembles(name)
 
     async def _load_prebuilt(self, name: str, prebuilt: Mapping[int, Prebuilt]) -> None:
         """`_load` offered versions built ahead; those it did not take are closed."""
@@ -392,21 +399,33 @@ class ModelManager:
             if entry.versions[v].state != READY or entry.versions[v].reason
         ]
         if is_ensemble(source[0]):
-            (self._waiting_ensembles.add if failures else self._waiting_ensembles.discard)(name)
-        elif entry.ready_versions():
-            await self._load_waiting_ensembles(name)
+            if failures:
+                self._waiting_ensembles.add(name)
+                served = entry.ready_versions()
+                if served:  # checked again after a step changed: the old build may not serve
+                    await self._swaps.unload(entry, _unserved(entry.versions[served[-1].version]))
+            else:
+                self._waiting_ensembles.discard(name)
+        if entry.ready_versions():
+            await self._recheck_ensembles(name)
         if failures:
             raise ModelLoadError(f"failed to load '{name}': " + "; ".join(failures))
 
-    async def _load_waiting_ensembles(self, step: str) -> None:
-        """`step` serves now: the ensembles waiting for a step model load again if they run it
-        (each under its own lock; one being loaded meanwhile sees `step` itself)."""
-        if not self._waiting_ensembles:
-            return
+    async def _recheck_ensembles(self, step: str) -> None:
+        """`step` changed (loaded, swapped, unloaded): the ensembles that run it and were loaded
+        or waiting for it are checked again against what serves now, each under its own lock
+        (a waiting one loads; a loaded one whose step went away or changed its tensors stops
+        serving, with the reason). Locks go from a step to its ensembles only."""
         using = await asyncio.to_thread(ensembles_using, self._repository, step)
-        for name in sorted(self._waiting_ensembles & set(using)):
-            if not self._lock(name).locked():
-                await self._reload(name, force=True)
+        self._rechecking.add(step)
+        try:
+            for name in using:
+                entry = self._registry.find(name)
+                known = name in self._waiting_ensembles or bool(entry and entry.ready_versions())
+                if known and name not in self._rechecking:
+                    await self._reload(name, force=True)
+        finally:
+            self._rechecking.discard(step)
 
     def _select(
         self, entry: ModelEntry, files: ModelFiles
@@ -447,3 +466,8 @@ class ModelManager:
         if value not in SWAP_POLICIES:
             raise ModelLoadError(f"config.pbtxt parameters: swap_policy {value!r}: {SWAP_POLICIES}")
         return value
+
+
+def _unserved(state: VersionState) -> str:
+    """Why an ensemble's build that served stops: its check failed against the steps now."""
+    return "unloaded: " + state.reason.removeprefix("reload failed, the previous build serves: ")

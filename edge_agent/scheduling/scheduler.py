@@ -20,6 +20,7 @@ queue.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -58,7 +59,10 @@ def submit_to_loop(
             future.cancel()
 
         on_queued(cancel)
-    return future.result()
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:
+        raise asyncio.CancelledError from None  # the caller went away: not the model's failure
 
 
 class VersionScheduler(Protocol):

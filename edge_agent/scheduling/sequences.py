@@ -14,8 +14,9 @@ On one device Triton's Direct and Oldest strategies come to this: every live seq
 any batch, with the strategy's max_queue_delay.
 
 Bounded: at most `max_sequences` live sequences and `max_state_bytes` of their state (a start
-beyond either is refused, UNAVAILABLE); a sequence idle for `idle_s` is dropped and its slot
-freed (a later continuation is refused, saying it expired).
+beyond either is refused, UNAVAILABLE), MAX_WAITING requests of one sequence in progress; a
+sequence idle for `idle_s` is dropped and its slot freed (a later continuation is refused,
+saying it expired). A request waits its sequence's turn within its deadline.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ExecutionError, InvalidArgument, Unavailable
+from edge_agent.errors import (
+    DeadlineExceeded,
+    ExecutionError,
+    InvalidArgument,
+    QueueFull,
+    Retiring,
+    Unavailable,
+)
 from edge_agent.scheduling.policy import SchedulerPolicy
 from edge_agent.scheduling.queues import Job
 from edge_agent.scheduling.scheduler import OnQueued, VersionScheduler, submit_to_loop
@@ -42,6 +50,9 @@ DEFAULT_MAX_SEQUENCES = 1024
 DEFAULT_MAX_STATE_BYTES = 256 << 20
 # Expired sequence ids remembered (per version) to tell a late continuation why it is refused.
 REMEMBERED_EXPIRED = 4096
+# Requests of one sequence in progress at once (one runs, the others wait their turn): a client
+# streams its requests one after another, so more is a runaway client.
+MAX_WAITING = 64
 START, END, READY, CORRID = "START", "END", "READY", "CORRID"
 
 
@@ -80,7 +91,8 @@ class ControlSpec:
                 raise InvalidArgument(
                     f"sequence_id {flags.id!r}: this model's CORRID control input takes a number"
                 )
-            if not np.can_cast(np.min_scalar_type(flags.id), self.dtype):
+            limits = np.iinfo(self.dtype)
+            if not limits.min <= flags.id <= limits.max:
                 raise InvalidArgument(f"sequence_id {flags.id} does not fit {self.dtype}")
 
     def value(self, flags: SequenceFlags) -> np.ndarray:
@@ -108,13 +120,14 @@ class SequencePolicy:
 
 
 class Sequence:
-    __slots__ = ("busy", "id", "last_used", "state", "turn")
+    __slots__ = ("busy", "id", "last_used", "ran", "state", "turn")
 
     def __init__(self, sequence_id: SequenceId, state: dict[str, np.ndarray], now: float) -> None:
         self.id = sequence_id
         self.state = state  # state input name -> its tensor for the next request
         self.turn = asyncio.Lock()  # its requests one at a time; asyncio's lock is FIFO
         self.busy = 0  # its requests in progress (waiting their turn or running)
+        self.ran = False  # a request of it has run (its start did not fail)
         self.last_used = now
 
 
@@ -127,7 +140,8 @@ class SequenceTable:
         self._policy = policy
         self._live: collections.OrderedDict[SequenceId, Sequence] = collections.OrderedDict()
         self._expired: collections.OrderedDict[SequenceId, None] = collections.OrderedDict()
-        self.counts: collections.Counter[str] = collections.Counter()  # started, ended, expired
+        # started, ended, expired, restarted (a start for a live id), failed_start
+        self.counts: collections.Counter[str] = collections.Counter()
         self.refusals: collections.Counter[str] = collections.Counter()  # by cause
 
     @property
@@ -139,17 +153,18 @@ class SequenceTable:
         return len(self._live) * self._policy.state_bytes
 
     def begin(self, flags: SequenceFlags, now: float) -> Sequence:
-        """The request's sequence (started if it is a start), marked busy; raises the error
-        Triton answers misuse with."""
+        """The request's sequence, marked busy; raises the error Triton answers misuse with.
+
+        A start makes a new sequence. A start for a live one ends that one early, as Triton
+        does (its requests already queued still run on it; this request and those after it
+        run on the new one, from the initial state). An end takes the id out at once: a later
+        request of the id is refused or, with a start, begins a new sequence."""
         self.sweep(now)
         sequence = self._live.get(flags.id)
         if flags.start:
             if sequence is not None:
-                self._refuse("second_start")
-                raise InvalidArgument(
-                    f"model '{self._label}': sequence {flags.id!r} is already started; end it "
-                    "(sequence_end) before starting it again"
-                )
+                del self._live[flags.id]
+                self.counts["restarted"] += 1
             sequence = self._start(flags.id, now)
         elif sequence is None:
             self._refuse("unknown")
@@ -162,9 +177,18 @@ class SequenceTable:
                 f"model '{self._label}': sequence {flags.id!r} {why}; its first request must "
                 "set sequence_start"
             )
+        if sequence.busy >= MAX_WAITING:
+            self._refuse("waiting")
+            raise QueueFull(
+                f"model '{self._label}': sequence {flags.id!r} has {sequence.busy} requests in "
+                "progress already; send its next one after an answer"
+            )
         sequence.busy += 1
         sequence.last_used = now
         self._live.move_to_end(flags.id)
+        if flags.end:  # ended on arrival: the id is free for a new start
+            del self._live[flags.id]
+            self.counts["ended"] += 1
         return sequence
 
     def _start(self, sequence_id: SequenceId, now: float) -> Sequence:
@@ -187,13 +211,17 @@ class SequenceTable:
         self.counts["started"] += 1
         return sequence
 
-    def done(self, sequence: Sequence, end: bool, now: float) -> None:
-        """A request of `sequence` finished (or failed); its end frees the sequence."""
+    def done(self, sequence: Sequence, ok: bool, now: float) -> None:
+        """A request of `sequence` finished, or failed (`ok` False). A sequence none of whose
+        requests ran (its start failed) is dropped: the client's retry starts it again."""
         sequence.busy -= 1
         sequence.last_used = now
-        if end and self._live.get(sequence.id) is sequence:
-            del self._live[sequence.id]
-            self.counts["ended"] += 1
+        sequence.ran = sequence.ran or ok
+        if self._live.get(sequence.id) is sequence:
+            self._live.move_to_end(sequence.id)
+            if not sequence.ran and not sequence.busy:
+                del self._live[sequence.id]
+                self.counts["failed_start"] += 1
 
     def sweep(self, now: float) -> None:
         """Drop the sequences idle for longer than the limit (none with a request under way)."""
@@ -228,6 +256,7 @@ class SequenceScheduler:
         self.sequences = SequenceTable(inner.label, policy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
     @property
     def policy(self) -> SchedulerPolicy:
@@ -270,12 +299,36 @@ class SequenceScheduler:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self.start_on(loop)
+        if self._closed:
+            raise Retiring(f"model '{self.label}' is being replaced; retry")
         sequence = self.sequences.begin(flags, loop.time())
+        ok = False
         try:
-            async with sequence.turn:
-                return await self._run(job, flags, sequence)
+            await self._turn(sequence, job.deadline, loop)
+            try:
+                answer = await self._run(job, flags, sequence)
+                ok = True
+                return answer
+            finally:
+                sequence.turn.release()
         finally:
-            self.sequences.done(sequence, flags.end, loop.time())
+            self.sequences.done(sequence, ok, loop.time())
+
+    async def _turn(
+        self, sequence: Sequence, deadline: float | None, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Wait for the sequence's earlier requests, within the request's deadline."""
+        timeout = None if deadline is None else max(0.0, deadline - loop.time())
+        try:
+            await asyncio.wait_for(sequence.turn.acquire(), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model '{self.label}': the deadline passed while sequence {sequence.id!r}'s "
+                "earlier requests ran"
+            ) from None
+        if self._closed:
+            sequence.turn.release()
+            raise Retiring(f"model '{self.label}' is being replaced; retry")
 
     async def _run(self, job: Job, flags: SequenceFlags, sequence: Sequence) -> Any:
         policy = self._sequence_policy
@@ -304,6 +357,7 @@ class SequenceScheduler:
         return submit_to_loop(self._loop, self.infer(job), on_queued)
 
     async def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         await self._inner.close()
