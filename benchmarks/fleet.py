@@ -22,13 +22,19 @@ started here from tests/services.py):
    the start of publishing (what `edge-agent publish` does: split, sign, upload what is missing,
    register and target) until every device serves it;
 4. a full install of a small model (the shipped digits, 20 KB) to every device, the same;
-5. database size; every gRPC error a device saw, by code.
+5. a bad canary: a third version of the wide MLP to 5% of the devices, where it answers 10x
+   slower (the serving-health model: each device serves REQUESTS_PER_S requests a second of
+   the version it runs, at its version's latency, a share of them failing, and reports the
+   counts on every long-poll as an agent does): seconds from the first canary device serving
+   it to the rollout rolled back, and the control plane's CPU meanwhile;
+6. database size; every gRPC error a device saw, by code.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import json
@@ -55,6 +61,7 @@ from benchmarks.sync import publish, with_last_layer  # noqa: E402
 from edge_agent._proto import fleet_pb2 as pb  # noqa: E402
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc  # noqa: E402
 from edge_agent.fleet import auth, signing  # noqa: E402
+from edge_agent.scheduling.stats import LATENCY_BUCKETS_MS  # noqa: E402
 
 EA = [sys.executable, "-m", "edge_agent"]
 PER_CHANNEL = 100
@@ -64,6 +71,10 @@ DETAILS: list[str] = []  # the first errors the devices saw, for the report
 T0 = time.monotonic()
 # FLEET_LOGS=DIR keeps the control planes' logs; FLEET_LOG_LEVEL=info makes them talk.
 WAIT_MS = 30_000
+REQUESTS_PER_S = 10.0  # what each simulated device serves
+LATENCY_MS = 2.0  # a version's latency on a device, unless SERVING says otherwise
+# (model, version) -> (latency in ms, failing share): how a version serves on the devices.
+SERVING: dict[tuple[str, int], tuple[float, float]] = {}
 
 
 class Device:
@@ -76,6 +87,34 @@ class Device:
         self.errors: Counter[str] = Counter()
         self.bytes = 0
         self.answered = 0  # long-polls answered
+        self.boot = f"sim-{random.getrandbits(48):012x}"
+        self.started = self.last = time.monotonic()
+        self.counters: dict[tuple[str, int], list[int]] = {}  # requests, failures, bucket
+
+    def health(self) -> pb.DeviceHealth:
+        """Requests served since the last report, at the running version's latency, added to
+        the cumulative counters an agent reports."""
+        now = time.monotonic()
+        elapsed, self.last = now - self.last, now
+        health = pb.DeviceHealth(
+            boot=self.boot, uptime_seconds=now - self.started, rss_bytes=200 << 20,
+            disk_free_bytes=8 << 30, load1=0.3,
+        )  # fmt: skip
+        for model, version in sorted(self.serving.items()):
+            latency, failing = SERVING.get((model, version), (LATENCY_MS, 0.0))
+            bucket = bisect.bisect_left(LATENCY_BUCKETS_MS, latency)
+            counts = self.counters.setdefault((model, version), [0, 0, bucket])
+            served = int(REQUESTS_PER_S * elapsed)
+            counts[0] += served
+            counts[1] += int(served * failing)
+            buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+            buckets[counts[2]] = counts[0]
+            health.versions.add(
+                model=model, version=version, provider="CPUExecutionProvider",
+                requests=counts[0], failures=counts[1], latency_us=int(counts[0] * latency * 1000),
+                compute_us=int(counts[0] * latency * 500), latency_buckets=buckets,
+            )  # fmt: skip
+        return health
 
     def reports(self) -> list[pb.ModelReport]:
         return [
@@ -96,7 +135,10 @@ class Device:
         while not stop.is_set():
             try:
                 request = pb.WatchRequest(
-                    known_revision=revision, wait_ms=WAIT_MS, reports=self.reports()
+                    known_revision=revision,
+                    wait_ms=WAIT_MS,
+                    reports=self.reports(),
+                    health=self.health(),
                 )
                 state = await stub.WatchDesiredState(
                     request, metadata=self.meta, timeout=WAIT_MS / 1000 + 30
@@ -319,6 +361,8 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
             "reached": sum(("digits", 1) in d.reached for d in devices),
             "mib_moved": round((sum(d.bytes for d in devices) - before) / 2**20, 1),
         }
+        # 5. a bad canary, judged on the devices' health and rolled back.
+        result["bad_canary"] = await bad_canary(wide, work, key, port, publisher, devices, procs)
         stop.set()
         for task in tasks:
             task.cancel()
@@ -337,6 +381,50 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
             except subprocess.TimeoutExpired:
                 proc.kill()
     return result
+
+
+async def bad_canary(
+    wide: Path, work: Path, key: Path, port: int, publisher: Any, devices: list[Device],
+    procs: list[tuple[subprocess.Popen[str], int]],
+) -> dict[str, Any]:  # fmt: skip
+    """Wide v3 to 5% of the devices, 10x slower there: how soon the canary analysis rolls it
+    back, and what the control plane spends meanwhile."""
+    SERVING[("wide", 3)] = (10 * LATENCY_MS, 0.0)
+    v3 = with_last_layer(wide, work / "wide3.onnx", 3)
+    target = pb.SetTargetRequest(model="wide", version=3, scope=pb.CANARY, canary_percent=5)
+    cpu0 = [cpu_seconds(p.pid) for p, _ in procs]
+    begun = time.monotonic()
+    await asyncio.to_thread(publish, v3, "wide", 3, work / "wide-3", key, port, publisher, target)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.FleetServiceStub(channel)
+        rolled_back: float | None = None
+        verdict = ""
+        while time.monotonic() - begun < 300:
+            status = await stub.FleetStatus(
+                pb.FleetStatusRequest(page_size=1), metadata=publisher, timeout=60
+            )
+            rollout = next((r for r in status.rollouts if r.version == 3), None)
+            if rollout is not None and rollout.state == "rolled_back":
+                rolled_back, verdict = time.monotonic(), rollout.reason
+                break
+            await asyncio.sleep(0.5)
+    reached = [d.reached[("wide", 3)] for d in devices if ("wide", 3) in d.reached]
+    elapsed = time.monotonic() - begun
+    first = min(reached) if reached else None
+    return {
+        "canary_devices": len(reached),
+        "seconds_publish_to_first_canary_serving": (
+            None if first is None else round(first - begun, 2)
+        ),
+        "seconds_first_canary_serving_to_rolled_back": (
+            None if rolled_back is None or first is None else round(rolled_back - first, 2)
+        ),
+        "reason": verdict,
+        "cpu_share_per_replica": [
+            round((cpu_seconds(p.pid) - c) / elapsed, 3)
+            for (p, _), c in zip(procs, cpu0, strict=True)
+        ],
+    }
 
 
 def database_size(args: argparse.Namespace, work: Path, database: str) -> int:

@@ -79,13 +79,21 @@ def sync_bytes(metrics_url: str) -> int:
 
 
 def publish(
-    model_file: Path, name: str, version: int, directory: Path, key: Path, port: int, meta: Any
+    model_file: Path,
+    name: str,
+    version: int,
+    directory: Path,
+    key: Path,
+    port: int,
+    meta: Any,
+    target: pb.SetTargetRequest | None = None,
 ) -> tuple[int, int]:
     """What `edge-agent publish` does, in-process, so that the moment the release is registered
-    and targeted is known exactly. Returns (release bytes, bytes uploaded)."""
+    and targeted is known exactly (`target`: the whole fleet by default). Returns (release bytes,
+    bytes uploaded)."""
     release = build_release(model_file, name, version, directory)
     signature = signing.sign_directory(directory, key)
-    target = pb.SetTargetRequest(model=name, version=version, scope=pb.FLEET)
+    target = target or pb.SetTargetRequest(model=name, version=version, scope=pb.FLEET)
     with open_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.FleetServiceStub(channel)
         _, uploaded = upload_release(stub, meta, directory, signature, target, True, 300)

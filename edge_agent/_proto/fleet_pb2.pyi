@@ -277,18 +277,38 @@ class UploadBlobResponse(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class SetTargetRequest(_message.Message):
-    __slots__ = ("model", "version", "scope", "group", "canary_percent")
+    __slots__ = ("model", "version", "scope", "group", "canary_percent", "analysis")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     scope: TargetScope
     group: str
     canary_percent: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ...) -> None: ...
+    analysis: CanaryAnalysis
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ...) -> None: ...
+
+class CanaryAnalysis(_message.Message):
+    __slots__ = ("disabled", "max_error_rate_increase", "max_p99_ratio", "max_memory_ratio", "min_requests", "bake_seconds", "stages")
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _ClassVar[int]
+    MAX_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEMORY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    disabled: bool
+    max_error_rate_increase: float
+    max_p99_ratio: float
+    max_memory_ratio: float
+    min_requests: int
+    bake_seconds: float
+    stages: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, disabled: _Optional[bool] = ..., max_error_rate_increase: _Optional[float] = ..., max_p99_ratio: _Optional[float] = ..., max_memory_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ..., bake_seconds: _Optional[float] = ..., stages: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RegisterReleaseRequest(_message.Message):
     __slots__ = ("release_json", "signature", "activate", "target", "variant_signatures")
@@ -340,7 +360,7 @@ class ControlRolloutRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., action: _Optional[_Union[ControlRolloutRequest.Action, str]] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("id", "model", "version", "scope", "group", "canary_percent", "state", "reason", "devices", "failed", "device_count", "device_states")
+    __slots__ = ("id", "model", "version", "scope", "group", "canary_percent", "state", "reason", "devices", "failed", "device_count", "device_states", "analysis", "verdict")
     class DeviceStatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +380,8 @@ class RolloutStatus(_message.Message):
     FAILED_FIELD_NUMBER: _ClassVar[int]
     DEVICE_COUNT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STATES_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
     id: int
     model: str
     version: int
@@ -372,7 +394,43 @@ class RolloutStatus(_message.Message):
     failed: int
     device_count: int
     device_states: _containers.ScalarMap[str, int]
-    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., failed: _Optional[int] = ..., device_count: _Optional[int] = ..., device_states: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    analysis: CanaryAnalysis
+    verdict: CanaryVerdict
+    def __init__(self, id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., scope: _Optional[_Union[TargetScope, str]] = ..., group: _Optional[str] = ..., canary_percent: _Optional[float] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., failed: _Optional[int] = ..., device_count: _Optional[int] = ..., device_states: _Optional[_Mapping[str, int]] = ..., analysis: _Optional[_Union[CanaryAnalysis, _Mapping]] = ..., verdict: _Optional[_Union[CanaryVerdict, _Mapping]] = ...) -> None: ...
+
+class CohortHealth(_message.Message):
+    __slots__ = ("version", "requests", "failures", "error_rate", "p99_ms", "mean_rss_bytes", "reports")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    requests: int
+    failures: int
+    error_rate: float
+    p99_ms: float
+    mean_rss_bytes: float
+    reports: int
+    def __init__(self, version: _Optional[int] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., error_rate: _Optional[float] = ..., p99_ms: _Optional[float] = ..., mean_rss_bytes: _Optional[float] = ..., reports: _Optional[int] = ...) -> None: ...
+
+class CanaryVerdict(_message.Message):
+    __slots__ = ("verdict", "reason", "canary", "baseline", "judged_at", "stage")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_AT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    verdict: str
+    reason: str
+    canary: CohortHealth
+    baseline: CohortHealth
+    judged_at: float
+    stage: int
+    def __init__(self, verdict: _Optional[str] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[CohortHealth, _Mapping]] = ..., baseline: _Optional[_Union[CohortHealth, _Mapping]] = ..., judged_at: _Optional[float] = ..., stage: _Optional[int] = ...) -> None: ...
 
 class ModelReport(_message.Message):
     __slots__ = ("model", "installed_version", "serving_version", "target_version", "state", "error", "variant")
@@ -393,16 +451,56 @@ class ModelReport(_message.Message):
     def __init__(self, model: _Optional[str] = ..., installed_version: _Optional[int] = ..., serving_version: _Optional[int] = ..., target_version: _Optional[int] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("known_revision", "wait_ms", "reports", "agent_version")
+    __slots__ = ("known_revision", "wait_ms", "reports", "agent_version", "health")
     KNOWN_REVISION_FIELD_NUMBER: _ClassVar[int]
     WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     REPORTS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     known_revision: str
     wait_ms: int
     reports: _containers.RepeatedCompositeFieldContainer[ModelReport]
     agent_version: str
-    def __init__(self, known_revision: _Optional[str] = ..., wait_ms: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+    health: DeviceHealth
+    def __init__(self, known_revision: _Optional[str] = ..., wait_ms: _Optional[int] = ..., reports: _Optional[_Iterable[_Union[ModelReport, _Mapping]]] = ..., agent_version: _Optional[str] = ..., health: _Optional[_Union[DeviceHealth, _Mapping]] = ...) -> None: ...
+
+class DeviceHealth(_message.Message):
+    __slots__ = ("boot", "uptime_seconds", "rss_bytes", "disk_free_bytes", "load1", "versions")
+    BOOT_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    boot: str
+    uptime_seconds: float
+    rss_bytes: int
+    disk_free_bytes: int
+    load1: float
+    versions: _containers.RepeatedCompositeFieldContainer[VersionHealth]
+    def __init__(self, boot: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionHealth, _Mapping]]] = ...) -> None: ...
+
+class VersionHealth(_message.Message):
+    __slots__ = ("model", "version", "provider", "requests", "failures", "rejections", "latency_us", "compute_us", "latency_buckets")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    provider: str
+    requests: int
+    failures: int
+    rejections: int
+    latency_us: int
+    compute_us: int
+    latency_buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., provider: _Optional[str] = ..., requests: _Optional[int] = ..., failures: _Optional[int] = ..., rejections: _Optional[int] = ..., latency_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelTarget(_message.Message):
     __slots__ = ("model", "version")

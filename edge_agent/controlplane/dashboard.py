@@ -2,8 +2,11 @@
 the control plane's registry, for the people who run the fleet.
 
 - Pages: overview (counts, database and blob store sizes), devices (group, versions served,
-  last report), rollouts (per state, the canary cohort, paused with the reason), learning
-  (validation accuracy per global version as a plot; updates received / dropped / refused).
+  last report, the last day's requests, p99, memory and free disk as sparklines; devices not
+  seen for ten minutes highlighted), rollouts (per state, the canary cohort, paused with the
+  reason, each canary beside its baseline with the verdict), health (per model version and
+  group, the last day's requests, error rate and p99), learning (validation accuracy per global
+  version as a plot; updates received / dropped / refused).
   Server-rendered HTML, no build step; each page refreshes its content in place every few
   seconds (a fetch of the same page's fragment); usable on a phone (one column, wide tables
   scroll).
@@ -26,7 +29,9 @@ from typing import Any
 
 from aiohttp import web
 
+from edge_agent.controlplane.health import Counters, p99_ms
 from edge_agent.controlplane.registry import PAUSED, Device, LearningTaskRow, Rollout, VersionRow
+from edge_agent.controlplane.registry.health import Point
 from edge_agent.fleet import auth
 from edge_agent.observability.logging import get_logger
 
@@ -117,6 +122,8 @@ def accuracy_plot(versions: Sequence[VersionRow], base: float, width: int = 480)
 
 
 STYLE = """
+svg.spark{width:6em;height:1.2em;vertical-align:middle}
+svg.spark polyline{fill:none;stroke:#2f6fd0;stroke-width:1.5;vector-effect:non-scaling-stroke}
 body{font:15px/1.4 system-ui,sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{background:#1b1f24;color:#fff;padding:.6em 1em;display:flex;flex-wrap:wrap;gap:1em;
 align-items:center}header a{color:#cfe3ff;text-decoration:none}header b{margin-right:auto}
@@ -153,6 +160,7 @@ def page(title: str, content: str, now: float) -> str:
             ("/", "Overview"),
             ("/devices", "Devices"),
             ("/rollouts", "Rollouts"),
+            ("/health", "Health"),
             ("/learning", "Learning"),
         )
     )
@@ -188,7 +196,12 @@ def counts(states: dict[str, int] | Any) -> str:
     return ", ".join(f"{esc(k)} {v}" for k, v in sorted(dict(states).items())) or "—"
 
 
-def devices_html(devices: Sequence[Device], now: float) -> str:
+STALE_S = 600  # a device not seen for this long is highlighted
+
+
+def devices_html(
+    devices: Sequence[Device], now: float, health: dict[str, list[Point]] | None = None
+) -> str:
     rows = []
     for d in devices:
         serving = ", ".join(
@@ -201,28 +214,124 @@ def devices_html(devices: Sequence[Device], now: float) -> str:
             for r in d.reports
         )
         error = f"<span class=failed>{esc(d.last_error)}</span>" if d.last_error else ""
+        seen = esc(ago(d.last_seen, now))
+        if now - d.last_seen > STALE_S:
+            seen = f"<span class=failed>{seen}</span>"
         rows.append(
-            [esc(d.device_id), esc(d.group or "—"), serving or "—", states or "—",
-             esc(ago(d.last_seen, now)), error]
+            [esc(d.device_id), esc(d.group or "—"), serving or "—", states or "—", seen,
+             device_health_html((health or {}).get(d.device_id, []), now), error]
         )  # fmt: skip
     return table(
-        ["device", "group", "serving", "last report", "last seen", "last error"],
+        ["device", "group", "serving", "last report", "last seen", "health (24 h)",
+         "last error"],
         rows,
         "no device enrolled",
-    )
+    )  # fmt: skip
 
 
-def rollouts_html(rollouts: Sequence[Rollout]) -> str:
+def rollouts_html(rollouts: Sequence[Rollout], empty: str = "no rollout yet") -> str:
     rows = [
         [str(r.id), esc(r.model), f"v{r.version}", scope(r), rollout_state(r),
-         str(len(r.devices)), counts(r.device_states), str(r.failed)]
+         str(len(r.devices)), counts(r.device_states), str(r.failed), verdict_html(r)]
         for r in reversed(rollouts)
     ]  # fmt: skip
     return table(
-        ["id", "model", "version", "reaches", "state", "devices", "per state", "failed"],
+        ["id", "model", "version", "reaches", "state", "devices", "per state", "failed",
+         "canary verdict"],
         rows,
-        "no rollout yet",
+        empty,
+    )  # fmt: skip
+
+
+def verdict_html(r: Rollout) -> str:
+    verdict = dict(r.verdict)
+    if not verdict:
+        return "—"
+    word = str(verdict.get("verdict", ""))
+    css = "failed" if word == "regressed" else ""
+    return f"<span class={css or 'ok'}>{esc(word)}</span>: {esc(verdict.get('reason', ''))}"
+
+
+def canaries_html(rollouts: Sequence[Rollout]) -> str:
+    """Each judged canary beside its baseline: the figures its verdict came from."""
+    rows = []
+    for r in reversed(rollouts):
+        verdict = dict(r.verdict)
+        if not verdict:
+            continue
+        for side in ("canary", "baseline"):
+            c = dict(verdict.get(side, {}))
+            rows.append(
+                [str(r.id) if side == "canary" else "", esc(r.model), esc(side),
+                 f"v{c.get('version', 0)}", str(c.get("requests", 0)),
+                 f"{float(c.get('error_rate', 0)):.2%}", f"{float(c.get('p99_ms', 0)):.1f} ms",
+                 human_bytes(int(c.get("mean_rss_bytes", 0))),
+                 verdict_html(r) if side == "canary" else ""]
+            )  # fmt: skip
+    return table(
+        ["rollout", "model", "cohort", "version", "requests", "error rate", "p99",
+         "mean memory", "verdict"],
+        rows,
+        "no canary judged yet",
+    )  # fmt: skip
+
+
+def sparkline(values: Sequence[float], label: str) -> str:
+    """An inline SVG line of `values` (oldest first), with its last value as text."""
+    if not values:
+        return "—"
+    top = max(values) or 1.0
+    step = 100 / max(len(values) - 1, 1)
+    points = " ".join(f"{i * step:.1f},{20 - 18 * v / top:.1f}" for i, v in enumerate(values))
+    return (
+        f'<svg class=spark viewBox="0 0 100 20" preserveAspectRatio=none role=img '
+        f'aria-label="{esc(label)}"><polyline points="{points}"/></svg> {esc(label)}'
     )
+
+
+def health_html(series: dict[tuple[str, int, str], list[Point]], now: float) -> str:
+    """Per model version and group, the last day by the hour: requests, error rate, p99."""
+    rows = []
+    for (model, version, group), points in sorted(series.items()):
+        hourly = _hourly(points, now)
+        requests = [p.counters.requests for p in hourly]
+        errors = [p.counters.failures / p.counters.requests if p.counters.requests else 0.0
+                  for p in hourly]  # fmt: skip
+        p99 = [p99_ms(p.counters.buckets) for p in hourly]
+        rows.append(
+            [esc(model), f"v{version}", esc(group or "—"),
+             sparkline(requests, f"{requests[-1]}/h"),
+             sparkline(errors, f"{errors[-1]:.2%}"), sparkline(p99, f"{p99[-1]:.1f} ms")]
+        )  # fmt: skip
+    return table(
+        ["model", "version", "group", "requests (24 h)", "error rate", "p99"],
+        rows,
+        "no health reported yet",
+    )
+
+
+def device_health_html(points: list[Point], now: float) -> str:
+    if not points:
+        return "—"
+    hourly = _hourly(points, now)
+    requests = [p.counters.requests for p in hourly]
+    p99 = [p99_ms(p.counters.buckets) for p in hourly]
+    memory = [p.rss_sum / p.reports if p.reports else 0.0 for p in hourly]
+    last = points[-1]
+    return "<br>".join(
+        (sparkline(requests, f"{requests[-1]} requests/h"),
+         sparkline(p99, f"p99 {p99[-1]:.1f} ms"),
+         sparkline(memory, f"{human_bytes(int(memory[-1]))} memory"),
+         f"{human_bytes(int(last.disk_free))} free")
+    )  # fmt: skip
+
+
+def _hourly(points: list[Point], now: float, hours: int = 24) -> list[Point]:
+    """The last `hours` hours, an empty point where nothing was reported."""
+    by_start = {p.start: p for p in points}
+    first = int(now // 3600 * 3600) - (hours - 1) * 3600
+    return [by_start.get(first + 3600 * i, Point(first + 3600 * i, Counters(), 0.0, 0))
+            for i in range(hours)]  # fmt: skip
 
 
 def learning_html(tasks: Sequence[tuple[LearningTaskRow, list[VersionRow]]]) -> str:
@@ -271,6 +380,7 @@ class Dashboard:
                 web.get("/", self._overview),
                 web.get("/devices", self._devices),
                 web.get("/rollouts", self._rollouts),
+                web.get("/health", self._health),
                 web.get("/learning", self._learning),
                 web.get("/login", self._login_form),
                 web.post("/login", self._login),
@@ -415,14 +525,20 @@ class Dashboard:
                 ("blob store", human_bytes(blobs)),
             )
         )
-        content = f"<div class=cards>{cards}</div><h2>Paused rollouts</h2>" + rollouts_html(paused)
+        content = f"<div class=cards>{cards}</div><h2>Paused rollouts</h2>" + rollouts_html(
+            paused, "no paused rollout" if rollouts else "no rollout yet"
+        )
         return self._answer(request, "Overview", content, now)
 
     async def _devices(self, request: web.Request) -> web.Response:
         now = time.time()
         after = request.query.get("after", "")[:128]
         devices = await self._db(self._registry.devices, after, PAGE_DEVICES + 1)
-        content = devices_html(devices[:PAGE_DEVICES], now)
+        shown = devices[:PAGE_DEVICES]
+        health = await self._db(
+            self._registry.device_series, [d.device_id for d in shown], now - 86400
+        )
+        content = devices_html(shown, now, health)
         if len(devices) > PAGE_DEVICES:
             last = devices[PAGE_DEVICES - 1].device_id
             content += f'<p><a href="/devices?after={esc(last)}">next {PAGE_DEVICES}</a></p>'
@@ -431,7 +547,14 @@ class Dashboard:
     async def _rollouts(self, request: web.Request) -> web.Response:
         now = time.time()
         rollouts = await self._db(self._registry.rollouts)
-        return self._answer(request, "Rollouts", rollouts_html(rollouts), now)
+        content = rollouts_html(rollouts) + "<h2>Canaries against their baselines</h2>"
+        content += canaries_html([r for r in rollouts if r.scope == "canary"])
+        return self._answer(request, "Rollouts", content, now)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        now = time.time()
+        series = await self._db(self._registry.health_series, now - 86400)
+        return self._answer(request, "Health", health_html(series, now), now)
 
     async def _learning(self, request: web.Request) -> web.Response:
         now = time.time()

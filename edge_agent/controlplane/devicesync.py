@@ -20,6 +20,7 @@ from typing import BinaryIO
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.controlplane.fleethealth import FleetHealth
 from edge_agent.controlplane.learning import ParameterServer
 from edge_agent.controlplane.registry import FAILED, Report, revision
 from edge_agent.controlplane.shared import FleetCore, Poll, check_version
@@ -85,6 +86,7 @@ class DeviceSync:
         self._learning = learning
         self._max_failure_share = max_failure_share
         self._ignored_logged: dict[str, float] = {}
+        self.health = FleetHealth(core)
 
     # -- the long-poll --------------------------------------------------------------------------
 
@@ -95,6 +97,8 @@ class DeviceSync:
         device = await self._core.callers.device(context)
         desired = await self._core.db(self._registry.desired, device)
         changed = await self._record(device, request.reports, desired)
+        if request.HasField("health"):
+            await self.health.take(device, request.health, desired)
         poll = self._core.open_poll(device)
         self._core.stats.polls_waiting += 1
         try:

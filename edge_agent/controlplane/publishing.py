@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 
 from edge_agent._proto import fleet_pb2 as pb
+from edge_agent.controlplane.canary import Analysis, analysis_of
+from edge_agent.controlplane.fleethealth import verdict_message
 from edge_agent.controlplane.registry import CANARY, FLEET, GROUP, BlobInfo, Report, Rollout
 from edge_agent.controlplane.shared import FleetCore, check_version
 from edge_agent.errors import InvalidArgument, NotFound, ReleaseRejected
@@ -51,6 +53,8 @@ def rollout_message(rollout: Rollout, with_devices: bool = True) -> pb.RolloutSt
         failed=rollout.failed,
         device_count=len(rollout.devices),
         device_states=dict(rollout.device_states),
+        analysis=Analysis.from_json(dict(rollout.analysis)).message() if rollout.analysis else None,
+        verdict=verdict_message(rollout.verdict) if rollout.verdict else None,
     )
 
 
@@ -209,6 +213,12 @@ class Publishing:
 
     async def _set_target(self, request: pb.SetTargetRequest) -> pb.RolloutStatus:
         scope = SCOPES.get(request.scope, FLEET)
+        # Every canary is judged on its serving health unless the publisher turns it off.
+        analysis = (
+            analysis_of(request.analysis, request.canary_percent).to_json()
+            if scope == CANARY
+            else None
+        )
         rollout = await self._core.db(
             self._registry.set_target,
             request.model,
@@ -216,6 +226,7 @@ class Publishing:
             scope,
             request.group,
             request.canary_percent,
+            analysis,
         )
         log.info(  # counts only: a fleet of thousands would make one unreadable line
             "rollout.started",

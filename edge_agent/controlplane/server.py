@@ -26,6 +26,7 @@ from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.controlplane import defaults
 from edge_agent.controlplane.blobs import BlobStore, FileBlobStore
 from edge_agent.controlplane.database import PostgresDatabase, describe, open_database
+from edge_agent.controlplane.fleethealth import FleetHealthCollector
 from edge_agent.controlplane.registry import SqliteRegistry, SqlRegistry
 from edge_agent.controlplane.service import (
     MAX_REQUEST_BYTES,
@@ -243,6 +244,7 @@ class ControlPlane:
         background = [
             asyncio.create_task(servicer.prune_forever(), name="prune"),
             asyncio.create_task(servicer.flush_seen_forever(), name="last-seen"),
+            asyncio.create_task(servicer.health.run_forever(), name="fleet-health"),
         ]
         listening = self._listen(registry, servicer, loop)
         background.append(asyncio.create_task(servicer.learning.run_forever(), name="learning"))
@@ -386,6 +388,7 @@ class ControlPlane:
         host, port = parse_address(self.settings.metrics_address, "--metrics-address")
         registry = CollectorRegistry()
         registry.register(ServiceCollector(servicer))
+        registry.register(FleetHealthCollector(servicer.health, METRIC_PREFIX))
         registry.register(ConnectionCollector(guard.stats, METRIC_PREFIX))
         try:
             server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)

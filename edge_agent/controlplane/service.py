@@ -106,6 +106,7 @@ class FleetServicer:
             registry, blobs, self._core.db, self._core.notify, learning_key
         )
         self._sync = DeviceSync(self._core, self.learning, max_failure_share)
+        self.health = self._sync.health
         groups = (
             Publishing(self._core, trusted_keys),
             self._sync,

@@ -16,6 +16,7 @@ from pathlib import Path
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.common.layout import CONFIG_FILE, GOLDEN_FILE, WARMUP_DIR
+from edge_agent.controlplane.canary import Analysis
 from edge_agent.errors import ConfigError
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.commands import (
@@ -184,11 +185,31 @@ def publish(args: argparse.Namespace) -> int:
 
 def _target(args: argparse.Namespace) -> pb.SetTargetRequest:
     target = pb.SetTargetRequest(model=args.model, version=args.version, scope=pb.FLEET)
+    stages = getattr(args, "stages", None) or []
+    canary = getattr(args, "canary", None)
     if getattr(args, "group", None):
         target.scope, target.group = pb.GROUP, args.group
-    elif getattr(args, "canary", None) is not None:
-        target.scope, target.canary_percent = pb.CANARY, args.canary
+    elif canary is not None or stages:
+        target.scope = pb.CANARY
+        target.canary_percent = canary if canary is not None else stages[0]
+        analysis = target.analysis
+        analysis.disabled = bool(getattr(args, "no_canary_analysis", False))
+        analysis.stages.extend(stages)
+        for name in CANARY_FLAGS:
+            value = getattr(args, name, None)
+            if value is not None:
+                setattr(analysis, name, value)
     return target
+
+
+# The canary analysis' thresholds that `--NAME` sets (defaults: the control plane's).
+CANARY_FLAGS = (
+    "max_error_rate_increase",
+    "max_p99_ratio",
+    "max_memory_ratio",
+    "min_requests",
+    "bake_seconds",
+)
 
 
 STATE_ORDER = ("serving", "installed", "downloading", "retrying", "failed", "pending")
@@ -210,11 +231,27 @@ def _scope(r: pb.RolloutStatus) -> str:
 
 
 def rollout_line(r: pb.RolloutStatus) -> str:
-    """One rollout in one line: counts, never the device list (a fleet has thousands)."""
-    return (
+    """One rollout in one line: counts, never the device list (a fleet has thousands); a
+    canary's latest verdict with its figures on the next."""
+    line = (
         f"rollout {r.id}: {r.model} v{r.version} {_scope(r)} {r.state}: "
         f"{r.device_count} devices ({_counts(r.device_states)})"
         + (f"; {r.reason}" if r.reason else "")
+    )
+    if r.HasField("verdict") and r.verdict.verdict:
+        v = r.verdict
+        line += (
+            f"\n  canary {v.verdict}: {v.reason}"
+            f"\n  canary v{v.canary.version}: {_cohort(v.canary)}"
+            f"\n  baseline v{v.baseline.version}: {_cohort(v.baseline)}"
+        )
+    return line
+
+
+def _cohort(c: pb.CohortHealth) -> str:
+    return (
+        f"{c.requests} requests, {c.error_rate:.2%} failed, p99 {c.p99_ms:.1f} ms, "
+        f"memory {c.mean_rss_bytes / 2**20:.0f} MiB"
     )
 
 
@@ -344,6 +381,24 @@ def _show_status(status: pb.FleetStatusResponse, rollout_id: int | None, as_json
                 ],
             )
         )
+        judged = [r for r in status.rollouts if r.HasField("verdict") and r.verdict.verdict]
+        if judged:
+            print()
+            print(
+                table(
+                    ["ROLLOUT", "COHORT", "VERSION", "REQUESTS", "FAILED", "P99", "MEMORY",
+                     "VERDICT"],
+                    [
+                        [str(r.id) if side == "canary" else "", side, str(c.version),
+                         str(c.requests), f"{c.error_rate:.2%}", f"{c.p99_ms:.1f} ms",
+                         f"{c.mean_rss_bytes / 2**20:.0f} MiB",
+                         r.verdict.verdict if side == "canary" else ""]
+                        for r in judged
+                        for side, c in (("canary", r.verdict.canary),
+                                        ("baseline", r.verdict.baseline))
+                    ],
+                )
+            )  # fmt: skip
 
 
 def _device_rows(d: pb.DeviceStatus) -> list[list[str]]:
@@ -400,8 +455,35 @@ def _where(parser: argparse.ArgumentParser) -> None:
         "--canary",
         type=float,
         metavar="PCT",
-        help="target PCT%% of the devices (a fixed cohort, chosen now)",
+        help="target PCT%% of the devices (a fixed cohort, chosen now); judged on its serving "
+        "health against the devices on the version before, rolled back on a regression",
     )
+    parser.add_argument(
+        "--stages",
+        type=_stages,
+        metavar="PCT,PCT,...",
+        help="a canary's stages, e.g. 5,25,100: each promotes to the next after a healthy "
+        "--bake-seconds (the first is the canary percent)",
+    )
+    canary = parser.add_argument_group("canary analysis (defaults: the control plane's)")
+    default = Analysis()
+    for flag, kind, text in (
+        ("--max-error-rate-increase", float, "failure share above the baseline's"),
+        ("--max-p99-ratio", float, "p99 latency over the baseline's"),
+        ("--max-memory-ratio", float, "mean resident memory over the baseline's"),
+        ("--min-requests", int, "requests before the canary is judged"),
+        ("--bake-seconds", float, "a healthy stage's time before it promotes"),
+    ):
+        value = getattr(default, flag.removeprefix("--").replace("-", "_"))
+        canary.add_argument(flag, type=kind, help=f"{text} ({value:g})")
+    canary.add_argument("--no-canary-analysis", action="store_true", help="do not judge the canary")
+
+
+def _stages(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected percentages, e.g. 5,25,100") from None
 
 
 def add_arguments(commands: Commands) -> None:

@@ -33,10 +33,16 @@ class ControlPlaneCalls:
         """Cancels the call in flight (the long-poll)."""
         self.stub.close()
 
-    def watch(self, revision: str, wait_s: float, reports: list[pb.ModelReport]) -> pb.DesiredState:
+    def watch(
+        self,
+        revision: str,
+        wait_s: float,
+        reports: list[pb.ModelReport],
+        health: pb.DeviceHealth | None = None,
+    ) -> pb.DesiredState:
         """The desired state once it differs from `revision`, or after `wait_s` seconds."""
         request = pb.WatchRequest(
-            known_revision=revision, wait_ms=int(wait_s * 1000), reports=reports
+            known_revision=revision, wait_ms=int(wait_s * 1000), reports=reports, health=health
         )
         response: pb.DesiredState = self.stub.WatchDesiredState(
             request, metadata=self.metadata, timeout=wait_s + WATCH_MARGIN_S

@@ -1,6 +1,7 @@
 """The agent's sync task: a thread of its own, off the inference path.
 
-    long-poll WatchDesiredState (carrying the last reports: sync/reports.py)
+    long-poll WatchDesiredState (carrying the last reports: sync/reports.py, and how the
+    device serves: sync/health.py)
       -> bring each model to its desired version (sync/converge.py: fetch, verify, assemble,
          hand over to the lifecycle's hot-swap path)
       -> the learning tasks of the answer go to the participant (learn/participant.py)
@@ -30,6 +31,7 @@ from edge_agent.settings import Settings
 from edge_agent.sync.calls import ControlPlaneCalls
 from edge_agent.sync.converge import RETRYABLE_CODES, Converger
 from edge_agent.sync.fetch import ASSEMBLY, ReleaseFetcher
+from edge_agent.sync.health import HealthReporter
 from edge_agent.sync.onloop import ManagerOnLoop
 from edge_agent.sync.reports import Reporter, SyncStats
 from edge_agent.sync.state import STATE_FILE, SyncState
@@ -69,6 +71,7 @@ class Syncer:
         self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
         on_loop = ManagerOnLoop(manager, loop)
         self._reporter = Reporter(on_loop, state)
+        self._health = HealthReporter(manager.versions, settings.state_dir)
         self.stats: SyncStats = self._reporter.stats
         fetcher = ReleaseFetcher(
             root,
@@ -118,7 +121,10 @@ class Syncer:
         while not self._stop.is_set():
             try:
                 desired = self._calls.watch(
-                    revision, self._settings.sync_interval, self._reporter.reports()
+                    revision,
+                    self._settings.sync_interval,
+                    self._reporter.reports(),
+                    self._health.report(),
                 )
             except grpc.RpcError as exc:
                 if self._stop.is_set():

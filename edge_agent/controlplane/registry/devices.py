@@ -37,6 +37,9 @@ def device_group(db: Database, device_id: str) -> str | None:
 class DeviceRecords:
     _db: Database  # the registry's database (SqlRegistry)
 
+    def device_group(self, device_id: str) -> str | None:
+        return device_group(self._db, device_id)
+
     def add_device(self, device_id: str, group: str, token_hash: str) -> None:
         """Enroll a device, or give an enrolled one a new token (and group)."""
         self._db.execute(

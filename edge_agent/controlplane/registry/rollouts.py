@@ -20,7 +20,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from edge_agent.controlplane.database import Database, row_to
 from edge_agent.controlplane.registry.devices import device_group, device_groups
@@ -34,7 +35,10 @@ ACTIVE, PAUSED, ROLLED_BACK = "active", "paused", "rolled_back"
 SUPERSEDED = "superseded"
 PENDING = "pending"  # a device of a rollout that has reported nothing about its version yet
 
-_COLUMNS = "r.id, r.model, r.version, r.scope, r.grp, r.canary_percent, r.state, r.reason"
+_COLUMNS = (
+    "r.id, r.model, r.version, r.scope, r.grp, r.canary_percent, r.state, r.reason, "
+    "r.analysis, r.verdict, r.stage, r.stage_started"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Rollout:
     # Of `devices`, how many are in each state for this version (serving, installed,
     # downloading, retrying, failed; PENDING: nothing reported about it yet).
     device_states: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # A canary's analysis (controlplane/canary.py Analysis as JSON), its latest verdict, and
+    # its stage (an index into the analysis' stages) with when that stage began.
+    analysis: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    verdict: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    stage: int = 0
+    stage_started: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +140,13 @@ class RolloutRecords:
     _db: Database  # the registry's database (SqlRegistry)
 
     def set_target(
-        self, model: str, version: int, scope: str, group: str, canary_percent: float
+        self,
+        model: str,
+        version: int,
+        scope: str,
+        group: str,
+        canary_percent: float,
+        analysis: Mapping[str, Any] | None = None,
     ) -> Rollout:
         if not release_exists(self._db, model, version):
             raise NotFound(f"no release {model} v{version}")
@@ -141,11 +157,13 @@ class RolloutRecords:
         if scope not in (FLEET, GROUP, CANARY):
             raise InvalidArgument(f"unknown target scope {scope!r}")
         with self._db.transaction(decision=True):
+            now = time.time()
             row = self._db.execute(
-                "INSERT INTO rollouts (model, version, scope, grp, canary_percent, state, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (model, version, scope, group, canary_percent, ACTIVE, time.time()),
-            ).first()
+                "INSERT INTO rollouts (model, version, scope, grp, canary_percent, state, created, "
+                "analysis, stage_started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (model, version, scope, group, canary_percent, ACTIVE, now,
+                 json.dumps(dict(analysis or {})), now),
+            ).first()  # fmt: skip
             rollout_id = int(row["id"]) if row else 0
             if scope == CANARY:
                 cohort = self.reach(CANARY, "", canary_percent, model, version)
@@ -180,7 +198,14 @@ class RolloutRecords:
     def _stored_rollouts(self, where: str = "", args: tuple[object, ...] = ()) -> list[Rollout]:
         """Rollouts as the table holds them, oldest first: whom they reach not counted yet."""
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM rollouts r {where} ORDER BY r.id", args)
-        return [row_to(Rollout, row, group=row["grp"], devices=(), failed=0) for row in rows.all()]
+        return [
+            row_to(
+                Rollout, row, group=row["grp"], devices=(), failed=0,
+                analysis=json.loads(row["analysis"] or "{}"),
+                verdict=json.loads(row["verdict"] or "{}"),
+            )
+            for row in rows.all()
+        ]  # fmt: skip
 
     def _fleet(self) -> _Fleet:
         cohorts: dict[str, set[int]] = {}
@@ -286,6 +311,59 @@ class RolloutRecords:
                     )
                     paused_ids.append(rollout.id)
         return [self._rollout(i) for i in paused_ids]
+
+    def judge_canaries(
+        self, now: float, decide_one: Callable[[Rollout, int], tuple[str, dict[str, Any]]]
+    ) -> list[tuple[Rollout, str]]:
+        """Judge every active canary under the decision lock (replicas judge once):
+        `decide_one(rollout, baseline_version)` says what to do (keep, promote, roll_back) and
+        the verdict to store. Returns the rollouts acted on and the action."""
+        acted: list[tuple[Rollout, str]] = []
+        with self._db.transaction(decision=True):
+            stored = self._stored_rollouts()
+            for rollout in stored:
+                if rollout.scope != CANARY or rollout.state != ACTIVE or not rollout.analysis:
+                    continue
+                baseline = max(
+                    (r.version for r in stored if r.model == rollout.model and r.id < rollout.id
+                     and r.state != ROLLED_BACK and r.version != rollout.version),
+                    default=0,
+                )  # fmt: skip
+                action, verdict = decide_one(rollout, baseline)
+                self._db.execute(
+                    "UPDATE rollouts SET verdict = ? WHERE id = ?",
+                    (json.dumps(verdict), rollout.id),
+                )
+                if action == "roll_back":
+                    self._db.execute(
+                        "UPDATE rollouts SET state = ?, reason = ? WHERE id = ?",
+                        (ROLLED_BACK, f"canary regressed: {verdict.get('reason', '')}", rollout.id),
+                    )
+                elif action == "promote":
+                    self._promote(rollout, now)
+                if action != "keep":
+                    acted.append((rollout, action))
+        return [(self._rollout(r.id), action) for r, action in acted]
+
+    def _promote(self, rollout: Rollout, now: float) -> None:
+        """The canary's next stage: its cohort grows to the stage's share (the same rank order,
+        so the devices already in it stay)."""
+        stages = list(rollout.analysis.get("stages", ()))
+        percent = float(stages[rollout.stage + 1])
+        cohort = set(self.reach(CANARY, "", percent, rollout.model, rollout.version))
+        have = {
+            str(r["device_id"])
+            for r in self._db.execute(
+                "SELECT device_id FROM cohorts WHERE rollout_id = ?", (rollout.id,)
+            ).all()
+        }
+        self._db.executemany(
+            "INSERT INTO cohorts VALUES (?, ?)", [(rollout.id, d) for d in sorted(cohort - have)]
+        )
+        self._db.execute(
+            "UPDATE rollouts SET canary_percent = ?, stage = ?, stage_started = ? WHERE id = ?",
+            (percent, rollout.stage + 1, now, rollout.id),
+        )
 
     def reach(
         self, scope: str, group: str, canary_percent: float, model: str, version: int

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from edge_agent.controlplane.database import Database, postgres_schema
+from edge_agent.controlplane.registry.health import HEALTH_SCHEMA
 from edge_agent.errors import ConfigError
 from edge_agent.observability.logging import get_logger
 
@@ -82,9 +83,26 @@ def _schema_v2(db: Database) -> None:
     )
 
 
+def _schema_v3(db: Database) -> None:
+    """Fleet health (registry/health.py) and canary analysis on rollouts."""
+    schema = HEALTH_SCHEMA if db.dialect == "sqlite" else postgres_schema(HEALTH_SCHEMA)
+    for statement in schema.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    for column in (
+        "analysis TEXT NOT NULL DEFAULT '{}'",
+        "verdict TEXT NOT NULL DEFAULT '{}'",
+        "stage INTEGER NOT NULL DEFAULT 0",
+        "stage_started REAL NOT NULL DEFAULT 0",
+    ):
+        if db.dialect != "sqlite":
+            column = postgres_schema(column)
+        db.execute(f"ALTER TABLE rollouts ADD COLUMN {column}")
+
+
 # The schema's history: MIGRATIONS[n - 1] brings a database from version n - 1 to n. Append,
 # never edit: a database records the version it has reached (table schema_version).
-MIGRATIONS: tuple[Callable[[Database], None], ...] = (_schema_v1, _schema_v2)
+MIGRATIONS: tuple[Callable[[Database], None], ...] = (_schema_v1, _schema_v2, _schema_v3)
 
 
 def migrate(db: Database) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from edge_agent.controlplane.database import Database, SqliteDatabase
 from edge_agent.controlplane.registry.devices import DeviceRecords
+from edge_agent.controlplane.registry.health import HealthRecords
 from edge_agent.controlplane.registry.releases import ReleaseRecords
 from edge_agent.controlplane.registry.reports import ReportRecords
 from edge_agent.controlplane.registry.rollouts import RolloutRecords
@@ -24,7 +25,9 @@ from edge_agent.controlplane.registry.tasks import LearningRecords
 POSTGRES_THREADS = 4  # registry threads (and pool connections) on PostgreSQL
 
 
-class SqlRegistry(DeviceRecords, ReleaseRecords, RolloutRecords, ReportRecords, LearningRecords):
+class SqlRegistry(
+    DeviceRecords, ReleaseRecords, RolloutRecords, ReportRecords, LearningRecords, HealthRecords
+):
     """The registry on a SQL database (database.py: SQLite or PostgreSQL). Used by one thread
     of a process at a time (the control plane's registry thread); several processes may share
     a PostgreSQL database."""
