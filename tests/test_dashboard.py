@@ -29,8 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / ".artifacts" / "dashboard"  # kept after the run (ignored by git)
 
 
-def report(fleet: Fleet, device: str, token: Path, state: str, serving: int, target: int) -> None:
-    """What an agent's long-poll carries: one report, answered at once."""
+def report(
+    fleet: Fleet,
+    device: str,
+    token: Path,
+    state: str,
+    serving: int,
+    target: int,
+    requests: int = 0,
+) -> None:
+    """What an agent's long-poll carries: one report (and, with `requests`, its health: that
+    many served by `serving`, 2% failed, all within 2 ms), answered at once."""
     stub = pb_grpc.FleetServiceStub(grpc.insecure_channel(fleet.address))
     meta = auth.metadata(auth.read_token(token), device)
     r = pb.ModelReport(
@@ -41,7 +50,20 @@ def report(fleet: Fleet, device: str, token: Path, state: str, serving: int, tar
         state=state,
         error="signature: not signed by a trusted key" if state == "failed" else "",
     )
-    stub.WatchDesiredState(pb.WatchRequest(wait_ms=0, reports=[r]), metadata=meta, timeout=10)
+    health = None
+    if requests:
+        buckets = [0] * 25  # the agent's latency buckets: the 4th ends at 2 ms
+        buckets[3] = requests
+        version = pb.VersionHealth(
+            model="mlp", version=serving, requests=requests, failures=requests // 50,
+            latency_us=requests * 1500, latency_buckets=buckets,
+        )  # fmt: skip
+        health = pb.DeviceHealth(
+            boot=f"boot-{device}", uptime_seconds=600, rss_bytes=120 << 20,
+            disk_free_bytes=5 << 30, versions=[version],
+        )  # fmt: skip
+    request = pb.WatchRequest(wait_ms=0, reports=[r], health=health)
+    stub.WatchDesiredState(request, metadata=meta, timeout=10)
 
 
 @pytest.fixture
@@ -52,7 +74,7 @@ def fleet(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> Fleet:
     report(fleet, "edge-1", tokens["edge-1"], "serving", 1, 1)
     report(fleet, "edge-2", tokens["edge-2"], "serving", 1, 1)
     fleet.publish(fleet.mlp(2), 2)
-    report(fleet, "edge-1", tokens["edge-1"], "serving", 2, 2)
+    report(fleet, "edge-1", tokens["edge-1"], "serving", 2, 2, requests=500)
     report(fleet, "edge-2", tokens["edge-2"], "failed", 1, 2)  # 1 of 2 > 20%: auto-paused
     fleet.tokens = tokens  # type: ignore[attr-defined]
     return fleet
@@ -129,12 +151,19 @@ def test_the_pages_in_a_real_browser(fleet: Fleet, tmp_path: Path) -> None:
         browser.find_element(By.NAME, "token").send_keys(auth.read_token(fleet.token_file))
         browser.find_element(By.TAG_NAME, "button").click()
         wait_for(lambda: browser.current_url.rstrip("/") == url, "the overview after login")
+        # Health is written every 5 s: wait for edge-1's.
+        token = auth.read_token(fleet.token_file)
+        wait_for(lambda: "500/h" in fetch(url + "/health", token=token)[1], "edge-1's health")
         cookie = browser.get_cookie("ea_session")
         assert cookie is not None and cookie["httpOnly"] and cookie.get("sameSite") == "Strict"
         pages: dict[str, Any] = {
             "overview": ("/", ["devices", "paused"]),
-            "devices": ("/devices", ["edge-1", "edge-2", "lab", "mlp v2", "signature"]),
+            "devices": (
+                "/devices",
+                ["edge-1", "edge-2", "lab", "mlp v2", "signature", "500 requests/h", "120.0 MiB"],
+            ),
             "rollouts": ("/rollouts", ["paused", "auto-paused: 1 of 2", "fleet"]),
+            "health": ("/health", ["mlp", "v2", "lab", "500/h", "2.00%"]),
             "learning": ("/learning", ["no learning task"]),
         }
         for name, (path, words) in pages.items():
@@ -146,6 +175,15 @@ def test_the_pages_in_a_real_browser(fleet: Fleet, tmp_path: Path) -> None:
             assert not [s for s in secrets_of(fleet) if s in source], name
             browser.save_screenshot(str(SHOTS / f"{name}.png"))
             assert (SHOTS / f"{name}.png").stat().st_size > 1000
+        # Filters: by group, by a version served, by a report's state.
+        for query, present, absent in (
+            ("?group=lab", "edge-1", "edge-2"),
+            ("?version=1", "edge-2", "edge-1"),
+            ("?state=failed", "edge-2", "edge-1"),
+        ):
+            browser.get(url + "/devices" + query)
+            text = browser.find_element(By.ID, "content").text
+            assert present in text and absent not in text, (query, text)
         # On a phone: one column, nothing cut off.
         browser.set_window_size(390, 844)
         browser.get(url + "/rollouts")

@@ -187,10 +187,7 @@ def test_absurd_health_is_refused_and_counted(
     assert fleet_sample(fleet.cp, requests, **labels) == 14  # 11 honest + 3
 
 
-def test_a_slower_canary_is_rolled_back_with_its_figures(
-    tmp_path: Path, start_daemon: Callable[..., Daemon]
-) -> None:
-    fleet = Fleet(tmp_path, start_daemon)
+def test_a_slower_canary_is_rolled_back_with_its_figures(fleet: Fleet) -> None:
     devices = ["edge-a", "edge-b", "edge-c"]
     for d in devices:
         fleet.add_device(d)

@@ -292,16 +292,28 @@ def sparkline(values: Sequence[float], label: str) -> str:
 def health_html(series: dict[tuple[str, int, str], list[Point]], now: float) -> str:
     """Per model version and group, the last day by the hour: requests, error rate, p99."""
     rows = []
-    for (model, version, group), points in sorted(series.items()):
+    fleet: dict[int, Point] = {}  # every version and group together, by hour
+    for points in series.values():
+        for p in points:
+            was = fleet.get(p.start, Point(p.start, Counters(), 0.0, 0))
+            counters = was.counters.plus(p.counters)
+            fleet[p.start] = Point(
+                p.start, counters, was.rss_sum + p.rss_sum, was.reports + p.reports
+            )
+    if fleet:
+        series = {("the whole fleet", 0, ""): sorted(fleet.values(), key=lambda p: p.start),
+                  **series}  # fmt: skip
+    for (model, version, group), points in series.items():
         hourly = _hourly(points, now)
         requests = [p.counters.requests for p in hourly]
-        errors = [p.counters.failures / p.counters.requests if p.counters.requests else 0.0
-                  for p in hourly]  # fmt: skip
+        errors = [_error_rate(p) for p in hourly]
         p99 = [p99_ms(p.counters.buckets) for p in hourly]
+        last = points[-1]  # the labels: the latest hour reported
         rows.append(
-            [esc(model), f"v{version}", esc(group or "—"),
-             sparkline(requests, f"{requests[-1]}/h"),
-             sparkline(errors, f"{errors[-1]:.2%}"), sparkline(p99, f"{p99[-1]:.1f} ms")]
+            [esc(model), f"v{version}" if version else "all", esc(group or "—"),
+             sparkline(requests, f"{last.counters.requests}/h"),
+             sparkline(errors, f"{_error_rate(last):.2%}"),
+             sparkline(p99, f"{p99_ms(last.counters.buckets):.1f} ms")]
         )  # fmt: skip
     return table(
         ["model", "version", "group", "requests (24 h)", "error rate", "p99"],
@@ -315,15 +327,47 @@ def device_health_html(points: list[Point], now: float) -> str:
         return "—"
     hourly = _hourly(points, now)
     requests = [p.counters.requests for p in hourly]
+    errors = [_error_rate(p) for p in hourly]
     p99 = [p99_ms(p.counters.buckets) for p in hourly]
     memory = [p.rss_sum / p.reports if p.reports else 0.0 for p in hourly]
-    last = points[-1]
+    last = points[-1]  # the labels: the latest hour reported
     return "<br>".join(
-        (sparkline(requests, f"{requests[-1]} requests/h"),
-         sparkline(p99, f"p99 {p99[-1]:.1f} ms"),
-         sparkline(memory, f"{human_bytes(int(memory[-1]))} memory"),
+        (sparkline(requests, f"{last.counters.requests} requests/h"),
+         sparkline(errors, f"{_error_rate(last):.2%} failed"),
+         sparkline(p99, f"p99 {p99_ms(last.counters.buckets):.1f} ms"),
+         sparkline(memory, f"{human_bytes(int(last.rss_sum / max(last.reports, 1)))} memory"),
          f"{human_bytes(int(last.disk_free))} free")
     )  # fmt: skip
+
+
+def filter_form(wanted: dict[str, str]) -> str:
+    """The devices page's filters (a GET form: the query string is the filter)."""
+    fields = "".join(
+        f'<label>{esc(name)} <input name={name} value="{esc(value)}" size=10 '
+        f'placeholder="{esc(hint)}"></label> '
+        for (name, value), hint in zip(
+            wanted.items(), ("any", "any", "serving, failed, stale…"), strict=True
+        )
+    )
+    return f"<form method=get action=/devices class=filters>{fields}<button>filter</button></form>"
+
+
+def _matches(device: Device, wanted: dict[str, str], now: float) -> bool:
+    """Whether a device passes the filters: its group, a version it serves, and a state of
+    one of its reports ("stale": not seen for STALE_S)."""
+    group, version, state = wanted["group"], wanted["version"], wanted["state"]
+    if group and device.group != group:
+        return False
+    if version and not any(str(r.serving_version) == version.lstrip("v") for r in device.reports):
+        return False
+    if state == "stale":
+        return now - device.last_seen > STALE_S
+    return not state or any(r.state == state for r in device.reports)
+
+
+def _error_rate(point: Point) -> float:
+    c = point.counters
+    return c.failures / c.requests if c.requests else 0.0
 
 
 def _hourly(points: list[Point], now: float, hours: int = 24) -> list[Point]:
@@ -534,11 +578,12 @@ class Dashboard:
         now = time.time()
         after = request.query.get("after", "")[:128]
         devices = await self._db(self._registry.devices, after, PAGE_DEVICES + 1)
-        shown = devices[:PAGE_DEVICES]
+        wanted = {k: request.query.get(k, "")[:128].strip() for k in ("group", "version", "state")}
+        shown = [d for d in devices[:PAGE_DEVICES] if _matches(d, wanted, now)]
         health = await self._db(
             self._registry.device_series, [d.device_id for d in shown], now - 86400
         )
-        content = devices_html(shown, now, health)
+        content = filter_form(wanted) + devices_html(shown, now, health)
         if len(devices) > PAGE_DEVICES:
             last = devices[PAGE_DEVICES - 1].device_id
             content += f'<p><a href="/devices?after={esc(last)}">next {PAGE_DEVICES}</a></p>'
