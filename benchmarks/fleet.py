@@ -188,6 +188,7 @@ class Device:
             if whole.hexdigest() != blob.digest or index != len(blob.chunk_digests):
                 raise RuntimeError(f"{self.id}: blob {blob.digest} is incomplete or corrupt")
             self.have.add(blob.digest)
+        self.health()  # what it served until now was the old version's
         self.serving[model] = version
         self.reached[(model, version)] = time.monotonic()
 

@@ -222,6 +222,11 @@ def _add_control_plane_keys(cp: argparse.ArgumentParser) -> None:
     )
     cp.add_argument("--metrics-address", default="", help="HOST:PORT for /metrics (default: off)")
     cp.add_argument(
+        "--metrics-per-device",
+        action="store_true",
+        help="also each device's health counters on /metrics (a series per device)",
+    )
+    cp.add_argument(
         "--learning-key",
         type=Path,
         help="P-256 private key (PEM) that signs learned releases; without it learning tasks "
@@ -423,6 +428,7 @@ def _control_plane(args: argparse.Namespace) -> int:
         tls_client_ca=args.tls_client_ca,
         trusted_keys=tuple(args.trusted_key),
         metrics_address=args.metrics_address,
+        metrics_per_device=args.metrics_per_device,
         learning_key=args.learning_key,
         database=args.database,
         blob_store=args.blob_store,

@@ -80,7 +80,7 @@ def fleet_sample(cp: Daemon, name: str, **labels: str) -> float:
 def fleet(
     request: pytest.FixtureRequest, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> Iterator[Fleet]:
-    metrics = ("--metrics-address", "127.0.0.1:0")
+    metrics = ("--metrics-address", "127.0.0.1:0", "--metrics-per-device")
     if request.param == "scale":
         pg, s3 = request.getfixturevalue("scale_services")
         scale = (pg.new_database(), s3.new_url(), s3.env())
@@ -126,6 +126,10 @@ def test_health_reports_arrive_and_add_up_exactly(fleet: Fleet) -> None:
     assert value(requests, lab) == ours["cam-1"] + ours["cam-2"]
     assert value(failures, lab) == failed["cam-1"] + failed["cam-2"]
     assert value(requests, field) == ours["cam-3"] and value(failures, field) == failed["cam-3"]
+    # Asked for (--metrics-per-device): each device's own counters too.
+    for device in agents:
+        labels = {"device": device, "model": "mlp", "version": "1"}
+        assert value("edge_agent_controlplane_device_requests_total", labels) == ours[device]
     # The latency histogram holds every request once.
     histogram = "edge_agent_controlplane_fleet_request_duration_seconds"
     assert value(f"{histogram}_count", lab) == ours["cam-1"] + ours["cam-2"]
@@ -179,12 +183,19 @@ def test_absurd_health_is_refused_and_counted(
     ]
     for health in lies:
         poll(health)  # the poll itself is answered
-    poll(lie(3, [3] + [0] * (BUCKETS - 1)))  # and an honest report of the liar's is taken
     refused = "edge_agent_controlplane_fleet_health_refused_total"
     wait_for(lambda: fleet_sample(fleet.cp, refused) == len(lies), "the lies counted")
+    # Figures on a version the liar was never sent are left out.
+    poll(lie(7, [7] + [0] * (BUCKETS - 1)).__class__(
+        boot="b", uptime_seconds=2,
+        versions=[pb.VersionHealth(model="mlp", version=9, requests=7,
+                                   latency_buckets=[7] + [0] * (BUCKETS - 1))],
+    ))  # fmt: skip
+    poll(lie(3, [3] + [0] * (BUCKETS - 1)))  # and an honest report of the liar's is taken
     wait_for(lambda: fleet_sample(fleet.cp, requests, **labels) == 14, "the true report summed")
     time.sleep(6)
     assert fleet_sample(fleet.cp, requests, **labels) == 14  # 11 honest + 3
+    assert not [k for k in scrape(fleet.cp) if ("version", "9") in k[1]]
 
 
 def test_a_slower_canary_is_rolled_back_with_its_figures(fleet: Fleet) -> None:

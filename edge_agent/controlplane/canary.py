@@ -112,6 +112,16 @@ def judge(analysis: Analysis, canary: Figures, baseline: Figures, elapsed: float
     requests = canary.counters.requests
     if requests < analysis.min_requests:
         return Verdict(WAITING, f"{requests} of {analysis.min_requests} requests so far")
+    if baseline.counters.requests < analysis.min_requests:
+        # Nothing to compare with (a model's first canary, or its last stage, with every
+        # device on it): the figures are shown, the canary is not judged on them.
+        if elapsed < analysis.bake_seconds:
+            return Verdict(WAITING, f"no baseline to compare with; {elapsed:.0f} s baked")
+        return Verdict(
+            HEALTHY,
+            f"{requests} requests in {elapsed:.0f} s; no baseline with {analysis.min_requests} "
+            "requests to compare with",
+        )
     problems = []
     increase = canary.error_rate - baseline.error_rate
     if increase > analysis.max_error_rate_increase:
@@ -119,7 +129,7 @@ def judge(analysis: Analysis, canary: Figures, baseline: Figures, elapsed: float
             f"error rate {canary.error_rate:.2%} vs {baseline.error_rate:.2%} "
             f"(+{increase:.2%}, limit +{analysis.max_error_rate_increase:.2%})"
         )
-    if baseline.counters.requests >= analysis.min_requests and baseline.p99_ms > 0:
+    if baseline.p99_ms > 0:
         ratio = canary.p99_ms / baseline.p99_ms
         if ratio > analysis.max_p99_ratio:
             problems.append(

@@ -67,6 +67,16 @@ def accept_reports(
     return list(kept.values()), ignored
 
 
+def reported_versions(desired: Mapping[str, int], request: pb.WatchRequest) -> dict[str, set[int]]:
+    """Per model of the device's desired state, the versions its health may be about: the one
+    it was sent and those its reports say it serves or has installed."""
+    allowed = {model: {version} for model, version in desired.items()}
+    for r in request.reports[:MAX_REPORTS]:
+        if r.model in allowed:
+            allowed[r.model].update(v for v in (r.serving_version, r.installed_version) if v)
+    return allowed
+
+
 def is_transfer_cut(exc: BaseException) -> bool:
     """Whether a blob transfer ended because the device went away (cancelled, or grpc's failed
     write to a closed call): ordinary on a fleet, not an error."""
@@ -98,7 +108,7 @@ class DeviceSync:
         desired = await self._core.db(self._registry.desired, device)
         changed = await self._record(device, request.reports, desired)
         if request.HasField("health"):
-            await self.health.take(device, request.health, desired)
+            await self.health.take(device, request.health, reported_versions(desired, request))
         poll = self._core.open_poll(device)
         self._core.stats.polls_waiting += 1
         try:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from typing import Any
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.controlplane.canary import (
     HEALTHY,
     JUDGE_S,
+    OFF,
     PROMOTED,
     REGRESSED,
     Analysis,
@@ -74,32 +75,40 @@ class FleetHealth:
         self.rolled_back = 0
         self.promoted = 0
 
-    async def take(self, device: str, message: pb.DeviceHealth, models: Mapping[str, int]) -> None:
-        """One poll's health; a refused one is counted and logged, and the poll goes on."""
-        if not self.book.knows(device):
-            base, group = await self._core.db(self._first_sight, device)
-            self.book.remember(device, base, group)
+    async def take(
+        self, device: str, message: pb.DeviceHealth, allowed: Mapping[str, Iterable[int]]
+    ) -> None:
+        """One poll's health (`allowed`: the versions per model it may report on); a refused
+        one is counted and logged, and the poll goes on."""
+        if self.book.group(device) is None:
+            group = await self._core.db(self._core.registry.device_group, device)
+            self.book.remember_group(device, group or "")
         try:
-            sample = check_health(message, models, time.time())
-            self.book.add(device, sample)
+            self.book.take(device, check_health(message, allowed, time.time()))
         except InvalidArgument as exc:
-            self.book.refused += 1
-            now = time.monotonic()
-            if now - self._refused_logged.get(device, -REFUSED_LOG_INTERVAL_S) >= (
-                REFUSED_LOG_INTERVAL_S
-            ):
-                self._refused_logged[device] = now
-                log.warning("device.health_refused", device=device, reason=str(exc))
+            self._refused(device, str(exc))
 
-    def _first_sight(self, device: str) -> tuple[Any, str]:
-        """On the registry thread: the device's last kept report and its group."""
-        registry = self._core.registry
-        return registry.health_base(device), registry.device_group(device) or ""
+    def _refused(self, device: str, reason: str, count: int = 1) -> None:
+        self.book.refused += count
+        now = time.monotonic()
+        if now - self._refused_logged.get(device, -REFUSED_LOG_INTERVAL_S) >= (
+            REFUSED_LOG_INTERVAL_S
+        ):
+            self._refused_logged[device] = now
+            log.warning("device.health_refused", device=device, reason=reason)
 
     async def flush(self) -> None:
-        pending = self.book.drain()
-        if not pending.empty():
-            await self._core.db(self._core.registry.write_health, pending)
+        waiting = self.book.drain()
+        if waiting:
+            try:
+                summed, refused = await self._core.db(self._core.registry.write_health, waiting)
+            except Exception:
+                self.book.restore(waiting)  # written next time: the bases did not move
+                raise
+            self.book.accepted += summed
+            if refused:
+                self._refused("(several)", f"{refused} reports claim more than a device serves",
+                              refused)  # fmt: skip
         self.totals = await self._core.db(self._core.registry.fleet_totals)
 
     async def judge(self) -> None:
@@ -129,6 +138,8 @@ class FleetHealth:
         self, rollout: Rollout, baseline_version: int, now: float
     ) -> tuple[str, dict[str, Any]]:
         """On the registry thread, inside judge_canaries: what to do with one canary."""
+        if rollout.verdict.get("verdict") in (PROMOTED, OFF):
+            return "skip", {}  # done: every stage passed, or not judged at all
         registry = self._core.registry
         analysis = Analysis.from_json(dict(rollout.analysis))
         since = rollout.stage_started
@@ -160,24 +171,31 @@ class FleetHealth:
         return "keep", stored
 
     async def run_forever(self) -> None:
-        """Flush every FLUSH_S, judge every JUDGE_S, prune every PRUNE_S; a failed round is
-        logged and the next tries again."""
+        """Flush every FLUSH_S, judge every JUDGE_S, prune every PRUNE_S; each on its own: a
+        failed one is logged, the others go on, the next round tries again."""
         last_judged = last_pruned = 0.0
         while True:
             await asyncio.sleep(FLUSH_S)
             now = time.monotonic()
-            try:
-                await self.flush()
-                if now - last_judged >= JUDGE_S:
-                    last_judged = now
-                    await self.judge()
-                if now - last_pruned >= PRUNE_S:
-                    last_pruned = now
-                    dropped = await self._core.db(self._core.registry.prune_health, time.time())
-                    if dropped:
-                        log.info("registry.health_pruned", rows=dropped)
-            except Exception:
-                log.exception("fleet_health.round_failed")
+            await self._step("flush", self.flush())
+            if now - last_judged >= JUDGE_S:
+                last_judged = now
+                await self._step("judge", self.judge())
+            if now - last_pruned >= PRUNE_S:
+                last_pruned = now
+                await self._step("prune", self._prune())
+
+    async def _prune(self) -> None:
+        dropped = await self._core.db(self._core.registry.prune_health, time.time())
+        if dropped:
+            log.info("registry.health_pruned", rows=dropped)
+
+    @staticmethod
+    async def _step(name: str, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except Exception:
+            log.exception("fleet_health.failed", step=name)
 
 
 class FleetHealthCollector:
@@ -185,9 +203,10 @@ class FleetHealthCollector:
     device: a fleet has thousands), from what the control plane keeps by the hour; read at
     scrape from FleetHealth's figures (refreshed every FLUSH_S), no database call."""
 
-    def __init__(self, health: FleetHealth, prefix: str) -> None:
+    def __init__(self, health: FleetHealth, prefix: str, per_device: bool = False) -> None:
         self._health = health
         self._prefix = prefix
+        self._per_device = per_device
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -236,7 +255,31 @@ class FleetHealthCollector:
             ("fleet_canary_promotions", "Canaries promoted to their next stage", health.promoted),
         )
         yield from (requests, failures, rejections, latency, verdicts)
+        if self._per_device:
+            yield from self._devices()
         for name, text, value in counts:
             family = CounterMetricFamily(f"{p}_{name}", text)
             family.add_metric([], value)
             yield family
+
+    def _devices(self) -> Iterator[Any]:
+        """Each device's counters as its agent reports them (cumulative since the agent
+        started: a restart is a counter reset), for the devices this replica has heard from."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        p, labels = self._prefix, ["device", "model", "version"]
+        requests = CounterMetricFamily(
+            f"{p}_device_requests", "Requests a device answered, per version", labels=labels
+        )
+        failures = CounterMetricFamily(
+            f"{p}_device_request_failures", "Of those, failed", labels=labels
+        )
+        memory = GaugeMetricFamily(
+            f"{p}_device_resident_memory_bytes", "A device's agent RSS", labels=["device"]
+        )
+        for device, sample in self._health.book.samples():
+            memory.add_metric([device], sample.rss)
+            for (model, version), c in sorted(sample.counters.items()):
+                requests.add_metric([device, model, str(version)], c.requests)
+                failures.add_metric([device, model, str(version)], c.failures)
+        yield from (requests, failures, memory)

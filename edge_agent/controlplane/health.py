@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent.errors import InvalidArgument
@@ -32,7 +33,8 @@ MAX_NAME_CHARS = 128
 MAX_BOOT_CHARS = 64
 MAX_PROVIDER_CHARS = 40
 MAX_COUNT = 1 << 53  # any counter: beyond, a float would not hold it exactly
-MAX_REQUESTS_PER_S = 100_000  # more than one device answers
+MAX_REQUESTS_PER_S = 10_000  # more than a Python agent answers on any edge device
+MAX_US_PER_REQUEST = 60_000_000  # summed latency or compute time: a minute a request at most
 MAX_RSS_BYTES = 1 << 42
 MAX_DISK_BYTES = 1 << 56
 MAX_LOAD = 100_000.0
@@ -104,10 +106,14 @@ class Sample:
         return out
 
 
-def check_health(message: pb.DeviceHealth, models: Iterable[str], now: float) -> Sample:
-    """The report as a Sample; InvalidArgument naming its first fault. `models`: those the
-    device's desired state names (health of others is not the fleet's)."""
-    wanted = set(models)
+def check_health(
+    message: pb.DeviceHealth, allowed: Mapping[str, Iterable[int]], now: float
+) -> Sample:
+    """The report as a Sample; InvalidArgument naming its first fault. `allowed`: per model of
+    the device's desired state, the versions it may report on (the one it was sent, those it
+    says it serves or has installed): health of other models and versions is left out, so a
+    device cannot put figures on versions it does not run."""
+    wanted = {model: set(versions) for model, versions in allowed.items()}
     if not 0 < len(message.boot) <= MAX_BOOT_CHARS or not message.boot.isprintable():
         raise InvalidArgument("health: boot must be 1-64 printable characters")
     if len(message.versions) > MAX_VERSIONS:
@@ -121,8 +127,8 @@ def check_health(message: pb.DeviceHealth, models: Iterable[str], now: float) ->
     for v in message.versions:
         if not v.model or len(v.model) > MAX_NAME_CHARS or not 1 <= v.version <= MAX_VERSION:
             raise InvalidArgument("health: a version needs a model name and a version number")
-        if v.model not in wanted:
-            continue  # a model of its own, not sent by the fleet
+        if v.version not in wanted.get(v.model, ()):
+            continue  # a model of its own, or a version it was not sent
         key = (v.model, int(v.version))
         if key in counters:
             raise InvalidArgument(f"health: {v.model} v{v.version} reported twice")
@@ -136,6 +142,8 @@ def check_health(message: pb.DeviceHealth, models: Iterable[str], now: float) ->
         )  # fmt: skip
         if max(values.as_list()) > MAX_COUNT:
             raise InvalidArgument(f"health: {v.model} v{v.version}: a counter is beyond 2^53")
+        if max(v.latency_us, v.compute_us) > v.requests * MAX_US_PER_REQUEST:
+            raise InvalidArgument(f"health: {v.model} v{v.version}: over a minute a request")
         if not v.rejections <= v.failures <= v.requests or sum(v.latency_buckets) != v.requests:
             raise InvalidArgument(
                 f"health: {v.model} v{v.version}: rejections <= failures <= requests, and the "
@@ -161,22 +169,26 @@ def _bounded(name: str, value: float, limit: float) -> None:
 
 
 def differences(base: Sample | None, sample: Sample) -> dict[tuple[str, int], Counters]:
-    """What the device served since `base` (its last kept report), per version; InvalidArgument
-    for counters that went backwards within one start or a rate no device serves."""
+    """What the device served since `base` (its last kept report), per version. A version whose
+    counters went back (the agent loaded it again, with fresh statistics) counts from zero, as
+    a Prometheus counter reset does; a sample no newer than the base (a slower replica's) adds
+    nothing. InvalidArgument for a rate no device serves: over the time since the last report,
+    or, after a new start, since the agent started (and no longer than since that report)."""
     same_start = base is not None and base.boot == sample.boot
-    if same_start:
-        assert base is not None
+    if base is None:
+        elapsed = sample.uptime
+    elif same_start:
         elapsed = sample.at - base.at
+        if elapsed <= 0:
+            return {}
     else:
-        elapsed = sample.uptime  # a new start: everything it counted is new
+        elapsed = min(sample.uptime, sample.at - base.at)
     out: dict[tuple[str, int], Counters] = {}
     for key, counters in sample.counters.items():
         before = base.counters.get(key) if same_start and base is not None else None
         delta = counters.minus(before) if before is not None else counters
         if delta.negative():
-            raise InvalidArgument(
-                f"health: {key[0]} v{key[1]}: counters went backwards without a new boot"
-            )
+            delta = counters  # reloaded: its statistics started again
         if delta.requests > MAX_REQUESTS_PER_S * max(elapsed, 1.0):
             raise InvalidArgument(
                 f"health: {key[0]} v{key[1]}: {delta.requests} requests in {elapsed:.0f} s"
@@ -204,70 +216,74 @@ class Bucket:
 
 @dataclasses.dataclass
 class Pending:
-    """What a replica has summed since its last flush."""
+    """Sums of what devices served, by bucket: what one flush adds to the stored ones."""
 
     # (model, version, group, minute start) / (..., hour start) -> bucket
     minutes: dict[tuple[str, int, str, int], Bucket] = dataclasses.field(default_factory=dict)
     hours: dict[tuple[str, int, str, int], Bucket] = dataclasses.field(default_factory=dict)
     devices: dict[tuple[str, int], Bucket] = dataclasses.field(default_factory=dict)  # hour
-    samples: dict[str, Sample] = dataclasses.field(default_factory=dict)  # the newest per device
 
-    def empty(self) -> bool:
-        return not (self.minutes or self.hours or self.devices or self.samples)
-
-
-class HealthBook:
-    """One replica's view: the last kept report per device (to take differences from) and the
-    sums not written yet. Used on the event loop only."""
-
-    def __init__(self) -> None:
-        # device -> (its last kept report, its group)
-        self._bases: collections.OrderedDict[str, tuple[Sample | None, str]] = (
-            collections.OrderedDict()
-        )
-        self.pending = Pending()
-        self.refused = 0  # reports refused (a metric)
-        self.accepted = 0
-
-    def knows(self, device: str) -> bool:
-        return device in self._bases
-
-    def remember(self, device: str, sample: Sample | None, group: str) -> None:
-        """The device's last kept report and its group, read from the database at its first
-        poll here."""
-        self._keep(device, sample, group)
-
-    def add(self, device: str, sample: Sample) -> dict[tuple[str, int], Counters]:
-        """Take the report in (InvalidArgument when refused: nothing of it is kept)."""
-        base, group = self._bases.get(device, (None, ""))
-        deltas = differences(base, sample)
+    def add(self, device: str, group: str, sample: Sample, deltas: Deltas) -> None:
         minute = int(sample.at // MINUTE_S * MINUTE_S)
         hour = int(sample.at // HOUR_S * HOUR_S)
-        pending = self.pending
         for (model, version), delta in deltas.items():
-            for table, start in ((pending.minutes, minute), (pending.hours, hour)):
+            for table, start in ((self.minutes, minute), (self.hours, hour)):
                 table.setdefault((model, version, group, start), Bucket()).add(delta, sample.rss)
         if deltas:
             total = Counters()
             for delta in deltas.values():
                 total = total.plus(delta)
-            pending.devices.setdefault((device, hour), Bucket()).add(
+            self.devices.setdefault((device, hour), Bucket()).add(
                 total, sample.rss, sample.disk_free
             )
-        pending.samples[device] = sample
-        self._keep(device, sample, group)
-        self.accepted += 1
-        return deltas
 
-    def drain(self) -> Pending:
-        pending, self.pending = self.pending, Pending()
-        return pending
 
-    def _keep(self, device: str, sample: Sample | None, group: str) -> None:
-        self._bases[device] = (sample, group)
-        self._bases.move_to_end(device)
-        if len(self._bases) > MAX_BASES:
-            self._bases.popitem(last=False)
+Deltas = Mapping[tuple[str, int], Counters]
+
+
+class HealthBook:
+    """One replica's reports not written yet: the newest per device, with its group. The
+    differences are taken when they are written, against the stored last report (one base
+    for every replica, in the write's transaction). Used on the event loop only."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, tuple[Sample, str]] = {}
+        self._groups: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._latest: collections.OrderedDict[str, Sample] = collections.OrderedDict()
+        self.refused = 0  # reports refused (a metric)
+        self.accepted = 0
+
+    def group(self, device: str) -> str | None:
+        return self._groups.get(device)
+
+    def remember_group(self, device: str, group: str) -> None:
+        self._groups[device] = group
+        _bound(self._groups)
+
+    def take(self, device: str, sample: Sample) -> None:
+        self._waiting[device] = (sample, self._groups.get(device, ""))
+        self._latest[device] = sample
+        self._latest.move_to_end(device)
+        _bound(self._latest)
+
+    def drain(self) -> dict[str, tuple[Sample, str]]:
+        waiting, self._waiting = self._waiting, {}
+        return waiting
+
+    def restore(self, waiting: Mapping[str, tuple[Sample, str]]) -> None:
+        """A write failed: its reports wait for the next (a newer one of a device wins)."""
+        for device, (sample, group) in waiting.items():
+            if device not in self._waiting or self._waiting[device][0].at < sample.at:
+                self._waiting[device] = (sample, group)
+
+    def samples(self) -> list[tuple[str, Sample]]:
+        """Each device's newest report heard here (for per-device metrics)."""
+        return list(self._latest.items())
+
+
+def _bound(table: collections.OrderedDict[str, Any]) -> None:
+    while len(table) > MAX_BASES:
+        table.popitem(last=False)
 
 
 def p99_ms(buckets: Sequence[int]) -> float:

@@ -77,6 +77,9 @@ class ControlPlaneSettings:
     # Publisher public keys: RegisterRelease refuses a release no key of these signed.
     trusted_keys: tuple[Path, ...] = ()
     metrics_address: str = ""  # HOST:PORT for Prometheus /metrics; "" = none
+    # Also each device's health counters on /metrics (a series per device: a fleet has
+    # thousands, so off by default).
+    metrics_per_device: bool = False
     # Signs learned releases (learning on the fleet); read at start, never sent anywhere.
     # Without it learning tasks are refused.
     learning_key: Path | None = None
@@ -388,7 +391,9 @@ class ControlPlane:
         host, port = parse_address(self.settings.metrics_address, "--metrics-address")
         registry = CollectorRegistry()
         registry.register(ServiceCollector(servicer))
-        registry.register(FleetHealthCollector(servicer.health, METRIC_PREFIX))
+        registry.register(
+            FleetHealthCollector(servicer.health, METRIC_PREFIX, self.settings.metrics_per_device)
+        )
         registry.register(ConnectionCollector(guard.stats, METRIC_PREFIX))
         try:
             server, _ = start_http_server(port, addr=host.strip("[]"), registry=registry)

@@ -6,7 +6,8 @@ to what is there, so several replicas' sums add up."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from edge_agent.controlplane.database import Database
 from edge_agent.controlplane.health import (
@@ -18,8 +19,10 @@ from edge_agent.controlplane.health import (
     Counters,
     Pending,
     Sample,
+    differences,
     p99_ms,
 )
+from edge_agent.errors import InvalidArgument
 
 _B = [f"b{i}" for i in range(BUCKETS)]
 _SUMS = ["requests", "failures", "rejections", "latency_us", "compute_us", *_B]
@@ -93,6 +96,14 @@ def _row(key: tuple[object, ...], bucket: Bucket, *extra: object) -> tuple[objec
     return (*key, *bucket.counters.as_list(), bucket.rss_sum, bucket.reports, *extra)
 
 
+def _sample(row: Any) -> Sample:
+    return Sample(
+        str(row["boot"]), float(row["at"]), float(row["uptime"]), int(row["rss"]),
+        int(row["disk_free"]), float(row["load1"]),
+        Sample.counters_from_json(str(row["counters"])),
+    )  # fmt: skip
+
+
 def _counters(row: dict[str, object]) -> Counters:
     return Counters.from_list([int(row[c] or 0) for c in _SUMS])  # type: ignore[call-overload]
 
@@ -100,9 +111,27 @@ def _counters(row: dict[str, object]) -> Counters:
 class HealthRecords:
     _db: Database  # the registry's database (SqlRegistry)
 
-    def write_health(self, pending: Pending) -> None:
-        """Add a replica's sums to the stored ones; keep each device's newest report."""
-        with self._db.transaction():
+    def write_health(self, waiting: Mapping[str, tuple[Sample, str]]) -> tuple[int, int]:
+        """One replica's newest report per device, written: each difference taken against the
+        stored last report (the one base of every replica) and added to the stored sums, all in
+        one transaction under the decision lock, so that two replicas hearing one device
+        neither double its requests nor lose them. A report whose rate no device serves is not
+        summed, but becomes the base (the next one is judged from it). Returns (summed,
+        refused)."""
+        pending, summed, refused = Pending(), 0, 0
+        with self._db.transaction(decision=True):
+            bases = self._health_bases(list(waiting))
+            newer: list[tuple[str, Sample]] = []
+            for device, (sample, group) in waiting.items():
+                base = bases.get(device)
+                if base is not None and base.boot == sample.boot and sample.at <= base.at:
+                    continue  # another replica wrote a newer one
+                try:
+                    pending.add(device, group, sample, differences(base, sample))
+                    summed += 1
+                except InvalidArgument:
+                    refused += 1
+                newer.append((device, sample))
             for table, buckets in (
                 ("health_minutes", pending.minutes),
                 ("health_hours", pending.hours),
@@ -124,9 +153,22 @@ class HealthRecords:
                 [
                     (device, s.boot, s.at, s.uptime, s.rss, s.disk_free, s.load,
                      ",".join(sorted(set(s.providers.values()))), s.to_json())
-                    for device, s in pending.samples.items()
+                    for device, s in newer
                 ],
             )  # fmt: skip
+        return summed, refused
+
+    def _health_bases(self, device_ids: list[str]) -> dict[str, Sample]:
+        bases: dict[str, Sample] = {}
+        for chunk in (device_ids[i : i + 500] for i in range(0, len(device_ids), 500)):
+            rows = self._db.execute(
+                "SELECT device_id, boot, at, uptime, rss, disk_free, load1, counters "
+                f"FROM device_health WHERE device_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ).all()
+            for row in rows:
+                bases[str(row["device_id"])] = _sample(row)
+        return bases
 
     def health_base(self, device_id: str) -> Sample | None:
         """The device's last kept report (its counters), or None."""
@@ -135,13 +177,7 @@ class HealthRecords:
             "WHERE device_id = ?",
             (device_id,),
         ).first()
-        if row is None:
-            return None
-        return Sample(
-            str(row["boot"]), float(row["at"]), float(row["uptime"]), int(row["rss"]),
-            int(row["disk_free"]), float(row["load1"]),
-            Sample.counters_from_json(str(row["counters"])),
-        )  # fmt: skip
+        return None if row is None else _sample(row)
 
     def prune_health(self, now: float) -> int:
         """Drop buckets past their retention; returns the rows dropped."""

@@ -322,18 +322,27 @@ class RolloutRecords:
         with self._db.transaction(decision=True):
             stored = self._stored_rollouts()
             for rollout in stored:
-                if rollout.scope != CANARY or rollout.state != ACTIVE or not rollout.analysis:
+                # Canaries, and a canary promoted to the whole fleet until its last verdict.
+                if not rollout.analysis or rollout.state != ACTIVE:
                     continue
-                baseline = max(
-                    (r.version for r in stored if r.model == rollout.model and r.id < rollout.id
-                     and r.state != ROLLED_BACK and r.version != rollout.version),
-                    default=0,
+                # The version the rest of the fleet was left on: the newest earlier rollout of
+                # the model that still stands.
+                baseline = next(
+                    (r.version for r in reversed(stored) if r.model == rollout.model
+                     and r.id < rollout.id and r.state != ROLLED_BACK
+                     and r.version != rollout.version),
+                    0,
                 )  # fmt: skip
                 action, verdict = decide_one(rollout, baseline)
-                self._db.execute(
-                    "UPDATE rollouts SET verdict = ? WHERE id = ?",
-                    (json.dumps(verdict), rollout.id),
-                )
+                if action == "skip":
+                    continue
+                # Only while it is active: a publisher's pause or rollback meanwhile stands.
+                changed = self._db.execute(
+                    "UPDATE rollouts SET verdict = ? WHERE id = ? AND state = ?",
+                    (json.dumps(verdict), rollout.id, ACTIVE),
+                ).rowcount
+                if not changed:
+                    continue
                 if action == "roll_back":
                     self._db.execute(
                         "UPDATE rollouts SET state = ?, reason = ? WHERE id = ?",
@@ -364,6 +373,8 @@ class RolloutRecords:
             "UPDATE rollouts SET canary_percent = ?, stage = ?, stage_started = ? WHERE id = ?",
             (percent, rollout.stage + 1, now, rollout.id),
         )
+        if percent >= 100:  # the whole fleet, devices enrolled later included
+            self._db.execute("UPDATE rollouts SET scope = ? WHERE id = ?", (FLEET, rollout.id))
 
     def reach(
         self, scope: str, group: str, canary_percent: float, model: str, version: int
