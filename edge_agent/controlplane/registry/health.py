@@ -132,18 +132,7 @@ class HealthRecords:
                 except InvalidArgument:
                     refused += 1
                 newer.append((device, sample))
-            for table, buckets in (
-                ("health_minutes", pending.minutes),
-                ("health_hours", pending.hours),
-            ):
-                self._db.executemany(
-                    _upsert(table, ["model", "version", "grp", "start"], []),
-                    [_row(key, bucket) for key, bucket in buckets.items()],
-                )
-            self._db.executemany(
-                _upsert("device_hours", ["device_id", "start"], ["disk_free"]),
-                [_row(key, b, b.disk_free) for key, b in pending.devices.items()],
-            )
+            self._add_sums(pending)
             self._db.executemany(
                 "INSERT INTO device_health VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (device_id) DO UPDATE SET boot = excluded.boot, at = excluded.at, "
@@ -157,6 +146,25 @@ class HealthRecords:
                 ],
             )  # fmt: skip
         return summed, refused
+
+    def write_pending(self, pending: Pending) -> None:
+        """Sums already taken, added as they are (benchmarks/health_storage.py)."""
+        with self._db.transaction():
+            self._add_sums(pending)
+
+    def _add_sums(self, pending: Pending) -> None:
+        for table, buckets in (
+            ("health_minutes", pending.minutes),
+            ("health_hours", pending.hours),
+        ):
+            self._db.executemany(
+                _upsert(table, ["model", "version", "grp", "start"], []),
+                [_row(key, bucket) for key, bucket in buckets.items()],
+            )
+        self._db.executemany(
+            _upsert("device_hours", ["device_id", "start"], ["disk_free"]),
+            [_row(key, b, b.disk_free) for key, b in pending.devices.items()],
+        )
 
     def _health_bases(self, device_ids: list[str]) -> dict[str, Sample]:
         bases: dict[str, Sample] = {}
