@@ -27,7 +27,7 @@ from edge_agent.controlplane.health import (
     differences,
     p99_ms,
 )
-from edge_agent.controlplane.registry import SqliteRegistry, SqlRegistry
+from edge_agent.controlplane.registry import MIGRATIONS, SqliteRegistry, SqlRegistry
 from edge_agent.controlplane.registry.health import Figures
 from edge_agent.errors import InvalidArgument
 from edge_agent.scheduling.stats import LATENCY_BUCKETS_MS
@@ -213,4 +213,34 @@ def test_retention_keeps_the_store_bounded(
     assert registry.fleet_totals()[("mlp", 1, "")].requests == 10  # the hours of a month
     base = registry.health_base("d0")
     assert base is not None and base.counters[("mlp", 1)].requests == 5
+    registry.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_registry_of_the_schema_before_health_is_brought_up_to_date(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A control plane upgraded over a database made before fleet health: schema 2 -> 3, its
+    rollouts kept (a canary started before has no analysis, and is not judged)."""
+    if backend == "sqlite":
+        url = f"sqlite:{tmp_path / 'registry.sqlite'}"
+    else:
+        pg, _ = request.getfixturevalue("scale_services")
+        url = pg.new_database()
+    db = open_database(url)
+    with db.transaction(decision=True):
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        for version, step in enumerate(MIGRATIONS[:2], 1):
+            step(db)
+            db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    db.execute(
+        "INSERT INTO rollouts (model, version, scope, grp, canary_percent, state, created) "
+        "VALUES ('mlp', 1, 'canary', '', 10, 'active', 0)"
+    )
+    db.close()
+    registry = SqlRegistry(open_database(url))
+    assert registry.schema_version == 3
+    (rollout,) = registry.rollouts()
+    assert rollout.scope == "canary" and rollout.analysis == {} and rollout.verdict == {}
+    assert registry.version_health("mlp", 1, 0).counters.requests == 0
     registry.close()
