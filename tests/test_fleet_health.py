@@ -198,16 +198,23 @@ def test_absurd_health_is_refused_and_counted(
     assert not [k for k in scrape(fleet.cp) if ("version", "9") in k[1]]
 
 
-def test_a_slower_canary_is_rolled_back_with_its_figures(fleet: Fleet) -> None:
+def three_serving_v1(fleet: Fleet) -> tuple[Path, dict[str, Daemon]]:
+    """Three enrolled devices, each with an agent serving v1 of the model."""
     devices = ["edge-a", "edge-b", "edge-c"]
     for d in devices:
         fleet.add_device(d)
     v1 = fleet.mlp(1)
-    slow = fleet.mlp(2, width=2048, hidden_layers=6)  # the same inputs and outputs, much slower
     fleet.publish(v1, 1)
     agents = {d: fleet.agent(d) for d in devices}
     for d in devices:
         wait_for(lambda d=d: serves(agents[d], v1), f"{d} serving v1")  # type: ignore[misc]
+    return v1, agents
+
+
+def test_a_slower_canary_is_rolled_back_with_its_figures(fleet: Fleet) -> None:
+    v1, agents = three_serving_v1(fleet)
+    devices = list(agents)
+    slow = fleet.mlp(2, width=2048, hidden_layers=6)  # the same inputs and outputs, much slower
     load = Load(list(agents.values()))
     try:
         fleet.publish(slow, 2, "--canary", "34", "--min-requests", "50", "--bake-seconds", "600")
@@ -241,14 +248,9 @@ def test_a_healthy_canary_is_promoted_through_its_stages(
     tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     fleet = Fleet(tmp_path, start_daemon)
-    devices = ["edge-a", "edge-b", "edge-c"]
-    for d in devices:
-        fleet.add_device(d)
-    v1, v2 = fleet.mlp(1), fleet.mlp(2)  # the same size: a healthy canary
-    fleet.publish(v1, 1)
-    agents = {d: fleet.agent(d) for d in devices}
-    for d in devices:
-        wait_for(lambda d=d: serves(agents[d], v1), f"{d} serving v1")  # type: ignore[misc]
+    _, agents = three_serving_v1(fleet)
+    devices = list(agents)
+    v2 = fleet.mlp(2)  # the same size: a healthy canary
     load = Load(list(agents.values()))
     try:
         # Generous thresholds: a busy test machine must not fail a good canary on noise.

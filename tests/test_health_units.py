@@ -211,8 +211,8 @@ def test_retention_keeps_the_store_bounded(
     assert registry.prune_health(now) == 0
     assert registry.version_health("mlp", 1, 0).counters.requests == 5
     assert registry.fleet_totals()[("mlp", 1, "")].requests == 10  # the hours of a month
-    base = registry.health_base("d0")
-    assert base is not None and base.counters[("mlp", 1)].requests == 5
+    base = registry.health_bases(["d0", "nobody"])
+    assert list(base) == ["d0"] and base["d0"].counters[("mlp", 1)].requests == 5
     registry.close()
 
 

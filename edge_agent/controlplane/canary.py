@@ -16,8 +16,9 @@ The defaults, as a cautious operator would pick them:
 - max_memory_ratio 1.5: memory is the edge device's hard limit; model weights are most of it,
   and a version half again as large is worth a person's look.
 - min_requests 100: the 99th percentile of fewer than 100 requests is their slowest one.
-- bake_seconds 60: a few reports of each device (they report on every long-poll), long enough
-  for a slow leak or a warm-up effect to show, short enough to keep a rollout moving.
+- bake_seconds 60: counted from the stage's start (download and install included): with the
+  agent's default 30 s long-poll, a report or two of each canary device; long enough for a
+  warm-up effect to pass, short enough to keep a rollout moving.
 """
 
 from __future__ import annotations

@@ -416,6 +416,10 @@ class ModelManager:
         or waiting for it are checked again against what serves now, each under its own lock
         (a waiting one loads; a loaded one whose step went away or changed its tensors stops
         serving, with the reason). Locks go from a step to its ensembles only."""
+        if not self._waiting_ensembles and not any(
+            is_ensemble(v.config) for v in self._registry.versions()
+        ):
+            return  # no ensemble to check: no need to read every config.pbtxt on each load
         using = await asyncio.to_thread(ensembles_using, self._repository, step)
         self._rechecking.add(step)
         try:

@@ -120,7 +120,7 @@ class HealthRecords:
         refused)."""
         pending, summed, refused = Pending(), 0, 0
         with self._db.transaction(decision=True):
-            bases = self._health_bases(list(waiting))
+            bases = self.health_bases(list(waiting))
             newer: list[tuple[str, Sample]] = []
             for device, (sample, group) in waiting.items():
                 base = bases.get(device)
@@ -166,7 +166,8 @@ class HealthRecords:
             [_row(key, b, b.disk_free) for key, b in pending.devices.items()],
         )
 
-    def _health_bases(self, device_ids: list[str]) -> dict[str, Sample]:
+    def health_bases(self, device_ids: list[str]) -> dict[str, Sample]:
+        """Each device's stored last report (what its next one's differences are taken from)."""
         bases: dict[str, Sample] = {}
         for chunk in (device_ids[i : i + 500] for i in range(0, len(device_ids), 500)):
             rows = self._db.execute(
@@ -177,15 +178,6 @@ class HealthRecords:
             for row in rows:
                 bases[str(row["device_id"])] = _sample(row)
         return bases
-
-    def health_base(self, device_id: str) -> Sample | None:
-        """The device's last kept report (its counters), or None."""
-        row = self._db.execute(
-            "SELECT boot, at, uptime, rss, disk_free, load1, counters FROM device_health "
-            "WHERE device_id = ?",
-            (device_id,),
-        ).first()
-        return None if row is None else _sample(row)
 
     def prune_health(self, now: float) -> int:
         """Drop buckets past their retention; returns the rows dropped."""
@@ -212,20 +204,8 @@ class HealthRecords:
             return Figures(version, Counters(), 0.0, 0)
         return Figures(version, _counters(row), float(row["rss_sum"]), int(row["reports"]))
 
-    def health_series(
-        self, since: float, device_id: str = ""
-    ) -> dict[tuple[str, int, str], list[Point]] | list[Point]:
-        """By the hour from `since`: per (model, version, group), or one device's points."""
-        if device_id:
-            rows = self._db.execute(
-                "SELECT * FROM device_hours WHERE device_id = ? AND start >= ? ORDER BY start",
-                (device_id, int(since)),
-            ).all()
-            return [
-                Point(int(r["start"]), _counters(r), float(r["rss_sum"]), int(r["reports"]),
-                      float(r["disk_free"]))
-                for r in rows
-            ]  # fmt: skip
+    def health_series(self, since: float) -> dict[tuple[str, int, str], list[Point]]:
+        """By the hour from `since`, per (model, version, group)."""
         series: dict[tuple[str, int, str], list[Point]] = {}
         for r in self._db.execute(
             "SELECT * FROM health_hours WHERE start >= ? ORDER BY start", (int(since),)
@@ -260,14 +240,3 @@ class HealthRecords:
             f"SELECT model, version, grp, {sums} FROM health_hours GROUP BY model, version, grp"
         ).all()
         return {(str(r["model"]), int(r["version"]), str(r["grp"])): _counters(r) for r in rows}
-
-    def device_health_rows(self, device_ids: Iterable[str]) -> dict[str, dict[str, object]]:
-        ids = list(device_ids)
-        if not ids:
-            return {}
-        rows = self._db.execute(
-            "SELECT device_id, at, uptime, rss, disk_free, load1, providers FROM device_health "
-            f"WHERE device_id IN ({', '.join('?' * len(ids))})",
-            ids,
-        ).all()
-        return {str(r["device_id"]): dict(r) for r in rows}
