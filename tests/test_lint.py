@@ -100,4 +100,4 @@ def test_layer_rules_catch_what_they_forbid() -> None:
 def test_readme_shows_the_layers() -> None:
     from edge_agent import layers
 
-    assert layers.table() in (ROOT / "README.md").read_text()
+    assert layers.table() in (ROOT / "docs" / "architecture.md").read_text()
