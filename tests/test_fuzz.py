@@ -3,7 +3,7 @@ status codes, no error logged, both processes up and answering afterwards, memor
 
 The fuzzing runs in its own process (benchmarks/fuzz.py: one daemon, one control plane, the
 hypothesis searches of tests/fuzz_*.py and a fast mutation loop), short here and from a fixed
-seed; the long run is BENCHMARKS.md "Fuzzing". For a longer local run:
+seed; the long run is docs/performance-history.md "Fuzzing". For a longer local run:
 FUZZ_CALLS=20000 FUZZ_EXAMPLES=300 FUZZ_SEED=7 .venv/bin/pytest tests/test_fuzz.py"""
 
 from __future__ import annotations

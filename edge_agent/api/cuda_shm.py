@@ -9,7 +9,7 @@ loaded by onnxruntime-gpu's CUDA libraries). A request's input is copied from th
 (device to host) into the request's staging buffer and an output is copied back into it (host to
 device) when the response is built; the scheduler, batching and statistics stay as they are.
 (Binding the device pointer straight into IOBinding, without the host copy, is the next step;
-BENCHMARKS.md "GPU" will tell whether it is worth its complexity.)
+docs/performance-history.md "GPU" will tell whether it is worth its complexity.)
 
 Same rules as system shared memory: off unless `allow_shared_memory`, registration only from a
 local peer, Triton's errors (ALREADY_EXISTS, NOT_FOUND, INVALID_ARGUMENT). Where no CUDA runtime

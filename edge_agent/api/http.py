@@ -10,7 +10,7 @@ code (`error_response`, the one place for HTTP).
 
 The server is aiohttp's, on the agent's event loop: no second loop, no thread hop between the
 front end and the scheduler (an ASGI server would add its own loop handling and a framework
-layer for the same job; see BENCHMARKS.md "HTTP").
+layer for the same job; see docs/performance-history.md "HTTP").
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """A learning task's defaults: one definition, read by the control plane (every unset field of a
 LearningSpec takes its value here) and by `edge-agent learn start` (its help). The server
-optimizer's were chosen by measurement on the learning benchmark (BENCHMARKS.md "Learning"):
-FedAvgM with lr 0.3 and momentum 0.5 kept the highest accuracy late in the run on both tasks;
-momentum 0.9 with lr 1 (FLSim's example) and Flower's default eta for adam (0.1) diverged, and
-yogi's (0.01) swung by 7-8 points, under asynchronous buffers of 4, where staleness already
-acts as momentum.
+optimizer's were chosen by measurement on the learning benchmark
+(docs/performance-history.md "Learning"): FedAvgM with lr 0.3 and momentum 0.5 kept the highest
+accuracy late in the run on both tasks; momentum 0.9 with lr 1 (FLSim's example) and Flower's
+default eta for adam (0.1) diverged, and yogi's (0.01) swung by 7-8 points, under asynchronous
+buffers of 4, where staleness already acts as momentum.
 """
 
 from __future__ import annotations

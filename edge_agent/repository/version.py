@@ -240,9 +240,10 @@ def _sessions(
     if _one_thread_enough(options, first, config, inputs, path):
         # ONNX Runtime's default pool (a thread per core) buys a model this cheap a few
         # microseconds per run, and its threads spin-wait after every run, taking the cores
-        # that gRPC and Python need under concurrent load (BENCHMARKS.md "One intra-op thread
-        # for a cheap model"). Made again with one thread, before the warmup; on the CPU, which
-        # the first one runs on (a CUDA fallback or refused CUDA graphs are not tried again).
+        # that gRPC and Python need under concurrent load (docs/performance-history.md "One
+        # intra-op thread and inline execution for a cheap model"). Made again with one thread,
+        # before the warmup; on the CPU, which the first one runs on (a CUDA fallback or refused
+        # CUDA graphs are not tried again).
         options = dataclasses.replace(
             options, intra_op_threads=1, providers=("cpu",), cuda_graph=False
         )
@@ -252,7 +253,7 @@ def _sessions(
         # A run whose cost its inputs decide (a Loop, a dynamic length) may take tens of
         # milliseconds: the pool's spin-waits between and after its parallel sections buy
         # nothing at that length and take the cores the event loop needs to answer others
-        # (BENCHMARKS.md "Overload: refusals while the cores compute").
+        # (docs/performance-history.md "Overload: refusals while the cores compute").
         options = dataclasses.replace(options, spinning=False, providers=("cpu",))
         sessions = [create_session(path, options)]
         log.info("model.spinning_off", model=name, version=version)

@@ -10,8 +10,9 @@ from edge_agent.errors import InvalidArgument
 
 # A model whose largest batch runs within this at warmup runs on the event loop
 # (SchedulerPolicy.inline). 1 ms: the small CNN of the benchmark (~0.7 ms at batch 64 on one
-# thread) gained 10-50% inline at concurrency 1-64 (BENCHMARKS.md "One intra-op thread for a cheap
-# model"); a loop held 1 ms is far inside what health checks and other models' requests notice.
+# thread) gained 10-50% inline at concurrency 1-64 (docs/performance-history.md "One
+# intra-op thread and inline execution for a cheap model"); a loop held 1 ms is far inside what
+# health checks and other models' requests notice.
 INLINE_BUDGET_S = 1e-3
 # Demotion needs evidence, not one outlier (a page fault, a GIL handoff, a collection): this many
 # inline runs over the limit among the last DEMOTE_WINDOW, or one run over CEILING x the limit.
