@@ -1,5 +1,6 @@
 """The reference pages in docs/reference/ are generated from the code (scripts/gen_reference.py)
-and must match it: a setting, flag or exit code changed without regenerating them fails here."""
+and must match it: a setting, flag, exit code or metric changed without regenerating them fails
+here (tests/test_metrics_reference.py also checks the metrics page against real scrapes)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,42 @@ def test_the_reference_names_every_setting_and_command() -> None:
     ):
         assert f"## `{command}`" in commands
     assert "`--max-p99-ratio`" in commands and "`78` a configuration error" in commands
+
+
+def row(page: str, name: str) -> list[str]:
+    """The cells of the table row of `name` (a setting or a metric) on a reference page."""
+    text = (ROOT / "docs" / "reference" / page).read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith(f"| `{name}` |")]
+    return [cell.strip() for cell in line.strip("|").split(" | ")]
+
+
+def test_a_comment_over_a_group_of_settings_describes_each_of_them() -> None:
+    hygiene = "Connection hygiene, per listener"
+    for name in ("max_connections", "max_connections_per_peer", "connection_idle_seconds"):
+        assert row("settings.md", name)[-1].startswith(hygiene), name
+    assert row("settings.md", "max_elements_per_request")[-1].startswith("Elements one input")
+    # A field that only follows a comment about another one does not inherit it, and a
+    # trailing comment is the field's own.
+    assert "Prometheus" not in row("settings.md", "log_level")[-1]
+    assert row("settings.md", "control_plane_ca")[-1] == (
+        "TLS to the control plane, verified with this CA"
+    )
+
+
+def test_the_metrics_reference_names_metrics_with_their_type_and_labels() -> None:
+    _, kind, labels, exposed, _ = row("metrics.md", "nv_inference_request_failure")
+    assert kind == "untyped" and exposed == "always"
+    assert labels == "`model`, `version`, `reason` (`REJECTED`, `CANCELED`, `BACKEND`, `OTHER`)"
+    _, kind, labels, _, _ = row("metrics.md", "edge_agent_rejected_requests_total")
+    assert kind == "counter" and labels.startswith("`model`, `version`, `cause` (`queue_full`")
+    _, kind, labels, _, _ = row("metrics.md", "edge_agent_batch_size")
+    assert kind == "histogram" and labels.startswith("`model`, `version`; buckets `le`: 1, 2, 4")
+    _, kind, labels, exposed, _ = row("metrics.md", "edge_agent_sync_model_version")
+    assert (kind, labels, exposed) == ("gauge", "`model`, `kind`", "with `--control-plane`")
+    _, kind, labels, exposed, _ = row("metrics.md", "edge_agent_controlplane_device_requests_total")
+    assert (kind, labels) == ("counter", "`device`, `model`, `version`")
+    assert exposed == "with `--metrics-per-device`"
+    _, kind, labels, _, _ = row(
+        "metrics.md", "edge_agent_controlplane_fleet_request_duration_seconds"
+    )
+    assert kind == "histogram" and labels.startswith("`model`, `version`, `group`; buckets")
