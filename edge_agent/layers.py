@@ -5,7 +5,7 @@ layer nor from a sibling entry of its own layer (siblings are independent of eac
 names a package or a module; the longest entry that names a module is its entry, so one module
 can sit apart from its package (the loggers below everything, the command lines on top).
 Every import counts, the lazy ones inside functions too. tests/test_lint.py checks the whole
-package against this table, and the README's architecture section shows it (kept equal by the
+package against this table, and docs/architecture.md shows it (kept equal by the
 same test). Nothing imports this module at run time.
 """
 
@@ -70,7 +70,7 @@ def violation(importer: str, imported: str) -> str | None:
 
 
 def table() -> str:
-    """The layers as a Markdown table, top first (as the README shows them)."""
+    """The layers as a Markdown table, top first (as docs/architecture.md shows them)."""
     rows = ["| layer | packages and modules (each imports only from the rows below it) |"]
     rows.append("| --- | --- |")
     for name, entries in reversed(LAYERS):

@@ -166,7 +166,8 @@ class Settings:
     strict_provider: bool = False  # refuse to serve a model on CPU when CUDA was asked for
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one thread for a cheap CPU model)
     # ONNX Runtime's thread pools spin-wait between runs (its default). Off: faster under
-    # concurrency on a small device, slower at concurrency 1 (measured: BENCHMARKS.md).
+    # concurrency on a small device, slower at concurrency 1 (measured:
+    # docs/performance-history.md).
     ort_spinning: bool = True
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"

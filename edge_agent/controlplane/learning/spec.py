@@ -23,7 +23,7 @@ OPTIONAL_FIELDS = {
 
 
 def spec_defaults(spec: pb.LearningSpec) -> pb.LearningSpec:
-    """The spec with every unset field at its default (README: Learning on the fleet)."""
+    """The spec with every unset field at its default (docs/learning.md)."""
     out = pb.LearningSpec()
     out.CopyFrom(spec)
     for key, value in TASK_DEFAULTS.items():
