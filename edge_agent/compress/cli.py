@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import onnx
 
 from edge_agent.common.files import write_atomically
+from edge_agent.common.progress import NULL, Progress, progress
 from edge_agent.compress import modes, report
 from edge_agent.compress.data import load_set
 from edge_agent.errors import EdgeAgentError, InvalidArgument
@@ -89,9 +91,15 @@ def add_distill_arguments(commands: argparse._SubParsersAction) -> None:  # type
     )
 
 
-def build_distilled(args: argparse.Namespace) -> dict[str, Any]:
+def _epochs(shown: Progress, total: int) -> Callable[[int, float], None]:
+    """The training's after-epoch callback, shown as epoch N of `total` with its loss."""
+    return lambda done, loss: shown.epoch(done, total, loss)
+
+
+def build_distilled(args: argparse.Namespace, shown: Progress = NULL) -> dict[str, Any]:
     from edge_agent.compress.finetune import distill
 
+    shown.phase("loading the models and data")
     teacher, student = _load_model(args.teacher), _load_model(args.student)
     feeds, labels = load_set(args.data, student, "data")
     validation, val_labels = (
@@ -101,12 +109,20 @@ def build_distilled(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.max_accuracy_drop is not None and val_labels is None:
         raise InvalidArgument("--max-accuracy-drop needs labels in the validation set")
+    shown.phase(f"distilling ({args.epochs} epochs)")
     out = distill(
-        teacher, student, feeds, labels, args.temperature, args.alpha, args.epochs, args.lr
-    )
+        teacher, student, feeds, labels, args.temperature, args.alpha, args.epochs, args.lr,
+        on_epoch=_epochs(shown, args.epochs),
+    )  # fmt: skip
     data = out.SerializeToString()
     teacher_bytes = args.teacher.read_bytes()
     teacher_session = report.session(teacher.SerializeToString())
+    shown.phase("measuring sizes")
+    sizes = _sizes(teacher, teacher_bytes, out, data)
+    shown.phase("measuring accuracy")
+    accuracy = report.accuracy_report(teacher_session, report.session(data), validation, val_labels)
+    shown.phase("measuring latency")
+    latency = report.latency_report(teacher, teacher_session, report.session(data), validation)
     result: dict[str, Any] = {
         "mode": "distill",
         "model": str(args.teacher),
@@ -114,16 +130,13 @@ def build_distilled(args: argparse.Namespace) -> dict[str, Any]:
         "out": str(args.out),
         "temperature": args.temperature,
         "alpha": args.alpha,
-        **_sizes(teacher, teacher_bytes, out, data),
-        "validation": report.accuracy_report(
-            teacher_session, report.session(data), validation, val_labels
-        ),
-        "latency_ms_median": report.latency_report(
-            teacher, teacher_session, report.session(data), validation
-        ),
+        **sizes,
+        "validation": accuracy,
+        "latency_ms_median": latency,
         "max_accuracy_drop": args.max_accuracy_drop,
     }
     if val_labels is not None:
+        shown.phase("measuring the untrained student")
         untrained = report.accuracy_report(
             teacher_session, report.session(student.SerializeToString()), validation, val_labels
         )
@@ -162,7 +175,8 @@ def _load_model(path: Path) -> onnx.ModelProto:
         raise InvalidArgument(f"{path} is not a readable ONNX model ({exc})") from exc
 
 
-def build(args: argparse.Namespace) -> dict[str, Any]:
+def build(args: argparse.Namespace, shown: Progress = NULL) -> dict[str, Any]:
+    shown.phase("loading the model and data")
     source = _load_model(args.model_file)
     calibration = validation = labels = None
     if args.calibration is not None:
@@ -177,20 +191,27 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             + ("no --validation given" if validation is None else f"{args.validation} has none")
         )
     if args.mode == "int8-dynamic":
+        shown.phase("quantizing (int8-dynamic)")
         model = modes.int8_dynamic(args.model_file)
     elif args.mode == "int8-static":
         assert calibration is not None
-        model = modes.int8_static(args.model_file, calibration)
+        model = modes.int8_static(args.model_file, calibration, shown.phase)
     elif args.mode == "fp16":
+        shown.phase("converting to fp16")
         blocked = [op.strip() for op in args.fp16_block_ops.split(",") if op.strip()]
         model = modes.fp16(args.model_file, not args.fp16_io, blocked)
     else:
+        shown.phase(f"pruning {args.sparsity:.0%} of each weight matrix")
         model = modes.prune(args.model_file, args.sparsity)
         if args.fine_tune is not None:
             from edge_agent.compress.finetune import fine_tune
 
             feeds, tune_labels = load_set(args.fine_tune, source, "fine-tune")
-            model = fine_tune(model, feeds, tune_labels, args.fine_tune_epochs, args.fine_tune_lr)
+            shown.phase(f"fine-tuning ({args.fine_tune_epochs} epochs, the mask held)")
+            model = fine_tune(
+                model, feeds, tune_labels, args.fine_tune_epochs, args.fine_tune_lr,
+                on_epoch=_epochs(shown, args.fine_tune_epochs),
+            )  # fmt: skip
     if args.fine_tune is not None and args.mode != "prune":
         raise InvalidArgument("--fine-tune goes with --mode prune")
     data = model.SerializeToString()
@@ -203,19 +224,24 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         ) from exc
     before = report.session(source.SerializeToString())
     source_bytes = args.model_file.read_bytes()
+    shown.phase("measuring sizes")
+    sizes = _sizes(source, source_bytes, model, data)
+    shown.phase("measuring latency")
+    latency = report.latency_report(source, before, after, validation)
     result: dict[str, Any] = {
         "mode": args.mode,
         "model": str(args.model_file),
         "out": str(args.out),
-        **_sizes(source, source_bytes, model, data),
+        **sizes,
         "validation": None,
-        "latency_ms_median": report.latency_report(source, before, after, validation),
+        "latency_ms_median": latency,
         "max_accuracy_drop": args.max_accuracy_drop,
     }
     if args.mode == "prune":
         result["sparsity"] = args.sparsity
         result["fine_tuned"] = args.fine_tune is not None
     if validation is not None:
+        shown.phase(f"measuring accuracy on {args.validation.name}")
         result["validation"] = report.accuracy_report(before, after, validation, labels)
     drop = (result["validation"] or {}).get("accuracy_drop")
     result["accepted"] = args.max_accuracy_drop is None or drop <= args.max_accuracy_drop
@@ -262,7 +288,10 @@ def _table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = build_distilled(args) if args.command == "distill" else build(args)
+        # The phases and epochs on a terminal (stderr), done before anything below is printed.
+        with progress() as shown:
+            build_one = build_distilled if args.command == "distill" else build
+            result = build_one(args, shown)
     except (EdgeAgentError, OSError) as exc:
         print(f"edge-agent {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED

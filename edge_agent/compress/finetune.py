@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -33,7 +33,9 @@ def fine_tune(
     epochs: int,
     lr: float,
     batch_size: int = 32,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> onnx.ModelProto:
+    """`on_epoch(epochs done, loss)` as each epoch ends (learn/train.train's after_epoch)."""
     from edge_agent.learn.train import train
 
     if labels is None:
@@ -43,7 +45,8 @@ def fine_tune(
         for t in model.graph.initializer
         if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2
     }
-    result = train(model, feeds, labels, _spec(epochs, lr, batch_size), masks=masks)  # type: ignore[arg-type]
+    spec = _spec(epochs, lr, batch_size)
+    result = train(model, feeds, labels, spec, masks=masks, after_epoch=on_epoch)  # type: ignore[arg-type]
     return apply(model, result.deltas)
 
 
@@ -57,7 +60,9 @@ def distill(
     epochs: int,
     lr: float,
     batch_size: int = 32,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> onnx.ModelProto:
+    """`on_epoch(epochs done, loss)` as each epoch ends (learn/train.train's after_epoch)."""
     import torch
     import torch.nn.functional as F
 
@@ -80,5 +85,5 @@ def distill(
     rows = len(next(iter(feeds.values())))
     targets = labels if labels is not None else np.zeros(rows, np.int64)
     spec = _spec(epochs, lr, batch_size)
-    result = train(student, feeds, targets, spec, loss=loss)  # type: ignore[arg-type]
+    result = train(student, feeds, targets, spec, loss=loss, after_epoch=on_epoch)  # type: ignore[arg-type]
     return apply(student, result.deltas)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +26,28 @@ QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE}
 
 
-class _Reader:
-    """onnxruntime.quantization.CalibrationDataReader over an in-memory set."""
+def _no_phase(name: str) -> None:
+    del name
 
-    def __init__(self, inputs: Mapping[str, np.ndarray]) -> None:
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over an in-memory set. The quantizer reads
+    it to its end before it quantizes, so its end is when calibration is over: `at_end` is
+    called then, once."""
+
+    def __init__(
+        self, inputs: Mapping[str, np.ndarray], at_end: Callable[[], None] = lambda: None
+    ) -> None:
         self._batches: Iterator[dict[str, np.ndarray]] = iter(batches(inputs, 16))
+        self._at_end = at_end
+        self._ended = False
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
+        batch = next(self._batches, None)
+        if batch is None and not self._ended:
+            self._ended = True
+            self._at_end()
+        return batch
 
 
 def _quiet() -> None:
@@ -51,7 +65,10 @@ def int8_dynamic(source: Path) -> onnx.ModelProto:
         return _quantized(onnx.load(str(out)), "int8-dynamic")
 
 
-def int8_static(source: Path, calibration: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def int8_static(
+    source: Path, calibration: Mapping[str, np.ndarray], phase: Callable[[str], None] = _no_phase
+) -> onnx.ModelProto:
+    """`phase(name)` is told when calibration starts and when quantizing does (progress)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -62,10 +79,12 @@ def int8_static(source: Path, calibration: Mapping[str, np.ndarray]) -> onnx.Mod
     _quiet()
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / MODEL_FILE
+        rows = len(next(iter(calibration.values()), ()))
+        phase(f"calibrating on {rows} rows (int8-static)")
         quantize_static(
             source,
             out,
-            _Reader(calibration),
+            _Reader(calibration, lambda: phase("quantizing (int8-static)")),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

@@ -16,6 +16,7 @@ from pathlib import Path
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.common.layout import CONFIG_FILE, GOLDEN_FILE, WARMUP_DIR
+from edge_agent.common.progress import NULL, Progress, progress
 from edge_agent.controlplane.canary import Analysis
 from edge_agent.errors import ConfigError
 from edge_agent.fleet import auth, signing
@@ -51,10 +52,11 @@ def upload_release(
     activate: bool,
     timeout: float,
     variant_signatures: Mapping[str, bytes] | None = None,
+    shown: Progress = NULL,
 ) -> tuple[pb.RegisterReleaseResponse, int]:
     """Upload the blobs of a release (`directory` and its variants' directories beside it) that
     the control plane lacks, then register it (and target it when `activate`). Returns the
-    answer and the bytes uploaded."""
+    answer and the bytes uploaded. `shown` displays the upload's bytes (on a terminal)."""
     release_json = (directory / RELEASE_JSON).read_bytes()
     release = parse_release(release_json)
     digests = sorted({f.sha256 for f in release.all_files()})
@@ -63,14 +65,20 @@ def upload_release(
             pb.MissingBlobsRequest(digests=digests), metadata=meta, timeout=timeout
         ).missing
     )
-    uploaded = 0
-    for name in release.variant_names():
-        for entry in release.select(name).files:
-            if entry.sha256 in missing:
-                chunks = upload_chunks(entry.sha256, variant_dir(directory, name) / entry.path)
-                stub.UploadBlob(chunks, metadata=meta, timeout=timeout)
-                missing.discard(entry.sha256)
-                uploaded += entry.size
+    # Each missing blob once, even where variants share one, in the order they go.
+    todo = {
+        entry.sha256: (variant_dir(directory, name) / entry.path, entry.size)
+        for name in release.variant_names()
+        for entry in release.select(name).files
+        if entry.sha256 in missing
+    }
+    uploaded = sum(size for _, size in todo.values())
+    if todo:
+        what = f"uploading {release.model} v{release.version} ({len(todo)} blobs)"
+        with shown.transfer(what, uploaded) as sent:
+            for digest, (path, _) in todo.items():
+                stub.UploadBlob(upload_chunks(digest, path, sent), metadata=meta, timeout=timeout)
+    shown.phase("registering the release")
     request = pb.RegisterReleaseRequest(
         release_json=release_json,
         signature=signature,
@@ -136,7 +144,9 @@ def _check_config(path: Path, model: str) -> None:
 def publish(args: argparse.Namespace) -> int:
     meta = auth.metadata(auth.read_token(args.token_file))
     extras = release_extras(args.model_file, args.config, args.golden, args.warmup, args.model)
-    with tempfile.TemporaryDirectory() as scratch:
+    # Progress (a terminal's, never with --json) ends before the answer is printed below.
+    with progress(enabled=not args.json) as shown, tempfile.TemporaryDirectory() as scratch:
+        shown.phase("splitting and signing the release")
         directory = Path(scratch) / "release"
         variants = dict(args.variant or [])
         release = build_release(
@@ -165,6 +175,7 @@ def publish(args: argparse.Namespace) -> int:
                 not args.no_activate,
                 args.timeout,
                 variant_signatures,
+                shown,
             )
     if args.json:
         print_json(response)

@@ -9,7 +9,7 @@ are written once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +107,12 @@ class FailoverStub:
             self._channel.close()
 
 
-def upload_chunks(digest: str, path: Path) -> Iterator[pb.UploadBlobRequest]:
-    """UploadBlob's messages for the file at `path`: digest and size first, then 1 MiB chunks."""
+def upload_chunks(
+    digest: str, path: Path, sent: Callable[[int], None] | None = None
+) -> Iterator[pb.UploadBlobRequest]:
+    """UploadBlob's messages for the file at `path`: digest and size first, then 1 MiB chunks.
+    `sent(nbytes)` is told each chunk's size once gRPC asks for the next message, i.e. when
+    that chunk has gone to the transport (a progress display counts there, without a copy)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         first = True
@@ -116,6 +120,8 @@ def upload_chunks(digest: str, path: Path) -> Iterator[pb.UploadBlobRequest]:
             data = f.read(CHUNK_SIZE)
             if first or data:
                 yield pb.UploadBlobRequest(digest=digest if first else "", size=size, data=data)
+                if sent is not None:
+                    sent(len(data))
             first = False
             if not data:
                 return

@@ -1,5 +1,6 @@
 """`edge-agent examples import` (labelled examples into an agent, through SubmitExamples) and
-`edge-agent learn start|status|stop` (learning tasks on the control plane).
+`edge-agent learn start|status|stop` (learning tasks on the control plane; `start --wait` watches
+the task until it stops).
 
 Errors are one line on stderr and exit 1; bad arguments exit 2 (argparse).
 """
@@ -10,6 +11,8 @@ import argparse
 import hashlib
 import json
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from edge_agent._proto import examples_pb2 as epb
 from edge_agent._proto import examples_pb2_grpc as epb_grpc
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.common.progress import NULL, Progress, progress
 from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
@@ -68,6 +72,11 @@ SPEC_HELP: tuple[tuple[str, type, str], ...] = (
 )
 SPEC_FLAGS = tuple(flag.replace("-", "_") for flag, _, _ in SPEC_HELP)
 CALL_BYTES = 2 << 20  # rows per SubmitExamples call: about this many bytes
+# learn start --wait: seconds between status calls (an aggregation takes seconds at the least),
+# the state it waits to leave (LearningTask.state), and its exit when Ctrl-C ends the wait.
+WAIT_POLL_SECONDS = 2.0
+RUNNING = "running"
+EXIT_INTERRUPTED = 130
 
 
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -108,12 +117,15 @@ def import_examples(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _upload_blob(stub: pb_grpc.FleetServiceStub, meta: object, path: Path) -> str:
+def _upload_blob(
+    stub: pb_grpc.FleetServiceStub, meta: object, path: Path, shown: Progress = NULL
+) -> str:
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     missing = stub.MissingBlobs(pb.MissingBlobsRequest(digests=[digest]), metadata=meta, timeout=60)
     if digest in missing.missing:
-        stub.UploadBlob(upload_chunks(digest, path), metadata=meta, timeout=600)
+        with shown.transfer(f"uploading {path.name}", len(data)) as sent:
+            stub.UploadBlob(upload_chunks(digest, path, sent), metadata=meta, timeout=600)
     return digest
 
 
@@ -150,12 +162,15 @@ def learn(args: argparse.Namespace) -> int:
             elif args.canary is not None:
                 spec.scope, spec.canary_percent = pb.CANARY, args.canary
             load_npz(args.validation)  # a bad file fails here, not on the control plane
-            spec.validation_blob = _upload_blob(stub, meta, args.validation)
+            with progress(enabled=not args.json) as shown:
+                spec.validation_blob = _upload_blob(stub, meta, args.validation, shown)
             task = stub.StartLearning(
                 pb.StartLearningRequest(spec=spec), metadata=meta, timeout=300
             )
             if task.notice:
                 print(f"edge-agent learn start: {task.notice}", file=sys.stderr)
+            if args.wait:
+                return _wait_and_show(stub, meta, task, args.json)
             if args.json:
                 print_json(task)
             else:
@@ -173,7 +188,72 @@ def learn(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status)
         return EXIT_OK
-    for task in status.tasks:
+    _show_tasks(status.tasks)
+    return EXIT_OK
+
+
+def _wait_and_show(
+    stub: pb_grpc.FleetServiceStub, meta: object, task: pb.LearningTask, as_json: bool
+) -> int:
+    """learn start --wait: the id at once (not with --json), then the task watched until it
+    stops and shown as `learn status` shows it (with --json, that task alone)."""
+    if not as_json:
+        print(task.id, flush=True)  # the id is there to copy while the wait goes on
+    try:
+        with progress(enabled=not as_json) as shown:
+            task = _wait(stub, meta, task, shown)
+    except KeyboardInterrupt:
+        print(
+            f"edge-agent learn start: stopped waiting; task {task.id} runs on "
+            f"(`edge-agent learn stop --task {task.id}` stops it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if as_json:
+        print_json(task)
+    else:
+        _show_tasks([task])
+    return EXIT_OK
+
+
+def _wait(
+    stub: pb_grpc.FleetServiceStub, meta: object, task: pb.LearningTask, shown: Progress
+) -> pb.LearningTask:
+    """Poll the task until it is no longer running (`learn stop`, or its privacy budget spent):
+    each global version once as it comes, its release when it ships, and the task's state."""
+    released: dict[int, int] = {}  # global version -> the release shown for it (0: none yet)
+    while True:
+        for v in task.versions:
+            if v.version not in released:
+                shown.line(_version_line(task, v))
+            elif v.released_version and not released[v.version]:
+                shown.line(f"global v{v.version} released as v{v.released_version}")
+            released[v.version] = v.released_version
+        shown.status(
+            f"task {task.id} {task.state}: v{task.global_version}, best "
+            f"{max(task.best_accuracy, task.base_accuracy):.4f}, {task.buffered} buffered, "
+            f"{task.active_devices}/{task.devices} active; {task.progress}"
+        )
+        if task.state != RUNNING:
+            return task
+        time.sleep(WAIT_POLL_SECONDS)
+        task = stub.LearningStatus(
+            pb.LearningStatusRequest(task_id=task.id), metadata=meta, timeout=60
+        ).tasks[0]
+
+
+def _version_line(task: pb.LearningTask, v: pb.GlobalVersion) -> str:
+    if not v.version:
+        return f"global v0 (release v{task.spec.base_version}): accuracy {v.accuracy:.4f}"
+    verdict = "accepted" if v.accepted else "kept out by the gate"
+    return f"global v{v.version}: accuracy {v.accuracy:.4f}, {verdict}, {v.updates} updates" + (
+        f", released as v{v.released_version}" if v.released_version else ""
+    )
+
+
+def _show_tasks(tasks: Sequence[pb.LearningTask]) -> None:
+    """`learn status`'s text: each task's line, its global versions, its uplink."""
+    for task in tasks:
         print(_task_line(task))
         rows = [
             [
@@ -186,7 +266,6 @@ def learn(args: argparse.Namespace) -> int:
         if task.fp32_bytes_up:
             share = task.bytes_up / task.fp32_bytes_up
             print(f"uplink: {task.bytes_up:,} B, {share:.0%} of the same updates in fp32")
-    return EXIT_OK
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -241,6 +320,13 @@ def _add_learn(commands: Commands) -> None:
         if flag == "server-lr":
             default = per_optimizer
         start.add_argument(f"--{flag}", type=kind, help=f"{text} ({default})")
+    start.add_argument(
+        "--wait",
+        action="store_true",
+        help="then watch the task until it stops (learn stop, or its privacy budget spent) and "
+        "print it as `learn status` does (with --json: that task's JSON alone); on a terminal, "
+        "each global version's accuracy as it comes. Ctrl-C stops the watching, not the task",
+    )
     for name in ("status", "stop"):
         step = steps.add_parser(name, help=f"{name} learning tasks")
         _remote(step)

@@ -77,12 +77,14 @@ def train(
     loss: Any = None,
     masks: Mapping[str, np.ndarray] | None = None,
     before_batch: Callable[[], float] | None = None,
+    after_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Train `model`'s initializers on the examples; returns trained - original per trainable
     tensor. `loss(logits, labels, rows)` replaces cross-entropy (distillation); `masks` (name ->
     0/1 array) keep those weights' zeros at zero (fine-tuning a pruned model); `before_batch`
     runs before each mini-batch (the worker yields to serving there) and returns the seconds it
-    waited, which the time budget does not count."""
+    waited, which the time budget does not count; `after_epoch(epochs done, loss)` is told each
+    epoch's mean loss over its batches as it ends (a command's progress)."""
     import torch
 
     torch.manual_seed(spec.seed)
@@ -118,18 +120,24 @@ def train(
     generator = torch.Generator().manual_seed(spec.seed)
     for _ in range(spec.epochs):
         order = torch.randperm(rows, generator=generator)
+        summed = 0.0  # the epoch's loss, row-weighted; read back only for after_epoch
         for start in range(0, rows, spec.batch_size):
             if before_batch is not None:
                 waited += before_batch()
             index = order[start : start + spec.batch_size]
             optimizer.zero_grad()
-            objective.to_minimise({k: v[index] for k, v in tensors.items()}, index).backward()
+            value = objective.to_minimise({k: v[index] for k, v in tensors.items()}, index)
+            value.backward()
             optimizer.step()
+            if after_epoch is not None:
+                summed += float(value.detach()) * len(index)
             if mask_tensors:
                 with torch.no_grad():
                     for name, mask in mask_tensors.items():
                         module.parameters_by_name[name].mul_(mask)
         epochs += 1
+        if after_epoch is not None:
+            after_epoch(epochs, summed / rows)
         if time.monotonic() - started - waited > spec.seconds:
             break
     deltas = {
