@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from benchmarks import models  # noqa: E402
+from benchmarks import charts, models  # noqa: E402
+from benchmarks.progress import step  # noqa: E402
 from benchmarks.run import free_port, wait_port  # noqa: E402
 from benchmarks.sync import publish, with_last_layer  # noqa: E402
 from edge_agent._proto import fleet_pb2 as pb  # noqa: E402
@@ -66,6 +67,7 @@ from edge_agent.scheduling.stats import LATENCY_BUCKETS_MS  # noqa: E402
 EA = [sys.executable, "-m", "edge_agent"]
 PER_CHANNEL = 100
 SPREAD_S = 10.0  # devices start spread over this long
+STEPS = 5  # the numbered steps of the module docstring that measure (6 only reads sizes)
 # Each channel its own TCP connection (gRPC would share one between channels to one address).
 DETAILS: list[str] = []  # the first errors the devices saw, for the report
 T0 = time.monotonic()
@@ -244,6 +246,12 @@ async def wait_all(
     return None
 
 
+def arrivals(devices: list[Device], key: tuple[str, int], start: float) -> list[list[float]]:
+    """[seconds since `start`, share of devices serving `key` by then], for the chart."""
+    seconds = [d.reached[key] - start for d in devices if key in d.reached]
+    return charts.sample_curve(seconds, len(devices))
+
+
 async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp_args: list[str],
                    replicas: int) -> dict[str, Any]:  # fmt: skip
     procs = []
@@ -262,6 +270,7 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
     result: dict[str, Any] = {"devices": args.devices, "replicas": replicas}
     try:
         # 1. enroll, and v1 of the wide MLP, which the devices start with.
+        step(1, STEPS, f"enrolling {args.devices:,} devices, publishing the 80 MB model")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.FleetServiceStub(channel)
             tokens: dict[str, str] = {}
@@ -307,6 +316,7 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
         await asyncio.sleep(2.0)
 
         # 2. at rest.
+        step(2, STEPS, f"{args.devices:,} devices connected; {args.rest_seconds:g} s at rest")
         probe = Device("probe", tokens["probe"], have, {"wide": 1})
         cpu0 = [cpu_seconds(p.pid) for p, _ in procs]
         t0 = time.monotonic()
@@ -337,6 +347,7 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
         result["rest"]["rss_mib_per_1000_devices"] = round(total_rss / args.devices * 1000, 1)
 
         # 3. one-layer update of the wide MLP.
+        step(3, STEPS, "one-layer update to every device")
         v2 = with_last_layer(wide, work / "wide2.onnx", 2)
         before = sum(d.bytes for d in devices)
         # Off the loop: the devices keep running while the release uploads and registers.
@@ -348,8 +359,10 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
             "seconds_to_all": None if update is None else round(update, 2),
             "reached": sum(("wide", 2) in d.reached for d in devices),
             "mib_moved": round((sum(d.bytes for d in devices) - before) / 2**20, 1),
+            "curve": arrivals(devices, ("wide", 2), begun),
         }
         # 4. full install of a small model.
+        step(4, STEPS, "full install of a small model to every device")
         digits = ROOT / "models" / "digits" / "1" / "model.onnx"
         before = sum(d.bytes for d in devices)
         begun = time.monotonic()
@@ -361,8 +374,10 @@ async def simulate(args: argparse.Namespace, work: Path, env: dict[str, str], cp
             "seconds_to_all": None if full is None else round(full, 2),
             "reached": sum(("digits", 1) in d.reached for d in devices),
             "mib_moved": round((sum(d.bytes for d in devices) - before) / 2**20, 1),
+            "curve": arrivals(devices, ("digits", 1), begun),
         }
         # 5. a bad canary, judged on the devices' health and rolled back.
+        step(5, STEPS, "a bad canary, until it is rolled back")
         result["bad_canary"] = await bad_canary(wide, work, key, port, publisher, devices, procs)
         stop.set()
         for task in tasks:
@@ -446,7 +461,19 @@ def main() -> None:
     parser.add_argument("--rest-seconds", type=float, default=20.0)
     parser.add_argument("--limit", type=float, default=300.0, help="give up a rollout after")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--chart", type=Path, default=charts.IMAGES / "fleet_convergence.png",
+        help="where the convergence chart goes (of this run and those of --plot-only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plot-only", type=Path, nargs="+", metavar="RESULTS.json",
+        help="draw the chart from saved runs (--out files) without measuring",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.plot_only:
+        runs = [json.loads(path.read_text()) for path in args.plot_only]
+        print(charts.fleet_convergence(runs, args.chart))
+        return
     if args.replicas > 1 and args.backend != "scale":
         parser.error("several replicas need --backend scale (PostgreSQL + S3)")
     import resource
@@ -472,6 +499,8 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.chart.parent.mkdir(parents=True, exist_ok=True)
+    print(charts.fleet_convergence([result], args.chart), file=sys.stderr)
 
 
 if __name__ == "__main__":

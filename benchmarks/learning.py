@@ -33,7 +33,8 @@
    idle (the worker's channel counters confirm it trains), and how long one training run of
    fixed work takes with no client and with a client busy half the time.
 4. Pruning 50% + fine-tuning, and distillation to a 4x smaller student.
-Writes benchmarks/learning_results.json, learning_accuracy.png and learning_dp.png.
+Writes benchmarks/learning_results.json, and docs/images/learning_accuracy.png and
+learning_dp.png (the charts of docs/performance.md).
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ BUFFER = 4  # FedBuff's K
 TARGET_SHARE = 0.95  # "seconds to target": to 0.95 x central's accuracy
 DP_EPSILON, DP_DELTA = 8.0, 1e-5
 RESULTS = ROOT / "benchmarks" / "learning_results.json"
-PLOT = ROOT / "benchmarks" / "learning_accuracy.png"
-DP_PLOT = ROOT / "benchmarks" / "learning_dp.png"
+PLOT = ROOT / "docs" / "images" / "learning_accuracy.png"
+DP_PLOT = ROOT / "docs" / "images" / "learning_dp.png"
 
 Curve = list[tuple[float, float]]  # (simulated seconds, held-out accuracy) after each step
 

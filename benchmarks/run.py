@@ -11,11 +11,16 @@ requests and concurrency 1, 4, 16, 64, with Triton's perf_analyzer as the client
   daemon-nobatch edge-agent, dynamic batching off (one request per execution, same limiter)
   naive         sync grpcio + thread pool, one session.run per request
                 (benchmarks/baseline_servers.py)
+  pytriton      PyTriton 0.7 (Triton's server and its Python backend) running the same ONNX
+                Runtime session in a bound function with dynamic batching up to 64, no queue
+                delay (benchmarks/pytriton_server.py); only with --pytriton-python
   nowork        the same protocol answering a canned response: the RPC limit R (sync and aio;
                 the better is R)
   in-process    ONNX Runtime in this process at each batch size: the compute limit C
 
-L = 1 / (1/R + 1/C) is the combined limit. Then an overload run: offered load far above capacity
+L = 1 / (1/R + 1/C) is the combined limit. Progress goes to stderr, the report to stdout, the
+numbers to --out and two charts (throughput, latency percentiles) to --charts; --plot-only
+redraws the charts from a saved --out file. Then an overload run: offered load far above capacity
 against max_queue_size 8 (benchmarks/loadgen.py), with the daemon's memory before and after.
 Everything runs on this machine's cores, clients included: ratios are the point, not absolutes.
 """
@@ -39,13 +44,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import models  # noqa: E402
+from benchmarks import charts, models  # noqa: E402
+from benchmarks.progress import step  # noqa: E402
 
 PERF_ANALYZER = ROOT / "scripts" / "perf_analyzer"
 PYTHON = sys.executable
@@ -146,6 +153,26 @@ def baseline(mode: str, model: Path) -> Server:
     )
 
 
+def pytriton(python: str, model: Path) -> Server:
+    port = free_port()
+    server = Server([python, str(ROOT / "benchmarks" / "pytriton_server.py"), str(model),
+                     str(port)], port)  # fmt: skip
+    # Triton opens its port before the bound model is loaded: wait until it is ready.
+    from edge_agent._proto import grpc_service_pb2 as pb
+    from edge_agent._proto import grpc_service_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + 120
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(grpc.RpcError):
+                if stub.ModelReady(pb.ModelReadyRequest(name="model"), timeout=5).ready:
+                    return server
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError("PyTriton did not load the model")
+
+
 def perf_analyzer(
     port: int,
     concurrency: int,
@@ -240,10 +267,10 @@ def repository(work: Path, name: str, model: Path, batching: str) -> Path:
     return repo
 
 
-SYSTEMS = ("daemon", "daemon-sync", "daemon-nobatch", "naive", "nowork", "nowork-aio")
+SYSTEMS = ("daemon", "daemon-sync", "daemon-nobatch", "pytriton", "naive", "nowork", "nowork-aio")
 
 
-def start(system: str, work: Path, name: str, model: Path) -> Server:
+def start(system: str, work: Path, name: str, model: Path, pytriton_python: str = "") -> Server:
     """One of SYSTEMS (the module docstring), serving `model` (named `name`) as "model"."""
     if system == "daemon":
         return daemon(repository(work, name, model, BATCHING % 1024))
@@ -253,6 +280,8 @@ def start(system: str, work: Path, name: str, model: Path) -> Server:
         return daemon(repository(work, name, model, ""))
     if system in ("naive", "nowork", "nowork-aio"):
         return baseline(system, model)
+    if system == "pytriton":
+        return pytriton(pytriton_python, model)
     raise ValueError(f"unknown system {system!r} (one of {', '.join(SYSTEMS)})")
 
 
@@ -278,13 +307,38 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--systems", default="", help="only these (comma-separated)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument(
+        "--pytriton-python", default=os.environ.get("PYTRITON_PYTHON", ""),
+        help="a Python with nvidia-pytriton and onnxruntime (benchmarks/pytriton_server.py); "
+        "PyTriton is left out without it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--charts", type=Path, default=charts.IMAGES, help="where the two PNG charts go"
+    )
+    parser.add_argument(
+        "--plot-only", type=Path, metavar="RESULTS.json",
+        help="redraw the charts (and print the report) from a saved --out file",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.plot_only:
+        saved = json.loads(args.plot_only.read_text())
+        print(report(saved))
+        print(*charts.serving(saved, args.charts), sep="\n", file=sys.stderr)
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
+    chosen = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]
+    if "pytriton" in chosen and not args.pytriton_python:
+        print("PyTriton left out: no --pytriton-python (or PYTRITON_PYTHON)", file=sys.stderr)
+        chosen.remove("pytriton")
+    names = [n for n in ("digits", "wide_mlp", "small_cnn") if n in args.models.split(",")]
+    total, done = len(names) * len(chosen) * len(levels), 0
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}"
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores"
+        + (f", {platform.processor()}" if platform.processor() else "")
         + idle_policy(),
         "onnxruntime": ort.__version__,
+        "pytriton": pytriton_version(args.pytriton_python) if "pytriton" in chosen else None,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,24 +346,33 @@ def main() -> None:
         for name, (model, shape) in build(work).items():
             if name not in args.models.split(","):
                 continue
-            print(f"== {name}", file=sys.stderr, flush=True)
+            step(done, total, name, "in-process ONNX Runtime")
             entry: dict[str, Any] = {"in_process": in_process(model, shape, args.quick)}
-            for system in SYSTEMS:
-                if args.systems and system not in args.systems.split(","):
-                    continue
-                server = start(system, work, name, model)
+            for system in chosen:
+                server = start(system, work, name, model, args.pytriton_python)
                 try:
                     entry[system] = {}
                     for c in levels:
-                        print(f"   {system} c={c}", file=sys.stderr, flush=True)
+                        done += 1
+                        step(done, total, name, system, f"c={c}")
                         entry[system][str(c)] = perf_analyzer(server.port, c, args.quick)
                 finally:
                     server.stop()
             results["models"][name] = entry
         if not args.systems:
+            print("overload: digits, max_queue_size 8", file=sys.stderr, flush=True)
             results["overload"] = overload(work, args.quick)
     args.out.write_text(json.dumps(results, indent=2))
     print(report(results))
+    print(*charts.serving(results, args.charts), sep="\n", file=sys.stderr)
+
+
+def pytriton_version(python: str) -> str:
+    out = subprocess.run(
+        [python, "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return out.stdout.strip()
 
 
 def overload(work: Path, quick: bool) -> dict[str, Any]:
@@ -348,10 +411,10 @@ def report(results: dict[str, Any]) -> str:
             f"{c_limit:,.0f}/s at batch {ip['best']['batch']}; batch 1 p50 "
             f"{ip['batch1_p50_ms']:.3f} ms, p99 {ip['batch1_p99_ms']:.3f} ms.",
             "",
-            "| concurrency | daemon (aio) | daemon (sync) | daemon, batching off | naive | "
-            "no-work sync | no-work aio | L | aio / naive | sync / naive | sync / no-work | "
-            "sync / L |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| concurrency | daemon (aio) | daemon (sync) | daemon, batching off | PyTriton | "
+            "naive | no-work sync | no-work aio | L | aio / naive | sync / naive | "
+            "aio / PyTriton | sync / no-work | sync / L |",
+            "|" + " --- |" * 15,
         ]
 
         def cell(x: dict[str, float] | None) -> str:
@@ -372,15 +435,16 @@ def report(results: dict[str, Any]) -> str:
             sync = entry.get("daemon-sync", {}).get(c)
             nb = entry.get("daemon-nobatch", {}).get(c)
             nv = entry.get("naive", {}).get(c)
+            pt = entry.get("pytriton", {}).get(c)
             rs, ra = entry.get("nowork", {}).get(c), entry.get("nowork-aio", {}).get(c)
-            # Without the no-work servers (--systems left them out) there is no R, hence no L.
             r = max(x["throughput"] for x in (rs, ra) if x) if rs or ra else None
-            limit = 1 / (1 / r + 1 / c_limit) if r else None
+            # Without the no-work servers (--systems left them out) there is no R, hence no L.
+            limit = charts.combined_limit(entry, c)
             limit_cell = f"{limit:,.0f}/s" if limit else "—"
             lines.append(
-                f"| {c} | {cell(d)} | {cell(sync)} | {cell(nb)} | {cell(nv)} | {cell(rs)} | "
-                f"{cell(ra)} | {limit_cell} | {ratio(d, nv)} | "
-                f"{ratio(sync, nv)} | {ratio(sync, r)} | {ratio(sync, limit)} |"
+                f"| {c} | {cell(d)} | {cell(sync)} | {cell(nb)} | {cell(pt)} | {cell(nv)} | "
+                f"{cell(rs)} | {cell(ra)} | {limit_cell} | {ratio(d, nv)} | {ratio(sync, nv)} | "
+                f"{ratio(d, pt)} | {ratio(sync, r)} | {ratio(sync, limit)} |"
             )
         lines.append("")
     o = results.get("overload")

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import models  # noqa: E402
+from benchmarks.progress import step  # noqa: E402
 from benchmarks.run import free_port, wait_port  # noqa: E402
 from edge_agent._proto import grpc_service_pb2 as pb  # noqa: E402
 
@@ -203,10 +204,12 @@ def main() -> None:
             "digits": (ROOT / "models" / "digits" / "1" / "model.onnx", 64),
             "wide_mlp": (models.wide_mlp(work / "wide_mlp.onnx"), 784),
         }
-        for name, (model, width) in cases.items():
-            if args.model and name != args.model:
-                continue
-            for policy in args.policy or ["overlap", "drain_first"]:
+        chosen = [n for n in cases if not args.model or n == args.model]
+        policies = args.policy or ["overlap", "drain_first"]
+        for index, name in enumerate(chosen):
+            model, width = cases[name]
+            for offset, policy in enumerate(policies, 1):
+                step(index * len(policies) + offset, len(chosen) * len(policies), name, policy)
                 result = run_case(work, name, model, width, policy, args.quick, args.provider)
                 results["cases"][f"{name}/{policy}"] = result
                 print(f"{name}/{policy}: {json.dumps(result)}", flush=True)
