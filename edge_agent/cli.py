@@ -31,8 +31,9 @@ EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad con
 
 
 # `serve`'s flags, in the order --help lists them: (flag, help, argparse options). Each sets the
-# setting of the same name (`_serve`), so none has a default of its own: an unset flag leaves
-# the file's, the environment's or the built-in value.
+# setting its argparse dest names (`_serve`; the flag's own name but for --trusted-key), so none
+# has a default of its own: an unset flag leaves the file's, the environment's or the built-in
+# value.
 _VALUE: Mapping[str, Any] = {}
 _SWITCH: Mapping[str, Any] = {"action": "store_const", "const": True, "default": None}
 SERVE_FLAGS: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
@@ -102,7 +103,7 @@ SERVE_FLAGS: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
     (
         "--trusted-key",
         "public key (PEM) whose release signatures are accepted; repeatable",
-        {"action": "append", "metavar": "PUBFILE"},
+        {"action": "append", "metavar": "PUBFILE", "dest": "trusted_keys"},
     ),
     ("--sync-interval", f"long-poll wait in seconds (default {Settings.sync_interval:g})", _VALUE),
     ("--sync-bandwidth-limit", "download bytes per second (0: no limit)", _VALUE),
@@ -313,7 +314,12 @@ def _add_models(commands: Commands) -> None:
     models = commands.add_parser(
         "models", help="list, load, unload or roll back models of a running agent"
     )
-    models.add_argument("action", choices=["list", "load", "unload", "rollback"])
+    models.add_argument(
+        "action",
+        choices=["list", "load", "unload", "rollback"],
+        help="list: every model with its version and state; load, unload: --model; rollback: "
+        "--model serves its newest older version on disk, and the one that served is withdrawn",
+    )
     models.add_argument(
         "--url", default="127.0.0.1:8003", help="HOST:PORT of the agent's control listener"
     )
@@ -385,7 +391,7 @@ def _serve(args: argparse.Namespace) -> int:
         "control_token_file": args.control_token_file,
         "device_id": args.device_id,
         "device_token_file": args.device_token_file,
-        "trusted_keys": args.trusted_key,
+        "trusted_keys": args.trusted_keys,
         "sync_interval": args.sync_interval,
         "sync_bandwidth_limit": args.sync_bandwidth_limit,
         "learn": args.learn,

@@ -73,6 +73,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"  # auto: console on a TTY, JSON otherwise (journald)
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # On SIGTERM / SIGINT: the one time budget of the whole drain (listeners refuse new calls,
+    # calls and model runs in progress get what is left, then are abandoned); 0 = stop at once.
+    # Keep it below systemd's TimeoutStopSec (30 s in systemd/edge-agent.service).
     shutdown_grace_seconds: float = 10.0
     # RPCs in progress at once, all models together; past it gRPC answers RESOURCE_EXHAUSTED
     # before any of our code runs. Under overload the backlog otherwise waits inside gRPC, ahead
@@ -169,11 +172,26 @@ class Settings:
     # concurrency on a small device, slower at concurrency 1 (measured:
     # docs/performance-history.md).
     ort_spinning: bool = True
+    # ONNX Runtime's inter_op_num_threads (0 = its default): the pool that runs independent
+    # nodes at once, used only in its parallel execution mode; sessions here run sequentially
+    # (its default mode), so this changes nothing today. Parameter inter_op_thread_count.
     inter_op_threads: int = 0
+    # ONNX Runtime's graph_optimization_level: disable, basic, extended or all (ORT_DISABLE_ALL
+    # .. ORT_ENABLE_ALL). A model's optimization.graph.level (< 0 basic, > 0 extended) or its
+    # parameter graph_optimization_level overrides it.
     graph_optimization_level: str = "all"
+    # The CUDA provider's device_id: the GPU (CUDA ordinal, after CUDA_VISIBLE_DEVICES) that
+    # sessions and their bound buffers use; a model's instance_group gpus (the first) overrides.
     cuda_device_id: int = 0
     cuda_gpu_mem_limit: int = 0  # bytes, 0 = no limit
+    # The CUDA provider's cudnn_conv_algo_search: how cuDNN picks a convolution algorithm for
+    # each new input shape. EXHAUSTIVE (ONNX Runtime's default) benchmarks them all, seconds per
+    # shape; HEURISTIC asks cuDNN's heuristics; DEFAULT always takes IMPLICIT_PRECOMP_GEMM.
+    # Parameter cudnn_conv_algo_search (also Triton's 0, 1, 2).
     cudnn_conv_algo_search: str = "HEURISTIC"
+    # The CUDA provider's arena_extend_strategy: how its memory arena grows. kNextPowerOfTwo
+    # (ONNX Runtime's default) in power-of-two steps, fewer allocations but more memory held;
+    # kSameAsRequested by what is asked. Parameter arena_extend_strategy.
     cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
     # ONNX Runtime's CUDA default: matmuls and convolutions in TF32 on Ampere and later (faster,
     # ~1e-3 relative error; measured up to 6e-4 absolute on the digits probabilities, H100).

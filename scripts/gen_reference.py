@@ -4,8 +4,8 @@
 
 - settings.md: every setting of `edge-agent serve` (edge_agent/settings.py Settings): name, type,
   default, the flag that sets it, its environment variable, and the comment the code gives it;
-- cli.md: every command and flag of `edge-agent` (the argument parsers of edge_agent/cli.py),
-  and the exit codes;
+- cli.md: every command and flag of `edge-agent` (the argument parsers of edge_agent/cli.py):
+  its default, its choices and its help as --help prints it, and the exit codes;
 - metrics.md: every Prometheus metric of the agent's and the control plane's /metrics (name,
   type, labels, help), read from what their real collectors yield over real statistics (a
   stand-in only for a loaded model version, which the collectors read a few fields of).
@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import tokenize
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -131,18 +131,18 @@ def settings_page() -> str:
     fields = dataclasses.fields(settings.Settings)
     names = {f.name for f in fields}
     comments = field_comments(Path(settings.__file__).read_text(), names)
-    flags = {flag: text for flag, text, _ in cli.SERVE_FLAGS}
+    flags = serve_flags()
     rows = ["| setting | type | default | flag | environment | what it is |", "| --- " * 6 + "|"]
     for f in fields:
-        flag = "--" + f.name.replace("_", "-")
+        flag, flag_help = flags.get(f.name, ("", ""))
         comment = comments.get(f.name)
         if comment is not None and not comment.shared:
             description = comment.text
         else:
-            description = flags.get(flag) or (comment.text if comment else "")
+            description = flag_help or (comment.text if comment else "")
         rows.append(
             f"| `{f.name}` | {cell(_type(f))} | `{cell(_default(f))}` | "
-            + (f"`{flag}`" if flag in flags else "—")
+            + (f"`{flag}`" if flag else "—")
             + f" | `{settings.ENV_PREFIX}{f.name.upper()}` | {cell(description)} |"
         )
     return (
@@ -153,29 +153,76 @@ def settings_page() -> str:
     )
 
 
-def _actions(parser: argparse.ArgumentParser) -> list[str]:
-    rows = []
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
-            continue
-        names = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
-        default = action.default
-        shown = "" if default in (None, False, [], "", argparse.SUPPRESS) else f"`{default}`"
-        rows.append(f"| {names} | {shown or '—'} | {cell(str(action.help or ''))} |")
-    return rows
-
-
-def _commands(parser: argparse.ArgumentParser, prefix: str, out: list[str]) -> None:
-    rows = _actions(parser)
-    out.append(f"## `{prefix}`\n")
-    if parser.description:
-        out.append(" ".join(parser.description.split()) + "\n")
-    if rows:
-        out += ["| flag | default | what it does |", "| --- | --- | --- |", *rows, ""]
+def parsers(
+    parser: argparse.ArgumentParser | None = None, prefix: str = "edge-agent"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command of `edge-agent` ("edge-agent fleet target") with its parser, each before
+    its subcommands, in the order --help lists them."""
+    parser = cli._parser() if parser is None else parser
+    yield prefix, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                _commands(sub, f"{prefix} {name}", out)
+                yield from parsers(sub, f"{prefix} {name}")
+
+
+def arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The flags and positionals of one command: neither --help nor its group of subcommands
+    (each of those is a command of its own)."""
+    return [
+        action
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction)
+    ]
+
+
+def help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    """An argument's help as --help prints it: argparse's %-formatting applied, so `%%` reads
+    `%` and `%(default)s` its default."""
+    if not action.help or action.help == argparse.SUPPRESS:
+        return ""
+    return " ".join(parser._get_formatter()._expand_help(action).split())
+
+
+def serve_flags() -> dict[str, tuple[str, str]]:
+    """The flag of each setting that has one, and its help, by setting name. A serve flag sets
+    the setting its argparse `dest` names (`--trusted-key` appends to `trusted_keys`)."""
+    parser = dict(parsers())["edge-agent serve"]
+    names = {f.name for f in dataclasses.fields(settings.Settings)}
+    flags = {}
+    for action in arguments(parser):
+        if action.dest == "config":  # the settings file, not a setting
+            continue
+        if action.dest not in names:
+            raise SystemExit(
+                f"serve {action.option_strings[0]}: its dest {action.dest!r} is no setting's name"
+            )
+        flags[action.dest] = (action.option_strings[0], help_text(parser, action))
+    return flags
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[str]:
+    rows = []
+    for action in arguments(parser):
+        names = ", ".join(f"`{o}`" for o in action.option_strings) or f"`{action.dest}`"
+        default = action.default
+        shown = "" if default in (None, False, [], "", argparse.SUPPRESS) else f"`{default}`"
+        text = help_text(parser, action)
+        if action.choices is not None:
+            choices = "one of " + ", ".join(f"`{choice}`" for choice in action.choices)
+            text = f"{text}; {choices}" if text else choices
+        rows.append(f"| {names} | {shown or '—'} | {cell(text)} |")
+    return rows
+
+
+def _commands(out: list[str]) -> None:
+    for command, parser in parsers():
+        rows = _actions(parser)
+        out.append(f"## `{command}`\n")
+        if parser.description:
+            out.append(" ".join(parser.description.split()) + "\n")
+        if rows:
+            out += ["| flag | default | what it does |", "| --- | --- | --- |", *rows, ""]
 
 
 def cli_page() -> str:
@@ -185,7 +232,7 @@ def cli_page() -> str:
         "(sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash); "
         "anything else is a crash.\n",
     ]
-    _commands(cli._parser(), "edge-agent", out)
+    _commands(out)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -283,9 +330,9 @@ def _flag(name: str) -> str:
     """The serve flag of setting `name` (or its environment variable when it has none)."""
     names = {f.name for f in dataclasses.fields(settings.Settings)}
     assert name in names, f"no setting {name}"
-    flag = "--" + name.replace("_", "-")
-    if flag in {f for f, _, _ in cli.SERVE_FLAGS}:
-        return f"`{flag}`"
+    flags = serve_flags()
+    if name in flags:
+        return f"`{flags[name][0]}`"
     return f"`{settings.ENV_PREFIX}{name.upper()}`"
 
 
@@ -325,16 +372,9 @@ def agent_metrics(run: int, stateful: bool = True) -> dict[str, Family]:
     )
 
 
-def _control_plane_parser() -> argparse.ArgumentParser:
-    parser = cli._parser()
-    for command in ("control-plane", "serve"):
-        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = action.choices[command]
-    return parser
-
-
 def _control_plane_flag(dest: str) -> str:
-    action = next(a for a in _control_plane_parser()._actions if a.dest == dest)
+    parser = dict(parsers())["edge-agent control-plane serve"]
+    action = next(a for a in parser._actions if a.dest == dest)
     return action.option_strings[0]
 
 

@@ -26,14 +26,32 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     opt = commands.add_parser("optimize", help="compress a model (int8, fp16, prune) and report")
-    opt.add_argument("model_file", type=Path, metavar="MODEL.onnx")
-    opt.add_argument("--mode", required=True, choices=modes.MODES)
-    opt.add_argument("--out", required=True, type=Path, metavar="OUT.onnx")
+    opt.add_argument("model_file", type=Path, metavar="MODEL.onnx", help="the model to compress")
+    opt.add_argument(
+        "--mode",
+        required=True,
+        choices=modes.MODES,
+        help="int8-dynamic: int8 weights, activations quantized as it runs; int8-static: int8 "
+        "weights and activations (QDQ, ranges from --calibration); fp16: float16 weights and "
+        "compute; prune: zero the smallest --sparsity share of each weight matrix",
+    )
+    opt.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="OUT.onnx",
+        help="the compressed model (not written when --max-accuracy-drop refuses it)",
+    )
     opt.add_argument("--calibration", type=Path, metavar="NPZ", help="int8-static: inputs")
     opt.add_argument(
         "--validation", type=Path, metavar="NPZ", help="inputs (+ `labels`) to measure accuracy"
     )
-    opt.add_argument("--report", type=Path, metavar="REPORT.json")
+    opt.add_argument(
+        "--report",
+        type=Path,
+        metavar="REPORT.json",
+        help="also write the report (sizes, accuracy, latency) here as JSON, OUT refused or not",
+    )
     opt.add_argument("--sparsity", type=float, default=0.5, help="prune: share of weights zeroed")
     opt.add_argument(
         "--max-accuracy-drop",
@@ -71,18 +89,37 @@ def add_distill_arguments(commands: argparse._SubParsersAction) -> None:  # type
         "teacher's softened outputs (temperature T) and, where DATA has labels, the labels "
         "(weight 1 - alpha). The report compares the student with the teacher.",
     )
-    dist.add_argument("--teacher", required=True, type=Path, metavar="T.onnx")
-    dist.add_argument("--student", required=True, type=Path, metavar="S.onnx")
+    dist.add_argument(
+        "--teacher", required=True, type=Path, metavar="T.onnx", help="the model to learn from"
+    )
+    dist.add_argument(
+        "--student",
+        required=True,
+        type=Path,
+        metavar="S.onnx",
+        help="the smaller model to train, from its weights in this file",
+    )
     dist.add_argument("--data", required=True, type=Path, metavar="X.npz", help="training inputs")
-    dist.add_argument("--out", required=True, type=Path, metavar="OUT.onnx")
+    dist.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="OUT.onnx",
+        help="the trained student (not written when --max-accuracy-drop refuses it)",
+    )
     dist.add_argument("--temperature", type=float, default=4.0, help="T (4)")
     dist.add_argument("--alpha", type=float, default=0.7, help="weight of the soft loss (0.7)")
-    dist.add_argument("--epochs", type=int, default=30, help="(30)")
+    dist.add_argument("--epochs", type=int, default=30, help="training epochs (30)")
     dist.add_argument("--lr", type=float, default=0.003, help="Adam learning rate (0.003)")
     dist.add_argument(
         "--validation", type=Path, metavar="NPZ", help="inputs + labels to measure (default DATA)"
     )
-    dist.add_argument("--report", type=Path, metavar="REPORT.json")
+    dist.add_argument(
+        "--report",
+        type=Path,
+        metavar="REPORT.json",
+        help="also write the report (student against teacher) here as JSON, OUT refused or not",
+    )
     dist.add_argument(
         "--max-accuracy-drop",
         type=float,

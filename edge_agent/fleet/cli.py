@@ -515,7 +515,7 @@ def _add_publish(commands: Commands) -> None:
         "by flag, or found beside MODEL.onnx when it sits in a repository layout "
         "(<repo>/<model>/<version>/model.onnx).",
     )
-    pub.add_argument("model_file", type=Path, metavar="MODEL.onnx")
+    pub.add_argument("model_file", type=Path, metavar="MODEL.onnx", help="the model to release")
     pub.add_argument("--model", required=True, help="the model's name on the devices")
     pub.add_argument("--version", required=True, type=int, help="the version number (>= 1)")
     pub.add_argument("--signing-key", required=True, type=Path, help="P-256 private key (PEM)")
