@@ -306,7 +306,7 @@ def main() -> None:
     parser.add_argument("--models", default="digits,wide_mlp,small_cnn")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--systems", default="", help="only these (comma-separated)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving_results.json")
     parser.add_argument(
         "--pytriton-python", default=os.environ.get("PYTRITON_PYTHON", ""),
         help="a Python with nvidia-pytriton and onnxruntime (benchmarks/pytriton_server.py); "
