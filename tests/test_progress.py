@@ -5,6 +5,7 @@ progress existed. No timing is asserted: a busy machine only makes the commands 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import json
@@ -183,6 +184,31 @@ def test_on_a_terminal_it_draws_and_keeps_its_lines() -> None:
     assert "epoch 1/2  loss 0.7500" in text and "epoch 2/2  loss 0.5000" in text
     assert re.search(r"uploading mlp v1: 3\.0 MB in [\d.]+ s", text)
     assert "global v1: accuracy 0.9000" in text
+
+
+def test_a_failed_step_is_not_shown_as_done_and_a_late_callback_is_dropped() -> None:
+    master, child_end = os.openpty()
+    raw = bytearray()
+    late: list[Callable[[int], None]] = []
+    with open(child_end, "w") as terminal:
+        with pytest.raises(RuntimeError, match="register"), progress(stream=terminal) as shown:
+            with contextlib.suppress(ConnectionError), shown.transfer("uploading", 10) as sent:
+                late.append(sent)
+                sent(4)
+                raise ConnectionError("the upload failed")
+            # gRPC's request thread may still resume the stream once the transfer is over.
+            late[0](6)
+            shown.phase("registering the release")
+            raise RuntimeError("register failed")
+        terminal.flush()
+        while select.select([master], [], [], 0.5)[0]:
+            raw += os.read(master, 65536)
+    os.close(master)
+    text = screen(bytes(raw))
+    assert re.search(r"registering the release: failed after [\d.]+ s", text)
+    assert "registering the release: done" not in text
+    # A failed transfer leaves no total line behind (its error says what happened).
+    assert "uploading:" not in text
 
 
 def test_the_upload_stream_counts_every_byte_it_sends(tmp_path: Path) -> None:

@@ -79,12 +79,18 @@ def progress(enabled: bool = True, stream: TextIO | None = None) -> Iterator[Pro
     if not enabled or not is_terminal(stream):
         yield NULL
         return
-    shown = _Terminal(_bars(stream))
+    shown = _Terminal(_bars(stream, redirect_stderr=stream is sys.stderr))
     with shown.bars:
         try:
             yield shown
-        finally:
-            shown.finish_phase()
+        except KeyboardInterrupt:
+            shown.finish_phase("interrupted after")
+            raise
+        except BaseException:
+            # The command's own error message follows the block: the phase did not finish.
+            shown.finish_phase("failed after")
+            raise
+        shown.finish_phase()
 
 
 class _Terminal(Progress):
@@ -102,8 +108,11 @@ class _Terminal(Progress):
         started = time.monotonic()
 
         def advance(nbytes: int) -> None:
-            # Called on gRPC's thread that reads the request stream: rich's Progress locks.
-            self.bars.advance(task, nbytes)
+            # Called on gRPC's thread that reads the request stream (rich's Progress locks),
+            # which may still resume once a failed upload has ended the transfer: the display
+            # must never fail the upload, so a call for a task that is gone is dropped.
+            with contextlib.suppress(KeyError, IndexError):
+                self.bars.advance(task, nbytes)
 
         try:
             yield advance
@@ -121,13 +130,13 @@ class _Terminal(Progress):
         self.finish_phase()
         self._phase = (self.bars.add_task(name, total=None, kind="phase"), name, time.monotonic())
 
-    def finish_phase(self) -> None:
+    def finish_phase(self, outcome: str = "done in") -> None:
         if self._phase is None:
             return
         task, name, started = self._phase
         self._phase = None
         self.bars.remove_task(task)
-        self.line(f"{name}: done in {time.monotonic() - started:.1f} s")
+        self.line(f"{name}: {outcome} {time.monotonic() - started:.1f} s")
 
     def epoch(self, done: int, total: int, loss: float) -> None:
         if self._phase is None:
@@ -150,9 +159,11 @@ class _Terminal(Progress):
         self.bars.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _bars(stream: TextIO) -> rich.progress.Progress:
+def _bars(stream: TextIO, redirect_stderr: bool) -> rich.progress.Progress:
     """rich's live display on `stream`: a spinner, the description, a bar where there is a
-    total, and what each kind of task counts (bytes and their rate, epochs, time)."""
+    total, and what each kind of task counts (bytes and their rate, epochs, time).
+    `redirect_stderr`: other writes to stderr (a library's warning) print above the display
+    instead of into it."""
     import rich.progress
     from rich.console import Console
     from rich.progress import (
@@ -203,5 +214,5 @@ def _bars(stream: TextIO) -> rich.progress.Progress:
         transient=True,
         # Left alone, rich would reroute the process' stdout into its display on stderr.
         redirect_stdout=False,
-        redirect_stderr=False,
+        redirect_stderr=redirect_stderr,
     )
