@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from test_sync import Fleet
@@ -430,3 +431,55 @@ def test_learn_start_wait_shows_global_versions_on_a_terminal_only(
     no_progress(text)
     task = json.loads(text)
     assert task["state"] == "stopped" and int(task["id"]) == third
+
+
+class _Refused(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "the control plane is restarting"
+
+
+class _FlakyStatus:
+    """LearningStatus answering `failures` first, then the task."""
+
+    def __init__(self, failures: list[grpc.StatusCode], task: object) -> None:
+        self.failures, self.task, self.calls = list(failures), task, 0
+
+    def LearningStatus(self, request: object, metadata: object, timeout: float) -> object:
+        self.calls += 1
+        if self.failures:
+            raise _Refused(self.failures.pop(0))
+        from edge_agent._proto import fleet_pb2 as pb
+
+        return pb.LearningStatusResponse(tasks=[self.task])
+
+
+def test_learn_wait_rides_out_a_restarting_control_plane_and_gives_up_on_the_rest(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge_agent._proto import fleet_pb2 as pb
+    from edge_agent.learn import cli as learn_cli
+
+    monkeypatch.setattr(learn_cli, "WAIT_POLL_SECONDS", 0.0)
+    running = pb.LearningTask(id=7, state="running")
+    stopped = pb.LearningTask(id=7, state="stopped")
+    transient = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
+    stub = _FlakyStatus(transient, stopped)
+    assert learn_cli._poll(stub, (), 7, NULL).state == "stopped"  # type: ignore[arg-type]
+    assert stub.calls == 3
+    # Not a transient answer: no retry, and the wait ends with exit 1 and the hint.
+    stub = _FlakyStatus([grpc.StatusCode.PERMISSION_DENIED], stopped)
+    code = learn_cli._wait_and_show(stub, (), running, as_json=False)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert code == 1 and stub.calls == 1
+    assert "PERMISSION_DENIED" in err and "task 7 runs on" in err and "learn stop --task 7" in err
+    # Transient for longer than the wait rides out: it gives up too.
+    monkeypatch.setattr(learn_cli, "WAIT_GIVE_UP_SECONDS", 0.0)
+    stub = _FlakyStatus([grpc.StatusCode.UNAVAILABLE] * 3, stopped)
+    assert learn_cli._wait_and_show(stub, (), running, as_json=True) == 1  # type: ignore[arg-type]
+    assert stub.calls == 1 and "UNAVAILABLE" in capsys.readouterr().err

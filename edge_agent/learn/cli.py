@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 from google.protobuf import json_format
 
@@ -27,6 +29,7 @@ from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
 from edge_agent.fleet.commands import (
+    EXIT_FAILED,
     EXIT_OK,
     Commands,
     add_actions,
@@ -77,6 +80,10 @@ CALL_BYTES = 2 << 20  # rows per SubmitExamples call: about this many bytes
 WAIT_POLL_SECONDS = 2.0
 RUNNING = "running"
 EXIT_INTERRUPTED = 130
+# A control plane that restarts or fails over answers these for a while: the wait rides them
+# out for this long before it gives up (the task runs on either way).
+WAIT_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+WAIT_GIVE_UP_SECONDS = 300.0
 
 
 def load_npz(path: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -199,16 +206,25 @@ def _wait_and_show(
     stops and shown as `learn status` shows it (with --json, that task alone)."""
     if not as_json:
         print(task.id, flush=True)  # the id is there to copy while the wait goes on
+    runs_on = f"task {task.id} runs on (`edge-agent learn stop --task {task.id}` stops it)"
+    # SIGTERM (a closed terminal, `timeout`) ends the wait as Ctrl-C does: the display is torn
+    # down (rich hides the cursor while it draws) and the hint printed.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with progress(enabled=not as_json) as shown:
             task = _wait(stub, meta, task, shown)
     except KeyboardInterrupt:
+        print(f"edge-agent learn start: stopped waiting; {runs_on}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except grpc.RpcError as exc:
         print(
-            f"edge-agent learn start: stopped waiting; task {task.id} runs on "
-            f"(`edge-agent learn stop --task {task.id}` stops it)",
+            f"edge-agent learn start: {exc.code().name}: {exc.details()}; stopped waiting; "
+            + runs_on,
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return EXIT_FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if as_json:
         print_json(task)
     else:
@@ -237,9 +253,31 @@ def _wait(
         if task.state != RUNNING:
             return task
         time.sleep(WAIT_POLL_SECONDS)
-        task = stub.LearningStatus(
-            pb.LearningStatusRequest(task_id=task.id), metadata=meta, timeout=60
-        ).tasks[0]
+        task = _poll(stub, meta, task.id, shown)
+
+
+def _poll(
+    stub: pb_grpc.FleetServiceStub, meta: object, task_id: int, shown: Progress
+) -> pb.LearningTask:
+    """The task's status, retrying WAIT_TRANSIENT answers for up to WAIT_GIVE_UP_SECONDS."""
+    failing_since: float | None = None
+    while True:
+        try:
+            request = pb.LearningStatusRequest(task_id=task_id)
+            task: pb.LearningTask = stub.LearningStatus(request, metadata=meta, timeout=60).tasks[0]
+            return task
+        except grpc.RpcError as exc:
+            now = time.monotonic()
+            failing_since = now if failing_since is None else failing_since
+            if exc.code() not in WAIT_TRANSIENT or now - failing_since >= WAIT_GIVE_UP_SECONDS:
+                raise
+            shown.status(f"task {task_id}: the control plane answered {exc.code().name}; retrying")
+            time.sleep(WAIT_POLL_SECONDS)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
 
 
 def _version_line(task: pb.LearningTask, v: pb.GlobalVersion) -> str:
@@ -323,9 +361,11 @@ def _add_learn(commands: Commands) -> None:
     start.add_argument(
         "--wait",
         action="store_true",
-        help="then watch the task until it stops (learn stop, or its privacy budget spent) and "
-        "print it as `learn status` does (with --json: that task's JSON alone); on a terminal, "
-        "each global version's accuracy as it comes. Ctrl-C stops the watching, not the task",
+        help="print the id, then watch the task until it stops (learn stop, or its privacy "
+        "budget spent) and print it as `learn status` does (with --json: that task's JSON "
+        "alone, and no id first); on a terminal, each global version's accuracy as it comes. "
+        "Ctrl-C or SIGTERM stops the watching, not the task (exit 130); a control plane "
+        "unreachable for 5 minutes ends it with exit 1",
     )
     for name in ("status", "stop"):
         step = steps.add_parser(name, help=f"{name} learning tasks")
