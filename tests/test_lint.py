@@ -82,6 +82,26 @@ def test_layers_point_one_way() -> None:
     assert not broken, "\n".join(sorted(set(broken)))
 
 
+def test_only_the_progress_module_imports_rich() -> None:
+    """The terminal display is one module: compression, training and the upload stream take
+    plain callbacks, and nothing else pays rich's import (lazy imports counted too)."""
+    import ast
+
+    importers = set()
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            if any(name == "rich" or name.startswith("rich.") for name in names):
+                importers.add(module)
+    assert importers == {"edge_agent.common.progress"}
+
+
 def test_layer_rules_catch_what_they_forbid() -> None:
     from edge_agent import layers
 

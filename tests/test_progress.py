@@ -267,7 +267,8 @@ def test_publish_shows_its_upload_on_a_terminal_only(
     code, text, _ = on_terminal(*publish(1))
     assert code == 0, text
     assert "splitting and signing the release: done in" in text
-    assert re.search(r"uploading mlp v1 \(\d+ blobs\): 4\.\d MB in [\d.]+ s", text), text
+    assert re.search(r"uploading mlp v1 \(\d+ of \d+ blobs\): 4\.\d MB in [\d.]+ s", text), text
+    assert re.search(r"asking the control plane which blobs it has: done in", text), text
     assert "registering the release: done in" in text
     assert re.search(r"published mlp v1: .* uploaded 4,\d{3},\d{3} B", text)
 

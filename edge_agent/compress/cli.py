@@ -220,6 +220,9 @@ def build(args: argparse.Namespace, shown: Progress = NULL) -> dict[str, Any]:
         calibration, _ = load_set(args.calibration, source, "calibration")
     if args.validation is not None:
         validation, labels = load_set(args.validation, source, "validation")
+    if args.fine_tune is not None and args.mode != "prune":
+        # Before any work: not after minutes of quantizing.
+        raise InvalidArgument("--fine-tune goes with --mode prune")
     if args.mode == "int8-static" and calibration is None:
         raise InvalidArgument("mode int8-static needs --calibration NPZ (inputs to calibrate on)")
     if args.max_accuracy_drop is not None and labels is None:
@@ -249,8 +252,6 @@ def build(args: argparse.Namespace, shown: Progress = NULL) -> dict[str, Any]:
                 model, feeds, tune_labels, args.fine_tune_epochs, args.fine_tune_lr,
                 on_epoch=_epochs(shown, args.fine_tune_epochs),
             )  # fmt: skip
-    if args.fine_tune is not None and args.mode != "prune":
-        raise InvalidArgument("--fine-tune goes with --mode prune")
     data = model.SerializeToString()
     try:
         after = report.session(data)

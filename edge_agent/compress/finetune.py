@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -23,7 +24,12 @@ from edge_agent.learn.onnxinfo import apply, features, training_output
 def _spec(epochs: int, lr: float, batch_size: int) -> object:
     from edge_agent.learn.train import TrainSpec
 
-    return TrainSpec(trainable="all", epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam")
+    # The epochs asked for are the budget: TrainSpec's default time limit is the fleet worker's
+    # (a device's run must end), and would cut an `optimize`/`distill` short without a word.
+    return TrainSpec(
+        trainable="all", epochs=epochs, lr=lr, batch_size=batch_size, optimizer="adam",
+        seconds=math.inf,
+    )  # fmt: skip
 
 
 def fine_tune(

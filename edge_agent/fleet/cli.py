@@ -29,7 +29,7 @@ from edge_agent.fleet.commands import (
     report_failures,
     table,
 )
-from edge_agent.fleet.connect import channel_credentials, open_channel, upload_chunks
+from edge_agent.fleet.connect import channel_credentials, open_channel, upload_missing
 from edge_agent.fleet.release import (
     DEFAULT_LIFETIME_SECONDS,
     RELEASE_JSON,
@@ -59,25 +59,14 @@ def upload_release(
     answer and the bytes uploaded. `shown` displays the upload's bytes (on a terminal)."""
     release_json = (directory / RELEASE_JSON).read_bytes()
     release = parse_release(release_json)
-    digests = sorted({f.sha256 for f in release.all_files()})
-    missing = set(
-        stub.MissingBlobs(
-            pb.MissingBlobsRequest(digests=digests), metadata=meta, timeout=timeout
-        ).missing
-    )
-    # Each missing blob once, even where variants share one, in the order they go.
-    todo = {
-        entry.sha256: (variant_dir(directory, name) / entry.path, entry.size)
+    # Each blob once, even where variants share one, in the order they go.
+    files = {
+        entry.sha256: variant_dir(directory, name) / entry.path
         for name in release.variant_names()
         for entry in release.select(name).files
-        if entry.sha256 in missing
     }
-    uploaded = sum(size for _, size in todo.values())
-    if todo:
-        what = f"uploading {release.model} v{release.version} ({len(todo)} blobs)"
-        with shown.transfer(what, uploaded) as sent:
-            for digest, (path, _) in todo.items():
-                stub.UploadBlob(upload_chunks(digest, path, sent), metadata=meta, timeout=timeout)
+    what = f"uploading {release.model} v{release.version}"
+    uploaded = upload_missing(stub, meta, files, shown, what, timeout)
     shown.phase("registering the release")
     request = pb.RegisterReleaseRequest(
         release_json=release_json,

@@ -9,9 +9,9 @@ are written once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -19,6 +19,9 @@ from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.release import CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from edge_agent.common.progress import Progress
 
 CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
     # What a device or a publisher reads: a blob chunk (1 MiB), a manifest, a status page. A
@@ -112,7 +115,8 @@ def upload_chunks(
 ) -> Iterator[pb.UploadBlobRequest]:
     """UploadBlob's messages for the file at `path`: digest and size first, then 1 MiB chunks.
     `sent(nbytes)` is told each chunk's size once gRPC asks for the next message, i.e. when
-    that chunk has gone to the transport (a progress display counts there, without a copy)."""
+    that chunk has gone to the transport (a progress display counts there, without a copy); it
+    runs on gRPC's thread, so it must not raise."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         first = True
@@ -125,3 +129,27 @@ def upload_chunks(
             first = False
             if not data:
                 return
+
+
+def upload_missing(
+    stub: pb_grpc.FleetServiceStub,
+    meta: Any,
+    files: Mapping[str, Path],
+    shown: Progress,
+    what: str,
+    timeout: float,
+) -> int:
+    """Upload, in order, the `files` (digest -> path) the control plane lacks (MissingBlobs),
+    their bytes shown as one transfer called `what`; returns the bytes uploaded."""
+    shown.phase("asking the control plane which blobs it has")
+    request = pb.MissingBlobsRequest(digests=sorted(files))
+    missing = set(stub.MissingBlobs(request, metadata=meta, timeout=timeout).missing)
+    todo = {digest: path for digest, path in files.items() if digest in missing}
+    total = sum(path.stat().st_size for path in todo.values())
+    if todo:
+        # How many of a release's blobs go; a single file needs no count.
+        count = f" ({len(todo)} of {len(files)} blobs)" if len(files) > 1 else ""
+        with shown.transfer(what + count, total) as sent:
+            for digest, path in todo.items():
+                stub.UploadBlob(upload_chunks(digest, path, sent), metadata=meta, timeout=timeout)
+    return total

@@ -38,7 +38,7 @@ from edge_agent.fleet.commands import (
     report_failures,
     table,
 )
-from edge_agent.fleet.connect import channel_credentials, open_channel, upload_chunks
+from edge_agent.fleet.connect import channel_credentials, open_channel, upload_missing
 from edge_agent.learn.defaults import SERVER_LR_DEFAULTS, TASK_DEFAULTS
 
 # `learn start`'s flags for LearningSpec fields: (flag, type, help); unset ones take the control
@@ -127,12 +127,8 @@ def import_examples(args: argparse.Namespace) -> int:
 def _upload_blob(
     stub: pb_grpc.FleetServiceStub, meta: object, path: Path, shown: Progress = NULL
 ) -> str:
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    missing = stub.MissingBlobs(pb.MissingBlobsRequest(digests=[digest]), metadata=meta, timeout=60)
-    if digest in missing.missing:
-        with shown.transfer(f"uploading {path.name}", len(data)) as sent:
-            stub.UploadBlob(upload_chunks(digest, path, sent), metadata=meta, timeout=600)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    upload_missing(stub, meta, {digest: path}, shown, f"uploading {path.name}", timeout=600)
     return digest
 
 
@@ -171,9 +167,10 @@ def learn(args: argparse.Namespace) -> int:
             load_npz(args.validation)  # a bad file fails here, not on the control plane
             with progress(enabled=not args.json) as shown:
                 spec.validation_blob = _upload_blob(stub, meta, args.validation, shown)
-            task = stub.StartLearning(
-                pb.StartLearningRequest(spec=spec), metadata=meta, timeout=300
-            )
+                shown.phase("starting the task")
+                task = stub.StartLearning(
+                    pb.StartLearningRequest(spec=spec), metadata=meta, timeout=300
+                )
             if task.notice:
                 print(f"edge-agent learn start: {task.notice}", file=sys.stderr)
             if args.wait:
