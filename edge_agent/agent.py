@@ -29,6 +29,7 @@ from edge_agent.api.security import ControlGate, ServerTls
 from edge_agent.api.server import bind, build_server, connection_limits
 from edge_agent.api.servicer import InferenceServicer
 from edge_agent.api.shm import SharedMemory
+from edge_agent.common.exits import EXIT_FORCED
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.auth import read_token
 from edge_agent.learn.examples import ExampleStore
@@ -56,9 +57,6 @@ log = get_logger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-EXIT_FORCED = 1  # a second SIGTERM/SIGINT: exit at once, in-flight work abandoned
 
 
 class Agent:

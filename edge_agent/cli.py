@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_agent.common.exits import EXIT_CONFIG, EXIT_OK
 from edge_agent.controlplane import defaults as cp_defaults
 from edge_agent.errors import ConfigError
 from edge_agent.fleet.commands import Commands, add_actions
@@ -25,10 +26,6 @@ from edge_agent.settings import (
     TRAIN_WHEN,
     Settings,
 )
-
-EXIT_OK = 0
-EXIT_CONFIG = 78  # sysexits EX_CONFIG: systemd and operators can tell a bad config from a crash
-
 
 # `serve`'s flags, in the order --help lists them: (flag, help, argparse options). Each sets the
 # setting its argparse dest names (`_serve`; the flag's own name but for --trusted-key), so none

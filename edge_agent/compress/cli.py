@@ -15,13 +15,12 @@ from typing import Any
 
 import onnx
 
+from edge_agent.common.exits import EXIT_FAILED, EXIT_OK
 from edge_agent.common.files import write_atomically
 from edge_agent.common.progress import NULL, Progress, progress
 from edge_agent.compress import modes, report
 from edge_agent.compress.data import load_set
 from edge_agent.errors import EdgeAgentError, InvalidArgument
-
-EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def add_arguments(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

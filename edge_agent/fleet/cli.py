@@ -15,13 +15,13 @@ from pathlib import Path
 
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.common.exits import EXIT_OK
 from edge_agent.common.layout import CONFIG_FILE, GOLDEN_FILE, WARMUP_DIR
 from edge_agent.common.progress import NULL, Progress, progress
 from edge_agent.controlplane.canary import Analysis
 from edge_agent.errors import ConfigError
 from edge_agent.fleet import auth, signing
 from edge_agent.fleet.commands import (
-    EXIT_OK,
     Commands,
     add_actions,
     add_remote_arguments,

@@ -17,9 +17,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from edge_agent.common.exits import EXIT_FAILED
 from edge_agent.errors import EdgeAgentError
 
-EXIT_OK, EXIT_FAILED = 0, 1
 # What `add_subparsers` returns (argparse keeps the class private).
 Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

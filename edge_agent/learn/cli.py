@@ -24,13 +24,12 @@ from edge_agent._proto import examples_pb2 as epb
 from edge_agent._proto import examples_pb2_grpc as epb_grpc
 from edge_agent._proto import fleet_pb2 as pb
 from edge_agent._proto import fleet_pb2_grpc as pb_grpc
+from edge_agent.common.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from edge_agent.common.progress import NULL, Progress, progress
 from edge_agent.common.tensors import encode
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.fleet import auth
 from edge_agent.fleet.commands import (
-    EXIT_FAILED,
-    EXIT_OK,
     Commands,
     add_actions,
     add_remote_arguments,
@@ -79,7 +78,6 @@ CALL_BYTES = 2 << 20  # rows per SubmitExamples call: about this many bytes
 # the state it waits to leave (LearningTask.state), and its exit when Ctrl-C ends the wait.
 WAIT_POLL_SECONDS = 2.0
 RUNNING = "running"
-EXIT_INTERRUPTED = 130
 # A control plane that restarts or fails over answers these for a while: the wait rides them
 # out for this long before it gives up (the task runs on either way).
 WAIT_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
