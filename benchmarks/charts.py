@@ -8,7 +8,7 @@ again. matplotlib is imported inside the functions: the benchmarks' numbers neve
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,87 +58,87 @@ def _subtitle(results: Mapping[str, Any]) -> str:
     return f"{results.get('date', '')}, {results.get('machine', '')}"
 
 
-def serving_throughput(results: Mapping[str, Any], path: Path) -> Path:
-    """Throughput against concurrency, a panel per model, a line per system, the combined
-    limit L dashed in black."""
+def _per_model(
+    results: Mapping[str, Any],
+    path: Path,
+    title: str,
+    draw: Callable[[Any, Mapping[str, Any], list[int]], None],
+) -> Path:
+    """A panel per model, concurrency on a log2 x axis; `draw(axis, entry, levels)` fills one.
+    The legend is the first panel's; the run's date and machine go under the title."""
     plt = _pyplot()
     models = list(results["models"].items())
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8), squeeze=False)
     for axis, (name, entry) in zip(axes[0], models, strict=True):
         levels = _levels(entry)
-        for system, (label, colour, style) in SERVING_STYLE.items():
-            by_c = entry.get(system)
-            if not by_c:
-                continue
-            xs = [c for c in levels if str(c) in by_c]
-            axis.plot(
-                xs, [by_c[str(c)]["throughput"] for c in xs], style,
-                marker="o", markersize=4, color=colour, label=label,
-            )  # fmt: skip
-        limit = [(c, combined_limit(entry, str(c))) for c in levels]
-        limit = [(c, v) for c, v in limit if v]
-        if limit:
-            axis.plot(
-                [c for c, _ in limit], [v for _, v in limit], "--", color="black",
-                linewidth=1, label="L: limit of RPC + compute",
-            )  # fmt: skip
+        draw(axis, entry, levels)
         axis.set_xscale("log", base=2)
         axis.set_xticks(levels, [str(c) for c in levels])
-        axis.set_ylim(bottom=0)
         axis.set_xlabel("concurrent requests (perf_analyzer, batch 1)")
-        axis.set_ylabel("inferences / s")
         axis.set_title(name)
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"Throughput against concurrency\n{_subtitle(results)}", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    figure.suptitle(f"{title}\n{_subtitle(results)}", fontsize=8)
+    return _save(plt, figure, path)
+
+
+def _save(plt: Any, figure: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
 
-def serving_latency(results: Mapping[str, Any], path: Path) -> Path:
-    """p50 (solid) and p99 (dotted) latency against concurrency, a panel per model, log scale."""
-    plt = _pyplot()
+def _throughput_panel(axis: Any, entry: Mapping[str, Any], levels: list[int]) -> None:
+    for system, (label, colour, style) in SERVING_STYLE.items():
+        by_c = entry.get(system)
+        if not by_c:
+            continue
+        xs = [c for c in levels if str(c) in by_c]
+        axis.plot(
+            xs, [by_c[str(c)]["throughput"] for c in xs], style,
+            marker="o", markersize=4, color=colour, label=label,
+        )  # fmt: skip
+    limit = [(c, v) for c in levels if (v := combined_limit(entry, str(c)))]
+    if limit:
+        axis.plot(
+            [c for c, _ in limit], [v for _, v in limit], "--", color="black",
+            linewidth=1, label="L: limit of RPC + compute",
+        )  # fmt: skip
+    axis.set_ylim(bottom=0)
+    axis.set_ylabel("inferences / s")
+    axis.grid(alpha=0.3)
+
+
+def _latency_panel(axis: Any, entry: Mapping[str, Any], levels: list[int]) -> None:
     from matplotlib.ticker import ScalarFormatter
 
-    models = list(results["models"].items())
-    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8), squeeze=False)
-    for axis, (name, entry) in zip(axes[0], models, strict=True):
-        levels = _levels(entry)
-        for system, (label, colour, _) in SERVING_STYLE.items():
-            by_c = entry.get(system)
-            if not by_c or system.startswith("nowork"):
-                continue
-            xs = [c for c in levels if str(c) in by_c]
-            for key, style, suffix in (("p50_ms", "-", " p50"), ("p99_ms", ":", " p99")):
-                axis.plot(
-                    xs, [by_c[str(c)][key] for c in xs], style, marker="o", markersize=3,
-                    color=colour, label=label + suffix,
-                )  # fmt: skip
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.yaxis.set_major_formatter(ScalarFormatter())
-        axis.yaxis.set_minor_formatter(ScalarFormatter())
-        axis.set_xticks(levels, [str(c) for c in levels])
-        axis.set_xlabel("concurrent requests (perf_analyzer, batch 1)")
-        axis.set_ylabel("latency (ms)")
-        axis.set_title(name)
-        axis.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=6, loc="upper left", ncol=2)
-    figure.suptitle(f"Latency percentiles\n{_subtitle(results)}", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    for system, (label, colour, _) in SERVING_STYLE.items():
+        by_c = entry.get(system)
+        if not by_c or system.startswith("nowork"):
+            continue
+        xs = [c for c in levels if str(c) in by_c]
+        for key, style, suffix in (("p50_ms", "-", " p50"), ("p99_ms", ":", " p99")):
+            axis.plot(
+                xs, [by_c[str(c)][key] for c in xs], style, marker="o", markersize=3,
+                color=colour, label=label + suffix,
+            )  # fmt: skip
+    axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
+    axis.set_ylabel("latency (ms)")
+    axis.grid(alpha=0.3, which="both")
 
 
 def serving(results: Mapping[str, Any], directory: Path = IMAGES) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Throughput against concurrency (a line per system, the combined limit L dashed) and p50
+    (solid) / p99 (dotted) latency on a log scale, a panel per model."""
     return [
-        serving_throughput(results, directory / "serving_throughput.png"),
-        serving_latency(results, directory / "serving_latency.png"),
-    ]
+        _per_model(results, directory / "serving_throughput.png",
+                   "Throughput against concurrency", _throughput_panel),
+        _per_model(results, directory / "serving_latency.png",
+                   "Latency percentiles", _latency_panel),
+    ]  # fmt: skip
 
 
 # The rollouts the fleet simulator times, and their legend labels.
@@ -176,10 +176,7 @@ def fleet_convergence(runs: Sequence[Mapping[str, Any]], path: Path) -> Path:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")
     axis.set_title("Fleet convergence: simulated devices on the real device protocol", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def sample_curve(seconds: Sequence[float], devices: int, points: int = 200) -> list[list[float]]:

@@ -499,7 +499,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.chart.parent.mkdir(parents=True, exist_ok=True)
     print(charts.fleet_convergence([result], args.chart), file=sys.stderr)
 
 

@@ -4,9 +4,11 @@ Triton with dynamic batching, running ONNX Runtime on each batch.
     PYTRITON_PYTHON benchmarks/pytriton_server.py MODEL.onnx GRPC_PORT [MAX_BATCH]
 
 PYTRITON_PYTHON is a separate virtual environment with `nvidia-pytriton` and `onnxruntime`
-(PyTriton pins its own protobuf and grpcio; it does not share edge-agent's environment):
+(PyTriton pins its own protobuf and grpcio; it does not share edge-agent's environment). Make it
+with the system's Python: the wheel's Python backend stub links the system libpython, and with
+another interpreter (pyenv's) the model fails to load inside Triton:
 
-    python3 -m venv /tmp/pytriton-venv
+    /usr/bin/python3 -m venv /tmp/pytriton-venv
     /tmp/pytriton-venv/bin/pip install nvidia-pytriton==0.7.0 onnxruntime numpy
 
 It serves the model as "model" on GRPC_PORT (HTTP and metrics on free ports), batching up to

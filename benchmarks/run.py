@@ -164,13 +164,13 @@ def pytriton(python: str, model: Path) -> Server:
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and server.proc.poll() is None:
             with contextlib.suppress(grpc.RpcError):
                 if stub.ModelReady(pb.ModelReadyRequest(name="model"), timeout=5).ready:
                     return server
             time.sleep(0.5)
     server.stop()
-    raise RuntimeError("PyTriton did not load the model")
+    raise RuntimeError(f"PyTriton did not load the model; {PYTRITON_SETUP}")
 
 
 def perf_analyzer(
@@ -267,6 +267,12 @@ def repository(work: Path, name: str, model: Path, batching: str) -> Path:
     return repo
 
 
+MODELS = ("digits", "wide_mlp", "small_cnn")  # what build() makes
+# What a failed PyTriton start most likely needs: its Python backend links the system libpython.
+PYTRITON_SETUP = (
+    "its venv must be made with Debian's /usr/bin/python3 (PyTriton's backend links the "
+    "system libpython): see benchmarks/pytriton_server.py"
+)
 SYSTEMS = ("daemon", "daemon-sync", "daemon-nobatch", "pytriton", "naive", "nowork", "nowork-aio")
 
 
@@ -326,11 +332,15 @@ def main() -> None:
         print(*charts.serving(saved, args.charts), sep="\n", file=sys.stderr)
         return
     levels = [int(c) for c in args.concurrency.split(",")]
-    chosen = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]
+    chosen = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]  # in order
     if "pytriton" in chosen and not args.pytriton_python:
         print("PyTriton left out: no --pytriton-python (or PYTRITON_PYTHON)", file=sys.stderr)
         chosen.remove("pytriton")
-    names = [n for n in ("digits", "wide_mlp", "small_cnn") if n in args.models.split(",")]
+    names = args.models.split(",")
+    asked = [s for s in args.systems.split(",") if s]
+    unknown = [n for n in names if n not in MODELS] + [s for s in asked if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown model or system: {', '.join(unknown)}")
     total, done = len(names) * len(chosen) * len(levels), 0
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -338,13 +348,15 @@ def main() -> None:
         + (f", {platform.processor()}" if platform.processor() else "")
         + idle_policy(),
         "onnxruntime": ort.__version__,
-        "pytriton": pytriton_version(args.pytriton_python) if "pytriton" in chosen else None,
+        "pytriton": pytriton_version(parser, args.pytriton_python)
+        if "pytriton" in chosen
+        else None,
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, (model, shape) in build(work).items():
-            if name not in args.models.split(","):
+            if name not in names:
                 continue
             step(done, total, name, "in-process ONNX Runtime")
             entry: dict[str, Any] = {"in_process": in_process(model, shape, args.quick)}
@@ -367,11 +379,15 @@ def main() -> None:
     print(*charts.serving(results, args.charts), sep="\n", file=sys.stderr)
 
 
-def pytriton_version(python: str) -> str:
-    out = subprocess.run(
-        [python, "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+def pytriton_version(parser: argparse.ArgumentParser, python: str) -> str:
+    """nvidia-pytriton's version in `python`; a usage error at once where it has none."""
+    try:
+        out = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('nvidia-pytriton'))"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        parser.error(f"--pytriton-python {python}: no nvidia-pytriton there; {PYTRITON_SETUP}")
     return out.stdout.strip()
 
 

@@ -88,7 +88,7 @@ def test_fleet_plot_only_draws_convergence_of_saved_runs(tmp_path: Path) -> None
         path = tmp_path / f"fleet{replicas}.json"
         path.write_text(json.dumps(run))
         runs.append(str(path))
-    chart = tmp_path / "fleet.png"
+    chart = tmp_path / "not-yet" / "fleet.png"  # a directory the command makes
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--plot-only", *runs,
          "--chart", str(chart)],
