@@ -37,6 +37,19 @@ REDRAW = re.compile(r"\x1b\[2K|\r(?!\n)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
+def on_a_terminal(draw: Callable[[io.TextIOWrapper], None]) -> str:
+    """What `draw(terminal)` leaves on a pseudo-terminal's screen."""
+    master, child_end = os.openpty()
+    raw = bytearray()
+    with open(child_end, "w") as terminal:
+        draw(terminal)
+        terminal.flush()
+        while select.select([master], [], [], 0.5)[0]:
+            raw += os.read(master, 65536)
+    os.close(master)
+    return screen(bytes(raw))
+
+
 def screen(raw: bytes) -> str:
     """What a terminal's bytes say: each drawn frame and kept line on lines of their own."""
     return ANSI.sub("", REDRAW.sub("\n", raw.decode(errors="replace")))
@@ -162,9 +175,7 @@ def test_on_a_terminal_but_disabled_it_is_the_no_op_too() -> None:
 
 
 def test_on_a_terminal_it_draws_and_keeps_its_lines() -> None:
-    master, child_end = os.openpty()
-    raw = bytearray()
-    with open(child_end, "w") as terminal:
+    def draw(terminal: io.TextIOWrapper) -> None:
         with progress(stream=terminal) as shown:
             assert isinstance(shown, Progress) and shown.active
             shown.phase("calibrating [int8]")  # brackets are not markup
@@ -176,11 +187,8 @@ def test_on_a_terminal_it_draws_and_keeps_its_lines() -> None:
                     sent(1_000_000)
             shown.status("task 1 running")
             shown.line("global v1: accuracy 0.9000")
-        terminal.flush()
-        while select.select([master], [], [], 0.5)[0]:
-            raw += os.read(master, 65536)
-    os.close(master)
-    text = screen(bytes(raw))
+
+    text = on_a_terminal(draw)
     assert re.search(r"calibrating \[int8\]: done in [\d.]+ s", text)
     assert "epoch 1/2  loss 0.7500" in text and "epoch 2/2  loss 0.5000" in text
     assert re.search(r"uploading mlp v1: 3\.0 MB in [\d.]+ s", text)
@@ -188,10 +196,9 @@ def test_on_a_terminal_it_draws_and_keeps_its_lines() -> None:
 
 
 def test_a_failed_step_is_not_shown_as_done_and_a_late_callback_is_dropped() -> None:
-    master, child_end = os.openpty()
-    raw = bytearray()
     late: list[Callable[[int], None]] = []
-    with open(child_end, "w") as terminal:
+
+    def draw(terminal: io.TextIOWrapper) -> None:
         with pytest.raises(RuntimeError, match="register"), progress(stream=terminal) as shown:
             with contextlib.suppress(ConnectionError), shown.transfer("uploading", 10) as sent:
                 late.append(sent)
@@ -201,11 +208,8 @@ def test_a_failed_step_is_not_shown_as_done_and_a_late_callback_is_dropped() -> 
             late[0](6)
             shown.phase("registering the release")
             raise RuntimeError("register failed")
-        terminal.flush()
-        while select.select([master], [], [], 0.5)[0]:
-            raw += os.read(master, 65536)
-    os.close(master)
-    text = screen(bytes(raw))
+
+    text = on_a_terminal(draw)
     assert re.search(r"registering the release: failed after [\d.]+ s", text)
     assert "registering the release: done" not in text
     # A failed transfer leaves no total line behind (its error says what happened).
