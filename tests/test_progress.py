@@ -475,16 +475,16 @@ def test_learn_wait_rides_out_a_restarting_control_plane_and_gives_up_on_the_res
     stopped = pb.LearningTask(id=7, state="stopped")
     transient = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
     stub = _FlakyStatus(transient, stopped)
-    assert learn_cli._poll(stub, (), 7, NULL).state == "stopped"  # type: ignore[arg-type]
+    assert learn_cli._poll(stub, (), 7, NULL).state == "stopped"
     assert stub.calls == 3
     # Not a transient answer: no retry, and the wait ends with exit 1 and the hint.
     stub = _FlakyStatus([grpc.StatusCode.PERMISSION_DENIED], stopped)
-    code = learn_cli._wait_and_show(stub, (), running, as_json=False)  # type: ignore[arg-type]
+    code = learn_cli._wait_and_show(stub, (), running, as_json=False)
     err = capsys.readouterr().err
     assert code == 1 and stub.calls == 1
     assert "PERMISSION_DENIED" in err and "task 7 runs on" in err and "learn stop --task 7" in err
     # Transient for longer than the wait rides out: it gives up too.
     monkeypatch.setattr(learn_cli, "WAIT_GIVE_UP_SECONDS", 0.0)
     stub = _FlakyStatus([grpc.StatusCode.UNAVAILABLE] * 3, stopped)
-    assert learn_cli._wait_and_show(stub, (), running, as_json=True) == 1  # type: ignore[arg-type]
+    assert learn_cli._wait_and_show(stub, (), running, as_json=True) == 1
     assert stub.calls == 1 and "UNAVAILABLE" in capsys.readouterr().err
